@@ -1,0 +1,13 @@
+# Source me: the environment that builds and runs LabelFool against the cached libtorch.
+#   source scripts/env.sh && cargo build --release
+# LABELFOOL_CACHE (default ~/.cache/labelfool) holds the torch venv and the exported models.
+export LABELFOOL_CACHE="${LABELFOOL_CACHE:-$HOME/.cache/labelfool}"
+export LABELFOOL_TORCH_VERSION="2.13.0"   # what tch 0.26 expects
+export LABELFOOL_VENV="$LABELFOOL_CACHE/torch-$LABELFOOL_TORCH_VERSION"
+# torch-sys asks this venv's python where libtorch is (and checks its version).
+export LIBTORCH_USE_PYTORCH=1
+export VIRTUAL_ENV="$LABELFOOL_VENV"
+case ":$PATH:" in
+  *":$LABELFOOL_VENV/bin:"*) ;;
+  *) export PATH="$LABELFOOL_VENV/bin:$PATH" ;;
+esac

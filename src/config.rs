@@ -1,0 +1,430 @@
+//! Typed configuration: `config/default.toml`, then `LABELFOOL_SECTION__KEY` environment variables,
+//! then command-line flags. Everything is validated before the server binds, so a bad value stops
+//! start-up with one clear message instead of failing later inside a request.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::model::DeviceSpec;
+
+/// Where the setup keeps the torch venv and the exported model bundles, unless `LABELFOOL_CACHE` says.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LABELFOOL_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("labelfool")
+}
+
+/// The config file used when none is named: `config/default.toml` under the working directory, or
+/// beside the executable's repository (`target/release/labelfool` → `../../config/default.toml`).
+pub fn default_config_path() -> Option<PathBuf> {
+    let local = PathBuf::from("config/default.toml");
+    if local.is_file() {
+        return Some(local);
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .take(4)
+        .map(|dir| dir.join("config/default.toml"))
+        .find(|p| p.is_file())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("configuration file {0} does not exist")]
+    Missing(PathBuf),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub engine: EngineConfig,
+    pub limits: Limits,
+    pub attack: AttackDefaults,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub bind: SocketAddr,
+    /// Bearer token required on every route but `/health`, `/ready` (and `/metrics` unless
+    /// `metrics_require_key`). `LABELFOOL_API_KEY` sets it too. None: no authentication.
+    pub api_key: Option<String>,
+    pub metrics_require_key: bool,
+    /// Allowed CORS origins; empty = CORS off. `["*"]` allows any origin.
+    pub cors_origins: Vec<String>,
+    /// Requests handled at once across all routes (tower concurrency limit).
+    pub max_concurrent_requests: usize,
+    /// On SIGTERM/SIGINT, in-flight work may finish for this long before the process exits.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// libtorch intra-op threads on the worker; 0 = libtorch's default (one per core).
+    pub threads: usize,
+    /// Jobs that may wait for the worker; one more is answered 503 with `Retry-After`.
+    pub queue_capacity: usize,
+    /// Attacks iterating at once on the worker (rows of the continuous batch).
+    pub max_inflight_attacks: usize,
+    /// Default dynamic-batching limits (a model may override them).
+    pub max_batch_size: usize,
+    pub max_batch_wait_ms: u64,
+    /// Largest number of attack rows sent through the model in one forward/backward pass.
+    pub max_attack_batch: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest request body accepted (bytes); larger gets 413.
+    pub max_body_bytes: usize,
+    /// Largest decoded image (width × height) accepted; larger gets 413 before any pixel is decoded.
+    pub max_image_pixels: u64,
+    /// Largest width or height accepted.
+    pub max_image_side: u32,
+    /// Largest image an attack works on at original size (its gradient lives at that size).
+    pub max_attack_pixels: u64,
+    /// Upper bound on a request's `max_iter`.
+    pub max_iter: u32,
+    pub max_top_k: usize,
+    /// Deadlines per route; past them the request is answered 504 and its work is dropped.
+    pub classify_deadline_ms: u64,
+    pub attack_deadline_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttackDefaults {
+    pub max_iter: u32,
+    pub overshoot: f64,
+    /// LabelFool's δ1: above this top-1 probability the MLE branch picks the target.
+    pub delta1: f64,
+    /// LabelFool's δ2: classes above this probability form the candidate set S.
+    pub delta2: f64,
+    /// Logit margins tried in turn when the 8-bit image misses the target (see `attack::labelfool`).
+    pub margins: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub name: String,
+    /// Directory of the bundle (`model.pt`, `model.json`, `classes.txt`); `~` and `${VAR}` expand.
+    pub dir: String,
+    /// Distance matrix (`.npy` with a `.json` sidecar); default `<dir>/distance.npy` when present.
+    #[serde(default)]
+    pub matrix: Option<String>,
+    #[serde(default)]
+    pub max_batch_size: Option<usize>,
+    #[serde(default)]
+    pub max_batch_wait_ms: Option<u64>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_key: None,
+            metrics_require_key: false,
+            cors_origins: Vec::new(),
+            max_concurrent_requests: 512,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            device: "auto".into(),
+            threads: 0,
+            queue_capacity: 256,
+            max_inflight_attacks: 16,
+            max_batch_size: 32,
+            max_batch_wait_ms: 2,
+            max_attack_batch: 16,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 20 * 1024 * 1024,
+            max_image_pixels: 40_000_000,
+            max_image_side: 12_000,
+            max_attack_pixels: 12_000_000,
+            max_iter: 500,
+            max_top_k: 1000,
+            classify_deadline_ms: 30_000,
+            attack_deadline_ms: 300_000,
+        }
+    }
+}
+
+impl Default for AttackDefaults {
+    fn default() -> Self {
+        Self {
+            max_iter: 50,
+            overshoot: 0.02,
+            delta1: 0.8,
+            delta2: 0.01,
+            margins: vec![0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: ServerConfig::default(),
+            engine: EngineConfig::default(),
+            limits: Limits::default(),
+            attack: AttackDefaults::default(),
+            models: Vec::new(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults ← file ← `LABELFOOL_SECTION__KEY` env ← the short aliases (`LABELFOOL_BIND`,
+    /// `LABELFOOL_DEVICE`, `LABELFOOL_API_KEY`). Flags are applied by the caller afterwards.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) if !path.is_file() => return Err(ConfigError::Missing(path.to_path_buf())),
+            Some(path) => fig = fig.merge(Toml::file(path)),
+            None => {}
+        }
+        fig = fig.merge(
+            Env::prefixed("LABELFOOL_")
+                .filter(|k| k.as_str().contains("__"))
+                .split("__"),
+        );
+        let mut config: Config = fig.extract().map_err(Box::new)?;
+        if let Some(bind) = env_nonempty("LABELFOOL_BIND") {
+            config.server.bind = bind.parse().map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "LABELFOOL_BIND={bind:?} is not an address like 127.0.0.1:8080"
+                ))
+            })?;
+        }
+        if let Some(device) = env_nonempty("LABELFOOL_DEVICE") {
+            config.engine.device = device;
+        }
+        if let Some(key) = env_nonempty("LABELFOOL_API_KEY") {
+            config.server.api_key = Some(key);
+        }
+        Ok(config)
+    }
+
+    /// Checks that need no model file: ranges, names, the device string.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        DeviceSpec::parse(&self.engine.device)
+            .map_err(|e| ConfigError::Invalid(format!("engine.device: {e}")))?;
+        if self.models.is_empty() {
+            return bad("no [[models]] configured".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for m in &self.models {
+            if m.name.is_empty()
+                || !m
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return bad(format!(
+                    "model name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
+                    m.name
+                ));
+            }
+            if !names.insert(&m.name) {
+                return bad(format!("model name {:?} is configured twice", m.name));
+            }
+            if m.max_batch_size == Some(0) {
+                return bad(format!(
+                    "models.{}.max_batch_size must be at least 1",
+                    m.name
+                ));
+            }
+        }
+        let e = &self.engine;
+        if e.queue_capacity == 0
+            || e.max_batch_size == 0
+            || e.max_inflight_attacks == 0
+            || e.max_attack_batch == 0
+        {
+            return bad("engine.queue_capacity, max_batch_size, max_inflight_attacks and max_attack_batch must be ≥ 1".into());
+        }
+        let l = &self.limits;
+        if l.max_body_bytes < 1024
+            || l.max_image_pixels == 0
+            || l.max_image_side == 0
+            || l.max_iter == 0
+        {
+            return bad("limits must be positive (max_body_bytes ≥ 1024)".into());
+        }
+        let a = &self.attack;
+        if a.max_iter == 0 || a.max_iter > l.max_iter {
+            return bad(format!("attack.max_iter must be in 1..={}", l.max_iter));
+        }
+        if !(a.overshoot.is_finite() && a.overshoot >= 0.0) {
+            return bad("attack.overshoot must be a finite number ≥ 0".into());
+        }
+        if !(a.delta1 > 0.0 && a.delta1 <= 1.0 && a.delta2 >= 0.0 && a.delta2 < 1.0) {
+            return bad("attack.delta1 must be in (0, 1] and attack.delta2 in [0, 1)".into());
+        }
+        if a.margins.is_empty()
+            || a.margins.iter().any(|m| !m.is_finite() || *m < 0.0)
+            || a.margins.windows(2).any(|w| w[0] >= w[1])
+        {
+            return bad("attack.margins must be a non-empty, strictly increasing list of finite numbers ≥ 0".into());
+        }
+        if self.server.shutdown_grace_secs == 0 || self.server.max_concurrent_requests == 0 {
+            return bad(
+                "server.shutdown_grace_secs and max_concurrent_requests must be ≥ 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    pub fn device(&self) -> DeviceSpec {
+        // validate() has parsed it; fall back to auto rather than panic if a caller skipped it.
+        DeviceSpec::parse(&self.engine.device).unwrap_or(DeviceSpec::Auto)
+    }
+
+    pub fn batch_wait(&self, model: &ModelConfig) -> Duration {
+        Duration::from_millis(
+            model
+                .max_batch_wait_ms
+                .unwrap_or(self.engine.max_batch_wait_ms),
+        )
+    }
+
+    pub fn batch_size(&self, model: &ModelConfig) -> usize {
+        model.max_batch_size.unwrap_or(self.engine.max_batch_size)
+    }
+}
+
+impl ModelConfig {
+    /// The bundle directory with `~`, `${VAR}` and `${LABELFOOL_CACHE}` (defaulted) expanded.
+    pub fn dir(&self) -> Result<PathBuf, ConfigError> {
+        expand_path(&self.dir)
+    }
+
+    pub fn matrix_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        match &self.matrix {
+            Some(m) => expand_path(m).map(Some),
+            None => {
+                let default = self.dir()?.join("distance.npy");
+                Ok(default.is_file().then_some(default))
+            }
+        }
+    }
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+/// Expands `~` and `${VAR}`; `LABELFOOL_CACHE` defaults to [`cache_dir`] so configs can name it.
+pub fn expand_path(raw: &str) -> Result<PathBuf, ConfigError> {
+    let expanded = shellexpand::full_with_context(
+        raw,
+        || std::env::var("HOME").ok(),
+        |var| -> Result<Option<String>, std::env::VarError> {
+            match (var, std::env::var(var)) {
+                (_, Ok(v)) if !v.is_empty() => Ok(Some(v)),
+                ("LABELFOOL_CACHE", _) => Ok(Some(cache_dir().to_string_lossy().into_owned())),
+                (_, _) => Err(std::env::VarError::NotPresent),
+            }
+        },
+    )
+    .map_err(|e| ConfigError::Invalid(format!("path {raw:?}: {e}")))?;
+    Ok(PathBuf::from(expanded.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_once_a_model_is_named() {
+        let mut c = Config::default();
+        assert!(c.validate().is_err(), "no models must be rejected");
+        c.models.push(ModelConfig {
+            name: "m".into(),
+            dir: "/x".into(),
+            matrix: None,
+            max_batch_size: None,
+            max_batch_wait_ms: None,
+        });
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_the_key_named() {
+        let mut c = Config::default();
+        c.models.push(ModelConfig {
+            name: "m".into(),
+            dir: "/x".into(),
+            matrix: None,
+            max_batch_size: None,
+            max_batch_wait_ms: None,
+        });
+        c.engine.device = "gpu7".into();
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("engine.device"), "{msg}");
+        c.engine.device = "cuda:1".into();
+        c.attack.margins = vec![1.0, 0.5];
+        assert!(c.validate().unwrap_err().to_string().contains("margins"));
+    }
+
+    #[test]
+    fn cache_variable_defaults_inside_paths() {
+        let p = expand_path("${LABELFOOL_CACHE}/models/x").unwrap();
+        assert!(p.ends_with("models/x"));
+        assert!(p.starts_with(cache_dir()));
+        assert!(expand_path("${LABELFOOL_SURELY_UNSET_VARIABLE}/x").is_err());
+    }
+
+    #[test]
+    fn toml_file_is_read_and_unknown_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.toml");
+        std::fs::write(
+            &good,
+            "[engine]\ndevice = \"cpu\"\n[[models]]\nname = \"a\"\ndir = \"/m\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&good)).unwrap();
+        assert_eq!(c.models[0].name, "a");
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[engine]\ndevcie = \"cpu\"\n").unwrap();
+        assert!(Config::load(Some(&bad)).is_err());
+        assert!(matches!(
+            Config::load(Some(&dir.path().join("none.toml"))),
+            Err(ConfigError::Missing(_))
+        ));
+    }
+}

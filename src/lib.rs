@@ -1,0 +1,16 @@
+//! LabelFool server: image classification and adversarial images whose wrong label is hard for a
+//! person to notice (the LabelFool method), served over HTTP.
+//!
+//! Layers, outermost first: [`http`] (axum routes, one error type mapped to status codes) →
+//! [`engine`] (queue, batcher, the worker thread that owns the device) → [`model`], [`attack`],
+//! [`matrix`]. [`cli`] drives the same engine offline; [`eval`] compares attacks.
+
+pub mod attack;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod imaging;
+pub mod matrix;
+pub mod model;
+pub mod telemetry;

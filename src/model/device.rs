@@ -1,0 +1,87 @@
+//! The `device` setting: `auto | cpu | cuda | cuda:N`, resolved once on the worker thread.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("{s:?} is not a device; use auto, cpu, cuda or cuda:N")),
+        }
+    }
+
+    /// The libtorch device, or why it cannot be had on this host.
+    pub fn resolve(self) -> Result<tch::Device, String> {
+        match self {
+            Self::Cpu => Ok(tch::Device::Cpu),
+            Self::Auto if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+            Self::Auto => Ok(tch::Device::Cpu),
+            Self::Cuda(n) => {
+                let count = tch::Cuda::device_count() as usize;
+                if !tch::Cuda::is_available() || n >= count {
+                    Err(format!(
+                        "cuda:{n} requested but libtorch sees {count} CUDA device(s)"
+                    ))
+                } else {
+                    Ok(tch::Device::Cuda(n))
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+pub fn device_name(d: tch::Device) -> String {
+    match d {
+        tch::Device::Cpu => "cpu".into(),
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_forms() {
+        assert_eq!(DeviceSpec::parse("auto").unwrap(), DeviceSpec::Auto);
+        assert_eq!(DeviceSpec::parse("CPU").unwrap(), DeviceSpec::Cpu);
+        assert_eq!(DeviceSpec::parse("cuda").unwrap(), DeviceSpec::Cuda(0));
+        assert_eq!(DeviceSpec::parse("cuda:3").unwrap(), DeviceSpec::Cuda(3));
+        for bad in ["", "cuda:", "cuda:x", "tpu", "cuda:-1"] {
+            assert!(DeviceSpec::parse(bad).is_err(), "{bad:?} must be rejected");
+        }
+    }
+
+    #[test]
+    fn cpu_always_resolves_and_absent_cuda_is_an_error() {
+        assert_eq!(DeviceSpec::Cpu.resolve().unwrap(), tch::Device::Cpu);
+        if !tch::Cuda::is_available() {
+            assert!(DeviceSpec::Cuda(0).resolve().is_err());
+            assert_eq!(DeviceSpec::Auto.resolve().unwrap(), tch::Device::Cpu);
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The model's preprocessing as differentiable tensor ops: resize the short side (antialiased
+//! bilinear), centre-crop. Classification and every attack call this one function, so an image an
+//! attack returns at its original size is judged by exactly the pipeline `/classify` uses.
+
+use tch::{Kind, Tensor};
+
+use super::bundle::InputSpec;
+
+/// Size after scaling the short side to `short` (torchvision's rule: the long side is floored).
+pub fn resized_dims(h: i64, w: i64, short: i64) -> (i64, i64) {
+    if h <= w {
+        (
+            short,
+            ((short as f64) * (w as f64) / (h as f64)).floor().max(1.0) as i64,
+        )
+    } else {
+        (
+            ((short as f64) * (h as f64) / (w as f64)).floor().max(1.0) as i64,
+            short,
+        )
+    }
+}
+
+/// `[B,3,H,W]` RGB in [0,1] → `[B,3,S,S]`, differentiable w.r.t. the input.
+pub fn resize_crop(x: &Tensor, spec: &InputSpec) -> Result<Tensor, tch::TchError> {
+    let size = x.size();
+    let (h, w) = (size[2], size[3]);
+    let (nh, nw) = resized_dims(h, w, spec.resize_short_side);
+    let resized = if (nh, nw) == (h, w) {
+        x.shallow_clone()
+    } else {
+        x.f_internal_upsample_bilinear2d_aa([nh, nw], false, None, None)?
+    };
+    let s = spec.size;
+    let top = ((nh - s) as f64 / 2.0).round() as i64;
+    let left = ((nw - s) as f64 / 2.0).round() as i64;
+    resized.f_narrow(2, top, s)?.f_narrow(3, left, s)
+}
+
+/// Interleaved 8-bit RGB (`H×W×3`) → `[1,3,H,W]` float in [0,1] on the CPU.
+pub fn rgb8_to_tensor(rgb: &[u8], width: u32, height: u32) -> Result<Tensor, tch::TchError> {
+    Tensor::f_from_slice(rgb)?
+        .f_view([1, height as i64, width as i64, 3])?
+        .f_permute([0, 3, 1, 2])?
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(255.0)
+}
+
+/// The classify pipeline on the CPU: 8-bit RGB → `[1,3,S,S]` model input. `/classify` and the
+/// attacks' 8-bit re-checks both go through here, so they cannot disagree.
+pub fn prepare_rgb8(
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+    spec: &InputSpec,
+) -> Result<Tensor, tch::TchError> {
+    let x = rgb8_to_tensor(rgb, width, height)?;
+    resize_crop(&x, spec)?.f_contiguous()
+}
+
+/// `[1,3,H,W]` in [0,1] → interleaved 8-bit RGB, rounding to nearest (the delivered pixels).
+pub fn tensor_to_rgb8(x: &Tensor) -> Result<Vec<u8>, tch::TchError> {
+    let q = x
+        .f_clamp(0.0, 1.0)?
+        .f_mul_scalar(255.0)?
+        .f_round()?
+        .f_to_kind(Kind::Uint8)?
+        .f_squeeze_dim(0)?
+        .f_permute([1, 2, 0])?
+        .f_contiguous()?
+        .f_to_device(tch::Device::Cpu)?;
+    let n = q.numel();
+    let mut out = vec![0u8; n];
+    q.f_copy_data(&mut out, n)?;
+    Ok(out)
+}
+
+/// Rounds to the 8-bit grid without leaving the device: what a PNG of `x` would decode to.
+pub fn quantize(x: &Tensor) -> Result<Tensor, tch::TchError> {
+    x.f_clamp(0.0, 1.0)?
+        .f_mul_scalar(255.0)?
+        .f_round()?
+        .f_div_scalar(255.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InputSpec {
+        InputSpec {
+            size: 224,
+            resize_short_side: 256,
+            crop: "center".into(),
+            interpolation: "bilinear-antialias".into(),
+            channels: "RGB".into(),
+            range: [0.0, 1.0],
+        }
+    }
+
+    #[test]
+    fn short_side_rule_matches_torchvision() {
+        assert_eq!(resized_dims(375, 500, 256), (256, 341));
+        assert_eq!(resized_dims(500, 375, 256), (341, 256));
+        assert_eq!(resized_dims(100, 100, 256), (256, 256));
+    }
+
+    #[test]
+    fn output_is_the_centre_crop_and_differentiable() {
+        let x =
+            Tensor::rand([2, 3, 300, 451], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let y = resize_crop(&x, &spec()).unwrap();
+        assert_eq!(y.size(), vec![2, 3, 224, 224]);
+        y.sum(Kind::Float).backward();
+        let g = x.grad();
+        assert_eq!(g.size(), x.size());
+        // Border columns fall outside the crop and must get no gradient; the centre must.
+        assert_eq!(
+            g.narrow(3, 0, 2).abs().sum(Kind::Float).double_value(&[]),
+            0.0
+        );
+        assert!(
+            g.narrow(3, 200, 20)
+                .abs()
+                .sum(Kind::Float)
+                .double_value(&[])
+                > 0.0
+        );
+    }
+
+    #[test]
+    fn constant_image_stays_constant() {
+        let x = Tensor::full([1, 3, 97, 53], 0.25, (Kind::Float, tch::Device::Cpu));
+        let y = resize_crop(&x, &spec()).unwrap();
+        let err = (y - 0.25).abs().max().double_value(&[]);
+        assert!(err < 1e-6, "{err}");
+    }
+
+    #[test]
+    fn rgb8_round_trips() {
+        let rgb: Vec<u8> = (0..(5 * 4 * 3)).map(|i| (i * 7 % 256) as u8).collect();
+        let t = rgb8_to_tensor(&rgb, 5, 4).unwrap();
+        assert_eq!(t.size(), vec![1, 3, 4, 5]);
+        assert_eq!(tensor_to_rgb8(&t).unwrap(), rgb);
+        let q = quantize(&(t + 0.4 / 255.0)).unwrap();
+        assert_eq!(tensor_to_rgb8(&q).unwrap(), rgb);
+    }
+}

@@ -1,0 +1,165 @@
+//! Attacks as per-image state machines ("rows") that a shared runner advances one tick at a time.
+//!
+//! Each tick the runner gives every row the logits at its current image, asks which logit
+//! combinations it needs the input gradient of, and answers them with ONE backward pass over all
+//! rows together. That is what lets the worker batch many in-flight attacks continuously: a row
+//! never runs the model itself. Rows also ask for *checks*: the 8-bit version of their image
+//! classified through the very pipeline `/classify` uses, so success is judged on what the user
+//! downloads.
+
+pub mod labelfool;
+pub mod metrics;
+pub mod runner;
+pub mod target;
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use tch::Tensor;
+
+use crate::model::ModelInfo;
+pub use target::{Branch, TargetDecision, TargetParams};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Targeted DeepFool steps towards the label LabelFool picks (or the caller's `target`).
+    Labelfool,
+}
+
+impl Method {
+    pub const ALL: &'static [Method] = &[Method::Labelfool];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|m| m.name() == s.trim().to_ascii_lowercase())
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Labelfool => "labelfool",
+        }
+    }
+}
+
+/// Validated parameters of one attack.
+#[derive(Debug, Clone)]
+pub struct AttackParams {
+    pub method: Method,
+    pub max_iter: u32,
+    pub overshoot: f64,
+    pub target_params: TargetParams,
+    /// Logit margins to demand in turn when the 8-bit image misses (LabelFool).
+    pub margins: Vec<f64>,
+    /// Caller-chosen target class; None lets the method choose (LabelFool: the distance matrix).
+    pub target: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttackError {
+    #[error("target class {index} ({label}) is already the model's prediction for this image")]
+    TargetIsPrediction { index: usize, label: String },
+    #[error("model {0} has no distance matrix: pass an explicit target")]
+    NoMatrix(String),
+    #[error("the model returned non-finite logits")]
+    NonFinite,
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+impl From<tch::TchError> for AttackError {
+    fn from(e: tch::TchError) -> Self {
+        Self::Torch(e.to_string())
+    }
+}
+
+/// A class with the model's probability for it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Scored {
+    pub index: usize,
+    pub probability: f64,
+}
+
+/// What an attack achieved, measured on the image it delivers.
+#[derive(Debug, Clone)]
+pub struct AttackOutcome {
+    pub method: Method,
+    pub original: Scored,
+    pub target: Option<usize>,
+    pub decision: Option<TargetDecision>,
+    /// Classification of the delivered 8-bit image (what `/classify` answers for it).
+    pub final_: Scored,
+    /// Probability of the target on the delivered image.
+    pub target_probability: Option<f64>,
+    /// Targeted: the delivered image is classified as the target. Untargeted: as anything else.
+    pub success: bool,
+    /// Gradient steps taken (one backward pass each).
+    pub iterations: u32,
+    /// 8-bit re-checks run (forward only), the initial classification included.
+    pub checks: u32,
+    /// Logit margin demanded when the attack succeeded (LabelFool's quantisation guard).
+    pub margin: Option<f64>,
+    /// The delivered pixels, `H×W×3`.
+    pub rgb: Vec<u8>,
+}
+
+/// What a row needs from the next tick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// Logits (and possibly gradients) at the current float image.
+    Forward,
+    /// Logits of the 8-bit version of the current image, through the classify pipeline.
+    Check,
+}
+
+/// One image under attack. Implementations keep their tensors on the model's device.
+pub trait AttackRow: Send {
+    fn need(&self) -> Need;
+    /// The current image, `[1,3,H,W]` in [0,1], on the model's device.
+    fn image(&self) -> &Tensor;
+    /// Logits at [`Self::image`]. Returns the logit combinations (one coefficient per class) whose
+    /// input gradient the row wants this tick; empty = no gradient needed.
+    fn on_logits(&mut self, logits: &[f32]) -> Result<Vec<Vec<f32>>, AttackError>;
+    /// The gradients asked for by the last `on_logits`, in order, each shaped like the image.
+    fn on_gradients(&mut self, grads: Vec<Tensor>) -> Result<(), AttackError>;
+    /// Logits of the 8-bit image `rgb` (the quantised [`Self::image`]).
+    fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError>;
+    fn is_done(&self) -> bool;
+    fn iterations(&self) -> u32;
+    fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError>;
+}
+
+/// Builds the row for `params.method` on the image `x0` (`[1,3,H,W]`, on the model's device).
+pub fn new_row(
+    info: Arc<ModelInfo>,
+    x0: Tensor,
+    params: AttackParams,
+) -> Result<Box<dyn AttackRow>, AttackError> {
+    match params.method {
+        Method::Labelfool => {
+            if params.target.is_none() && info.matrix.is_none() {
+                return Err(AttackError::NoMatrix(info.name.clone()));
+            }
+            Ok(Box::new(labelfool::LabelFoolRow::new(info, x0, params)))
+        }
+    }
+}
+
+pub(crate) fn scored(probs: &[f32], index: usize) -> Scored {
+    Scored {
+        index,
+        probability: f64::from(probs[index]),
+    }
+}
+
+/// `max_{j≠t} v_j` and its index.
+pub(crate) fn best_other(v: &[f32], t: usize) -> (usize, f32) {
+    v.iter()
+        .enumerate()
+        .filter(|(j, _)| *j != t)
+        .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(&a.0)))
+        .map(|(j, &x)| (j, x))
+        .unwrap_or((t, f32::NEG_INFINITY))
+}

@@ -1,0 +1,171 @@
+//! One tick for a set of attack rows on one model: one no-grad forward for the rows that want an
+//! 8-bit check, and one forward plus one backward per requested objective (one, for LabelFool)
+//! for the rows that step. Rows may have different image sizes: each is resized by its own
+//! differentiable preprocessing, and only the model's fixed-size input is stacked, so the batch
+//! is exact whatever the sizes.
+
+use tch::{Kind, Tensor};
+
+use super::{AttackError, AttackRow, Need};
+use crate::model::preprocess::{prepare_rgb8, resize_crop, tensor_to_rgb8};
+use crate::model::{LoadedModel, tensor_rows};
+
+/// Work done by one tick, for metrics and benchmarks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TickStats {
+    pub stepped_rows: usize,
+    pub checked_rows: usize,
+    pub backward_passes: usize,
+}
+
+/// Advances every row that is not done by one tick. Returns one error slot per row. A failure of
+/// a batched pass is retried row by row, so one poisoned image cannot fail its neighbours.
+pub fn tick(
+    model: &LoadedModel,
+    rows: &mut [Box<dyn AttackRow>],
+) -> (Vec<Option<AttackError>>, TickStats) {
+    let mut errors: Vec<Option<AttackError>> = (0..rows.len()).map(|_| None).collect();
+    let mut stats = TickStats::default();
+    let live = |need: Need| -> Vec<usize> {
+        rows.iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_done() && r.need() == need)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let checks = live(Need::Check);
+    let steps = live(Need::Forward);
+
+    for group in split_on_failure(&checks, |idx| check_rows(model, rows, idx, &mut errors)) {
+        for i in group.0 {
+            errors[i] = Some(AttackError::Torch(group.1.to_string()));
+        }
+    }
+    stats.checked_rows = checks.len();
+
+    let mut backward = 0;
+    for group in split_on_failure(&steps, |idx| {
+        step_rows(model, rows, idx, &mut errors, &mut backward)
+    }) {
+        for i in group.0 {
+            errors[i] = Some(AttackError::Torch(group.1.to_string()));
+        }
+    }
+    stats.stepped_rows = steps.len();
+    stats.backward_passes = backward;
+    (errors, stats)
+}
+
+/// Runs `f` on all of `idx`; if it fails, on each index alone. Returns the indices that still
+/// failed alone, with their error.
+fn split_on_failure(
+    idx: &[usize],
+    mut f: impl FnMut(&[usize]) -> Result<(), tch::TchError>,
+) -> Vec<(Vec<usize>, tch::TchError)> {
+    if idx.is_empty() {
+        return Vec::new();
+    }
+    match f(idx) {
+        Ok(()) => Vec::new(),
+        Err(e) if idx.len() == 1 => vec![(idx.to_vec(), e)],
+        Err(_) => idx
+            .iter()
+            .filter_map(|&i| f(&[i]).err().map(|e| (vec![i], e)))
+            .collect(),
+    }
+}
+
+fn check_rows(
+    model: &LoadedModel,
+    rows: &mut [Box<dyn AttackRow>],
+    idx: &[usize],
+    errors: &mut [Option<AttackError>],
+) -> Result<(), tch::TchError> {
+    let spec = model.info.input();
+    let mut rgbs = Vec::with_capacity(idx.len());
+    let mut inputs = Vec::with_capacity(idx.len());
+    for &i in idx {
+        let x = rows[i].image();
+        let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
+        let rgb = tensor_to_rgb8(x)?;
+        inputs.push(prepare_rgb8(&rgb, w, h, spec)?);
+        rgbs.push(rgb);
+    }
+    let batch = Tensor::f_cat(&inputs, 0)?.f_to_device(model.device())?;
+    let logits = tch::no_grad(|| model.forward(&batch))?;
+    let logits = tensor_rows(&logits)?;
+    for ((&i, l), rgb) in idx.iter().zip(logits).zip(rgbs) {
+        if let Err(e) = rows[i].on_check(&l, rgb) {
+            errors[i] = Some(e);
+        }
+    }
+    Ok(())
+}
+
+fn step_rows(
+    model: &LoadedModel,
+    rows: &mut [Box<dyn AttackRow>],
+    idx: &[usize],
+    errors: &mut [Option<AttackError>],
+    backward_passes: &mut usize,
+) -> Result<(), tch::TchError> {
+    let spec = model.info.input();
+    let xs: Vec<Tensor> = idx
+        .iter()
+        .map(|&i| {
+            rows[i]
+                .image()
+                .f_detach()
+                .map(|x| x.set_requires_grad(true))
+        })
+        .collect::<Result<_, _>>()?;
+    let inputs: Vec<Tensor> = xs
+        .iter()
+        .map(|x| resize_crop(x, spec))
+        .collect::<Result<_, _>>()?;
+    let logits = model.forward(&Tensor::f_cat(&inputs, 0)?)?;
+    let values = tensor_rows(&logits)?;
+
+    let mut objectives: Vec<Vec<Vec<f32>>> = Vec::with_capacity(idx.len());
+    for (&i, l) in idx.iter().zip(&values) {
+        match rows[i].on_logits(l) {
+            Ok(o) => objectives.push(o),
+            Err(e) => {
+                errors[i] = Some(e);
+                objectives.push(Vec::new());
+            }
+        }
+    }
+    let passes = objectives.iter().map(Vec::len).max().unwrap_or(0);
+    let classes = values.first().map(Vec::len).unwrap_or(0);
+    let mut grads: Vec<Vec<Tensor>> = (0..idx.len()).map(|_| Vec::new()).collect();
+    for j in 0..passes {
+        // Σ over rows of (coefficients · logits): row r's input gradient is its own objective's.
+        let wanting: Vec<usize> = (0..idx.len())
+            .filter(|&r| objectives[r].len() > j)
+            .collect();
+        let mut coef = vec![0f32; idx.len() * classes];
+        for &r in &wanting {
+            coef[r * classes..(r + 1) * classes].copy_from_slice(&objectives[r][j]);
+        }
+        let coef = Tensor::f_from_slice(&coef)?
+            .f_view([idx.len() as i64, classes as i64])?
+            .f_to_device(model.device())?;
+        let loss = logits.f_mul(&coef)?.f_sum(Kind::Float)?;
+        let inputs: Vec<Tensor> = wanting.iter().map(|&r| xs[r].shallow_clone()).collect();
+        let g = model.backward(&loss, &inputs, j + 1 < passes)?;
+        *backward_passes += 1;
+        for (&r, g) in wanting.iter().zip(g) {
+            grads[r].push(g);
+        }
+    }
+    for ((&i, g), o) in idx.iter().zip(grads).zip(&objectives) {
+        if !o.is_empty()
+            && errors[i].is_none()
+            && let Err(e) = rows[i].on_gradients(g)
+        {
+            errors[i] = Some(e);
+        }
+    }
+    Ok(())
+}

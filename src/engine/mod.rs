@@ -1,0 +1,560 @@
+//! The engine: the async face of the worker. Handlers (and the CLI) call [`Engine`] methods with
+//! image bytes and typed parameters; decoding and resizing run on tokio's blocking pool, tensor
+//! work on the one worker thread (see [`worker`]), and results come back as plain Rust values.
+//! No tch tensor ever crosses into async code.
+
+pub mod batcher;
+pub mod queue;
+pub mod stats;
+pub mod worker;
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use crate::attack::metrics::{Perturbation, perturbation};
+use crate::attack::target::{self, TargetDecision, TargetParams};
+use crate::attack::{AttackError, AttackOutcome, AttackParams, Method};
+use crate::config::{AttackDefaults, Config};
+use crate::imaging::{self, DecodeLimits, ImageError, Rgb8};
+use crate::model::preprocess::prepare_rgb8;
+use crate::model::{Catalog, ModelError, ModelInfo};
+use queue::{AttackJob, ClassifyJob, ClassifyReply, JobError, JobTimings, Queues, Refused};
+pub use stats::{EngineStats, StatsSnapshot};
+pub use worker::WorkerInfo;
+
+/// Everything that can go wrong between a request and its answer. `http::error` maps each variant
+/// to one status code.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("unknown model {0:?}")]
+    UnknownModel(String),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("invalid parameter `{param}`: {message}")]
+    InvalidParam { param: String, message: String },
+    #[error("the {queue} queue is full; retry later")]
+    QueueFull { queue: &'static str },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the request did not finish within its {0:?} deadline")]
+    Deadline(Duration),
+    #[error("{0}")]
+    Job(#[from] JobError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::InvalidParam {
+            param: param.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Engine-wide settings taken from the config.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub decode: DecodeLimits,
+    pub max_attack_pixels: u64,
+    pub max_iter: u32,
+    pub max_top_k: usize,
+    pub attack: AttackDefaults,
+}
+
+struct Inner {
+    catalog: Catalog,
+    queues: RwLock<Option<Queues>>,
+    settings: EngineSettings,
+    stats: Arc<EngineStats>,
+    worker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Resolves once the worker has loaded every model (or failed to).
+pub struct Startup {
+    ready: std::sync::mpsc::Receiver<Result<WorkerInfo, ModelError>>,
+}
+
+impl Startup {
+    /// Blocks until the worker is ready; call from a blocking context.
+    pub fn wait(self) -> Result<WorkerInfo, ModelError> {
+        self.ready.recv().unwrap_or_else(|_| {
+            Err(ModelError::Bundle {
+                model: "(worker)".into(),
+                reason: "the worker thread exited during start-up".into(),
+            })
+        })
+    }
+}
+
+/// A decoded image's summary, as responses report it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ImageSummary {
+    pub width: u32,
+    pub height: u32,
+    /// Format detected from the bytes (`png`, `jpeg`, …).
+    pub format: String,
+    pub has_alpha: bool,
+}
+
+impl From<&Rgb8> for ImageSummary {
+    fn from(i: &Rgb8) -> Self {
+        Self {
+            width: i.width,
+            height: i.height,
+            format: i.format.to_string(),
+            has_alpha: i.alpha.is_some(),
+        }
+    }
+}
+
+/// Where a request's time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct Timings {
+    /// Decoding and resizing on the blocking pool.
+    pub decode_ms: f64,
+    /// Waiting for the worker.
+    pub queue_ms: f64,
+    /// Device work (for an attack: all ticks it took part in).
+    pub compute_ms: f64,
+    /// From the engine call to the answer.
+    pub total_ms: f64,
+    /// Jobs sharing the (first) batch with this one.
+    pub batch_size: usize,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Timings {
+    fn new(decode: Duration, job: JobTimings, started: Instant) -> Self {
+        Self {
+            decode_ms: ms(decode),
+            queue_ms: ms(job.queued),
+            compute_ms: ms(job.compute),
+            total_ms: ms(started.elapsed()),
+            batch_size: job.batch_size,
+        }
+    }
+}
+
+pub struct Classification {
+    pub model: Arc<ModelInfo>,
+    pub image: ImageSummary,
+    pub probabilities: Vec<f32>,
+    pub timings: Timings,
+}
+
+impl Classification {
+    /// The `k` most probable classes, most probable first (ties by index).
+    pub fn top(&self, k: usize) -> Vec<(usize, f32)> {
+        top_k(&self.probabilities, k)
+    }
+}
+
+pub fn top_k(p: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<(usize, f32)> = p.iter().copied().enumerate().collect();
+    idx.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    idx.truncate(k);
+    idx
+}
+
+pub struct TargetLabel {
+    pub classification: Classification,
+    pub params: TargetParams,
+    pub decision: TargetDecision,
+}
+
+/// An attack request as the caller gives it; [`Engine::attack`] validates it against the model
+/// and the configured limits.
+#[derive(Debug, Clone, Default)]
+pub struct AttackRequest {
+    pub method: Option<String>,
+    /// Class index, WordNet id or name.
+    pub target: Option<String>,
+    pub max_iter: Option<u32>,
+    pub overshoot: Option<f64>,
+    pub delta1: Option<f64>,
+    pub delta2: Option<f64>,
+}
+
+pub struct AttackResult {
+    pub model: Arc<ModelInfo>,
+    pub image: ImageSummary,
+    pub outcome: AttackOutcome,
+    pub perturbation: Perturbation,
+    pub png: Vec<u8>,
+    pub timings: Timings,
+}
+
+impl Engine {
+    /// Validates the catalog against the config, spawns the worker and returns at once; the
+    /// worker loads the models in the background (see [`Startup::wait`]).
+    pub fn start(config: &Config, catalog: Catalog) -> Result<(Self, Startup), EngineError> {
+        let settings = EngineSettings {
+            decode: DecodeLimits::from_config(&config.limits),
+            max_attack_pixels: config.limits.max_attack_pixels,
+            max_iter: config.limits.max_iter,
+            max_top_k: config.limits.max_top_k,
+            attack: config.attack.clone(),
+        };
+        let (queues, inbox) = queue::bounded(config.engine.queue_capacity);
+        let stats = Arc::new(EngineStats::default());
+        let ws = worker::WorkerSettings {
+            device: config.device(),
+            threads: config.engine.threads,
+            max_inflight_attacks: config.engine.max_inflight_attacks,
+            max_attack_batch: config.engine.max_attack_batch,
+        };
+        let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone())
+            .map_err(|e| EngineError::Internal(format!("cannot start the worker thread: {e}")))?;
+        let inner = Inner {
+            catalog,
+            queues: RwLock::new(Some(queues)),
+            settings,
+            stats,
+            worker: std::sync::Mutex::new(Some(handle)),
+        };
+        Ok((
+            Self {
+                inner: Arc::new(inner),
+            },
+            Startup { ready },
+        ))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.inner.catalog
+    }
+
+    pub fn settings(&self) -> &EngineSettings {
+        &self.inner.settings
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.inner.stats
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.stats.is_ready()
+            && self
+                .inner
+                .queues
+                .read()
+                .map(|q| q.is_some())
+                .unwrap_or(false)
+    }
+
+    /// Stops taking jobs; the worker finishes what it holds and exits. Returns once it has.
+    pub fn shutdown(&self) {
+        self.inner.stats.set_not_ready();
+        if let Ok(mut q) = self.inner.queues.write() {
+            q.take();
+        }
+        let handle = self.inner.worker.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Marks the engine not ready (for `/ready`) while it keeps serving what is in flight.
+    pub fn begin_drain(&self) {
+        self.inner.stats.set_not_ready();
+    }
+
+    pub fn model(&self, name: Option<&str>) -> Result<(usize, Arc<ModelInfo>), EngineError> {
+        self.inner
+            .catalog
+            .get(name)
+            .map(|(i, m)| (i, m.clone()))
+            .ok_or_else(|| EngineError::UnknownModel(name.unwrap_or_default().to_string()))
+    }
+
+    fn queues(&self) -> Result<Queues, EngineError> {
+        self.inner
+            .queues
+            .read()
+            .ok()
+            .and_then(|q| q.clone())
+            .ok_or(EngineError::ShuttingDown)
+    }
+
+    async fn decode(&self, bytes: Bytes) -> Result<(Rgb8, Duration), EngineError> {
+        let limits = self.inner.settings.decode;
+        let started = Instant::now();
+        let img = tokio::task::spawn_blocking(move || imaging::decode(&bytes, &limits))
+            .await
+            .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))??;
+        Ok((img, started.elapsed()))
+    }
+
+    async fn await_reply<T>(
+        rx: oneshot::Receiver<Result<T, JobError>>,
+        deadline: Duration,
+        started: Instant,
+    ) -> Result<T, EngineError> {
+        let left = deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, rx).await {
+            Err(_) => Err(EngineError::Deadline(deadline)),
+            Ok(Err(_)) => Err(EngineError::ShuttingDown),
+            Ok(Ok(r)) => r.map_err(EngineError::from),
+        }
+    }
+
+    /// Probabilities for one image. Decoding and resizing run on the blocking pool; the forward
+    /// pass is batched with whatever else waits for the same model.
+    pub async fn classify(
+        &self,
+        model: Option<&str>,
+        bytes: Bytes,
+        deadline: Duration,
+    ) -> Result<Classification, EngineError> {
+        let started = Instant::now();
+        let (idx, info) = self.model(model)?;
+        let limits = self.inner.settings.decode;
+        let spec = info.input().clone();
+        let (img, input) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+            let img = imaging::decode(&bytes, &limits)?;
+            let x = prepare_rgb8(&img.rgb, img.width, img.height, &spec)
+                .map_err(|e| EngineError::Job(e.into()))?;
+            let n = x.numel();
+            let mut v = vec![0f32; n];
+            x.f_copy_data(&mut v, n)
+                .map_err(|e| EngineError::Job(e.into()))?;
+            Ok((img, v))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))??;
+        let decode = started.elapsed();
+        let reply = self
+            .submit_classify(idx, input, false, deadline, started)
+            .await?;
+        Ok(Classification {
+            image: ImageSummary::from(&img),
+            model: info,
+            probabilities: reply.probabilities,
+            timings: Timings::new(decode, reply.timings, started),
+        })
+    }
+
+    async fn submit_classify(
+        &self,
+        model: usize,
+        input: Vec<f32>,
+        want_features: bool,
+        deadline: Duration,
+        started: Instant,
+    ) -> Result<ClassifyReply, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let job = ClassifyJob {
+            model,
+            input,
+            want_features,
+            reply: tx,
+            enqueued: Instant::now(),
+        };
+        queue::try_push(&self.queues()?.classify, job).map_err(|r| match r {
+            Refused::Full => EngineError::QueueFull { queue: "classify" },
+            Refused::Closed => EngineError::ShuttingDown,
+        })?;
+        Self::await_reply(rx, deadline, started).await
+    }
+
+    /// LabelFool's target decision for an image (paper Eq. 2–4).
+    pub async fn target_label(
+        &self,
+        model: Option<&str>,
+        bytes: Bytes,
+        delta1: Option<f64>,
+        delta2: Option<f64>,
+        alternatives: usize,
+        deadline: Duration,
+    ) -> Result<TargetLabel, EngineError> {
+        let (_, info) = self.model(model)?;
+        let params = self.target_params(delta1, delta2)?;
+        if info.matrix.is_none() {
+            return Err(EngineError::invalid(
+                "model",
+                format!("model {} has no distance matrix", info.name),
+            ));
+        }
+        let classification = self.classify(Some(&info.name), bytes, deadline).await?;
+        let matrix = info
+            .matrix
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("matrix vanished".into()))?;
+        let decision = target::select(&classification.probabilities, matrix, params, alternatives);
+        Ok(TargetLabel {
+            classification,
+            params,
+            decision,
+        })
+    }
+
+    pub fn target_params(
+        &self,
+        delta1: Option<f64>,
+        delta2: Option<f64>,
+    ) -> Result<TargetParams, EngineError> {
+        let d = &self.inner.settings.attack;
+        let delta1 = delta1.unwrap_or(d.delta1);
+        let delta2 = delta2.unwrap_or(d.delta2);
+        if !(delta1.is_finite() && delta1 > 0.0 && delta1 <= 1.0) {
+            return Err(EngineError::invalid(
+                "delta1",
+                format!("{delta1} is not in (0, 1]"),
+            ));
+        }
+        if !(delta2.is_finite() && (0.0..1.0).contains(&delta2)) {
+            return Err(EngineError::invalid(
+                "delta2",
+                format!("{delta2} is not in [0, 1)"),
+            ));
+        }
+        Ok(TargetParams { delta1, delta2 })
+    }
+
+    /// Checks an attack request against the model and the limits.
+    pub fn attack_params(
+        &self,
+        info: &ModelInfo,
+        req: &AttackRequest,
+    ) -> Result<AttackParams, EngineError> {
+        let s = &self.inner.settings;
+        let method = match req.method.as_deref() {
+            None => Method::Labelfool,
+            Some(m) => Method::parse(m).ok_or_else(|| {
+                let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+                EngineError::invalid(
+                    "method",
+                    format!("{m:?} is not one of {}", known.join(", ")),
+                )
+            })?,
+        };
+        let max_iter = req.max_iter.unwrap_or(s.attack.max_iter);
+        if max_iter == 0 || max_iter > s.max_iter {
+            return Err(EngineError::invalid(
+                "max_iter",
+                format!("{max_iter} is not in 1..={}", s.max_iter),
+            ));
+        }
+        let overshoot = req.overshoot.unwrap_or(s.attack.overshoot);
+        if !(overshoot.is_finite() && (0.0..=10.0).contains(&overshoot)) {
+            return Err(EngineError::invalid(
+                "overshoot",
+                format!("{overshoot} is not a number in [0, 10]"),
+            ));
+        }
+        let target = match req
+            .target
+            .as_deref()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+        {
+            None => None,
+            Some(t) => Some(info.classes().resolve(t).ok_or_else(|| {
+                EngineError::invalid(
+                    "target",
+                    format!(
+                        "{t:?} is not a class of model {} (give an index, WordNet id or name)",
+                        info.name
+                    ),
+                )
+            })?),
+        };
+        Ok(AttackParams {
+            method,
+            max_iter,
+            overshoot,
+            target_params: self.target_params(req.delta1, req.delta2)?,
+            margins: s.attack.margins.clone(),
+            target,
+        })
+    }
+
+    /// Runs an attack on the image at its original size and returns the 8-bit PNG it delivers,
+    /// with what happened.
+    pub async fn attack(
+        &self,
+        model: Option<&str>,
+        bytes: Bytes,
+        req: AttackRequest,
+        deadline: Duration,
+    ) -> Result<AttackResult, EngineError> {
+        let started = Instant::now();
+        let (idx, info) = self.model(model)?;
+        let params = self.attack_params(&info, &req)?;
+        let (img, decode) = self.decode(bytes).await?;
+        let pixels = u64::from(img.width) * u64::from(img.height);
+        if pixels > self.inner.settings.max_attack_pixels {
+            return Err(ImageError::TooManyPixels {
+                width: img.width,
+                height: img.height,
+                limit: self.inner.settings.max_attack_pixels,
+                side: self.inner.settings.decode.max_side,
+            }
+            .into());
+        }
+        let img = Arc::new(img);
+        let (tx, rx) = oneshot::channel();
+        let job = AttackJob {
+            model: idx,
+            image: img.clone(),
+            params,
+            reply: tx,
+            enqueued: Instant::now(),
+        };
+        queue::try_push(&self.queues()?.attack, job).map_err(|r| match r {
+            Refused::Full => EngineError::QueueFull { queue: "attack" },
+            Refused::Closed => EngineError::ShuttingDown,
+        })?;
+        let (outcome, job_timings) = Self::await_reply(rx, deadline, started).await.map_err(
+            |e| match e {
+                EngineError::Job(JobError::Attack(AttackError::TargetIsPrediction {
+                    index,
+                    label,
+                })) => EngineError::invalid(
+                    "target",
+                    format!(
+                        "class {index} ({label}) is already the prediction; choose another target"
+                    ),
+                ),
+                EngineError::Job(JobError::Attack(AttackError::NoMatrix(m))) => {
+                    EngineError::invalid(
+                        "target",
+                        format!("model {m} has no distance matrix: pass an explicit target"),
+                    )
+                }
+                other => other,
+            },
+        )?;
+        let (png, perturbation) = tokio::task::spawn_blocking({
+            let img = img.clone();
+            let rgb = outcome.rgb.clone();
+            move || -> Result<_, ImageError> {
+                let png = imaging::encode_png(img.width, img.height, &rgb, img.alpha.as_deref())?;
+                Ok((png, perturbation(&img.rgb, &rgb)))
+            }
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("encode task failed: {e}")))??;
+        Ok(AttackResult {
+            model: info,
+            image: ImageSummary::from(img.as_ref()),
+            outcome,
+            perturbation,
+            png,
+            timings: Timings::new(decode, job_timings, started),
+        })
+    }
+}

@@ -1,0 +1,132 @@
+//! The `labelfool` command line. Every offline command starts the same [`Engine`] the server uses,
+//! so `labelfool classify` and `POST /classify` share one code path.
+
+mod attack;
+mod classify;
+mod doctor;
+mod matrix;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, default_config_path};
+use crate::engine::{Engine, WorkerInfo};
+use crate::model::Catalog;
+use crate::telemetry::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "labelfool",
+    version,
+    about = "LabelFool server: classification and hard-to-notice adversarial labels"
+)]
+pub struct Cli {
+    /// Configuration file (default: config/default.toml found from the working directory).
+    #[arg(long, global = true, env = "LABELFOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Device override: auto, cpu, cuda or cuda:N.
+    #[arg(long, global = true)]
+    pub device: Option<String>,
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "LABELFOOL_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server.
+    Serve(serve::ServeArgs),
+    /// Classify images offline (same pipeline as POST /classify).
+    Classify(classify::ClassifyArgs),
+    /// Attack one image offline and write the adversarial PNG (same pipeline as POST /attack).
+    Attack(attack::AttackArgs),
+    /// LabelFool's target for an image, or the nearest classes to a class.
+    TargetLabel(attack::TargetArgs),
+    /// Print the OpenAPI document.
+    Openapi {
+        /// Write to this file instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Report libtorch, CUDA, the chosen device and the configured models.
+    Doctor(doctor::DoctorArgs),
+    /// Build distance matrices.
+    #[command(subcommand)]
+    Matrix(matrix::MatrixCommand),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Serve(args) => serve::run(&cli, args).await,
+            Command::Classify(args) => classify::run(&cli, args).await,
+            Command::Attack(args) => attack::run_attack(&cli, args).await,
+            Command::TargetLabel(args) => attack::run_target(&cli, args).await,
+            Command::Openapi { output } => write_openapi(output.as_deref()),
+            Command::Doctor(args) => doctor::run(&cli, args).await,
+            Command::Matrix(cmd) => matrix::run(&cli, cmd).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn write_openapi(output: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let doc = crate::http::openapi::document_json();
+    match output {
+        Some(path) => std::fs::write(path, doc)?,
+        None => print!("{doc}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The config the command runs with: file (or the default one), env, then `--device`.
+pub(crate) fn load_config(cli: &Cli) -> anyhow::Result<Config> {
+    let path = cli.config.clone().or_else(default_config_path);
+    let mut config = Config::load(path.as_deref())?;
+    if let Some(d) = &cli.device {
+        config.engine.device = d.clone();
+    }
+    config.validate()?;
+    if path.is_none() {
+        tracing::warn!("no config file found (config/default.toml); using built-in defaults");
+    }
+    Ok(config)
+}
+
+/// Opens the catalog and starts an engine, waiting until its models are loaded.
+pub(crate) async fn start_engine(config: &Config) -> anyhow::Result<(Engine, WorkerInfo)> {
+    let catalog = Catalog::from_config(config)?;
+    let (engine, startup) = Engine::start(config, catalog)?;
+    let info = tokio::task::spawn_blocking(move || startup.wait()).await??;
+    Ok((engine, info))
+}
+
+/// Offline commands wait as long as the work takes.
+pub(crate) const OFFLINE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Closes the engine's queues and waits for the worker to exit.
+pub(crate) async fn stop_engine(engine: Engine) {
+    let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;
+}

@@ -1,0 +1,101 @@
+//! `labelfool serve`: bind, load the models in the background (`/ready` turns 200 when done),
+//! serve, and on SIGTERM/SIGINT turn `/ready` to 503, drain in-flight work and exit.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use super::Cli;
+use crate::engine::Engine;
+use crate::http::{AppState, router};
+use crate::model::Catalog;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (default from the config: 127.0.0.1:8080).
+    #[arg(long, env = "LABELFOOL_BIND")]
+    pub bind: Option<SocketAddr>,
+}
+
+pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let mut config = super::load_config(cli)?;
+    if let Some(bind) = args.bind {
+        config.server.bind = bind;
+    }
+    let config = Arc::new(config);
+    let metrics = crate::telemetry::init_metrics();
+    let catalog = Catalog::from_config(&config)?;
+    let (engine, startup) = Engine::start(&config, catalog)?;
+    let listener = tokio::net::TcpListener::bind(config.server.bind)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+    let addr = listener.local_addr()?;
+    let state = AppState::new(engine.clone(), config.clone(), metrics);
+    let device = state.device.clone();
+    tokio::task::spawn_blocking(move || match startup.wait() {
+        Ok(info) => {
+            let _ = device.set(info.device.clone());
+            tracing::info!(device = %info.device, threads = info.threads, cuda = info.cuda_available, "models loaded; ready");
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot load the models; exiting");
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    });
+    // Printed (not just logged) so that scripts and tests can wait for it.
+    println!("labelfool listening on http://{addr}");
+    tracing::info!(%addr, models = ?engine.catalog().names(), "listening");
+
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_engine = engine.clone();
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutdown requested: /ready is 503, draining in-flight work"
+        );
+        drain_engine.begin_drain();
+        let _ = stop_tx.send(());
+    });
+    let serving = tokio::spawn(async move { server.await });
+    // Once shutdown starts, in-flight requests get `grace` to finish.
+    let drained = async {
+        let _ = stop_rx.await;
+        tokio::time::sleep(grace).await;
+    };
+    let clean = tokio::select! {
+        res = serving => { res??; true }
+        _ = drained => false,
+    };
+    tokio::task::spawn_blocking(move || engine.shutdown()).await?;
+    if clean {
+        tracing::info!("drained; bye");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        tracing::warn!("grace period over with requests still open; exiting anyway");
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,247 @@
+//! `POST /attack`: an adversarial PNG at the upload's size, with what happened.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::dto::{ClassDistance, ClassPrediction, ClassRef};
+use super::error::{ApiError, ErrorBody};
+use super::input::ImageRequest;
+use crate::attack::Branch;
+use crate::attack::metrics::Perturbation;
+use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings};
+
+/// Parameters (query string, multipart fields or JSON keys).
+#[derive(Debug, Deserialize, IntoParams, ToSchema)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct AttackParamsDoc {
+    /// Model name (default: the first configured model).
+    pub model: Option<String>,
+    /// Attack method (default `labelfool`).
+    #[param(example = "labelfool")]
+    pub method: Option<String>,
+    /// Target class (index, WordNet id or name) instead of LabelFool's choice.
+    #[param(example = "n02389026")]
+    pub target: Option<String>,
+    /// Iteration budget, 8-bit re-check steps included (default 50; at most limits.max_iter).
+    #[param(minimum = 1, example = 50)]
+    pub max_iter: Option<u32>,
+    /// DeepFool overshoot (default 0.02).
+    #[param(minimum = 0.0, example = 0.02)]
+    pub overshoot: Option<f64>,
+    /// LabelFool δ1 (default 0.8).
+    pub delta1: Option<f64>,
+    /// LabelFool δ2 (default 0.01).
+    pub delta2: Option<f64>,
+}
+
+const PARAMS: &[&str] = &[
+    "model",
+    "method",
+    "target",
+    "max_iter",
+    "overshoot",
+    "delta1",
+    "delta2",
+];
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttackResponse {
+    pub model: String,
+    #[schema(example = "labelfool")]
+    pub method: String,
+    /// The delivered 8-bit PNG is classified as the target (untargeted methods: as anything but
+    /// the original class).
+    pub success: bool,
+    /// Size and format of the upload; the PNG has the same width and height (and alpha).
+    pub image: ImageSummary,
+    /// The adversarial image, PNG, base64.
+    #[schema(format = Byte)]
+    pub png_base64: String,
+    /// The model's answer for the upload.
+    pub original: ClassPrediction,
+    pub target: Option<TargetInfo>,
+    /// The model's answer for the delivered PNG (what `/classify` says for it).
+    #[serde(rename = "final")]
+    pub final_: ClassPrediction,
+    /// Gradient steps (one forward and one backward pass each).
+    pub iterations: u32,
+    /// Forward-only passes on 8-bit images (the initial classification included).
+    pub checks: u32,
+    /// Logit margin LabelFool demanded when it succeeded (0 = the paper's plain step sufficed).
+    pub margin: Option<f64>,
+    pub perturbation: Perturbation,
+    pub timings: Timings,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TargetInfo {
+    #[serde(flatten)]
+    pub class: ClassRef,
+    /// `labelfool` (chosen from the distance matrix) or `caller`.
+    #[schema(example = "labelfool")]
+    pub chosen_by: String,
+    pub branch: Option<Branch>,
+    pub p1: Option<f64>,
+    /// The target's probability on the delivered image.
+    pub probability: Option<f64>,
+    /// LabelFool's ranking of targets, best first.
+    pub ranking: Vec<ClassDistance>,
+}
+
+/// Generate an adversarial image.
+///
+/// The attack works on the image at its original size through the model's own preprocessing, so
+/// the PNG it returns (same width and height; alpha kept) is adversarial as delivered: it is
+/// quantised to 8 bits and re-checked, and `success` describes that PNG. Send
+/// `Accept: image/png` to receive the PNG itself, with the metadata in `x-labelfool-*` headers.
+#[utoipa::path(post, path = "/attack", tag = "labelfool", params(AttackParamsDoc),
+    request_body(description = "The image, in any of the forms `/classify` takes", content(
+        (super::classify::ImageForm = "multipart/form-data"),
+        (super::classify::ImageJson = "application/json"),
+        (Vec<u8> = "image/png"),
+        (Vec<u8> = "image/jpeg"),
+    )),
+    responses(
+        (status = 200, description = "JSON result (or the PNG itself with `Accept: image/png`)", content(
+            (AttackResponse = "application/json"),
+            (Vec<u8> = "image/png"),
+        )),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+        (status = 415, body = ErrorBody),
+        (status = 422, description = "Invalid parameter (unknown target, target = prediction, bad max_iter, …)", body = ErrorBody),
+        (status = 500, description = "Model error in this job (other requests are unaffected)", body = ErrorBody),
+        (status = 503, body = ErrorBody), (status = 504, body = ErrorBody),
+    ))]
+pub async fn attack(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    req: ImageRequest,
+) -> Result<Response, ApiError> {
+    let p = &req.params;
+    p.only(PARAMS)?;
+    let request = AttackRequest {
+        method: p.get("method").map(str::to_string),
+        target: p.get("target").map(str::to_string),
+        max_iter: p.parse::<u32>("max_iter")?,
+        overshoot: p.finite("overshoot")?,
+        delta1: p.finite("delta1")?,
+        delta2: p.finite("delta2")?,
+    };
+    let result = state
+        .engine
+        .attack(
+            p.get("model"),
+            req.bytes.clone(),
+            request,
+            state.deadlines.attack,
+        )
+        .await?;
+    let wants_png = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("image/png")));
+    let body = summary(&result);
+    if wants_png {
+        let mut res = (([(header::CONTENT_TYPE, "image/png")]), result.png).into_response();
+        metadata_headers(res.headers_mut(), &body);
+        Ok(res)
+    } else {
+        Ok(Json(body).into_response())
+    }
+}
+
+/// The JSON body of a `POST /attack` answer (also printed by `labelfool attack --json`).
+pub fn summary(r: &AttackResult) -> AttackResponse {
+    let info = &r.model;
+    let o = &r.outcome;
+    let target = o.target.map(|t| TargetInfo {
+        class: ClassRef::new(info, t),
+        chosen_by: if o.decision.is_some() {
+            "labelfool".into()
+        } else {
+            "caller".into()
+        },
+        branch: o.decision.as_ref().map(|d| d.branch),
+        p1: o.decision.as_ref().map(|d| d.p1),
+        probability: o.target_probability,
+        ranking: o
+            .decision
+            .iter()
+            .flat_map(|d| &d.ranking)
+            .map(|&(i, s)| ClassDistance {
+                class: ClassRef::new(info, i),
+                distance: s,
+            })
+            .collect(),
+    });
+    AttackResponse {
+        model: info.name.clone(),
+        method: o.method.name().into(),
+        success: o.success,
+        image: r.image.clone(),
+        png_base64: base64::engine::general_purpose::STANDARD.encode(&r.png),
+        original: ClassPrediction::new(info, o.original.index, o.original.probability),
+        target,
+        final_: ClassPrediction::new(info, o.final_.index, o.final_.probability),
+        iterations: o.iterations,
+        checks: o.checks,
+        margin: o.margin,
+        perturbation: r.perturbation,
+        timings: r.timings,
+    }
+}
+
+/// The JSON response's scalar fields as `x-labelfool-*` headers (labels percent-encoded).
+fn metadata_headers(h: &mut HeaderMap, b: &AttackResponse) {
+    let mut put = |name: &str, value: String| {
+        let encoded: String = value
+            .bytes()
+            .map(|c| {
+                if c.is_ascii_graphic() || c == b' ' {
+                    (c as char).to_string()
+                } else {
+                    format!("%{c:02X}")
+                }
+            })
+            .collect();
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(format!("x-labelfool-{name}")),
+            HeaderValue::from_str(&encoded),
+        ) {
+            h.insert(n, v);
+        }
+    };
+    put("model", b.model.clone());
+    put("method", b.method.clone());
+    put("success", b.success.to_string());
+    put("original-index", b.original.class.index.to_string());
+    put("original-label", b.original.class.label.clone());
+    put("original-probability", b.original.probability.to_string());
+    if let Some(t) = &b.target {
+        put("target-index", t.class.index.to_string());
+        put("target-label", t.class.label.clone());
+        put("target-chosen-by", t.chosen_by.clone());
+        if let Some(branch) = t.branch {
+            put("target-branch", format!("{branch:?}").to_lowercase());
+        }
+    }
+    put("final-index", b.final_.class.index.to_string());
+    put("final-label", b.final_.class.label.clone());
+    put("final-probability", b.final_.probability.to_string());
+    put("iterations", b.iterations.to_string());
+    put("checks", b.checks.to_string());
+    if let Some(m) = b.margin {
+        put("margin", m.to_string());
+    }
+    put("perceptibility", b.perturbation.perceptibility.to_string());
+    put("l2", b.perturbation.l2.to_string());
+    put("linf", b.perturbation.linf.to_string());
+    put("elapsed-ms", format!("{:.1}", b.timings.total_ms));
+}

@@ -1,0 +1,172 @@
+//! The one place where failures become HTTP: every error leaves as
+//! `{"error": {"code", "message"}}` with the status its cause deserves.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::engine::EngineError;
+use crate::engine::queue::JobError;
+use crate::imaging::ImageError;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `invalid_parameter`, `queue_full`.
+    #[schema(example = "invalid_parameter")]
+    pub code: String,
+    #[schema(example = "invalid parameter `top_k`: 0 is not in 1..=1000")]
+    pub message: String,
+    /// The offending parameter, for `invalid_parameter`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn invalid(param: &str, message: impl std::fmt::Display) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            code: "invalid_parameter",
+            message: format!("invalid parameter `{param}`: {message}"),
+            param: Some(param.to_string()),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unsupported_media(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
+    }
+
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <key>` header is required",
+        )
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. } => {
+                Self::too_large(e.to_string())
+            }
+            ImageError::Encode(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "encode_failed",
+                e.to_string(),
+            ),
+            ImageError::Empty | ImageError::UnknownFormat | ImageError::Undecodable { .. } => {
+                Self::bad_request("undecodable_image", e.to_string())
+            }
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let msg = e.to_string();
+        match e {
+            EngineError::UnknownModel(_) => Self::new(StatusCode::NOT_FOUND, "unknown_model", msg),
+            EngineError::Image(img) => img.into(),
+            EngineError::InvalidParam { param, message } => Self::invalid(&param, message),
+            EngineError::QueueFull { .. } => Self {
+                retry_after: Some(1),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", msg)
+            },
+            EngineError::ShuttingDown => Self {
+                retry_after: Some(5),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
+            },
+            EngineError::Deadline(_) => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", msg)
+            }
+            EngineError::Job(JobError::Torch(_)) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", msg)
+            }
+            EngineError::Job(JobError::Panic(_)) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "worker_panic", msg)
+            }
+            EngineError::Job(JobError::Attack(_)) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "attack_failed", msg)
+            }
+            EngineError::Job(JobError::ShuttingDown) => Self {
+                retry_after: Some(5),
+                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
+            },
+            EngineError::Internal(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), code = self.code, message = %self.message, "request failed");
+        } else {
+            tracing::debug!(status = self.status.as_u16(), code = self.code, message = %self.message, "request rejected");
+        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+                param: self.param,
+            },
+        };
+        let mut res = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
+    }
+}
+
+/// For routes that fall through: unknown path or method, in the same JSON shape.
+pub async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route; see /openapi.json",
+    )
+}

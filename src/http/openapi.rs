@@ -1,0 +1,71 @@
+//! The OpenAPI document, generated from the handlers' annotations. `openapi/openapi.json` is this
+//! document, checked in; a test fails when the two drift.
+
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+
+use super::{attack, classify, dto, error, ops, target};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "LabelFool server",
+        description = "Image classification and LabelFool adversarial images (wrong labels that are hard for a person to notice), served next to your model-serving stack for red-teaming.",
+        license(name = "MIT OR Apache-2.0"),
+    ),
+    paths(
+        classify::classify,
+        target::preview,
+        target::decide,
+        attack::attack,
+        ops::health,
+        ops::ready,
+        ops::models,
+        ops::classes,
+        ops::openapi,
+        ops::metrics,
+    ),
+    components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    tags(
+        (name = "classification", description = "Classify images"),
+        (name = "labelfool", description = "Target-label selection and adversarial generation"),
+        (name = "operations", description = "Health, readiness, models, metrics"),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the optional API key; routes marked `security(())` never need it.
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Required only when the server is configured with an API key",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+pub fn document() -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc
+}
+
+/// The document as the checked-in file holds it: pretty JSON with a trailing newline.
+pub fn document_json() -> String {
+    let mut s = serde_json::to_string_pretty(&document())
+        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    s.push('\n');
+    s
+}

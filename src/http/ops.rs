@@ -1,0 +1,138 @@
+//! Operations routes: liveness, readiness, model listing, the OpenAPI document, metrics.
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::dto::ClassRef;
+use crate::model::InputSpec;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/health", tag = "operations", security(()), responses((status = 200, body = Health)))]
+pub async fn health() -> Json<Health> {
+    Json(Health { status: "ok" })
+}
+
+/// Readiness: 200 once every model is loaded on its device; 503 before that and while draining.
+#[utoipa::path(get, path = "/ready", tag = "operations", security(()), responses(
+    (status = 200, body = Health),
+    (status = 503, body = Health, description = "Loading models, or shutting down"),
+))]
+pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    if state.engine.is_ready() {
+        (StatusCode::OK, Json(Health { status: "ready" }))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "not_ready",
+            }),
+        )
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelsResponse {
+    /// Device the worker runs on (`cpu`, `cuda:0`); `null` until the models are loaded.
+    pub device: Option<String>,
+    pub models: Vec<ModelDescription>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ModelDescription {
+    #[schema(example = "efficientnet-lite0")]
+    pub name: String,
+    #[schema(example = "EfficientNet-Lite0")]
+    pub architecture: String,
+    pub default: bool,
+    pub num_classes: usize,
+    pub feature_dim: usize,
+    pub input: InputSpec,
+    /// The distance matrix target selection uses, if any.
+    pub matrix: Option<MatrixDescription>,
+    /// First classes, for orientation (the full list: `GET /models/{name}/classes`).
+    pub classes_preview: Vec<ClassRef>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MatrixDescription {
+    #[schema(example = "from-weights")]
+    pub method: String,
+    pub num_classes: usize,
+    pub content_sha256: Option<String>,
+}
+
+/// Configured models: classes, input geometry, distance matrix, device.
+#[utoipa::path(get, path = "/models", tag = "operations", responses((status = 200, body = ModelsResponse)))]
+pub async fn models(State(state): State<AppState>) -> Json<ModelsResponse> {
+    let models = state
+        .engine
+        .catalog()
+        .iter()
+        .enumerate()
+        .map(|(i, m)| ModelDescription {
+            name: m.name.clone(),
+            architecture: m.bundle.meta.architecture.clone(),
+            default: i == 0,
+            num_classes: m.num_classes(),
+            feature_dim: m.bundle.meta.feature_dim,
+            input: m.input().clone(),
+            matrix: m.matrix.as_ref().map(|d| MatrixDescription {
+                method: d.meta.method.clone(),
+                num_classes: d.meta.num_classes,
+                content_sha256: d.meta.content_sha256.clone(),
+            }),
+            classes_preview: (0..m.num_classes().min(5))
+                .map(|c| ClassRef::new(m, c))
+                .collect(),
+        })
+        .collect();
+    Json(ModelsResponse {
+        device: state.device.get().cloned(),
+        models,
+    })
+}
+
+/// The full class list of a model, index order.
+#[utoipa::path(get, path = "/models/{name}/classes", tag = "operations",
+    params(("name" = String, Path, description = "Model name")),
+    responses((status = 200, body = Vec<ClassRef>), (status = 404, body = super::error::ErrorBody)))]
+pub async fn classes(
+    State(state): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Json<Vec<ClassRef>>, super::error::ApiError> {
+    let (_, m) = state.engine.model(Some(&name))?;
+    Ok(Json(
+        (0..m.num_classes()).map(|c| ClassRef::new(&m, c)).collect(),
+    ))
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
+pub async fn openapi() -> impl IntoResponse {
+    Json(super::openapi::document())
+}
+
+/// Prometheus metrics (text exposition format).
+#[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    match &state.metrics {
+        Some(handle) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are disabled").into_response(),
+    }
+}

@@ -18,8 +18,5 @@ fn main() {
         println!("cargo:rustc-cfg=labelfool_cuda_linked");
     }
     println!("cargo:rustc-check-cfg=cfg(labelfool_cuda_linked)");
-    println!(
-        "cargo:rustc-env=LABELFOOL_LIBTORCH_LIB={}",
-        lib_dir.display()
-    );
+    println!("cargo:rustc-env=LABELFOOL_LIBTORCH_LIB={}", lib_dir.display());
 }

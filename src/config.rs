@@ -17,9 +17,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("LABELFOOL_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("labelfool")
 }
 
@@ -31,11 +29,7 @@ pub fn default_config_path() -> Option<PathBuf> {
         return Some(local);
     }
     let exe = std::env::current_exe().ok()?;
-    exe.ancestors()
-        .skip(1)
-        .take(4)
-        .map(|dir| dir.join("config/default.toml"))
-        .find(|p| p.is_file())
+    exe.ancestors().skip(1).take(4).map(|dir| dir.join("config/default.toml")).find(|p| p.is_file())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,17 +209,11 @@ impl Config {
             Some(path) => fig = fig.merge(Toml::file(path)),
             None => {}
         }
-        fig = fig.merge(
-            Env::prefixed("LABELFOOL_")
-                .filter(|k| k.as_str().contains("__"))
-                .split("__"),
-        );
+        fig = fig.merge(Env::prefixed("LABELFOOL_").filter(|k| k.as_str().contains("__")).split("__"));
         let mut config: Config = fig.extract().map_err(Box::new)?;
         if let Some(bind) = env_nonempty("LABELFOOL_BIND") {
             config.server.bind = bind.parse().map_err(|_| {
-                ConfigError::Invalid(format!(
-                    "LABELFOOL_BIND={bind:?} is not an address like 127.0.0.1:8080"
-                ))
+                ConfigError::Invalid(format!("LABELFOOL_BIND={bind:?} is not an address like 127.0.0.1:8080"))
             })?;
         }
         if let Some(device) = env_nonempty("LABELFOOL_DEVICE") {
@@ -240,19 +228,13 @@ impl Config {
     /// Checks that need no model file: ranges, names, the device string.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
-        DeviceSpec::parse(&self.engine.device)
-            .map_err(|e| ConfigError::Invalid(format!("engine.device: {e}")))?;
+        DeviceSpec::parse(&self.engine.device).map_err(|e| ConfigError::Invalid(format!("engine.device: {e}")))?;
         if self.models.is_empty() {
             return bad("no [[models]] configured".into());
         }
         let mut names = std::collections::HashSet::new();
         for m in &self.models {
-            if m.name.is_empty()
-                || !m
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
+            if m.name.is_empty() || !m.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
                 return bad(format!(
                     "model name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'",
                     m.name
@@ -262,26 +244,17 @@ impl Config {
                 return bad(format!("model name {:?} is configured twice", m.name));
             }
             if m.max_batch_size == Some(0) {
-                return bad(format!(
-                    "models.{}.max_batch_size must be at least 1",
-                    m.name
-                ));
+                return bad(format!("models.{}.max_batch_size must be at least 1", m.name));
             }
         }
         let e = &self.engine;
-        if e.queue_capacity == 0
-            || e.max_batch_size == 0
-            || e.max_inflight_attacks == 0
-            || e.max_attack_batch == 0
-        {
-            return bad("engine.queue_capacity, max_batch_size, max_inflight_attacks and max_attack_batch must be ≥ 1".into());
+        if e.queue_capacity == 0 || e.max_batch_size == 0 || e.max_inflight_attacks == 0 || e.max_attack_batch == 0 {
+            return bad(
+                "engine.queue_capacity, max_batch_size, max_inflight_attacks and max_attack_batch must be ≥ 1".into()
+            );
         }
         let l = &self.limits;
-        if l.max_body_bytes < 1024
-            || l.max_image_pixels == 0
-            || l.max_image_side == 0
-            || l.max_iter == 0
-        {
+        if l.max_body_bytes < 1024 || l.max_image_pixels == 0 || l.max_image_side == 0 || l.max_iter == 0 {
             return bad("limits must be positive (max_body_bytes ≥ 1024)".into());
         }
         let a = &self.attack;
@@ -301,9 +274,7 @@ impl Config {
             return bad("attack.margins must be a non-empty, strictly increasing list of finite numbers ≥ 0".into());
         }
         if self.server.shutdown_grace_secs == 0 || self.server.max_concurrent_requests == 0 {
-            return bad(
-                "server.shutdown_grace_secs and max_concurrent_requests must be ≥ 1".into(),
-            );
+            return bad("server.shutdown_grace_secs and max_concurrent_requests must be ≥ 1".into());
         }
         Ok(())
     }
@@ -314,11 +285,7 @@ impl Config {
     }
 
     pub fn batch_wait(&self, model: &ModelConfig) -> Duration {
-        Duration::from_millis(
-            model
-                .max_batch_wait_ms
-                .unwrap_or(self.engine.max_batch_wait_ms),
-        )
+        Duration::from_millis(model.max_batch_wait_ms.unwrap_or(self.engine.max_batch_wait_ms))
     }
 
     pub fn batch_size(&self, model: &ModelConfig) -> usize {
@@ -412,19 +379,12 @@ mod tests {
     fn toml_file_is_read_and_unknown_keys_fail() {
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.toml");
-        std::fs::write(
-            &good,
-            "[engine]\ndevice = \"cpu\"\n[[models]]\nname = \"a\"\ndir = \"/m\"\n",
-        )
-        .unwrap();
+        std::fs::write(&good, "[engine]\ndevice = \"cpu\"\n[[models]]\nname = \"a\"\ndir = \"/m\"\n").unwrap();
         let c = Config::load(Some(&good)).unwrap();
         assert_eq!(c.models[0].name, "a");
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "[engine]\ndevcie = \"cpu\"\n").unwrap();
         assert!(Config::load(Some(&bad)).is_err());
-        assert!(matches!(
-            Config::load(Some(&dir.path().join("none.toml"))),
-            Err(ConfigError::Missing(_))
-        ));
+        assert!(matches!(Config::load(Some(&dir.path().join("none.toml"))), Err(ConfigError::Missing(_))));
     }
 }

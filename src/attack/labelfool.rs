@@ -13,9 +13,7 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use super::target::{self, argmax, softmax};
-use super::{
-    AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, Scored, best_other, scored,
-};
+use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, Scored, best_other, scored};
 use crate::model::ModelInfo;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,11 +81,7 @@ impl LabelFoolRow {
             }
             Some(t) => self.target = t,
             None => {
-                let d = self
-                    .info
-                    .matrix
-                    .as_ref()
-                    .ok_or_else(|| AttackError::NoMatrix(self.info.name.clone()))?;
+                let d = self.info.matrix.as_ref().ok_or_else(|| AttackError::NoMatrix(self.info.name.clone()))?;
                 let decision = target::select(probs, d, self.params.target_params, 4);
                 self.target = decision.target;
                 self.decision = Some(decision);
@@ -152,11 +146,7 @@ impl AttackRow for LabelFoolRow {
             return Ok(());
         }
         let scale = (1.0 + self.params.overshoot) * (self.need + 1e-4) / norm2;
-        self.x = self
-            .x
-            .f_add(&w.f_mul_scalar(scale)?)?
-            .f_clamp(0.0, 1.0)?
-            .f_detach()?;
+        self.x = self.x.f_add(&w.f_mul_scalar(scale)?)?.f_clamp(0.0, 1.0)?.f_detach()?;
         Ok(())
     }
 
@@ -173,8 +163,7 @@ impl AttackRow for LabelFoolRow {
             }
             Phase::Checking | Phase::FinalCheck => {
                 self.success = argmax(&probs) == self.target;
-                let last_chance =
-                    self.phase == Phase::FinalCheck || self.iterations >= self.params.max_iter;
+                let last_chance = self.phase == Phase::FinalCheck || self.iterations >= self.params.max_iter;
                 self.phase = if self.success || last_chance {
                     Phase::Done
                 } else {

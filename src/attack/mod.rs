@@ -31,10 +31,7 @@ impl Method {
     pub const ALL: &'static [Method] = &[Method::Labelfool];
 
     pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL
-            .iter()
-            .copied()
-            .find(|m| m.name() == s.trim().to_ascii_lowercase())
+        Self::ALL.iter().copied().find(|m| m.name() == s.trim().to_ascii_lowercase())
     }
 
     pub fn name(self) -> &'static str {
@@ -132,11 +129,7 @@ pub trait AttackRow: Send {
 }
 
 /// Builds the row for `params.method` on the image `x0` (`[1,3,H,W]`, on the model's device).
-pub fn new_row(
-    info: Arc<ModelInfo>,
-    x0: Tensor,
-    params: AttackParams,
-) -> Result<Box<dyn AttackRow>, AttackError> {
+pub fn new_row(info: Arc<ModelInfo>, x0: Tensor, params: AttackParams) -> Result<Box<dyn AttackRow>, AttackError> {
     match params.method {
         Method::Labelfool => {
             if params.target.is_none() && info.matrix.is_none() {
@@ -148,10 +141,7 @@ pub fn new_row(
 }
 
 pub(crate) fn scored(probs: &[f32], index: usize) -> Scored {
-    Scored {
-        index,
-        probability: f64::from(probs[index]),
-    }
+    Scored { index, probability: f64::from(probs[index]) }
 }
 
 /// `max_{j≠t} v_j` and its index.

@@ -20,18 +20,11 @@ pub struct TickStats {
 
 /// Advances every row that is not done by one tick. Returns one error slot per row. A failure of
 /// a batched pass is retried row by row, so one poisoned image cannot fail its neighbours.
-pub fn tick(
-    model: &LoadedModel,
-    rows: &mut [Box<dyn AttackRow>],
-) -> (Vec<Option<AttackError>>, TickStats) {
+pub fn tick(model: &LoadedModel, rows: &mut [Box<dyn AttackRow>]) -> (Vec<Option<AttackError>>, TickStats) {
     let mut errors: Vec<Option<AttackError>> = (0..rows.len()).map(|_| None).collect();
     let mut stats = TickStats::default();
     let live = |need: Need| -> Vec<usize> {
-        rows.iter()
-            .enumerate()
-            .filter(|(_, r)| !r.is_done() && r.need() == need)
-            .map(|(i, _)| i)
-            .collect()
+        rows.iter().enumerate().filter(|(_, r)| !r.is_done() && r.need() == need).map(|(i, _)| i).collect()
     };
     let checks = live(Need::Check);
     let steps = live(Need::Forward);
@@ -44,9 +37,7 @@ pub fn tick(
     stats.checked_rows = checks.len();
 
     let mut backward = 0;
-    for group in split_on_failure(&steps, |idx| {
-        step_rows(model, rows, idx, &mut errors, &mut backward)
-    }) {
+    for group in split_on_failure(&steps, |idx| step_rows(model, rows, idx, &mut errors, &mut backward)) {
         for i in group.0 {
             errors[i] = Some(AttackError::Torch(group.1.to_string()));
         }
@@ -68,10 +59,7 @@ fn split_on_failure(
     match f(idx) {
         Ok(()) => Vec::new(),
         Err(e) if idx.len() == 1 => vec![(idx.to_vec(), e)],
-        Err(_) => idx
-            .iter()
-            .filter_map(|&i| f(&[i]).err().map(|e| (vec![i], e)))
-            .collect(),
+        Err(_) => idx.iter().filter_map(|&i| f(&[i]).err().map(|e| (vec![i], e))).collect(),
     }
 }
 
@@ -110,19 +98,9 @@ fn step_rows(
     backward_passes: &mut usize,
 ) -> Result<(), tch::TchError> {
     let spec = model.info.input();
-    let xs: Vec<Tensor> = idx
-        .iter()
-        .map(|&i| {
-            rows[i]
-                .image()
-                .f_detach()
-                .map(|x| x.set_requires_grad(true))
-        })
-        .collect::<Result<_, _>>()?;
-    let inputs: Vec<Tensor> = xs
-        .iter()
-        .map(|x| resize_crop(x, spec))
-        .collect::<Result<_, _>>()?;
+    let xs: Vec<Tensor> =
+        idx.iter().map(|&i| rows[i].image().f_detach().map(|x| x.set_requires_grad(true))).collect::<Result<_, _>>()?;
+    let inputs: Vec<Tensor> = xs.iter().map(|x| resize_crop(x, spec)).collect::<Result<_, _>>()?;
     let logits = model.forward(&Tensor::f_cat(&inputs, 0)?)?;
     let values = tensor_rows(&logits)?;
 
@@ -141,16 +119,13 @@ fn step_rows(
     let mut grads: Vec<Vec<Tensor>> = (0..idx.len()).map(|_| Vec::new()).collect();
     for j in 0..passes {
         // Σ over rows of (coefficients · logits): row r's input gradient is its own objective's.
-        let wanting: Vec<usize> = (0..idx.len())
-            .filter(|&r| objectives[r].len() > j)
-            .collect();
+        let wanting: Vec<usize> = (0..idx.len()).filter(|&r| objectives[r].len() > j).collect();
         let mut coef = vec![0f32; idx.len() * classes];
         for &r in &wanting {
             coef[r * classes..(r + 1) * classes].copy_from_slice(&objectives[r][j]);
         }
-        let coef = Tensor::f_from_slice(&coef)?
-            .f_view([idx.len() as i64, classes as i64])?
-            .f_to_device(model.device())?;
+        let coef =
+            Tensor::f_from_slice(&coef)?.f_view([idx.len() as i64, classes as i64])?.f_to_device(model.device())?;
         let loss = logits.f_mul(&coef)?.f_sum(Kind::Float)?;
         let inputs: Vec<Tensor> = wanting.iter().map(|&r| xs[r].shallow_clone()).collect();
         let g = model.backward(&loss, &inputs, j + 1 < passes)?;

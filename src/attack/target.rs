@@ -38,46 +38,30 @@ pub struct TargetDecision {
 
 /// Picks the target for softmax `probs` (length n = D's size). `alternatives` is how many of the
 /// runners-up to keep in [`TargetDecision::ranking`] besides the target itself.
-pub fn select(
-    probs: &[f32],
-    d: &DistanceMatrix,
-    params: TargetParams,
-    alternatives: usize,
-) -> TargetDecision {
+pub fn select(probs: &[f32], d: &DistanceMatrix, params: TargetParams, alternatives: usize) -> TargetDecision {
     let n = probs.len();
-    assert_eq!(
-        n,
-        d.len(),
-        "probability vector and matrix disagree on the class count"
-    );
+    assert_eq!(n, d.len(), "probability vector and matrix disagree on the class count");
     assert!(n >= 2, "target selection needs at least two classes");
     let predicted = argmax(probs);
     let p1 = f64::from(probs[predicted]);
 
-    let (branch, candidates, scores): (Branch, Vec<(usize, f64)>, Vec<f64>) = if p1 > params.delta1
-    {
+    let (branch, candidates, scores): (Branch, Vec<(usize, f64)>, Vec<f64>) = if p1 > params.delta1 {
         let scores = (0..n).map(|i| f64::from(d.get(i, predicted))).collect();
         (Branch::Mle, vec![(predicted, p1)], scores)
     } else {
-        let mut set: Vec<(usize, f64)> = (0..n)
-            .filter(|&j| f64::from(probs[j]) > params.delta2)
-            .map(|j| (j, f64::from(probs[j])))
-            .collect();
+        let mut set: Vec<(usize, f64)> =
+            (0..n).filter(|&j| f64::from(probs[j]) > params.delta2).map(|j| (j, f64::from(probs[j]))).collect();
         if set.is_empty() {
             set.push((predicted, p1));
         }
         set.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let scores = (0..n)
-            .map(|i| set.iter().map(|&(j, p)| p * f64::from(d.get(i, j))).sum())
-            .collect();
+        let scores = (0..n).map(|i| set.iter().map(|&(j, p)| p * f64::from(d.get(i, j))).sum()).collect();
         (Branch::Weighted, set, scores)
     };
 
     // Candidates of S (for MLE: l̂) sit on D's +∞ diagonal: never eligible.
-    let mut ranking: Vec<(usize, f64)> = (0..n)
-        .filter(|i| !candidates.iter().any(|&(j, _)| j == *i))
-        .map(|i| (i, scores[i]))
-        .collect();
+    let mut ranking: Vec<(usize, f64)> =
+        (0..n).filter(|i| !candidates.iter().any(|&(j, _)| j == *i)).map(|i| (i, scores[i])).collect();
     ranking.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
     ranking.truncate(alternatives + 1);
     let target = match ranking.first() {
@@ -90,14 +74,7 @@ pub fn select(
             t
         }
     };
-    TargetDecision {
-        target,
-        branch,
-        predicted,
-        p1,
-        candidates,
-        ranking,
-    }
+    TargetDecision { target, branch, predicted, p1, candidates, ranking }
 }
 
 pub fn argmax(v: &[f32]) -> usize {
@@ -142,10 +119,7 @@ mod tests {
         DistanceMatrix::new(d, meta).unwrap()
     }
 
-    const P: TargetParams = TargetParams {
-        delta1: 0.8,
-        delta2: 0.01,
-    };
+    const P: TargetParams = TargetParams { delta1: 0.8, delta2: 0.01 };
 
     #[test]
     fn mle_branch_takes_the_nearest_other_class() {
@@ -181,10 +155,7 @@ mod tests {
     fn flat_prediction_falls_back_to_s_equal_to_the_prediction() {
         // Every p̂j ≤ δ2 = 0.3 → S = {l̂} = {4} (p 0.28); weighted score = 0.28·D[i,4]:
         // column 4 = [0.8, 0.7, 0.6, 0.1, –] → class 3.
-        let params = TargetParams {
-            delta1: 0.8,
-            delta2: 0.3,
-        };
+        let params = TargetParams { delta1: 0.8, delta2: 0.3 };
         let dec = select(&[0.18, 0.18, 0.18, 0.18, 0.28], &matrix(), params, 1);
         assert_eq!(dec.branch, Branch::Weighted);
         assert_eq!(dec.candidates.len(), 1);
@@ -196,14 +167,8 @@ mod tests {
     #[test]
     fn the_threshold_is_strict() {
         // p̂1 = δ1 exactly is not "> δ1": the weighted branch decides.
-        let params = TargetParams {
-            delta1: 0.5,
-            delta2: 0.01,
-        };
-        assert_eq!(
-            select(&[0.5, 0.5, 0.0, 0.0, 0.0], &matrix(), params, 0).branch,
-            Branch::Weighted
-        );
+        let params = TargetParams { delta1: 0.5, delta2: 0.01 };
+        assert_eq!(select(&[0.5, 0.5, 0.0, 0.0, 0.0], &matrix(), params, 0).branch, Branch::Weighted);
     }
 
     #[test]

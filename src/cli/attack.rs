@@ -36,8 +36,7 @@ pub struct AttackArgs {
 
 pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
     let config = super::load_config(cli)?;
-    let bytes =
-        std::fs::read(&a.image).with_context(|| format!("cannot read {}", a.image.display()))?;
+    let bytes = std::fs::read(&a.image).with_context(|| format!("cannot read {}", a.image.display()))?;
     let (engine, _) = super::start_engine(&config).await?;
     let req = AttackRequest {
         method: a.method.clone(),
@@ -47,13 +46,10 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         delta1: a.delta1,
         delta2: a.delta2,
     };
-    let result = engine
-        .attack(a.model.as_deref(), bytes.into(), req, OFFLINE_DEADLINE)
-        .await;
+    let result = engine.attack(a.model.as_deref(), bytes.into(), req, OFFLINE_DEADLINE).await;
     super::stop_engine(engine).await;
     let r = result?;
-    std::fs::write(&a.output, &r.png)
-        .with_context(|| format!("cannot write {}", a.output.display()))?;
+    std::fs::write(&a.output, &r.png).with_context(|| format!("cannot write {}", a.output.display()))?;
     let o = &r.outcome;
     let classes = r.model.classes();
     if a.json {
@@ -72,17 +68,13 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
             classes.label(o.final_.index),
             o.final_.probability * 100.0,
             o.method.name(),
-            o.target
-                .map(|t| format!(", target {} ({t})", classes.label(t)))
-                .unwrap_or_default(),
+            o.target.map(|t| format!(", target {} ({t})", classes.label(t))).unwrap_or_default(),
         );
         println!(
             "  iterations {}  checks {}  margin {}  perceptibility {:.3e}  L2 {:.3}  Linf {:.4}  {:.0} ms",
             o.iterations,
             o.checks,
-            o.margin
-                .map(|m| m.to_string())
-                .unwrap_or_else(|| "-".into()),
+            o.margin.map(|m| m.to_string()).unwrap_or_else(|| "-".into()),
             r.perturbation.perceptibility,
             r.perturbation.l2,
             r.perturbation.linf,
@@ -90,11 +82,7 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         );
         println!("  wrote {}", a.output.display());
     }
-    Ok(if o.success {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
-    })
+    Ok(if o.success { ExitCode::SUCCESS } else { ExitCode::from(2) })
 }
 
 #[derive(Debug, clap::Args)]
@@ -121,40 +109,19 @@ pub async fn run_target(cli: &Cli, a: &TargetArgs) -> anyhow::Result<ExitCode> {
         // The preview needs only the matrix: no worker, no libtorch.
         let catalog = crate::model::Catalog::from_config(&config)?;
         let (_, info) = catalog.get(a.model.as_deref()).context("unknown model")?;
-        let m = info
-            .matrix
-            .as_ref()
-            .with_context(|| format!("model {} has no distance matrix", info.name))?;
-        let c = info
-            .classes()
-            .resolve(class)
-            .with_context(|| format!("{class:?} is not a class of {}", info.name))?;
-        println!(
-            "{} ({c}) → nearest under {} ({}):",
-            info.classes().label(c),
-            info.name,
-            m.meta.method
-        );
+        let m = info.matrix.as_ref().with_context(|| format!("model {} has no distance matrix", info.name))?;
+        let c = info.classes().resolve(class).with_context(|| format!("{class:?} is not a class of {}", info.name))?;
+        println!("{} ({c}) → nearest under {} ({}):", info.classes().label(c), info.name, m.meta.method);
         for (i, d) in m.nearest(c, a.top) {
             println!("  {:>4}  {:<30} {:.4}", i, info.classes().label(i), d);
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let path = a
-        .image
-        .as_ref()
-        .context("an image or --class is required")?;
+    let path = a.image.as_ref().context("an image or --class is required")?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let (engine, _) = super::start_engine(&config).await?;
     let t = engine
-        .target_label(
-            a.model.as_deref(),
-            bytes.into(),
-            a.delta1,
-            a.delta2,
-            a.top.saturating_sub(1),
-            OFFLINE_DEADLINE,
-        )
+        .target_label(a.model.as_deref(), bytes.into(), a.delta1, a.delta2, a.top.saturating_sub(1), OFFLINE_DEADLINE)
         .await;
     super::stop_engine(engine).await;
     let t = t?;

@@ -29,9 +29,7 @@ pub async fn run(cli: &Cli, args: &ClassifyArgs) -> anyhow::Result<ExitCode> {
         let model = args.model.clone();
         let path = path.clone();
         async move {
-            let bytes = tokio::fs::read(&path)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            let bytes = tokio::fs::read(&path).await.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
             let c = engine
                 .classify(model.as_deref(), bytes.into(), OFFLINE_DEADLINE)
                 .await
@@ -62,30 +60,14 @@ pub async fn run(cli: &Cli, args: &ClassifyArgs) -> anyhow::Result<ExitCode> {
                         serde_json::json!({"file": path, "model": c.model.name, "image": c.image, "top": top})
                     );
                 } else {
-                    println!(
-                        "{}  ({}×{} {})",
-                        path.display(),
-                        c.image.width,
-                        c.image.height,
-                        c.image.format
-                    );
+                    println!("{}  ({}×{} {})", path.display(), c.image.width, c.image.height, c.image.format);
                     for (rank, (i, p)) in top.iter().enumerate() {
-                        println!(
-                            "  {:>2}. {:>6.2}%  {:>4}  {}",
-                            rank + 1,
-                            p * 100.0,
-                            i,
-                            c.model.classes().label(*i)
-                        );
+                        println!("  {:>2}. {:>6.2}%  {:>4}  {}", rank + 1, p * 100.0, i, c.model.classes().label(*i));
                     }
                 }
             }
         }
     }
     super::stop_engine(engine).await;
-    Ok(if failures == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if failures == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -37,9 +37,7 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         Ok(catalog) => {
             for info in catalog.iter() {
                 let loaded = match &device {
-                    Ok(d) => LoadedModel::load(info.clone(), *d)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string()),
+                    Ok(d) => LoadedModel::load(info.clone(), *d).map(|_| ()).map_err(|e| e.to_string()),
                     Err(e) => Err(e.clone()),
                 };
                 ok &= loaded.is_ok();
@@ -72,10 +70,7 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("labelfool {}", env!("CARGO_PKG_VERSION"));
-        println!(
-            "torch           {}",
-            torch.as_deref().unwrap_or("unknown (version.py not found)")
-        );
+        println!("torch           {}", torch.as_deref().unwrap_or("unknown (version.py not found)"));
         println!("libtorch        {}", env!("LABELFOOL_LIBTORCH_LIB"));
         println!(
             "CUDA available  {cuda} ({} device(s), cuDNN {})",
@@ -83,20 +78,13 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
             tch::Cuda::cudnn_is_available()
         );
         match &device {
-            Ok(d) => println!(
-                "device          {} → {}",
-                config.engine.device,
-                device_name(*d)
-            ),
+            Ok(d) => println!("device          {} → {}", config.engine.device, device_name(*d)),
             Err(e) => println!("device          {} → ERROR: {e}", config.engine.device),
         }
         println!("threads         {}", tch::get_num_threads());
         for m in report["models"].as_array().into_iter().flatten() {
             if let Some(e) = m.get("error").and_then(|e| e.as_str()) {
-                println!(
-                    "model           {}: ERROR {e}",
-                    m["name"].as_str().unwrap_or("?")
-                );
+                println!("model           {}: ERROR {e}", m["name"].as_str().unwrap_or("?"));
             } else {
                 println!(
                     "model           {}: {} classes, matrix {}, loads and runs on the device ({})",
@@ -109,9 +97,5 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         }
         println!("{}", if ok { "ok" } else { "PROBLEMS FOUND" });
     }
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

@@ -28,27 +28,11 @@ pub enum MatrixCommand {
 
 pub async fn run(cli: &Cli, cmd: &MatrixCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        MatrixCommand::FromWeights {
-            model,
-            bundle,
-            output,
-        } => {
+        MatrixCommand::FromWeights { model, bundle, output } => {
             let info = match (model, bundle) {
                 (_, Some(dir)) => {
-                    let name = dir
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .unwrap_or("model")
-                        .to_string();
-                    ModelInfo::open(
-                        &name,
-                        dir,
-                        None,
-                        BatchPolicy {
-                            max_size: 1,
-                            max_wait: Default::default(),
-                        },
-                    )?
+                    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model").to_string();
+                    ModelInfo::open(&name, dir, None, BatchPolicy { max_size: 1, max_wait: Default::default() })?
                 }
                 (Some(name), None) => {
                     let config = super::load_config(cli)?;
@@ -57,15 +41,7 @@ pub async fn run(cli: &Cli, cmd: &MatrixCommand) -> anyhow::Result<ExitCode> {
                         .iter()
                         .find(|m| &m.name == name)
                         .with_context(|| format!("no model {name:?} in the config"))?;
-                    ModelInfo::open(
-                        name,
-                        &m.dir()?,
-                        None,
-                        BatchPolicy {
-                            max_size: 1,
-                            max_wait: Default::default(),
-                        },
-                    )?
+                    ModelInfo::open(name, &m.dir()?, None, BatchPolicy { max_size: 1, max_wait: Default::default() })?
                 }
                 (None, None) => anyhow::bail!("give --model or --bundle"),
             };
@@ -85,13 +61,8 @@ pub async fn run(cli: &Cli, cmd: &MatrixCommand) -> anyhow::Result<ExitCode> {
                 details: serde_json::json!({"layer": layer, "feature_dim": d, "distance": "1 - cos(w_i, w_j)"}),
                 content_sha256: None,
             };
-            DistanceMatrix::new(dist, meta)
-                .map_err(anyhow::Error::msg)?
-                .save(output)?;
-            eprintln!(
-                "wrote {} ({n}×{n}, from the {d}-d rows of {layer} of {name})",
-                output.display()
-            );
+            DistanceMatrix::new(dist, meta).map_err(anyhow::Error::msg)?.save(output)?;
+            eprintln!("wrote {} ({n}×{n}, from the {d}-d rows of {layer} of {name})", output.display());
             Ok(ExitCode::SUCCESS)
         }
     }

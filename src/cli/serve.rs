@@ -55,10 +55,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let drain_engine = engine.clone();
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown_signal().await;
-        tracing::info!(
-            grace_secs = grace.as_secs(),
-            "shutdown requested: /ready is 503, draining in-flight work"
-        );
+        tracing::info!(grace_secs = grace.as_secs(), "shutdown requested: /ready is 503, draining in-flight work");
         drain_engine.begin_drain();
         let _ = stop_tx.send(());
     });

@@ -29,10 +29,7 @@ pub struct Batcher<J> {
 
 impl<J: Batchable> Batcher<J> {
     pub fn new(policies: Vec<BatchPolicy>) -> Self {
-        Self {
-            pending: policies.iter().map(|_| VecDeque::new()).collect(),
-            policies,
-        }
+        Self { pending: policies.iter().map(|_| VecDeque::new()).collect(), policies }
     }
 
     pub fn push(&mut self, job: J) {
@@ -74,11 +71,7 @@ impl<J: Batchable> Batcher<J> {
 
     /// When the earliest waiting batch falls due if no more jobs arrive.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending
-            .iter()
-            .zip(&self.policies)
-            .filter_map(|(q, p)| q.front().map(|j| j.enqueued() + p.max_wait))
-            .min()
+        self.pending.iter().zip(&self.policies).filter_map(|(q, p)| q.front().map(|j| j.enqueued() + p.max_wait)).min()
     }
 
     /// Drops waiting jobs for which `keep` is false (their clients have gone away).
@@ -107,10 +100,7 @@ mod tests {
     }
 
     fn batcher() -> Batcher<J> {
-        let p = BatchPolicy {
-            max_size: 3,
-            max_wait: Duration::from_millis(10),
-        };
+        let p = BatchPolicy { max_size: 3, max_wait: Duration::from_millis(10) };
         Batcher::new(vec![p, p])
     }
 
@@ -124,10 +114,7 @@ mod tests {
         let due = b.take_due(t0, false);
         assert_eq!(due.len(), 1);
         assert_eq!(due[0].1.len(), 3, "a full batch is due immediately");
-        assert!(
-            b.take_due(t0 + Duration::from_millis(5), false).is_empty(),
-            "the straggler waits"
-        );
+        assert!(b.take_due(t0 + Duration::from_millis(5), false).is_empty(), "the straggler waits");
         assert_eq!(b.next_deadline(), Some(t0 + Duration::from_millis(10)));
         let late = b.take_due(t0 + Duration::from_millis(10), false);
         assert_eq!(late[0].1.len(), 1, "…until its wait is over");

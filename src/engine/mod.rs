@@ -49,10 +49,7 @@ pub enum EngineError {
 
 impl EngineError {
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self::InvalidParam {
-            param: param.into(),
-            message: message.into(),
-        }
+        Self::InvalidParam { param: param.into(), message: message.into() }
     }
 }
 
@@ -108,12 +105,7 @@ pub struct ImageSummary {
 
 impl From<&Rgb8> for ImageSummary {
     fn from(i: &Rgb8) -> Self {
-        Self {
-            width: i.width,
-            height: i.height,
-            format: i.format.to_string(),
-            has_alpha: i.alpha.is_some(),
-        }
+        Self { width: i.width, height: i.height, format: i.format.to_string(), has_alpha: i.alpha.is_some() }
     }
 }
 
@@ -208,7 +200,7 @@ impl Engine {
             max_top_k: config.limits.max_top_k,
             attack: config.attack.clone(),
         };
-        let (queues, inbox) = queue::bounded(config.engine.queue_capacity);
+        let (queues, inbox) = queue::new(config.engine.queue_capacity);
         let stats = Arc::new(EngineStats::default());
         let ws = worker::WorkerSettings {
             device: config.device(),
@@ -225,12 +217,7 @@ impl Engine {
             stats,
             worker: std::sync::Mutex::new(Some(handle)),
         };
-        Ok((
-            Self {
-                inner: Arc::new(inner),
-            },
-            Startup { ready },
-        ))
+        Ok((Self { inner: Arc::new(inner) }, Startup { ready }))
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -245,14 +232,13 @@ impl Engine {
         &self.inner.stats
     }
 
+    /// Jobs waiting for the worker (classify, attack); 0 once shut down.
+    pub fn queue_depths(&self) -> (usize, usize) {
+        self.inner.queues.read().ok().and_then(|q| q.as_ref().map(Queues::depths)).unwrap_or((0, 0))
+    }
+
     pub fn is_ready(&self) -> bool {
-        self.inner.stats.is_ready()
-            && self
-                .inner
-                .queues
-                .read()
-                .map(|q| q.is_some())
-                .unwrap_or(false)
+        self.inner.stats.is_ready() && self.inner.queues.read().map(|q| q.is_some()).unwrap_or(false)
     }
 
     /// Stops taking jobs; the worker finishes what it holds and exits. Returns once it has.
@@ -281,12 +267,7 @@ impl Engine {
     }
 
     fn queues(&self) -> Result<Queues, EngineError> {
-        self.inner
-            .queues
-            .read()
-            .ok()
-            .and_then(|q| q.clone())
-            .ok_or(EngineError::ShuttingDown)
+        self.inner.queues.read().ok().and_then(|q| q.clone()).ok_or(EngineError::ShuttingDown)
     }
 
     async fn decode(&self, bytes: Bytes) -> Result<(Rgb8, Duration), EngineError> {
@@ -325,20 +306,16 @@ impl Engine {
         let spec = info.input().clone();
         let (img, input) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
             let img = imaging::decode(&bytes, &limits)?;
-            let x = prepare_rgb8(&img.rgb, img.width, img.height, &spec)
-                .map_err(|e| EngineError::Job(e.into()))?;
+            let x = prepare_rgb8(&img.rgb, img.width, img.height, &spec).map_err(|e| EngineError::Job(e.into()))?;
             let n = x.numel();
             let mut v = vec![0f32; n];
-            x.f_copy_data(&mut v, n)
-                .map_err(|e| EngineError::Job(e.into()))?;
+            x.f_copy_data(&mut v, n).map_err(|e| EngineError::Job(e.into()))?;
             Ok((img, v))
         })
         .await
         .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))??;
         let decode = started.elapsed();
-        let reply = self
-            .submit_classify(idx, input, false, deadline, started)
-            .await?;
+        let reply = self.submit_classify(idx, input, false, deadline, started).await?;
         Ok(Classification {
             image: ImageSummary::from(&img),
             model: info,
@@ -356,14 +333,8 @@ impl Engine {
         started: Instant,
     ) -> Result<ClassifyReply, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let job = ClassifyJob {
-            model,
-            input,
-            want_features,
-            reply: tx,
-            enqueued: Instant::now(),
-        };
-        queue::try_push(&self.queues()?.classify, job).map_err(|r| match r {
+        let job = ClassifyJob { model, input, want_features, reply: tx, enqueued: Instant::now(), permit: None };
+        self.queues()?.push_classify(job).map_err(|r| match r {
             Refused::Full => EngineError::QueueFull { queue: "classify" },
             Refused::Closed => EngineError::ShuttingDown,
         })?;
@@ -383,92 +354,51 @@ impl Engine {
         let (_, info) = self.model(model)?;
         let params = self.target_params(delta1, delta2)?;
         if info.matrix.is_none() {
-            return Err(EngineError::invalid(
-                "model",
-                format!("model {} has no distance matrix", info.name),
-            ));
+            return Err(EngineError::invalid("model", format!("model {} has no distance matrix", info.name)));
         }
         let classification = self.classify(Some(&info.name), bytes, deadline).await?;
-        let matrix = info
-            .matrix
-            .as_ref()
-            .ok_or_else(|| EngineError::Internal("matrix vanished".into()))?;
+        let matrix = info.matrix.as_ref().ok_or_else(|| EngineError::Internal("matrix vanished".into()))?;
         let decision = target::select(&classification.probabilities, matrix, params, alternatives);
-        Ok(TargetLabel {
-            classification,
-            params,
-            decision,
-        })
+        Ok(TargetLabel { classification, params, decision })
     }
 
-    pub fn target_params(
-        &self,
-        delta1: Option<f64>,
-        delta2: Option<f64>,
-    ) -> Result<TargetParams, EngineError> {
+    pub fn target_params(&self, delta1: Option<f64>, delta2: Option<f64>) -> Result<TargetParams, EngineError> {
         let d = &self.inner.settings.attack;
         let delta1 = delta1.unwrap_or(d.delta1);
         let delta2 = delta2.unwrap_or(d.delta2);
         if !(delta1.is_finite() && delta1 > 0.0 && delta1 <= 1.0) {
-            return Err(EngineError::invalid(
-                "delta1",
-                format!("{delta1} is not in (0, 1]"),
-            ));
+            return Err(EngineError::invalid("delta1", format!("{delta1} is not in (0, 1]")));
         }
         if !(delta2.is_finite() && (0.0..1.0).contains(&delta2)) {
-            return Err(EngineError::invalid(
-                "delta2",
-                format!("{delta2} is not in [0, 1)"),
-            ));
+            return Err(EngineError::invalid("delta2", format!("{delta2} is not in [0, 1)")));
         }
         Ok(TargetParams { delta1, delta2 })
     }
 
     /// Checks an attack request against the model and the limits.
-    pub fn attack_params(
-        &self,
-        info: &ModelInfo,
-        req: &AttackRequest,
-    ) -> Result<AttackParams, EngineError> {
+    pub fn attack_params(&self, info: &ModelInfo, req: &AttackRequest) -> Result<AttackParams, EngineError> {
         let s = &self.inner.settings;
         let method = match req.method.as_deref() {
             None => Method::Labelfool,
             Some(m) => Method::parse(m).ok_or_else(|| {
                 let known: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
-                EngineError::invalid(
-                    "method",
-                    format!("{m:?} is not one of {}", known.join(", ")),
-                )
+                EngineError::invalid("method", format!("{m:?} is not one of {}", known.join(", ")))
             })?,
         };
         let max_iter = req.max_iter.unwrap_or(s.attack.max_iter);
         if max_iter == 0 || max_iter > s.max_iter {
-            return Err(EngineError::invalid(
-                "max_iter",
-                format!("{max_iter} is not in 1..={}", s.max_iter),
-            ));
+            return Err(EngineError::invalid("max_iter", format!("{max_iter} is not in 1..={}", s.max_iter)));
         }
         let overshoot = req.overshoot.unwrap_or(s.attack.overshoot);
         if !(overshoot.is_finite() && (0.0..=10.0).contains(&overshoot)) {
-            return Err(EngineError::invalid(
-                "overshoot",
-                format!("{overshoot} is not a number in [0, 10]"),
-            ));
+            return Err(EngineError::invalid("overshoot", format!("{overshoot} is not a number in [0, 10]")));
         }
-        let target = match req
-            .target
-            .as_deref()
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-        {
+        let target = match req.target.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
             None => None,
             Some(t) => Some(info.classes().resolve(t).ok_or_else(|| {
                 EngineError::invalid(
                     "target",
-                    format!(
-                        "{t:?} is not a class of model {} (give an index, WordNet id or name)",
-                        info.name
-                    ),
+                    format!("{t:?} is not a class of model {} (give an index, WordNet id or name)", info.name),
                 )
             })?),
         };
@@ -507,37 +437,24 @@ impl Engine {
         }
         let img = Arc::new(img);
         let (tx, rx) = oneshot::channel();
-        let job = AttackJob {
-            model: idx,
-            image: img.clone(),
-            params,
-            reply: tx,
-            enqueued: Instant::now(),
-        };
-        queue::try_push(&self.queues()?.attack, job).map_err(|r| match r {
+        let job =
+            AttackJob { model: idx, image: img.clone(), params, reply: tx, enqueued: Instant::now(), permit: None };
+        self.queues()?.push_attack(job).map_err(|r| match r {
             Refused::Full => EngineError::QueueFull { queue: "attack" },
             Refused::Closed => EngineError::ShuttingDown,
         })?;
-        let (outcome, job_timings) = Self::await_reply(rx, deadline, started).await.map_err(
-            |e| match e {
-                EngineError::Job(JobError::Attack(AttackError::TargetIsPrediction {
-                    index,
-                    label,
-                })) => EngineError::invalid(
+        let (outcome, job_timings) = Self::await_reply(rx, deadline, started).await.map_err(|e| match e {
+            EngineError::Job(JobError::Attack(AttackError::TargetIsPrediction { index, label })) => {
+                EngineError::invalid(
                     "target",
-                    format!(
-                        "class {index} ({label}) is already the prediction; choose another target"
-                    ),
-                ),
-                EngineError::Job(JobError::Attack(AttackError::NoMatrix(m))) => {
-                    EngineError::invalid(
-                        "target",
-                        format!("model {m} has no distance matrix: pass an explicit target"),
-                    )
-                }
-                other => other,
-            },
-        )?;
+                    format!("class {index} ({label}) is already the prediction; choose another target"),
+                )
+            }
+            EngineError::Job(JobError::Attack(AttackError::NoMatrix(m))) => {
+                EngineError::invalid("target", format!("model {m} has no distance matrix: pass an explicit target"))
+            }
+            other => other,
+        })?;
         let (png, perturbation) = tokio::task::spawn_blocking({
             let img = img.clone();
             let rgb = outcome.rgb.clone();

@@ -1,12 +1,16 @@
-//! The jobs handlers hand to the worker, and the two bounded queues they travel in: one for
-//! single-pass work (classify, features), one for attacks, so a burst of attacks never delays a
+//! The jobs handlers hand to the worker, and the two queues they travel in: one for single-pass
+//! work (classify, features), one for attacks, so a burst of attacks never delays a
 //! classification and the worker can take attacks only as fast as it has rows free for them.
+//!
+//! A queue's bound is a semaphore, not the channel: a job holds a permit from submission until
+//! the worker *starts* it, so jobs the batcher holds back for `max_batch_wait` still count as
+//! waiting, and "queue full" means exactly `queue_capacity` jobs are waiting.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
-use tokio::sync::oneshot;
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use crate::attack::{AttackError, AttackOutcome, AttackParams};
 use crate::imaging::Rgb8;
@@ -49,6 +53,8 @@ pub struct ClassifyJob {
     pub want_features: bool,
     pub reply: oneshot::Sender<Result<ClassifyReply, JobError>>,
     pub enqueued: Instant,
+    /// Released when the worker starts the job.
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 pub struct ClassifyReply {
@@ -64,13 +70,18 @@ pub struct AttackJob {
     pub params: AttackParams,
     pub reply: oneshot::Sender<Result<(AttackOutcome, JobTimings), JobError>>,
     pub enqueued: Instant,
+    /// Released when the worker admits the attack as a row.
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// The sending half, held by the [`crate::engine::Engine`].
 #[derive(Clone)]
 pub struct Queues {
-    pub classify: Sender<ClassifyJob>,
-    pub attack: Sender<AttackJob>,
+    classify: Sender<ClassifyJob>,
+    attack: Sender<AttackJob>,
+    classify_slots: Arc<Semaphore>,
+    attack_slots: Arc<Semaphore>,
+    capacity: usize,
 }
 
 /// The receiving half, owned by the worker.
@@ -79,19 +90,17 @@ pub struct Inbox {
     pub attack: Receiver<AttackJob>,
 }
 
-pub fn bounded(capacity: usize) -> (Queues, Inbox) {
-    let (ctx, crx) = crossbeam_channel::bounded(capacity);
-    let (atx, arx) = crossbeam_channel::bounded(capacity);
-    (
-        Queues {
-            classify: ctx,
-            attack: atx,
-        },
-        Inbox {
-            classify: crx,
-            attack: arx,
-        },
-    )
+pub fn new(capacity: usize) -> (Queues, Inbox) {
+    let (ctx, crx) = crossbeam_channel::unbounded();
+    let (atx, arx) = crossbeam_channel::unbounded();
+    let queues = Queues {
+        classify: ctx,
+        attack: atx,
+        classify_slots: Arc::new(Semaphore::new(capacity)),
+        attack_slots: Arc::new(Semaphore::new(capacity)),
+        capacity,
+    };
+    (queues, Inbox { classify: crx, attack: arx })
 }
 
 /// A job refused at the door.
@@ -101,10 +110,19 @@ pub enum Refused {
     Closed,
 }
 
-pub fn try_push<T>(tx: &Sender<T>, job: T) -> Result<(), Refused> {
-    match tx.try_send(job) {
-        Ok(()) => Ok(()),
-        Err(TrySendError::Full(_)) => Err(Refused::Full),
-        Err(TrySendError::Disconnected(_)) => Err(Refused::Closed),
+impl Queues {
+    pub fn push_classify(&self, mut job: ClassifyJob) -> Result<(), Refused> {
+        job.permit = Some(self.classify_slots.clone().try_acquire_owned().map_err(|_| Refused::Full)?);
+        self.classify.send(job).map_err(|_| Refused::Closed)
+    }
+
+    pub fn push_attack(&self, mut job: AttackJob) -> Result<(), Refused> {
+        job.permit = Some(self.attack_slots.clone().try_acquire_owned().map_err(|_| Refused::Full)?);
+        self.attack.send(job).map_err(|_| Refused::Closed)
+    }
+
+    /// Jobs waiting (submitted, not yet started): classify, attack.
+    pub fn depths(&self) -> (usize, usize) {
+        (self.capacity - self.classify_slots.available_permits(), self.capacity - self.attack_slots.available_permits())
     }
 }

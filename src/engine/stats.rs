@@ -79,10 +79,7 @@ impl EngineStats {
     }
 
     pub(crate) fn attack_finished(&self) {
-        let n = self
-            .inflight_attacks
-            .fetch_sub(1, Ordering::Relaxed)
-            .saturating_sub(1);
+        let n = self.inflight_attacks.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
         gauge!("labelfool_inflight_attacks").set(n as f64);
     }
 
@@ -98,9 +95,7 @@ impl EngineStats {
         }
     }
 
-    pub(crate) fn set_depths(&self, classify: usize, attack: usize, inflight: usize) {
-        gauge!("labelfool_queue_depth", "queue" => "classify").set(classify as f64);
-        gauge!("labelfool_queue_depth", "queue" => "attack").set(attack as f64);
+    pub(crate) fn set_inflight(&self, inflight: usize) {
         gauge!("labelfool_inflight_attacks").set(inflight as f64);
     }
 }

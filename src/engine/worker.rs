@@ -43,24 +43,19 @@ pub fn spawn(
     settings: WorkerSettings,
     inbox: Inbox,
     stats: Arc<EngineStats>,
-) -> std::io::Result<(
-    std::thread::JoinHandle<()>,
-    std::sync::mpsc::Receiver<Result<WorkerInfo, ModelError>>,
-)> {
+) -> std::io::Result<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<Result<WorkerInfo, ModelError>>)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
-    let handle = std::thread::Builder::new()
-        .name("labelfool-worker".into())
-        .spawn(move || {
-            let worker = match Worker::load(catalog, settings, inbox, stats) {
-                Ok(w) => w,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(worker.info.clone()));
-            worker.run();
-        })?;
+    let handle = std::thread::Builder::new().name("labelfool-worker".into()).spawn(move || {
+        let worker = match Worker::load(catalog, settings, inbox, stats) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = ready_tx.send(Ok(worker.info.clone()));
+        worker.run();
+    })?;
     Ok((handle, ready_rx))
 }
 
@@ -100,13 +95,8 @@ impl Worker {
         if settings.threads > 0 {
             tch::set_num_threads(settings.threads as i32);
         }
-        let device = settings
-            .device
-            .resolve()
-            .map_err(|reason| ModelError::Bundle {
-                model: "(device)".into(),
-                reason,
-            })?;
+        let device =
+            settings.device.resolve().map_err(|reason| ModelError::Bundle { model: "(device)".into(), reason })?;
         let mut models = Vec::new();
         for info in catalog.iter() {
             let started = Instant::now();
@@ -122,16 +112,7 @@ impl Worker {
             threads: tch::get_num_threads(),
             cuda_available: tch::Cuda::is_available(),
         };
-        Ok(Self {
-            models,
-            device,
-            settings,
-            inbox,
-            batcher,
-            groups,
-            stats,
-            info,
-        })
+        Ok(Self { models, device, settings, inbox, batcher, groups, stats, info })
     }
 
     fn inflight(&self) -> usize {
@@ -160,11 +141,7 @@ impl Worker {
             if self.inflight() > 0 {
                 self.attack_tick();
             }
-            self.stats.set_depths(
-                self.inbox.classify.len() + self.batcher.len(),
-                self.inbox.attack.len(),
-                self.inflight(),
-            );
+            self.stats.set_inflight(self.inflight());
             if closing && self.batcher.is_empty() && self.inflight() == 0 {
                 tracing::info!("worker: queues closed and drained; exiting");
                 return;
@@ -221,7 +198,8 @@ impl Worker {
         }
     }
 
-    fn admit(&mut self, job: AttackJob) {
+    fn admit(&mut self, mut job: AttackJob) {
+        drop(job.permit.take());
         if job.reply.is_closed() {
             self.stats.cancelled(1);
             return;
@@ -251,7 +229,10 @@ impl Worker {
         }
     }
 
-    fn run_classify(&mut self, m: usize, jobs: Vec<ClassifyJob>) {
+    fn run_classify(&mut self, m: usize, mut jobs: Vec<ClassifyJob>) {
+        for j in &mut jobs {
+            drop(j.permit.take());
+        }
         let (features, logits): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.want_features);
         for jobs in [logits, features] {
             if jobs.is_empty() {
@@ -267,17 +248,9 @@ impl Worker {
                 Ok(outputs) => {
                     let n = jobs.len();
                     for (job, (probabilities, logits, features)) in jobs.into_iter().zip(outputs) {
-                        let timings = JobTimings {
-                            queued: started.duration_since(job.enqueued),
-                            compute,
-                            batch_size: n,
-                        };
-                        let _ = job.reply.send(Ok(ClassifyReply {
-                            probabilities,
-                            logits,
-                            features,
-                            timings,
-                        }));
+                        let timings =
+                            JobTimings { queued: started.duration_since(job.enqueued), compute, batch_size: n };
+                        let _ = job.reply.send(Ok(ClassifyReply { probabilities, logits, features, timings }));
                     }
                 }
                 // One bad input must not fail its batch-mates: run each alone to find it.
@@ -319,8 +292,7 @@ impl Worker {
                 let elapsed = started.elapsed();
                 match result {
                     Ok((errors, tick)) => {
-                        self.stats
-                            .attack_tick(end - start, tick.backward_passes, elapsed);
+                        self.stats.attack_tick(end - start, tick.backward_passes, elapsed);
                         for (k, e) in errors.into_iter().enumerate() {
                             if let Some(e) = e {
                                 failed.push((start + k, JobError::Attack(e)));
@@ -396,34 +368,21 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, tch::TchError>) -> Result<T, JobErro
 type Output = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
 
 /// One forward pass over the stacked inputs of `jobs`.
-fn classify_batch(
-    model: &LoadedModel,
-    jobs: &[ClassifyJob],
-    features: bool,
-) -> Result<Vec<Output>, tch::TchError> {
+fn classify_batch(model: &LoadedModel, jobs: &[ClassifyJob], features: bool) -> Result<Vec<Output>, tch::TchError> {
     let s = model.info.input().size;
     let mut flat = Vec::with_capacity(jobs.len() * (3 * s * s) as usize);
     for j in jobs {
         flat.extend_from_slice(&j.input);
     }
-    let x = Tensor::f_from_slice(&flat)?
-        .f_view([jobs.len() as i64, 3, s, s])?
-        .f_to_device(model.device())?;
+    let x = Tensor::f_from_slice(&flat)?.f_view([jobs.len() as i64, 3, s, s])?.f_to_device(model.device())?;
     tch::no_grad(|| {
         if features {
             let f = model.features(&x)?;
             let rows = tensor_rows(&f)?;
-            return Ok(rows
-                .into_iter()
-                .map(|r| (Vec::new(), Vec::new(), Some(r)))
-                .collect());
+            return Ok(rows.into_iter().map(|r| (Vec::new(), Vec::new(), Some(r))).collect());
         }
         let logits = model.forward(&x)?;
         let probs = logits.f_softmax(-1, Kind::Float)?;
-        Ok(tensor_rows(&probs)?
-            .into_iter()
-            .zip(tensor_rows(&logits)?)
-            .map(|(p, l)| (p, l, None))
-            .collect())
+        Ok(tensor_rows(&probs)?.into_iter().zip(tensor_rows(&logits)?).map(|(p, l)| (p, l, None)).collect())
     })
 }

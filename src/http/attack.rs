@@ -41,15 +41,7 @@ pub struct AttackParamsDoc {
     pub delta2: Option<f64>,
 }
 
-const PARAMS: &[&str] = &[
-    "model",
-    "method",
-    "target",
-    "max_iter",
-    "overshoot",
-    "delta1",
-    "delta2",
-];
+const PARAMS: &[&str] = &["model", "method", "target", "max_iter", "overshoot", "delta1", "delta2"];
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AttackResponse {
@@ -134,15 +126,7 @@ pub async fn attack(
         delta1: p.finite("delta1")?,
         delta2: p.finite("delta2")?,
     };
-    let result = state
-        .engine
-        .attack(
-            p.get("model"),
-            req.bytes.clone(),
-            request,
-            state.deadlines.attack,
-        )
-        .await?;
+    let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
     let wants_png = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -163,11 +147,7 @@ pub fn summary(r: &AttackResult) -> AttackResponse {
     let o = &r.outcome;
     let target = o.target.map(|t| TargetInfo {
         class: ClassRef::new(info, t),
-        chosen_by: if o.decision.is_some() {
-            "labelfool".into()
-        } else {
-            "caller".into()
-        },
+        chosen_by: if o.decision.is_some() { "labelfool".into() } else { "caller".into() },
         branch: o.decision.as_ref().map(|d| d.branch),
         p1: o.decision.as_ref().map(|d| d.p1),
         probability: o.target_probability,
@@ -175,10 +155,7 @@ pub fn summary(r: &AttackResult) -> AttackResponse {
             .decision
             .iter()
             .flat_map(|d| &d.ranking)
-            .map(|&(i, s)| ClassDistance {
-                class: ClassRef::new(info, i),
-                distance: s,
-            })
+            .map(|&(i, s)| ClassDistance { class: ClassRef::new(info, i), distance: s })
             .collect(),
     });
     AttackResponse {
@@ -203,18 +180,9 @@ fn metadata_headers(h: &mut HeaderMap, b: &AttackResponse) {
     let mut put = |name: &str, value: String| {
         let encoded: String = value
             .bytes()
-            .map(|c| {
-                if c.is_ascii_graphic() || c == b' ' {
-                    (c as char).to_string()
-                } else {
-                    format!("%{c:02X}")
-                }
-            })
+            .map(|c| if c.is_ascii_graphic() || c == b' ' { (c as char).to_string() } else { format!("%{c:02X}") })
             .collect();
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::try_from(format!("x-labelfool-{name}")),
-            HeaderValue::from_str(&encoded),
-        ) {
+        if let (Ok(n), Ok(v)) = (HeaderName::try_from(format!("x-labelfool-{name}")), HeaderValue::from_str(&encoded)) {
             h.insert(n, v);
         }
     };

@@ -85,32 +85,14 @@ const PARAMS: &[&str] = &["model", "top_k"];
         (status = 504, description = "Deadline exceeded", body = ErrorBody),
     )
 )]
-pub async fn classify(
-    State(state): State<AppState>,
-    req: ImageRequest,
-) -> Result<Json<ClassifyResponse>, ApiError> {
+pub async fn classify(State(state): State<AppState>, req: ImageRequest) -> Result<Json<ClassifyResponse>, ApiError> {
     req.params.only(PARAMS)?;
     let max_k = state.engine.settings().max_top_k;
     let top_k = req.params.parse::<usize>("top_k")?.unwrap_or(5);
     if top_k == 0 || top_k > max_k {
-        return Err(ApiError::invalid(
-            "top_k",
-            format!("{top_k} is not in 1..={max_k}"),
-        ));
+        return Err(ApiError::invalid("top_k", format!("{top_k} is not in 1..={max_k}")));
     }
-    let c = state
-        .engine
-        .classify(req.params.get("model"), req.bytes, state.deadlines.classify)
-        .await?;
-    let top = c
-        .top(top_k)
-        .into_iter()
-        .map(|(i, p)| ClassPrediction::new(&c.model, i, f64::from(p)))
-        .collect();
-    Ok(Json(ClassifyResponse {
-        model: c.model.name.clone(),
-        image: c.image,
-        top,
-        timings: c.timings,
-    }))
+    let c = state.engine.classify(req.params.get("model"), req.bytes, state.deadlines.classify).await?;
+    let top = c.top(top_k).into_iter().map(|(i, p)| ClassPrediction::new(&c.model, i, f64::from(p))).collect();
+    Ok(Json(ClassifyResponse { model: c.model.name.clone(), image: c.image, top, timings: c.timings }))
 }

@@ -40,10 +40,7 @@ pub struct ClassPrediction {
 
 impl ClassPrediction {
     pub fn new(info: &ModelInfo, index: usize, probability: f64) -> Self {
-        Self {
-            class: ClassRef::new(info, index),
-            probability,
-        }
+        Self { class: ClassRef::new(info, index), probability }
     }
 }
 

@@ -39,13 +39,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            param: None,
-            retry_after: None,
-        }
+        Self { status, code, message: message.into(), param: None, retry_after: None }
     }
 
     pub fn invalid(param: &str, message: impl std::fmt::Display) -> Self {
@@ -63,11 +57,7 @@ impl ApiError {
     }
 
     pub fn unsupported_media(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            message,
-        )
+        Self::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type", message)
     }
 
     pub fn too_large(message: impl Into<String>) -> Self {
@@ -75,25 +65,15 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> Self {
-        Self::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid `Authorization: Bearer <key>` header is required",
-        )
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` header is required")
     }
 }
 
 impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> Self {
         match e {
-            ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. } => {
-                Self::too_large(e.to_string())
-            }
-            ImageError::Encode(_) => Self::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "encode_failed",
-                e.to_string(),
-            ),
+            ImageError::TooManyBytes { .. } | ImageError::TooManyPixels { .. } => Self::too_large(e.to_string()),
+            ImageError::Encode(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "encode_failed", e.to_string()),
             ImageError::Empty | ImageError::UnknownFormat | ImageError::Undecodable { .. } => {
                 Self::bad_request("undecodable_image", e.to_string())
             }
@@ -108,33 +88,20 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownModel(_) => Self::new(StatusCode::NOT_FOUND, "unknown_model", msg),
             EngineError::Image(img) => img.into(),
             EngineError::InvalidParam { param, message } => Self::invalid(&param, message),
-            EngineError::QueueFull { .. } => Self {
-                retry_after: Some(1),
-                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", msg)
-            },
-            EngineError::ShuttingDown => Self {
-                retry_after: Some(5),
-                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
-            },
-            EngineError::Deadline(_) => {
-                Self::new(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", msg)
+            EngineError::QueueFull { .. } => {
+                Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", msg) }
             }
-            EngineError::Job(JobError::Torch(_)) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", msg)
+            EngineError::ShuttingDown => {
+                Self { retry_after: Some(5), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg) }
             }
-            EngineError::Job(JobError::Panic(_)) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "worker_panic", msg)
+            EngineError::Deadline(_) => Self::new(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", msg),
+            EngineError::Job(JobError::Torch(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", msg),
+            EngineError::Job(JobError::Panic(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "worker_panic", msg),
+            EngineError::Job(JobError::Attack(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "attack_failed", msg),
+            EngineError::Job(JobError::ShuttingDown) => {
+                Self { retry_after: Some(5), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg) }
             }
-            EngineError::Job(JobError::Attack(_)) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "attack_failed", msg)
-            }
-            EngineError::Job(JobError::ShuttingDown) => Self {
-                retry_after: Some(5),
-                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg)
-            },
-            EngineError::Internal(_) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg)
-            }
+            EngineError::Internal(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
         }
     }
 }
@@ -146,17 +113,11 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = self.status.as_u16(), code = self.code, message = %self.message, "request rejected");
         }
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code.to_string(),
-                message: self.message,
-                param: self.param,
-            },
-        };
+        let body =
+            ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message, param: self.param } };
         let mut res = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
-            res.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         res
     }
@@ -164,9 +125,5 @@ impl IntoResponse for ApiError {
 
 /// For routes that fall through: unknown path or method, in the same JSON shape.
 pub async fn not_found() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_found",
-        "no such route; see /openapi.json",
-    )
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
 }

@@ -20,9 +20,7 @@ pub struct Params(BTreeMap<String, String>);
 impl Params {
     pub fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
-            .map_err(|e| {
-                ApiError::bad_request("bad_query", format!("cannot parse the query string: {e}"))
-            })?;
+            .map_err(|e| ApiError::bad_request("bad_query", format!("cannot parse the query string: {e}")))?;
         Ok(Self(pairs.into_iter().collect()))
     }
 
@@ -31,30 +29,24 @@ impl Params {
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0
-            .get(key)
-            .map(String::as_str)
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
+        self.0.get(key).map(String::as_str).map(str::trim).filter(|v| !v.is_empty())
     }
 
     /// `Ok(None)` when absent; 422 naming `key` when present but not a `T`.
     pub fn parse<T: FromStr>(&self, key: &str) -> Result<Option<T>, ApiError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.parse().map(Some).map_err(|_| {
-                ApiError::invalid(key, format!("{v:?} is not a valid {}", type_name::<T>()))
-            }),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| ApiError::invalid(key, format!("{v:?} is not a valid {}", type_name::<T>()))),
         }
     }
 
     /// A float that must be finite.
     pub fn finite(&self, key: &str) -> Result<Option<f64>, ApiError> {
         match self.parse::<f64>(key)? {
-            Some(v) if !v.is_finite() => Err(ApiError::invalid(
-                key,
-                format!("{v} is not a finite number"),
-            )),
+            Some(v) if !v.is_finite() => Err(ApiError::invalid(key, format!("{v} is not a finite number"))),
             other => Ok(other),
         }
     }
@@ -63,10 +55,7 @@ impl Params {
     pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
         match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
             None => Ok(()),
-            Some(k) => Err(ApiError::invalid(
-                k,
-                format!("unknown parameter; this route takes {}", allowed.join(", ")),
-            )),
+            Some(k) => Err(ApiError::invalid(k, format!("unknown parameter; this route takes {}", allowed.join(", ")))),
         }
     }
 }
@@ -92,76 +81,42 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let mut params = Params::from_query(req.uri().query())?;
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let content_type =
+            req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let mime: Option<mime::Mime> = content_type.parse().ok();
-        let essence = mime
-            .as_ref()
-            .map(|m| m.essence_str().to_string())
-            .unwrap_or_default();
+        let essence = mime.as_ref().map(|m| m.essence_str().to_string()).unwrap_or_default();
         let bytes = match essence.as_str() {
             "multipart/form-data" => {
-                let mut mp = Multipart::from_request(req, state)
-                    .await
-                    .map_err(|e| body_error(e.status(), e.body_text()))?;
+                let mut mp =
+                    Multipart::from_request(req, state).await.map_err(|e| body_error(e.status(), e.body_text()))?;
                 let mut image = None;
-                while let Some(field) = mp
-                    .next_field()
-                    .await
-                    .map_err(|e| body_error(e.status(), e.body_text()))?
-                {
+                while let Some(field) = mp.next_field().await.map_err(|e| body_error(e.status(), e.body_text()))? {
                     let name = field.name().unwrap_or("").to_string();
-                    let data = field
-                        .bytes()
-                        .await
-                        .map_err(|e| body_error(e.status(), e.body_text()))?;
+                    let data = field.bytes().await.map_err(|e| body_error(e.status(), e.body_text()))?;
                     if name == "image" {
                         image = Some(data);
                     } else {
-                        let text = String::from_utf8(data.to_vec()).map_err(|_| {
-                            ApiError::invalid(&name, "form field is not UTF-8 text")
-                        })?;
+                        let text = String::from_utf8(data.to_vec())
+                            .map_err(|_| ApiError::invalid(&name, "form field is not UTF-8 text"))?;
                         params.insert(name, text);
                     }
                 }
-                image.ok_or_else(|| {
-                    ApiError::bad_request(
-                        "missing_image",
-                        "the multipart body has no `image` field",
-                    )
-                })?
+                image
+                    .ok_or_else(|| ApiError::bad_request("missing_image", "the multipart body has no `image` field"))?
             }
             "application/json" => {
-                let body = Bytes::from_request(req, state)
-                    .await
-                    .map_err(|e| body_error(e.status(), e.body_text()))?;
-                let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-                    ApiError::bad_request(
-                        "bad_json",
-                        format!("the JSON body cannot be parsed: {e}"),
-                    )
-                })?;
+                let body = Bytes::from_request(req, state).await.map_err(|e| body_error(e.status(), e.body_text()))?;
+                let value: serde_json::Value = serde_json::from_slice(&body)
+                    .map_err(|e| ApiError::bad_request("bad_json", format!("the JSON body cannot be parsed: {e}")))?;
                 let serde_json::Value::Object(map) = value else {
-                    return Err(ApiError::bad_request(
-                        "bad_json",
-                        "the JSON body must be an object",
-                    ));
+                    return Err(ApiError::bad_request("bad_json", "the JSON body must be an object"));
                 };
                 let mut image = None;
                 for (k, v) in map {
                     match (k.as_str(), v) {
-                        ("image", serde_json::Value::String(b64)) => {
-                            image = Some(decode_base64(&b64)?)
-                        }
+                        ("image", serde_json::Value::String(b64)) => image = Some(decode_base64(&b64)?),
                         ("image", _) => {
-                            return Err(ApiError::bad_request(
-                                "bad_json",
-                                "`image` must be a base64 string",
-                            ));
+                            return Err(ApiError::bad_request("bad_json", "`image` must be a base64 string"));
                         }
                         (_, serde_json::Value::Null) => {}
                         (_, serde_json::Value::String(s)) => params.insert(k, s),
@@ -169,21 +124,14 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
                             params.insert(k, v.to_string())
                         }
                         (_, _) => {
-                            return Err(ApiError::invalid(
-                                &k,
-                                "must be a string, number or boolean",
-                            ));
+                            return Err(ApiError::invalid(&k, "must be a string, number or boolean"));
                         }
                     }
                 }
-                image.ok_or_else(|| {
-                    ApiError::bad_request("missing_image", "the JSON body has no `image` field")
-                })?
+                image.ok_or_else(|| ApiError::bad_request("missing_image", "the JSON body has no `image` field"))?
             }
             e if e.starts_with("image/") || e == "application/octet-stream" => {
-                Bytes::from_request(req, state)
-                    .await
-                    .map_err(|e| body_error(e.status(), e.body_text()))?
+                Bytes::from_request(req, state).await.map_err(|e| body_error(e.status(), e.body_text()))?
             }
             "" if content_type.is_empty() => {
                 return Err(ApiError::unsupported_media(
@@ -212,9 +160,7 @@ fn decode_base64(s: &str) -> Result<Bytes, ApiError> {
     engine
         .decode(clean.as_bytes())
         .map(Bytes::from)
-        .map_err(|e| {
-            ApiError::bad_request("bad_base64", format!("`image` is not valid base64: {e}"))
-        })
+        .map_err(|e| ApiError::bad_request("bad_base64", format!("`image` is not valid base64: {e}")))
 }
 
 /// Body-reading failures from axum: over the size limit → 413, anything else → 400.
@@ -236,30 +182,15 @@ mod tests {
         assert_eq!(p.parse::<usize>("top_k").unwrap(), Some(5));
         assert_eq!(p.get("model"), None, "empty counts as absent");
         let e = p.parse::<u32>("max_iter").unwrap_err();
-        assert_eq!(
-            (e.status.as_u16(), e.param.as_deref()),
-            (422, Some("max_iter"))
-        );
-        assert_eq!(
-            p.finite("overshoot").unwrap_err().param.as_deref(),
-            Some("overshoot")
-        );
-        assert_eq!(
-            p.only(&["top_k", "model"]).unwrap_err().param.as_deref(),
-            Some("max_iter")
-        );
+        assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some("max_iter")));
+        assert_eq!(p.finite("overshoot").unwrap_err().param.as_deref(), Some("overshoot"));
+        assert_eq!(p.only(&["top_k", "model"]).unwrap_err().param.as_deref(), Some("max_iter"));
     }
 
     #[test]
     fn base64_variants() {
-        assert_eq!(
-            decode_base64("aGVsbG8=").unwrap(),
-            Bytes::from_static(b"hello")
-        );
-        assert_eq!(
-            decode_base64("data:image/png;base64,aGVs\nbG8").unwrap(),
-            Bytes::from_static(b"hello")
-        );
+        assert_eq!(decode_base64("aGVsbG8=").unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(decode_base64("data:image/png;base64,aGVs\nbG8").unwrap(), Bytes::from_static(b"hello"));
         assert_eq!(decode_base64("!!!").unwrap_err().code, "bad_base64");
     }
 }

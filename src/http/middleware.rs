@@ -12,9 +12,7 @@ use subtle::ConstantTimeEq;
 use tower_http::LatencyUnit;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{
-    MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 
 use super::AppState;
@@ -26,7 +24,8 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     let id = HeaderName::from_static(REQUEST_ID);
     let trace = TraceLayer::new_for_http()
         .make_span_with(|req: &Request| {
-            let request_id = req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
+            let request_id =
+                req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
             tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %request_id)
         })
         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Millis));
@@ -68,19 +67,15 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 
 /// Routes that never need the API key: probes must work for the orchestrator.
 fn exempt(path: &str, metrics_require_key: bool) -> bool {
-    matches!(
-        path,
-        "/health" | "/ready" | "/v2/health/live" | "/v2/health/ready"
-    ) || (path == "/metrics" && !metrics_require_key)
+    matches!(path, "/health" | "/ready" | "/v2/health/live" | "/v2/health/ready")
+        || (path == "/metrics" && !metrics_require_key)
 }
 
 async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let Some(key) = state.config.server.api_key.as_deref() else {
         return next.run(req).await;
     };
-    if exempt(req.uri().path(), state.config.server.metrics_require_key)
-        || req.method() == Method::OPTIONS
-    {
+    if exempt(req.uri().path(), state.config.server.metrics_require_key) || req.method() == Method::OPTIONS {
         return next.run(req).await;
     }
     let presented = req
@@ -98,11 +93,8 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
 }
 
 async fn record_metrics(req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
+    let route =
+        req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
     let started = Instant::now();
     let res = next.run(req).await;
@@ -120,10 +112,6 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
         .or_else(|| err.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "unknown panic".into());
     tracing::error!(panic = %detail, "handler panicked");
-    ApiError::new(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "internal",
-        "the request handler failed; the server goes on",
-    )
-    .into_response()
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request handler failed; the server goes on")
+        .into_response()
 }

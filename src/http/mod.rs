@@ -45,13 +45,7 @@ impl AppState {
             classify: Duration::from_millis(config.limits.classify_deadline_ms),
             attack: Duration::from_millis(config.limits.attack_deadline_ms),
         };
-        Self {
-            engine,
-            config,
-            deadlines,
-            metrics,
-            device: Arc::default(),
-        }
+        Self { engine, config, deadlines, metrics, device: Arc::default() }
     }
 }
 
@@ -68,7 +62,5 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
         .fallback(error::not_found);
-    middleware::apply(api, &state)
-        .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state)
+    middleware::apply(api, &state).layer(DefaultBodyLimit::max(body_limit)).with_state(state)
 }

@@ -47,9 +47,7 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some(
-                        "Required only when the server is configured with an API key",
-                    ))
+                    .description(Some("Required only when the server is configured with an API key"))
                     .build(),
             ),
         );
@@ -64,8 +62,7 @@ pub fn document() -> utoipa::openapi::OpenApi {
 
 /// The document as the checked-in file holds it: pretty JSON with a trailing newline.
 pub fn document_json() -> String {
-    let mut s = serde_json::to_string_pretty(&document())
-        .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+    let mut s = serde_json::to_string_pretty(&document()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     s.push('\n');
     s
 }

@@ -32,12 +32,7 @@ pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.engine.is_ready() {
         (StatusCode::OK, Json(Health { status: "ready" }))
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Health {
-                status: "not_ready",
-            }),
-        )
+        (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "not_ready" }))
     }
 }
 
@@ -92,15 +87,10 @@ pub async fn models(State(state): State<AppState>) -> Json<ModelsResponse> {
                 num_classes: d.meta.num_classes,
                 content_sha256: d.meta.content_sha256.clone(),
             }),
-            classes_preview: (0..m.num_classes().min(5))
-                .map(|c| ClassRef::new(m, c))
-                .collect(),
+            classes_preview: (0..m.num_classes().min(5)).map(|c| ClassRef::new(m, c)).collect(),
         })
         .collect();
-    Json(ModelsResponse {
-        device: state.device.get().cloned(),
-        models,
-    })
+    Json(ModelsResponse { device: state.device.get().cloned(), models })
 }
 
 /// The full class list of a model, index order.
@@ -112,9 +102,7 @@ pub async fn classes(
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<Vec<ClassRef>>, super::error::ApiError> {
     let (_, m) = state.engine.model(Some(&name))?;
-    Ok(Json(
-        (0..m.num_classes()).map(|c| ClassRef::new(&m, c)).collect(),
-    ))
+    Ok(Json((0..m.num_classes()).map(|c| ClassRef::new(&m, c)).collect()))
 }
 
 /// This API's OpenAPI 3.1 document.
@@ -126,13 +114,13 @@ pub async fn openapi() -> impl IntoResponse {
 /// Prometheus metrics (text exposition format).
 #[utoipa::path(get, path = "/metrics", tag = "operations", responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let (classify, attack) = state.engine.queue_depths();
+    metrics::gauge!("labelfool_queue_depth", "queue" => "classify").set(classify as f64);
+    metrics::gauge!("labelfool_queue_depth", "queue" => "attack").set(attack as f64);
     match &state.metrics {
-        Some(handle) => (
-            StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4")],
-            handle.render(),
-        )
-            .into_response(),
+        Some(handle) => {
+            (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], handle.render()).into_response()
+        }
         None => (StatusCode::NOT_FOUND, "metrics are disabled").into_response(),
     }
 }

@@ -52,32 +52,22 @@ pub async fn preview(
     Query(q): Query<PreviewQuery>,
 ) -> Result<Json<TargetPreview>, ApiError> {
     let (_, info) = state.engine.model(q.model.as_deref())?;
-    let matrix = info.matrix.as_ref().ok_or_else(|| {
-        ApiError::invalid(
-            "model",
-            format!("model {} has no distance matrix", info.name),
-        )
-    })?;
-    let class = info.classes().resolve(&q.class).ok_or_else(|| {
-        ApiError::invalid(
-            "class",
-            format!("{:?} is not a class of model {}", q.class, info.name),
-        )
-    })?;
+    let matrix = info
+        .matrix
+        .as_ref()
+        .ok_or_else(|| ApiError::invalid("model", format!("model {} has no distance matrix", info.name)))?;
+    let class = info
+        .classes()
+        .resolve(&q.class)
+        .ok_or_else(|| ApiError::invalid("class", format!("{:?} is not a class of model {}", q.class, info.name)))?;
     let top = q.top.unwrap_or(5);
     if top == 0 || top >= info.num_classes() {
-        return Err(ApiError::invalid(
-            "top",
-            format!("{top} is not in 1..{}", info.num_classes()),
-        ));
+        return Err(ApiError::invalid("top", format!("{top} is not in 1..{}", info.num_classes())));
     }
     let neighbours = matrix
         .nearest(class, top)
         .into_iter()
-        .map(|(i, d)| ClassDistance {
-            class: ClassRef::new(&info, i),
-            distance: f64::from(d),
-        })
+        .map(|(i, d)| ClassDistance { class: ClassRef::new(&info, i), distance: f64::from(d) })
         .collect();
     Ok(Json(TargetPreview {
         model: info.name.clone(),
@@ -154,10 +144,7 @@ pub async fn decide(
     p.only(&["model", "delta1", "delta2", "alternatives"])?;
     let alternatives = p.parse::<usize>("alternatives")?.unwrap_or(4);
     if alternatives > 100 {
-        return Err(ApiError::invalid(
-            "alternatives",
-            format!("{alternatives} is over 100"),
-        ));
+        return Err(ApiError::invalid("alternatives", format!("{alternatives} is over 100")));
     }
     let t = state
         .engine
@@ -178,26 +165,11 @@ pub async fn decide(
         p1: d.p1,
         delta1: t.params.delta1,
         delta2: t.params.delta2,
-        candidates: d
-            .candidates
-            .iter()
-            .map(|&(i, p)| ClassPrediction::new(info, i, p))
-            .collect(),
-        ranking: d
-            .ranking
-            .iter()
-            .map(|&(i, s)| ClassDistance {
-                class: ClassRef::new(info, i),
-                distance: s,
-            })
-            .collect(),
+        candidates: d.candidates.iter().map(|&(i, p)| ClassPrediction::new(info, i, p)).collect(),
+        ranking: d.ranking.iter().map(|&(i, s)| ClassDistance { class: ClassRef::new(info, i), distance: s }).collect(),
     };
-    let prediction = t
-        .classification
-        .top(5)
-        .into_iter()
-        .map(|(i, p)| ClassPrediction::new(info, i, f64::from(p)))
-        .collect();
+    let prediction =
+        t.classification.top(5).into_iter().map(|(i, p)| ClassPrediction::new(info, i, f64::from(p))).collect();
     Ok(Json(TargetDecisionResponse {
         model: info.name.clone(),
         image: t.classification.image.clone(),

@@ -62,27 +62,16 @@ impl DistanceMatrix {
             return Err(format!("not square: {r}×{c}"));
         }
         if r != meta.num_classes {
-            return Err(format!(
-                "{r}×{r} values but the sidecar says num_classes = {}",
-                meta.num_classes
-            ));
+            return Err(format!("{r}×{r} values but the sidecar says num_classes = {}", meta.num_classes));
         }
-        if let Some(((i, j), v)) = data
-            .indexed_iter()
-            .find(|(_, v)| !v.is_finite() || **v < 0.0)
-        {
-            return Err(format!(
-                "D[{i},{j}] = {v}: distances must be finite and non-negative"
-            ));
+        if let Some(((i, j), v)) = data.indexed_iter().find(|(_, v)| !v.is_finite() || **v < 0.0) {
+            return Err(format!("D[{i},{j}] = {v}: distances must be finite and non-negative"));
         }
         Ok(Self { data, meta })
     }
 
     pub fn load(path: &Path) -> Result<Self, MatrixError> {
-        let read_err = |reason: String| MatrixError::Read {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let read_err = |reason: String| MatrixError::Read { path: path.to_path_buf(), reason };
         let file = std::fs::File::open(path).map_err(|e| read_err(e.to_string()))?;
         let data: Array2<f32> = match ndarray_npy::ReadNpyExt::read_npy(file) {
             Ok(a) => a,
@@ -95,27 +84,19 @@ impl DistanceMatrix {
         };
         let side = sidecar_path(path);
         let meta: MatrixMeta = match std::fs::read_to_string(&side) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| read_err(format!("sidecar {}: {e}", side.display())))?,
+            Ok(text) => {
+                serde_json::from_str(&text).map_err(|e| read_err(format!("sidecar {}: {e}", side.display())))?
+            }
             Err(e) => {
-                return Err(read_err(format!(
-                    "sidecar {} is missing: {e}",
-                    side.display()
-                )));
+                return Err(read_err(format!("sidecar {} is missing: {e}", side.display())));
             }
         };
-        Self::new(data, meta).map_err(|reason| MatrixError::Invalid {
-            path: path.to_path_buf(),
-            reason,
-        })
+        Self::new(data, meta).map_err(|reason| MatrixError::Invalid { path: path.to_path_buf(), reason })
     }
 
     /// Writes `path` (.npy, f32) and its sidecar; fills in the content hash.
     pub fn save(&self, path: &Path) -> Result<(), MatrixError> {
-        let write_err = |reason: String| MatrixError::Write {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let write_err = |reason: String| MatrixError::Write { path: path.to_path_buf(), reason };
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| write_err(e.to_string()))?;
         }
@@ -146,10 +127,8 @@ impl DistanceMatrix {
 
     /// The `top` classes nearest to `class` under D, nearest first (ties by index); never `class`.
     pub fn nearest(&self, class: usize, top: usize) -> Vec<(usize, f32)> {
-        let mut row: Vec<(usize, f32)> = (0..self.len())
-            .filter(|&i| i != class)
-            .map(|i| (i, self.data[[i, class]]))
-            .collect();
+        let mut row: Vec<(usize, f32)> =
+            (0..self.len()).filter(|&i| i != class).map(|i| (i, self.data[[i, class]])).collect();
         row.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
         row.truncate(top);
         row
@@ -173,34 +152,17 @@ mod tests {
 
     #[test]
     fn validation_names_the_fault() {
-        assert!(
-            DistanceMatrix::new(Array2::zeros((2, 3)), meta(2))
-                .unwrap_err()
-                .contains("square")
-        );
-        assert!(
-            DistanceMatrix::new(Array2::zeros((3, 3)), meta(2))
-                .unwrap_err()
-                .contains("num_classes")
-        );
+        assert!(DistanceMatrix::new(Array2::zeros((2, 3)), meta(2)).unwrap_err().contains("square"));
+        assert!(DistanceMatrix::new(Array2::zeros((3, 3)), meta(2)).unwrap_err().contains("num_classes"));
         let neg = array![[0.0, -1.0], [1.0, 0.0]];
-        assert!(
-            DistanceMatrix::new(neg, meta(2))
-                .unwrap_err()
-                .contains("D[0,1]")
-        );
+        assert!(DistanceMatrix::new(neg, meta(2)).unwrap_err().contains("D[0,1]"));
         let nan = array![[0.0, f32::NAN], [1.0, 0.0]];
         assert!(DistanceMatrix::new(nan, meta(2)).is_err());
     }
 
     #[test]
     fn nearest_is_sorted_and_excludes_the_class() {
-        let d = array![
-            [0.0, 0.5, 0.2, 0.2],
-            [0.5, 0.0, 0.9, 0.1],
-            [0.2, 0.9, 0.0, 0.3],
-            [0.2, 0.1, 0.3, 0.0]
-        ];
+        let d = array![[0.0, 0.5, 0.2, 0.2], [0.5, 0.0, 0.9, 0.1], [0.2, 0.9, 0.0, 0.3], [0.2, 0.1, 0.3, 0.0]];
         let m = DistanceMatrix::new(d, meta(4)).unwrap();
         assert_eq!(m.nearest(0, 5), vec![(2, 0.2), (3, 0.2), (1, 0.5)]);
         assert_eq!(m.nearest(1, 1), vec![(3, 0.1)]);
@@ -223,11 +185,6 @@ mod tests {
         assert_eq!(DistanceMatrix::load(&p64).unwrap().data(), &d);
         // A missing sidecar is an error that says so.
         std::fs::remove_file(sidecar_path(&p64)).unwrap();
-        assert!(
-            DistanceMatrix::load(&p64)
-                .unwrap_err()
-                .to_string()
-                .contains("sidecar")
-        );
+        assert!(DistanceMatrix::load(&p64).unwrap_err().to_string().contains("sidecar"));
     }
 }

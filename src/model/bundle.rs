@@ -76,20 +76,12 @@ impl Bundle {
 
     pub fn open(dir: &Path) -> Result<Self, String> {
         let meta_path = dir.join("model.json");
-        let text = std::fs::read_to_string(&meta_path).map_err(|e| {
-            format!(
-                "cannot read {}: {e} (has the setup run? `make setup`)",
-                meta_path.display()
-            )
-        })?;
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|e| format!("cannot read {}: {e} (has the setup run? `make setup`)", meta_path.display()))?;
         let meta: ModelMeta = serde_json::from_str(&text)
             .map_err(|e| format!("{} is not valid model metadata: {e}", meta_path.display()))?;
         if meta.format_version != 1 {
-            return Err(format!(
-                "{}: unsupported format_version {}",
-                meta_path.display(),
-                meta.format_version
-            ));
+            return Err(format!("{}: unsupported format_version {}", meta_path.display(), meta.format_version));
         }
         let model = dir.join("model.pt");
         if !model.is_file() {
@@ -98,8 +90,7 @@ impl Bundle {
         let classes_path = dir.join(&meta.classes_file);
         let classes_text = std::fs::read_to_string(&classes_path)
             .map_err(|e| format!("cannot read class list {}: {e}", classes_path.display()))?;
-        let classes = ClassList::parse(&classes_text)
-            .map_err(|e| format!("{}: {e}", classes_path.display()))?;
+        let classes = ClassList::parse(&classes_text).map_err(|e| format!("{}: {e}", classes_path.display()))?;
         if classes.len() != meta.num_classes {
             return Err(format!(
                 "{} lists {} classes but {} says num_classes = {}",
@@ -111,10 +102,7 @@ impl Bundle {
         }
         let input = &meta.input;
         if input.size < 8 || input.resize_short_side < input.size {
-            return Err(format!(
-                "{}: input.size must be ≥ 8 and ≤ resize_short_side",
-                meta_path.display()
-            ));
+            return Err(format!("{}: input.size must be ≥ 8 and ≤ resize_short_side", meta_path.display()));
         }
         if input.crop != "center"
             || input.interpolation != "bilinear-antialias"
@@ -126,10 +114,6 @@ impl Bundle {
                 meta_path.display()
             ));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            meta,
-            classes,
-        })
+        Ok(Self { dir: dir.to_path_buf(), meta, classes })
     }
 }

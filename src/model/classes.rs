@@ -25,27 +25,16 @@ impl ClassList {
         for (index, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() {
-                return Err(format!(
-                    "line {} is empty: every line must name a class",
-                    index + 1
-                ));
+                return Err(format!("line {} is empty: every line must name a class", index + 1));
             }
             let (wnid, rest) = match line.split_once(' ') {
                 Some((first, rest)) if is_wnid(first) => (Some(first.to_string()), rest),
                 _ if is_wnid(line) => (Some(line.to_string()), line),
                 _ => (None, line),
             };
-            let mut names = rest
-                .split(',')
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty());
+            let mut names = rest.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
             let label = names.next().unwrap_or_else(|| rest.to_string());
-            classes.push(ClassInfo {
-                index,
-                wnid,
-                label,
-                synonyms: names.collect(),
-            });
+            classes.push(ClassInfo { index, wnid, label, synonyms: names.collect() });
         }
         if classes.is_empty() {
             return Err("the class list is empty".into());
@@ -82,10 +71,7 @@ impl ClassList {
     }
 
     pub fn label(&self, index: usize) -> &str {
-        self.classes
-            .get(index)
-            .map(|c| c.label.as_str())
-            .unwrap_or("?")
+        self.classes.get(index).map(|c| c.label.as_str()).unwrap_or("?")
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &ClassInfo> {
@@ -100,10 +86,7 @@ impl ClassList {
             return (i < self.classes.len()).then_some(i);
         }
         let lower = key.to_lowercase();
-        self.by_key
-            .get(&lower)
-            .or_else(|| self.by_key.get(&lower.replace('_', " ")))
-            .copied()
+        self.by_key.get(&lower).or_else(|| self.by_key.get(&lower.replace('_', " "))).copied()
     }
 
     pub fn has_wnids(&self) -> bool {
@@ -119,8 +102,7 @@ fn is_wnid(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    const SAMPLE: &str =
-        "n01440764 tench, Tinca tinca\nn02012849 crane\nn03126707 crane\nn02391049 zebra\n";
+    const SAMPLE: &str = "n01440764 tench, Tinca tinca\nn02012849 crane\nn03126707 crane\nn02391049 zebra\n";
 
     #[test]
     fn resolves_index_wnid_name_and_synonym() {
@@ -131,16 +113,8 @@ mod tests {
         assert_eq!(c.resolve("n02391049"), Some(3));
         assert_eq!(c.resolve("Zebra"), Some(3));
         assert_eq!(c.resolve("tinca_tinca"), Some(0));
-        assert_eq!(
-            c.resolve("crane"),
-            Some(1),
-            "ambiguous names keep the first class"
-        );
-        assert_eq!(
-            c.resolve("n03126707"),
-            Some(2),
-            "the wnid still reaches the second crane"
-        );
+        assert_eq!(c.resolve("crane"), Some(1), "ambiguous names keep the first class");
+        assert_eq!(c.resolve("n03126707"), Some(2), "the wnid still reaches the second crane");
         assert_eq!(c.resolve("unicorn"), None);
         assert_eq!(c.label(0), "tench");
         assert!(c.has_wnids());

@@ -32,9 +32,7 @@ impl DeviceSpec {
             Self::Cuda(n) => {
                 let count = tch::Cuda::device_count() as usize;
                 if !tch::Cuda::is_available() || n >= count {
-                    Err(format!(
-                        "cuda:{n} requested but libtorch sees {count} CUDA device(s)"
-                    ))
+                    Err(format!("cuda:{n} requested but libtorch sees {count} CUDA device(s)"))
                 } else {
                     Ok(tch::Device::Cuda(n))
                 }

@@ -26,16 +26,9 @@ pub enum ModelError {
     #[error("model {model}: {reason}")]
     Bundle { model: String, reason: String },
     #[error("model {model}: {source}")]
-    Matrix {
-        model: String,
-        source: crate::matrix::MatrixError,
-    },
+    Matrix { model: String, source: crate::matrix::MatrixError },
     #[error("model {model}: cannot load {path}: {source}")]
-    Load {
-        model: String,
-        path: PathBuf,
-        source: tch::TchError,
-    },
+    Load { model: String, path: PathBuf, source: tch::TchError },
     #[error("model {model} does not behave as its metadata says: {reason}")]
     Contract { model: String, reason: String },
     #[error("libtorch: {0}")]
@@ -78,16 +71,11 @@ impl ModelInfo {
         matrix: Option<&std::path::Path>,
         batch: BatchPolicy,
     ) -> Result<Self, ModelError> {
-        let bundle = Bundle::open(dir).map_err(|reason| ModelError::Bundle {
-            model: name.into(),
-            reason,
-        })?;
+        let bundle = Bundle::open(dir).map_err(|reason| ModelError::Bundle { model: name.into(), reason })?;
         let matrix = match matrix {
             Some(path) => {
-                let m = DistanceMatrix::load(path).map_err(|source| ModelError::Matrix {
-                    model: name.into(),
-                    source,
-                })?;
+                let m =
+                    DistanceMatrix::load(path).map_err(|source| ModelError::Matrix { model: name.into(), source })?;
                 if m.len() != bundle.meta.num_classes {
                     return Err(ModelError::Bundle {
                         model: name.into(),
@@ -104,12 +92,7 @@ impl ModelInfo {
             }
             None => None,
         };
-        Ok(Self {
-            name: name.into(),
-            bundle,
-            matrix,
-            batch,
-        })
+        Ok(Self { name: name.into(), bundle, matrix, batch })
     }
 }
 
@@ -123,30 +106,17 @@ impl Catalog {
     pub fn from_config(config: &Config) -> Result<Self, ModelError> {
         let mut models = Vec::new();
         for m in &config.models {
-            let bundle_err = |reason: String| ModelError::Bundle {
-                model: m.name.clone(),
-                reason,
-            };
+            let bundle_err = |reason: String| ModelError::Bundle { model: m.name.clone(), reason };
             let dir = m.dir().map_err(|e| bundle_err(e.to_string()))?;
             let matrix = m.matrix_path().map_err(|e| bundle_err(e.to_string()))?;
-            let batch = BatchPolicy {
-                max_size: config.batch_size(m),
-                max_wait: config.batch_wait(m),
-            };
-            models.push(Arc::new(ModelInfo::open(
-                &m.name,
-                &dir,
-                matrix.as_deref(),
-                batch,
-            )?));
+            let batch = BatchPolicy { max_size: config.batch_size(m), max_wait: config.batch_wait(m) };
+            models.push(Arc::new(ModelInfo::open(&m.name, &dir, matrix.as_deref(), batch)?));
         }
         Ok(Self { models })
     }
 
     pub fn from_models(models: Vec<ModelInfo>) -> Self {
-        Self {
-            models: models.into_iter().map(Arc::new).collect(),
-        }
+        Self { models: models.into_iter().map(Arc::new).collect() }
     }
 
     /// The named model, or the default one when `name` is None.
@@ -199,19 +169,13 @@ impl LoadedModel {
     /// (class count, feature size) so that a mismatched bundle fails at start-up, not mid-request.
     pub fn load(info: Arc<ModelInfo>, device: Device) -> Result<Self, ModelError> {
         let path = info.bundle.model_path();
-        let mut module =
-            tch::CModule::load_on_device(&path, device).map_err(|source| ModelError::Load {
-                model: info.name.clone(),
-                path: path.clone(),
-                source,
-            })?;
+        let mut module = tch::CModule::load_on_device(&path, device).map_err(|source| ModelError::Load {
+            model: info.name.clone(),
+            path: path.clone(),
+            source,
+        })?;
         module.f_set_eval()?;
-        let model = Self {
-            info,
-            module,
-            device,
-            passes: Arc::default(),
-        };
+        let model = Self { info, module, device, passes: Arc::default() };
         model.check_contract()?;
         Ok(model)
     }
@@ -221,10 +185,7 @@ impl LoadedModel {
         let name = &self.info.name;
         let probe = Tensor::f_full([2, 3, s, s], 0.5, (Kind::Float, self.device))?;
         let (logits, feats) = tch::no_grad(|| -> Result<_, tch::TchError> {
-            Ok((
-                self.module.forward_ts(&[&probe])?,
-                self.module.method_ts("features", &[&probe])?,
-            ))
+            Ok((self.module.forward_ts(&[&probe])?, self.module.method_ts("features", &[&probe])?))
         })
         .map_err(|e| ModelError::Contract {
             model: name.clone(),
@@ -234,22 +195,14 @@ impl LoadedModel {
         if logits.size() != want_logits {
             return Err(ModelError::Contract {
                 model: name.clone(),
-                reason: format!(
-                    "forward gives {:?}, metadata promises {:?}",
-                    logits.size(),
-                    want_logits
-                ),
+                reason: format!("forward gives {:?}, metadata promises {:?}", logits.size(), want_logits),
             });
         }
         let want_feats = vec![2, self.info.bundle.meta.feature_dim as i64];
         if feats.size() != want_feats {
             return Err(ModelError::Contract {
                 model: name.clone(),
-                reason: format!(
-                    "features gives {:?}, metadata promises {:?}",
-                    feats.size(),
-                    want_feats
-                ),
+                reason: format!("features gives {:?}, metadata promises {:?}", feats.size(), want_feats),
             });
         }
         Ok(())
@@ -272,12 +225,7 @@ impl LoadedModel {
     }
 
     /// ∂loss/∂inputs in one backward pass (torch.autograd.grad).
-    pub fn backward(
-        &self,
-        loss: &Tensor,
-        inputs: &[Tensor],
-        keep_graph: bool,
-    ) -> Result<Vec<Tensor>, tch::TchError> {
+    pub fn backward(&self, loss: &Tensor, inputs: &[Tensor], keep_graph: bool) -> Result<Vec<Tensor>, tch::TchError> {
         self.passes.backward.fetch_add(1, Ordering::Relaxed);
         Tensor::f_run_backward(&[loss], inputs, keep_graph, false)
     }
@@ -286,14 +234,10 @@ impl LoadedModel {
     pub fn classifier_weight(&self) -> Result<Tensor, ModelError> {
         let want = &self.info.bundle.meta.classifier.weight;
         let params = self.module.named_parameters()?;
-        let w = params
-            .into_iter()
-            .find(|(n, _)| n == want)
-            .map(|(_, t)| t)
-            .ok_or_else(|| ModelError::Contract {
-                model: self.info.name.clone(),
-                reason: format!("no parameter named {want:?} (metadata classifier.weight)"),
-            })?;
+        let w = params.into_iter().find(|(n, _)| n == want).map(|(_, t)| t).ok_or_else(|| ModelError::Contract {
+            model: self.info.name.clone(),
+            reason: format!("no parameter named {want:?} (metadata classifier.weight)"),
+        })?;
         let n = self.info.num_classes() as i64;
         if w.size().first() != Some(&n) || w.dim() != 2 {
             return Err(ModelError::Contract {
@@ -301,18 +245,13 @@ impl LoadedModel {
                 reason: format!("{want} has shape {:?}, expected [{n}, features]", w.size()),
             });
         }
-        Ok(w.f_to_device(Device::Cpu)?
-            .f_to_kind(Kind::Float)?
-            .f_detach()?)
+        Ok(w.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_detach()?)
     }
 }
 
 /// A `[B, C]` tensor as B rows of f32 on the CPU.
 pub fn tensor_rows(t: &Tensor) -> Result<Vec<Vec<f32>>, tch::TchError> {
-    let t = t
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(Kind::Float)?
-        .f_contiguous()?;
+    let t = t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
     let (b, c) = (t.size()[0] as usize, t.size()[1] as usize);
     let mut flat = vec![0f32; b * c];
     t.f_copy_data(&mut flat, b * c)?;

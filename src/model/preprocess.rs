@@ -9,15 +9,9 @@ use super::bundle::InputSpec;
 /// Size after scaling the short side to `short` (torchvision's rule: the long side is floored).
 pub fn resized_dims(h: i64, w: i64, short: i64) -> (i64, i64) {
     if h <= w {
-        (
-            short,
-            ((short as f64) * (w as f64) / (h as f64)).floor().max(1.0) as i64,
-        )
+        (short, ((short as f64) * (w as f64) / (h as f64)).floor().max(1.0) as i64)
     } else {
-        (
-            ((short as f64) * (h as f64) / (w as f64)).floor().max(1.0) as i64,
-            short,
-        )
+        (((short as f64) * (h as f64) / (w as f64)).floor().max(1.0) as i64, short)
     }
 }
 
@@ -48,12 +42,7 @@ pub fn rgb8_to_tensor(rgb: &[u8], width: u32, height: u32) -> Result<Tensor, tch
 
 /// The classify pipeline on the CPU: 8-bit RGB → `[1,3,S,S]` model input. `/classify` and the
 /// attacks' 8-bit re-checks both go through here, so they cannot disagree.
-pub fn prepare_rgb8(
-    rgb: &[u8],
-    width: u32,
-    height: u32,
-    spec: &InputSpec,
-) -> Result<Tensor, tch::TchError> {
+pub fn prepare_rgb8(rgb: &[u8], width: u32, height: u32, spec: &InputSpec) -> Result<Tensor, tch::TchError> {
     let x = rgb8_to_tensor(rgb, width, height)?;
     resize_crop(&x, spec)?.f_contiguous()
 }
@@ -77,10 +66,7 @@ pub fn tensor_to_rgb8(x: &Tensor) -> Result<Vec<u8>, tch::TchError> {
 
 /// Rounds to the 8-bit grid without leaving the device: what a PNG of `x` would decode to.
 pub fn quantize(x: &Tensor) -> Result<Tensor, tch::TchError> {
-    x.f_clamp(0.0, 1.0)?
-        .f_mul_scalar(255.0)?
-        .f_round()?
-        .f_div_scalar(255.0)
+    x.f_clamp(0.0, 1.0)?.f_mul_scalar(255.0)?.f_round()?.f_div_scalar(255.0)
 }
 
 #[cfg(test)]
@@ -107,25 +93,15 @@ mod tests {
 
     #[test]
     fn output_is_the_centre_crop_and_differentiable() {
-        let x =
-            Tensor::rand([2, 3, 300, 451], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let x = Tensor::rand([2, 3, 300, 451], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         let y = resize_crop(&x, &spec()).unwrap();
         assert_eq!(y.size(), vec![2, 3, 224, 224]);
         y.sum(Kind::Float).backward();
         let g = x.grad();
         assert_eq!(g.size(), x.size());
         // Border columns fall outside the crop and must get no gradient; the centre must.
-        assert_eq!(
-            g.narrow(3, 0, 2).abs().sum(Kind::Float).double_value(&[]),
-            0.0
-        );
-        assert!(
-            g.narrow(3, 200, 20)
-                .abs()
-                .sum(Kind::Float)
-                .double_value(&[])
-                > 0.0
-        );
+        assert_eq!(g.narrow(3, 0, 2).abs().sum(Kind::Float).double_value(&[]), 0.0);
+        assert!(g.narrow(3, 200, 20).abs().sum(Kind::Float).double_value(&[]) > 0.0);
     }
 
     #[test]

@@ -1,0 +1,200 @@
+//! Test harness: starts the real `labelfool serve` binary on an ephemeral port with a config
+//! written for the test, and speaks real HTTP to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_labelfool");
+
+/// Where `scripts/setup` put the models (tests need the setup to have run: `scripts/test` does).
+pub fn models_dir() -> PathBuf {
+    let cache = std::env::var_os("LABELFOOL_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/labelfool"));
+    let dir = cache.join("models");
+    assert!(dir.join("tiny/model.pt").is_file(), "no models under {}: run scripts/setup first", dir.display());
+    dir
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+pub fn read_fixture(rel: &str) -> Vec<u8> {
+    std::fs::read(fixture(rel)).unwrap_or_else(|e| panic!("fixture {rel}: {e}"))
+}
+
+/// Sample images (ImageNet, one per class) shipped in tests/fixtures/images, sorted.
+pub fn sample_images() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(fixture("images")).unwrap().map(|e| e.unwrap().path()).collect();
+    v.sort();
+    v
+}
+
+/// The WordNet id in a `<wnid>_<name>.JPEG` file name.
+pub fn wnid_of(path: &std::path::Path) -> String {
+    path.file_name().unwrap().to_str().unwrap().split('_').next().unwrap().to_string()
+}
+
+/// A config with the tiny test models (tiny, tiny-faulty) on the CPU; `extra` is appended TOML
+/// (sections must not repeat, so it gets its own).
+pub fn tiny_config(extra: &str) -> String {
+    let m = models_dir();
+    format!(
+        "{extra}\n[[models]]\nname = \"tiny\"\ndir = \"{}\"\n\n[[models]]\nname = \"tiny-faulty\"\ndir = \"{}\"\n",
+        m.join("tiny").display(),
+        m.join("tiny-faulty").display()
+    )
+}
+
+pub fn default_model_config(extra: &str) -> String {
+    format!(
+        "{extra}\n[[models]]\nname = \"efficientnet-lite0\"\ndir = \"{}\"\n",
+        models_dir().join("efficientnet-lite0").display()
+    )
+}
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    pub addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+    pub stderr: PathBuf,
+}
+
+impl Server {
+    /// Starts the server with `config` (TOML) and waits until `/ready` answers 200.
+    pub fn start(config: &str) -> Self {
+        Self::start_with_env(config, &[])
+    }
+
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        let cfg = if config.contains("[engine]") {
+            config.to_string()
+        } else {
+            format!("[engine]\ndevice = \"cpu\"\n{config}")
+        };
+        std::fs::write(&path, cfg).unwrap();
+        let stderr = dir.path().join("stderr.log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"])
+            .arg(&path)
+            .args(["--bind", "127.0.0.1:0"])
+            .env_remove("LABELFOOL_BIND")
+            .env_remove("LABELFOOL_API_KEY")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn labelfool serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr: std::net::SocketAddr = line
+            .trim()
+            .strip_prefix("labelfool listening on http://")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; stderr: {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                )
+            })
+            .parse()
+            .unwrap();
+        let server = Self { child, base: format!("http://{addr}"), addr, _dir: dir, stderr };
+        server.wait_ready(Duration::from_secs(120));
+        server
+    }
+
+    fn wait_ready(&self, limit: Duration) {
+        let started = Instant::now();
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(self.addr) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.starts_with("HTTP/1.1 200") {
+                    return;
+                }
+            }
+            assert!(started.elapsed() < limit, "server not ready after {limit:?}: {}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self, limit: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(started.elapsed() < limit, "server did not exit within {limit:?} of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap()
+}
+
+pub fn multipart_image(bytes: Vec<u8>, name: &str) -> reqwest::multipart::Form {
+    reqwest::multipart::Form::new().part("image", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()))
+}
+
+/// A non-square RGBA PNG made from a sample photo: a crop with an alpha gradient.
+pub fn rgba_png_from(path: &std::path::Path, w: u32, h: u32) -> Vec<u8> {
+    let img = image::open(path).unwrap().to_rgb8();
+    let mut out = image::RgbaImage::new(w, h);
+    for (x, y, p) in out.enumerate_pixels_mut() {
+        let src = img.get_pixel(x.min(img.width() - 1), y.min(img.height() - 1));
+        *p = image::Rgba([src[0], src[1], src[2], (128 + (x * 127 / w.max(1))) as u8]);
+    }
+    let mut buf = Vec::new();
+    out.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png).unwrap();
+    buf
+}
+
+/// Re-encodes an image file as PNG (RGB).
+pub fn png_from(path: &std::path::Path) -> Vec<u8> {
+    let img = image::open(path).unwrap().to_rgb8();
+    let mut buf = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png).unwrap();
+    buf
+}
+
+pub fn decode_dims(png: &[u8]) -> (u32, u32, bool) {
+    let img = image::load_from_memory(png).unwrap();
+    (img.width(), img.height(), img.color().has_alpha())
+}

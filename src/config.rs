@@ -177,13 +177,7 @@ impl Default for Limits {
 
 impl Default for AttackDefaults {
     fn default() -> Self {
-        Self {
-            max_iter: 50,
-            overshoot: 0.02,
-            delta1: 0.8,
-            delta2: 0.01,
-            margins: vec![0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
-        }
+        Self { max_iter: 50, overshoot: 0.02, delta1: 0.8, delta2: 0.01, margins: vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0] }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod attack;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod eval;
 pub mod http;
 pub mod imaging;
 pub mod matrix;

@@ -2,11 +2,23 @@
 //! `x ← clip(x + (1+overshoot)·(need/‖w‖²)·w)` with `w = ∇(f_t − f_k)`, k the strongest other
 //! class and `need = κ − (f_t − f_k)`, one forward and one backward pass per step.
 //!
-//! κ is the quantisation guard. With κ = 0 this is the paper's step (`need = |g|` when k is the
-//! current argmax). Rounding the float result to 8 bits can undo the last, tiny step; stepping on
-//! from the rounded image often stalls. So when the 8-bit re-check misses, the row demands the
-//! next margin from `params.margins` (in logits) and steps on from the float image: easy images
-//! keep the paper's minimal perturbation, hard ones pay only the margin they need.
+//! κ is the quantisation guard; with κ = 0 and no rounding this is the paper's step (`need = |g|`
+//! when k is the current argmax). Users download 8-bit images, and rounding removes every part of
+//! the perturbation smaller than half a grey level — systematically, not as noise — so the float
+//! attack's last, tiny step rarely survives. Two things keep the delivered image adversarial
+//! without paying a fixed margin on easy images:
+//!
+//! * **Predicted rounding loss.** With the last gradient w, the gap of the rounded image is
+//!   linearly `gap + w·(q(x) − x)`. The row checks an 8-bit image only when that prediction reaches
+//!   κ, and otherwise steps on with the loss added to what it needs: no pass is spent on checks
+//!   that the linear model already knows will fail.
+//! * **Margins learnt from misses.** κ starts at the first of `params.margins` (0: just cross the
+//!   boundary, as predicted after rounding). When a real 8-bit check still misses, the miss measures
+//!   the prediction's error, and κ becomes the smallest listed margin that covers it with 10% to
+//!   spare. Responses report the margin that was needed.
+//!
+//! The first forward pass at the original image doubles as its classification: it runs the same
+//! preprocessing ops as `/classify` (bit-identical on the CPU), so no separate pass is spent.
 
 use std::sync::Arc;
 
@@ -15,13 +27,14 @@ use tch::{Kind, Tensor};
 use super::target::{self, argmax, softmax};
 use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, Scored, best_other, scored};
 use crate::model::ModelInfo;
+use crate::model::preprocess::quantize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// Classify the original image (through the classify pipeline) and choose the target.
+    /// The first forward pass: classify the original image and choose the target.
     Initial,
     Stepping,
-    /// The float image has the margin: is its 8-bit version the target?
+    /// The 8-bit image is predicted to have the margin: is it the target?
     Checking,
     /// Out of iterations (or stuck): classify what will be delivered, then stop.
     FinalCheck,
@@ -37,8 +50,12 @@ pub struct LabelFoolRow {
     decision: Option<target::TargetDecision>,
     original: Option<Scored>,
     margin_idx: usize,
-    /// `κ − (f_t − f_k)` at the last forward, for the step that follows.
+    /// The last (masked) gradient of f_t − f_k, for predicting the rounding loss.
+    w: Option<Tensor>,
+    /// `κ − (predicted 8-bit gap)` at the last forward, for the step that follows.
     need: f64,
+    /// Predicted 8-bit gap of the image sent to the check.
+    predicted_gap: f64,
     iterations: u32,
     checks: u32,
     last: Option<(Vec<u8>, Vec<f32>)>,
@@ -55,7 +72,9 @@ impl LabelFoolRow {
             decision: None,
             original: None,
             margin_idx: 0,
+            w: None,
             need: 0.0,
+            predicted_gap: 0.0,
             iterations: 0,
             checks: 0,
             last: None,
@@ -64,9 +83,31 @@ impl LabelFoolRow {
         }
     }
 
+    /// κ: the logit margin the 8-bit image must be predicted to have before it is checked.
     fn margin(&self) -> f64 {
         let m = &self.params.margins;
         m[self.margin_idx.min(m.len().saturating_sub(1))]
+    }
+
+    /// After a miss that the prediction got wrong by `error` logits: the smallest listed margin
+    /// above the current one that covers the error with 10% to spare (the largest listed if none).
+    fn raise_margin(&mut self, error: f64) {
+        let m = &self.params.margins;
+        let current = self.margin();
+        self.margin_idx = m
+            .iter()
+            .position(|&k| k > current && k >= 1.1 * error)
+            .unwrap_or(m.len().saturating_sub(1))
+            .max(self.margin_idx + 1)
+            .min(m.len().saturating_sub(1));
+    }
+
+    /// What rounding `x` to 8 bits is predicted to cost the gap (≥ 0), from the last gradient.
+    fn predicted_rounding_loss(&self) -> Result<f64, AttackError> {
+        let Some(w) = &self.w else { return Ok(0.0) };
+        let delta = quantize(&self.x)?.f_sub(&self.x)?;
+        let change = w.f_mul(&delta)?.f_sum(Kind::Double)?.f_double_value(&[])?;
+        Ok((-change).max(0.0))
     }
 
     fn choose_target(&mut self, probs: &[f32]) -> Result<(), AttackError> {
@@ -94,8 +135,8 @@ impl LabelFoolRow {
 impl AttackRow for LabelFoolRow {
     fn need(&self) -> Need {
         match self.phase {
-            Phase::Stepping => Need::Forward,
-            _ => Need::Check,
+            Phase::Initial | Phase::Stepping => Need::Forward,
+            Phase::Checking | Phase::FinalCheck | Phase::Done => Need::Check,
         }
     }
 
@@ -107,11 +148,17 @@ impl AttackRow for LabelFoolRow {
         if logits.iter().any(|v| !v.is_finite()) {
             return Err(AttackError::NonFinite);
         }
+        if self.phase == Phase::Initial {
+            self.choose_target(&softmax(logits))?;
+            self.phase = Phase::Stepping;
+        }
         let t = self.target;
         let (k, fk) = best_other(logits, t);
         let gap = f64::from(logits[t] - fk);
+        let loss = self.predicted_rounding_loss()?;
         let kappa = self.margin();
-        if gap > 0.0 && gap >= kappa {
+        if gap > 0.0 && gap - loss >= kappa {
+            self.predicted_gap = gap - loss;
             self.phase = Phase::Checking;
             return Ok(Vec::new());
         }
@@ -119,7 +166,7 @@ impl AttackRow for LabelFoolRow {
             self.phase = Phase::FinalCheck;
             return Ok(Vec::new());
         }
-        self.need = kappa - gap;
+        self.need = kappa + loss - gap;
         let mut objective = vec![0.0f32; logits.len()];
         objective[t] = 1.0;
         objective[k] = -1.0;
@@ -127,9 +174,7 @@ impl AttackRow for LabelFoolRow {
     }
 
     fn on_gradients(&mut self, grads: Vec<Tensor>) -> Result<(), AttackError> {
-        let Some(w) = grads.into_iter().next() else {
-            return Ok(());
-        };
+        let Some(w) = grads.into_iter().next() else { return Ok(()) };
         // Pixels already at 0 (1) cannot go lower (higher): their part of the step would be
         // clipped away, so it must not count in ‖w‖ either.
         let stuck = self
@@ -147,6 +192,7 @@ impl AttackRow for LabelFoolRow {
         }
         let scale = (1.0 + self.params.overshoot) * (self.need + 1e-4) / norm2;
         self.x = self.x.f_add(&w.f_mul_scalar(scale)?)?.f_clamp(0.0, 1.0)?.f_detach()?;
+        self.w = Some(w);
         Ok(())
     }
 
@@ -156,22 +202,17 @@ impl AttackRow for LabelFoolRow {
         }
         self.checks += 1;
         let probs = softmax(logits);
-        match self.phase {
-            Phase::Initial => {
-                self.choose_target(&probs)?;
-                self.phase = Phase::Stepping;
-            }
-            Phase::Checking | Phase::FinalCheck => {
-                self.success = argmax(&probs) == self.target;
-                let last_chance = self.phase == Phase::FinalCheck || self.iterations >= self.params.max_iter;
-                self.phase = if self.success || last_chance {
-                    Phase::Done
-                } else {
-                    self.margin_idx += 1;
-                    Phase::Stepping
-                };
-            }
-            Phase::Stepping | Phase::Done => {}
+        if matches!(self.phase, Phase::Checking | Phase::FinalCheck) {
+            self.success = argmax(&probs) == self.target;
+            let last_chance = self.phase == Phase::FinalCheck || self.iterations >= self.params.max_iter;
+            self.phase = if self.success || last_chance {
+                Phase::Done
+            } else {
+                let (_, best) = best_other(logits, self.target);
+                let error = self.predicted_gap - f64::from(logits[self.target] - best);
+                self.raise_margin(error);
+                Phase::Stepping
+            };
         }
         self.last = Some((rgb, probs));
         Ok(())
@@ -186,8 +227,8 @@ impl AttackRow for LabelFoolRow {
     }
 
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
-        let original = self.original.ok_or(AttackError::NonFinite)?;
         let margin = self.success.then(|| self.margin());
+        let original = self.original.ok_or(AttackError::NonFinite)?;
         let (rgb, probs) = self.last.ok_or(AttackError::NonFinite)?;
         Ok(AttackOutcome {
             method: Method::Labelfool,

@@ -94,7 +94,7 @@ pub struct AttackOutcome {
     pub success: bool,
     /// Gradient steps taken (one backward pass each).
     pub iterations: u32,
-    /// 8-bit re-checks run (forward only), the initial classification included.
+    /// 8-bit re-checks run (forward only).
     pub checks: u32,
     /// Logit margin demanded when the attack succeeded (LabelFool's quantisation guard).
     pub margin: Option<f64>,

@@ -4,6 +4,7 @@
 mod attack;
 mod classify;
 mod doctor;
+mod eval;
 mod matrix;
 mod serve;
 
@@ -54,6 +55,8 @@ pub enum Command {
     },
     /// Report libtorch, CUDA, the chosen device and the configured models.
     Doctor(doctor::DoctorArgs),
+    /// Run attacks over a folder of images and write the paper's comparison report.
+    Eval(eval::EvalArgs),
     /// Build distance matrices.
     #[command(subcommand)]
     Matrix(matrix::MatrixCommand),
@@ -62,7 +65,12 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     crate::telemetry::init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // No tokio thread may grow its own OpenMP team (see `single_threaded_torch_here`).
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(crate::model::single_threaded_torch_here)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -77,6 +85,7 @@ pub fn main() -> ExitCode {
             Command::TargetLabel(args) => attack::run_target(&cli, args).await,
             Command::Openapi { output } => write_openapi(output.as_deref()),
             Command::Doctor(args) => doctor::run(&cli, args).await,
+            Command::Eval(args) => eval::run(&cli, args).await,
             Command::Matrix(cmd) => matrix::run(&cli, cmd).await,
         }
     });

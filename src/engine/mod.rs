@@ -305,6 +305,7 @@ impl Engine {
         let limits = self.inner.settings.decode;
         let spec = info.input().clone();
         let (img, input) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
+            crate::model::single_threaded_torch_here();
             let img = imaging::decode(&bytes, &limits)?;
             let x = prepare_rgb8(&img.rgb, img.width, img.height, &spec).map_err(|e| EngineError::Job(e.into()))?;
             let n = x.numel();

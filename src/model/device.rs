@@ -51,6 +51,25 @@ impl fmt::Display for DeviceSpec {
     }
 }
 
+unsafe extern "C" {
+    /// libgomp (linked by torch-sys): sets the calling thread's OpenMP thread-count ICV only.
+    fn omp_set_num_threads(n: std::os::raw::c_int);
+}
+
+/// Makes libtorch CPU ops called from *this* thread run on this thread alone.
+///
+/// Every OS thread that runs a libtorch op gets its own OpenMP team. Once a process has more
+/// OpenMP threads than cores, libgomp stops spin-waiting between parallel regions, and each of
+/// the hundreds of regions in a forward pass pays a futex wake-up: measured here (2 cores), the
+/// worker's attacks ran 1.6× slower for the rest of the process after one libtorch op on another
+/// thread. So every thread but the worker (tokio's blocking pool, which resizes images) calls
+/// this first; the worker keeps libtorch's default of one thread per core. Unlike
+/// `tch::set_num_threads`, this leaves the process-wide MKL and pthreadpool settings alone.
+pub fn single_threaded_torch_here() {
+    // SAFETY: omp_set_num_threads only writes the calling thread's ICV; any positive value is valid.
+    unsafe { omp_set_num_threads(1) }
+}
+
 pub fn device_name(d: tch::Device) -> String {
     match d {
         tch::Device::Cpu => "cpu".into(),

@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use bundle::{Bundle, InputSpec, ModelMeta};
 pub use classes::{ClassInfo, ClassList};
-pub use device::{DeviceSpec, device_name};
+pub use device::{DeviceSpec, device_name, single_threaded_torch_here};
 
 use crate::config::Config;
 use crate::matrix::DistanceMatrix;

@@ -1,0 +1,225 @@
+//! `labelfool eval`: runs attacks over a folder of images through the same engine as the server
+//! and writes per-image JSON Lines, a summary and a Markdown report with the paper's tables.
+
+pub mod dataset;
+pub mod report;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::attack::Method;
+use crate::engine::{AttackRequest, AttackResult, Engine};
+use crate::model::ModelInfo;
+use dataset::Sample;
+
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
+    pub images: PathBuf,
+    pub methods: Vec<Method>,
+    pub model: Option<String>,
+    pub out: PathBuf,
+    pub limit: Option<usize>,
+    /// Attacks in flight at once (rows of the worker's continuous batch).
+    pub concurrency: usize,
+    /// Parameters applied to every attack (method is set per run).
+    pub request: AttackRequest,
+}
+
+/// A class as reports show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassBrief {
+    pub index: usize,
+    pub label: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wnid: Option<String>,
+}
+
+impl ClassBrief {
+    fn new(info: &ModelInfo, index: usize) -> Self {
+        let c = info.classes().get(index);
+        Self { index, label: info.classes().label(index).to_string(), wnid: c.and_then(|c| c.wnid.clone()) }
+    }
+}
+
+/// One image under one method: a line of `results.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub file: String,
+    pub method: String,
+    pub true_class: Option<ClassBrief>,
+    /// Set when the image could not be attacked (unreadable, not an image, …).
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub result: Option<ResultFields>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultFields {
+    pub width: u32,
+    pub height: u32,
+    pub original: ClassBrief,
+    pub original_probability: f64,
+    pub original_correct: Option<bool>,
+    pub target: Option<ClassBrief>,
+    #[serde(rename = "final")]
+    pub final_: ClassBrief,
+    pub final_probability: f64,
+    pub success: bool,
+    pub iterations: u32,
+    pub checks: u32,
+    pub margin: Option<f64>,
+    pub perceptibility: f64,
+    pub l2: f64,
+    pub linf: f64,
+    pub l0: u64,
+    pub psnr: Option<f64>,
+    pub compute_ms: f64,
+    pub wall_ms: f64,
+}
+
+impl ResultFields {
+    fn new(info: &ModelInfo, sample: &Sample, r: &AttackResult, wall_ms: f64) -> Self {
+        let o = &r.outcome;
+        let p = &r.perturbation;
+        Self {
+            width: r.image.width,
+            height: r.image.height,
+            original: ClassBrief::new(info, o.original.index),
+            original_probability: o.original.probability,
+            original_correct: sample.label.map(|l| l == o.original.index),
+            target: o.target.map(|t| ClassBrief::new(info, t)),
+            final_: ClassBrief::new(info, o.final_.index),
+            final_probability: o.final_.probability,
+            success: o.success,
+            iterations: o.iterations,
+            checks: o.checks,
+            margin: o.margin,
+            perceptibility: p.perceptibility,
+            l2: p.l2,
+            linf: p.linf,
+            l0: p.l0,
+            psnr: p.psnr,
+            compute_ms: r.timings.compute_ms,
+            wall_ms,
+        }
+    }
+}
+
+/// Per-method wall time, for seconds per image.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodRun {
+    pub method: String,
+    pub wall_seconds: f64,
+    pub completed: usize,
+    pub interrupted: bool,
+}
+
+pub struct EvalOutput {
+    pub records: Vec<Record>,
+    pub runs: Vec<MethodRun>,
+    pub interrupted: bool,
+}
+
+/// Runs every method over every sample. Ctrl-C stops scheduling, abandons what is in flight and
+/// still writes a valid (partial) report.
+pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
+    let (_, info) = engine.model(opts.model.as_deref())?;
+    let mut samples = dataset::discover(&opts.images, info.classes())?;
+    if let Some(n) = opts.limit {
+        samples.truncate(n);
+    }
+    anyhow::ensure!(!samples.is_empty(), "no files in {}", opts.images.display());
+    std::fs::create_dir_all(&opts.out)?;
+    let mut jsonl = std::io::BufWriter::new(std::fs::File::create(opts.out.join("results.jsonl"))?);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("\ninterrupted: writing a partial report");
+                stop.cancel();
+            }
+        })
+    };
+    let total = (samples.len() * opts.methods.len()) as u64;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg:<12} [{bar:30}] {pos}/{len} images · {elapsed} elapsed · ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let mut records = Vec::new();
+    let mut runs = Vec::new();
+    for &method in &opts.methods {
+        if stop.is_cancelled() {
+            break;
+        }
+        bar.set_message(method.name());
+        let started = Instant::now();
+        let mut req = opts.request.clone();
+        req.method = Some(method.name().to_string());
+        let info = info.clone();
+        let jobs = futures::stream::iter(samples.iter().cloned()).map(|sample| {
+            let (engine, req, info, model) = (engine.clone(), req.clone(), info.clone(), opts.model.clone());
+            async move { attack_one(&engine, &info, model.as_deref(), &sample, req, method).await }
+        });
+        let mut stream = std::pin::pin!(jobs.buffer_unordered(opts.concurrency.max(1)).take_until(stop.cancelled()));
+        let mut completed = 0;
+        while let Some(record) = stream.next().await {
+            serde_json::to_writer(&mut jsonl, &record)?;
+            jsonl.write_all(b"\n")?;
+            jsonl.flush()?;
+            records.push(record);
+            completed += 1;
+            bar.inc(1);
+        }
+        runs.push(MethodRun {
+            method: method.name().into(),
+            wall_seconds: started.elapsed().as_secs_f64(),
+            completed,
+            interrupted: stop.is_cancelled(),
+        });
+    }
+    bar.finish_and_clear();
+    watcher.abort();
+    records.sort_by(|a, b| (a.method.as_str(), a.file.as_str()).cmp(&(b.method.as_str(), b.file.as_str())));
+    Ok(EvalOutput { records, runs, interrupted: stop.is_cancelled() })
+}
+
+async fn attack_one(
+    engine: &Engine,
+    info: &Arc<ModelInfo>,
+    model: Option<&str>,
+    sample: &Sample,
+    req: AttackRequest,
+    method: Method,
+) -> Record {
+    let file = sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let true_class = sample.label.map(|l| ClassBrief::new(info, l));
+    let record = |error: Option<String>, result: Option<ResultFields>| Record {
+        file: file.clone(),
+        method: method.name().into(),
+        true_class: true_class.clone(),
+        error,
+        result,
+    };
+    let bytes = match tokio::fs::read(&sample.path).await {
+        Ok(b) => b,
+        Err(e) => return record(Some(format!("cannot read: {e}")), None),
+    };
+    let started = Instant::now();
+    match engine.attack(model, bytes.into(), req, crate::cli::OFFLINE_DEADLINE).await {
+        Ok(r) => {
+            let fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
+            record(None, Some(fields))
+        }
+        Err(e) => record(Some(e.to_string()), None),
+    }
+}

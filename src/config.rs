@@ -64,7 +64,10 @@ pub struct ServerConfig {
     pub cors_origins: Vec<String>,
     /// Requests handled at once across all routes (tower concurrency limit).
     pub max_concurrent_requests: usize,
-    /// On SIGTERM/SIGINT, in-flight work may finish for this long before the process exits.
+    /// On SIGTERM/SIGINT, `/ready` turns 503 at once and the server keeps accepting requests for
+    /// this long (so load balancers stop sending new work), then stops accepting.
+    pub shutdown_delay_ms: u64,
+    /// After that, in-flight work may finish for this long before the process exits.
     pub shutdown_grace_secs: u64,
 }
 
@@ -141,6 +144,7 @@ impl Default for ServerConfig {
             metrics_require_key: false,
             cors_origins: Vec::new(),
             max_concurrent_requests: 512,
+            shutdown_delay_ms: 0,
             shutdown_grace_secs: 30,
         }
     }

@@ -37,3 +37,12 @@ pub fn init_metrics() -> Option<PrometheusHandle> {
         }
     }
 }
+
+/// GPU memory (used, total) in bytes for CUDA device `index`, read through NVML (loaded at run
+/// time, so CPU-only hosts simply get None).
+pub fn cuda_memory(index: u32) -> Option<(u64, u64)> {
+    static NVML: std::sync::OnceLock<Option<nvml_wrapper::Nvml>> = std::sync::OnceLock::new();
+    let nvml = NVML.get_or_init(|| nvml_wrapper::Nvml::init().ok()).as_ref()?;
+    let info = nvml.device_by_index(index).ok()?.memory_info().ok()?;
+    Some((info.used, info.total))
+}

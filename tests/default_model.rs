@@ -140,3 +140,19 @@ fn start_up_fails_clearly_on_a_bad_config() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn kserve_v2_infer_answers_zebra() {
+    use base64::Engine as _;
+    let s = Server::start(&default_model_config(""));
+    let b64 = base64::engine::general_purpose::STANDARD.encode(read_fixture("images/n02391049_zebra.JPEG"));
+    let body = serde_json::json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]});
+    let res = client().post(s.url("/v2/models/efficientnet-lite0/infer")).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    let out = &v["outputs"][0];
+    assert_eq!(out["shape"], serde_json::json!([1, 1000]));
+    let p: Vec<f64> = out["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    let best = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_eq!(best, 340, "zebra is class 340");
+}

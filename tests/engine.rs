@@ -57,3 +57,71 @@ async fn an_attack_of_k_iterations_runs_k_backward_passes() {
     }
     e.shutdown();
 }
+
+#[tokio::test]
+async fn batched_classification_equals_unbatched() {
+    let images: Vec<Vec<u8>> = sample_images().iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let inputs: Vec<Vec<u8>> = (0..32).map(|i| images[i % images.len()].clone()).collect();
+    // Alone: batches of one, submitted one after the other.
+    let alone_cfg = config("efficientnet-lite0", |c| c.engine.max_batch_size = 1);
+    let alone = engine(&alone_cfg).await;
+    let mut single = Vec::new();
+    for bytes in &inputs {
+        let c = alone.classify(None, bytes.clone().into(), DEADLINE).await.unwrap();
+        assert_eq!(c.timings.batch_size, 1);
+        single.push(c.probabilities);
+    }
+    alone.shutdown();
+    // Together: all 32 submitted at once, batched (the worker waits up to 50 ms to fill a batch).
+    let batched_cfg = config("efficientnet-lite0", |c| {
+        c.engine.max_batch_size = 32;
+        c.engine.max_batch_wait_ms = 50;
+    });
+    let e = engine(&batched_cfg).await;
+    let results = futures::future::join_all(inputs.iter().map(|b| e.classify(None, b.clone().into(), DEADLINE))).await;
+    let mut max_batch = 0;
+    for (i, r) in results.into_iter().enumerate() {
+        let c = r.unwrap();
+        max_batch = max_batch.max(c.timings.batch_size);
+        let top = |p: &[f32]| labelfool::engine::top_k(p, 5).into_iter().map(|(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(top(&c.probabilities), top(&single[i]), "image {i}: top-5 differs between batched and alone");
+        let diff = c.probabilities.iter().zip(&single[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5, "image {i}: probabilities differ by {diff}");
+    }
+    assert!(max_batch >= 8, "the requests were not batched (largest batch {max_batch})");
+    e.shutdown();
+}
+
+#[tokio::test]
+async fn continuously_batched_attacks_equal_attacks_alone() {
+    let files: Vec<_> = sample_images().into_iter().take(8).collect();
+    let e = engine(&config("efficientnet-lite0", |_| {})).await;
+    let mut alone = Vec::new();
+    for p in &files {
+        alone.push(e.attack(None, std::fs::read(p).unwrap().into(), AttackRequest::default(), DEADLINE).await.unwrap());
+    }
+    let ticks_before = e.stats().snapshot().attack_ticks;
+    let together = futures::future::join_all(
+        files.iter().map(|p| e.attack(None, std::fs::read(p).unwrap().into(), AttackRequest::default(), DEADLINE)),
+    )
+    .await;
+    let ticks = e.stats().snapshot().attack_ticks - ticks_before;
+    let mut max_batch = 0;
+    let iterations_alone: u32 = alone.iter().map(|a| a.outcome.iterations + 2 * a.outcome.checks).max().unwrap();
+    for ((p, a), t) in files.iter().zip(&alone).zip(together) {
+        let t = t.unwrap();
+        let name = p.file_name().unwrap().to_string_lossy();
+        max_batch = max_batch.max(t.timings.batch_size);
+        assert_eq!(t.outcome.target, a.outcome.target, "{name}: target");
+        assert_eq!(t.outcome.final_.index, a.outcome.final_.index, "{name}: final label");
+        assert_eq!(t.outcome.iterations, a.outcome.iterations, "{name}: iterations");
+        let (pa, pt) = (a.perturbation.perceptibility, t.perturbation.perceptibility);
+        assert!((pa - pt).abs() <= 0.01 * pa, "{name}: perceptibility {pt} vs {pa} alone");
+    }
+    assert_eq!(max_batch, 8, "all eight attacks must share the first tick");
+    assert!(
+        u64::from(iterations_alone) >= ticks,
+        "{ticks} ticks for what the longest attack alone needs {iterations_alone}"
+    );
+    e.shutdown();
+}

@@ -51,12 +51,19 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(%addr, models = ?engine.catalog().names(), "listening");
 
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    let delay = Duration::from_millis(config.server.shutdown_delay_ms);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_engine = engine.clone();
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown_signal().await;
-        tracing::info!(grace_secs = grace.as_secs(), "shutdown requested: /ready is 503, draining in-flight work");
         drain_engine.begin_drain();
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            grace_secs = grace.as_secs(),
+            "shutdown requested: /ready is 503"
+        );
+        tokio::time::sleep(delay).await;
+        tracing::info!("no longer accepting connections; draining in-flight work");
         let _ = stop_tx.send(());
     });
     let serving = tokio::spawn(async move { server.await });

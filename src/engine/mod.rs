@@ -325,6 +325,26 @@ impl Engine {
         })
     }
 
+    /// Probabilities for an input already preprocessed to the model's size (`3×S×S`, RGB in
+    /// [0,1], CHW) — the Open Inference Protocol's FP32 input. Batched like [`Self::classify`].
+    pub async fn classify_tensor(
+        &self,
+        model: Option<&str>,
+        input: Vec<f32>,
+        deadline: Duration,
+    ) -> Result<Vec<f32>, EngineError> {
+        let started = Instant::now();
+        let (idx, info) = self.model(model)?;
+        let s = info.input().size as usize;
+        if input.len() != 3 * s * s {
+            return Err(EngineError::invalid("input", format!("{} values; the model takes 3×{s}×{s}", input.len())));
+        }
+        if input.iter().any(|v| !v.is_finite()) {
+            return Err(EngineError::invalid("input", "values must be finite"));
+        }
+        Ok(self.submit_classify(idx, input, false, deadline, started).await?.probabilities)
+    }
+
     async fn submit_classify(
         &self,
         model: usize,

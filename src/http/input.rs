@@ -134,11 +134,13 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
                 Bytes::from_request(req, state).await.map_err(|e| body_error(e.status(), e.body_text()))?
             }
             "" if content_type.is_empty() => {
+                discard_body(req.into_body(), usize::MAX).await;
                 return Err(ApiError::unsupported_media(
                     "no Content-Type: send multipart/form-data (field `image`), image/*, or application/json",
                 ));
             }
             _ => {
+                discard_body(req.into_body(), usize::MAX).await;
                 return Err(ApiError::unsupported_media(format!(
                     "Content-Type {content_type:?} is not accepted: send multipart/form-data (field `image`), image/*, or application/json"
                 )));
@@ -146,6 +148,13 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
         };
         Ok(Self { bytes, params })
     }
+}
+
+/// Reads and drops a body we are refusing (up to `limit` bytes). Answering before the client has
+/// finished sending makes hyper close the connection under it, and the client never sees the
+/// answer; the body limit still caps what a refused request can make us read.
+pub async fn discard_body(body: axum::body::Body, limit: usize) {
+    let _ = axum::body::to_bytes(body, limit).await;
 }
 
 fn decode_base64(s: &str) -> Result<Bytes, ApiError> {

@@ -42,6 +42,14 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     }
 }
 
+/// What the load-shedding concurrency limit answers past `server.max_concurrent_requests`.
+pub async fn overloaded(_: tower::BoxError) -> ApiError {
+    let mut e =
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry later");
+    e.retry_after = Some(1);
+    e
+}
+
 fn cors(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
@@ -88,6 +96,7 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
     if presented.as_bytes().ct_eq(key.as_bytes()).into() {
         next.run(req).await
     } else {
+        super::input::discard_body(req.into_body(), state.config.limits.max_body_bytes).await;
         ApiError::unauthorized().into_response()
     }
 }

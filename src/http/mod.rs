@@ -10,6 +10,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod ops;
 pub mod target;
+pub mod v2;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -51,16 +52,32 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
-    let api = Router::new()
+    // Routes that do model work share the concurrency limit; past it, requests are shed with 503
+    // at once rather than queued without bound. Probes and metrics stay outside it.
+    let work = Router::new()
         .route("/classify", post(classify::classify))
         .route("/target-label", get(target::preview).post(target::decide))
         .route("/attack", post(attack::attack))
+        .route("/v2/models/{name}/infer", post(v2::infer))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(middleware::overloaded))
+                .load_shed()
+                .concurrency_limit(state.config.server.max_concurrent_requests),
+        );
+    let api = Router::new()
+        .merge(work)
         .route("/models", get(ops::models))
         .route("/models/{name}/classes", get(ops::classes))
         .route("/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
         .route("/health", get(ops::health))
         .route("/ready", get(ops::ready))
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/models/{name}", get(v2::model_metadata))
+        .route("/v2/models/{name}/ready", get(v2::model_ready))
         .fallback(error::not_found);
     middleware::apply(api, &state).layer(DefaultBodyLimit::max(body_limit)).with_state(state)
 }

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{attack, classify, dto, error, ops, target};
+use super::{attack, classify, dto, error, ops, target, v2};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,12 @@ use super::{attack, classify, dto, error, ops, target};
         ops::classes,
         ops::openapi,
         ops::metrics,
+        v2::server_metadata,
+        v2::live,
+        v2::ready,
+        v2::model_metadata,
+        v2::model_ready,
+        v2::infer,
     ),
     components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance)),
     modifiers(&BearerAuth),
@@ -32,6 +38,7 @@ use super::{attack, classify, dto, error, ops, target};
         (name = "classification", description = "Classify images"),
         (name = "labelfool", description = "Target-label selection and adversarial generation"),
         (name = "operations", description = "Health, readiness, models, metrics"),
+        (name = "kserve-v2", description = "Open Inference Protocol (KServe v2) for classification"),
     )
 )]
 struct ApiDoc;

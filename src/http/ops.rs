@@ -117,6 +117,12 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let (classify, attack) = state.engine.queue_depths();
     metrics::gauge!("labelfool_queue_depth", "queue" => "classify").set(classify as f64);
     metrics::gauge!("labelfool_queue_depth", "queue" => "attack").set(attack as f64);
+    let cuda = state.device.get().and_then(|d| d.strip_prefix("cuda:")).and_then(|n| n.parse::<u32>().ok());
+    if let Some((used, total)) = cuda.and_then(crate::telemetry::cuda_memory) {
+        let device = format!("cuda:{}", cuda.unwrap_or_default());
+        metrics::gauge!("labelfool_device_memory_used_bytes", "device" => device.clone()).set(used as f64);
+        metrics::gauge!("labelfool_device_memory_total_bytes", "device" => device).set(total as f64);
+    }
     match &state.metrics {
         Some(handle) => {
             (StatusCode::OK, [("content-type", "text/plain; version=0.0.4")], handle.render()).into_response()

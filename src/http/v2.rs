@@ -1,0 +1,267 @@
+//! The Open Inference Protocol (KServe v2 REST) for classification, so model-serving stacks can
+//! call LabelFool like any other model. Inputs: `BYTES` (encoded images, base64 strings in JSON)
+//! or `FP32` (NCHW tensors already preprocessed to the model's input size, RGB in [0,1]). Output:
+//! `probabilities`, `FP32 [N, classes]`. Errors follow the protocol: `{"error": "<message>"}`.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Errors in the protocol's shape.
+pub struct V2Error(ApiError);
+
+impl<E: Into<ApiError>> From<E> for V2Error {
+    fn from(e: E) -> Self {
+        Self(e.into())
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct V2ErrorBody {
+    pub error: String,
+}
+
+impl IntoResponse for V2Error {
+    fn into_response(self) -> Response {
+        let mut res = (self.0.status, Json(V2ErrorBody { error: self.0.message })).into_response();
+        if let Some(secs) = self.0.retry_after {
+            res.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        res
+    }
+}
+
+fn bad(msg: impl Into<String>) -> V2Error {
+    V2Error(ApiError::bad_request("bad_request", msg))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Live {
+    pub live: bool,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Ready {
+    pub ready: bool,
+}
+
+/// Server liveness (OIP).
+#[utoipa::path(get, path = "/v2/health/live", tag = "kserve-v2", security(()), responses((status = 200, body = Live)))]
+pub async fn live() -> Json<Live> {
+    Json(Live { live: true })
+}
+
+/// Server readiness (OIP): 200 once models are loaded.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "kserve-v2", security(()), responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let ready = state.engine.is_ready();
+    (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Ready { ready }))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ServerMetadata {
+    pub name: String,
+    pub version: String,
+    pub extensions: Vec<String>,
+}
+
+/// Server metadata (OIP).
+#[utoipa::path(get, path = "/v2", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
+pub async fn server_metadata() -> Json<ServerMetadata> {
+    Json(ServerMetadata { name: "labelfool".into(), version: env!("CARGO_PKG_VERSION").into(), extensions: Vec::new() })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TensorMetadata {
+    pub name: String,
+    pub datatype: String,
+    pub shape: Vec<i64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelMetadata {
+    pub name: String,
+    pub versions: Vec<String>,
+    pub platform: String,
+    pub inputs: Vec<TensorMetadata>,
+    pub outputs: Vec<TensorMetadata>,
+}
+
+/// Model metadata (OIP): accepted inputs and the output.
+#[utoipa::path(get, path = "/v2/models/{name}", tag = "kserve-v2", params(("name" = String, Path)),
+    responses((status = 200, body = ModelMetadata), (status = 404, body = V2ErrorBody)))]
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ModelMetadata>, V2Error> {
+    let (_, m) = state.engine.model(Some(&name))?;
+    let s = m.input().size;
+    Ok(Json(ModelMetadata {
+        name: m.name.clone(),
+        versions: vec!["1".into()],
+        platform: "pytorch_torchscript".into(),
+        inputs: vec![
+            TensorMetadata { name: "image".into(), datatype: "BYTES".into(), shape: vec![-1] },
+            TensorMetadata { name: "input".into(), datatype: "FP32".into(), shape: vec![-1, 3, s, s] },
+        ],
+        outputs: vec![TensorMetadata {
+            name: "probabilities".into(),
+            datatype: "FP32".into(),
+            shape: vec![-1, m.num_classes() as i64],
+        }],
+    }))
+}
+
+/// Model readiness (OIP).
+#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "kserve-v2", params(("name" = String, Path)),
+    responses((status = 200, body = Ready), (status = 404, body = V2ErrorBody)))]
+pub async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Ready>, V2Error> {
+    state.engine.model(Some(&name))?;
+    Ok(Json(Ready { ready: state.engine.is_ready() }))
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct InferRequest {
+    pub id: Option<String>,
+    pub inputs: Vec<InferInput>,
+    /// Requested outputs; only `probabilities` exists.
+    #[serde(default)]
+    pub outputs: Vec<RequestedOutput>,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct InferInput {
+    pub name: String,
+    pub shape: Vec<i64>,
+    /// `BYTES` (base64-encoded image files) or `FP32` (NCHW, preprocessed, [0,1]).
+    pub datatype: String,
+    /// Flat (row-major) or nested array.
+    #[schema(value_type = Vec<Object>)]
+    pub data: serde_json::Value,
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct RequestedOutput {
+    pub name: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InferResponse {
+    pub model_name: String,
+    pub model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub outputs: Vec<InferOutput>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct InferOutput {
+    pub name: String,
+    pub shape: Vec<i64>,
+    pub datatype: String,
+    /// Row-major probabilities.
+    pub data: Vec<f32>,
+}
+
+fn flatten(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
+    match v {
+        serde_json::Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
+        other => out.push(other.clone()),
+    }
+}
+
+/// Inference (OIP): probabilities for a batch of images or preprocessed tensors.
+#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve-v2", params(("name" = String, Path)),
+    request_body = InferRequest,
+    responses(
+        (status = 200, body = InferResponse),
+        (status = 400, description = "Malformed request or undecodable image", body = V2ErrorBody),
+        (status = 404, body = V2ErrorBody), (status = 413, body = V2ErrorBody), (status = 503, body = V2ErrorBody),
+    ))]
+pub async fn infer(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<InferResponse>, V2Error> {
+    let (_, m) = state.engine.model(Some(&name))?;
+    let req: InferRequest =
+        serde_json::from_slice(&body).map_err(|e| bad(format!("invalid inference request: {e}")))?;
+    if let Some(o) = req.outputs.iter().find(|o| o.name != "probabilities") {
+        return Err(bad(format!("unknown output {:?}; this model has `probabilities`", o.name)));
+    }
+    let [input] = req.inputs.as_slice() else {
+        return Err(bad("exactly one input is expected (`image` BYTES or `input` FP32)"));
+    };
+    let mut flat = Vec::new();
+    flatten(&input.data, &mut flat);
+    let deadline = state.deadlines.classify;
+    let rows: Vec<Vec<f32>> = match input.datatype.as_str() {
+        "BYTES" => {
+            if input.shape.len() != 1 || input.shape[0] != flat.len() as i64 {
+                return Err(bad(format!(
+                    "BYTES input shape {:?} does not match its {} elements",
+                    input.shape,
+                    flat.len()
+                )));
+            }
+            let images = flat
+                .iter()
+                .map(|v| {
+                    let s = v.as_str().ok_or_else(|| bad("BYTES elements must be base64 strings"))?;
+                    base64::engine::general_purpose::STANDARD
+                        .decode(s)
+                        .map_err(|e| bad(format!("BYTES element is not base64: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let jobs = images.into_iter().map(|b| state.engine.classify(Some(&m.name), b.into(), deadline));
+            futures::future::join_all(jobs)
+                .await
+                .into_iter()
+                .map(|r| r.map(|c| c.probabilities))
+                .collect::<Result<_, _>>()?
+        }
+        "FP32" => {
+            let s = m.input().size;
+            if input.shape.len() != 4 || input.shape[1..] != [3, s, s] || input.shape[0] < 1 {
+                return Err(bad(format!("FP32 input must have shape [N, 3, {s}, {s}], got {:?}", input.shape)));
+            }
+            let n = input.shape[0] as usize;
+            let per = (3 * s * s) as usize;
+            if flat.len() != n * per {
+                return Err(bad(format!(
+                    "FP32 input has {} values; shape {:?} needs {}",
+                    flat.len(),
+                    input.shape,
+                    n * per
+                )));
+            }
+            let values = flat
+                .iter()
+                .map(|v| v.as_f64().map(|x| x as f32))
+                .collect::<Option<Vec<f32>>>()
+                .ok_or_else(|| bad("FP32 data must be numbers"))?;
+            let jobs = values.chunks(per).map(|c| state.engine.classify_tensor(Some(&m.name), c.to_vec(), deadline));
+            futures::future::join_all(jobs).await.into_iter().collect::<Result<_, _>>()?
+        }
+        other => return Err(bad(format!("datatype {other:?} is not supported: use BYTES or FP32"))),
+    };
+    let classes = m.num_classes() as i64;
+    Ok(Json(InferResponse {
+        model_name: m.name.clone(),
+        model_version: "1".into(),
+        id: req.id,
+        outputs: vec![InferOutput {
+            name: "probabilities".into(),
+            shape: vec![rows.len() as i64, classes],
+            datatype: "FP32".into(),
+            data: rows.into_iter().flatten().collect(),
+        }],
+    }))
+}

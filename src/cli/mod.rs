@@ -53,6 +53,8 @@ pub enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Print the effective configuration (file, then environment, then flags), validated.
+    Config,
     /// Report libtorch, CUDA, the chosen device and the configured models.
     Doctor(doctor::DoctorArgs),
     /// Run attacks over a folder of images and write the paper's comparison report.
@@ -84,6 +86,7 @@ pub fn main() -> ExitCode {
             Command::Attack(args) => attack::run_attack(&cli, args).await,
             Command::TargetLabel(args) => attack::run_target(&cli, args).await,
             Command::Openapi { output } => write_openapi(output.as_deref()),
+            Command::Config => print_config(&cli),
             Command::Doctor(args) => doctor::run(&cli, args).await,
             Command::Eval(args) => eval::run(&cli, args).await,
             Command::Matrix(cmd) => matrix::run(&cli, cmd).await,
@@ -96,6 +99,15 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_config(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let mut config = load_config(cli)?;
+    if config.server.api_key.is_some() {
+        config.server.api_key = Some("<redacted>".into());
+    }
+    print!("{}", toml::to_string_pretty(&config)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write_openapi(output: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {

@@ -1,0 +1,47 @@
+# LabelFool server image. Built with the very script the README and CI use (scripts/setup), so the
+# image runs what the tests tested.
+#
+#   docker build -t labelfool .                          # CPU (torch CPU wheel, ~1 GB image)
+#   docker build --build-arg VARIANT=cuda -t labelfool:cuda .   # CUDA (torch's CUDA wheels)
+#   docker run -p 8080:8080 labelfool
+#   docker run --gpus all -p 8080:8080 labelfool:cuda    # needs the NVIDIA container toolkit
+ARG VARIANT=cpu
+
+# ---- build: libtorch from the pinned torch wheel, models, binary, matrices -------------------------
+FROM rust:1.95-bookworm AS build
+ARG VARIANT
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv g++ \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+ENV LABELFOOL_CACHE=/opt/labelfool
+RUN if [ "$VARIANT" = "cpu" ]; then export TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu; fi \
+ && scripts/setup \
+ && target/release/labelfool doctor --device cpu
+# Keep only what the binary loads: libtorch (+ the NVIDIA libraries it points at, CUDA variant).
+RUN mkdir -p /opt/runtime \
+ && site=$(ls -d /opt/labelfool/torch-*/lib/python3*/site-packages) \
+ && mkdir -p "/opt/runtime$site/torch" \
+ && cp -a "$site/torch/lib" "/opt/runtime$site/torch/lib" \
+ && cp -a "$site/torch/version.py" "/opt/runtime$site/torch/version.py" \
+ && if [ -d "$site/nvidia" ]; then cp -a "$site/nvidia" "/opt/runtime$site/nvidia"; fi \
+ && cp -a /opt/labelfool/models /opt/runtime/opt/labelfool/models
+
+# ---- runtime ---------------------------------------------------------------------------------------
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates libgomp1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 labelfool
+COPY --from=build /opt/runtime/ /
+COPY --from=build /src/target/release/labelfool /usr/local/bin/labelfool
+COPY config/default.toml /etc/labelfool/default.toml
+ENV LABELFOOL_CACHE=/opt/labelfool \
+    LABELFOOL_CONFIG=/etc/labelfool/default.toml \
+    LABELFOOL_BIND=0.0.0.0:8080 \
+    LABELFOOL_LOG_FORMAT=json
+USER labelfool
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/labelfool"]
+CMD ["serve"]

@@ -1,0 +1,184 @@
+//! Deployment artefacts, linted without a Docker engine or a cluster: every manifest parses, the
+//! Kubernetes objects reference each other consistently, probes hit the routes the server has,
+//! every LABELFOOL_* variable they set is a valid configuration key, and the Dockerfile builds
+//! with the same setup script as CI.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+fn repo(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
+
+fn docs(rel: &str) -> Vec<Yaml> {
+    let text = std::fs::read_to_string(repo(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    YamlLoader::load_from_str(&text).unwrap_or_else(|e| panic!("{rel} does not parse: {e}"))
+}
+
+fn k8s_objects() -> Vec<(String, Yaml)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(repo("docker/k8s")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            let rel = path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap().to_string_lossy().into_owned();
+            for d in docs(&rel) {
+                for key in ["apiVersion", "kind"] {
+                    assert!(d[key].as_str().is_some(), "{rel}: missing {key}");
+                }
+                assert!(d["metadata"]["name"].as_str().is_some(), "{rel}: missing metadata.name");
+                out.push((rel.clone(), d));
+            }
+        }
+    }
+    out
+}
+
+fn labels(y: &Yaml) -> Vec<(String, String)> {
+    y.as_hash()
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| (k.as_str().unwrap_or("").to_string(), v.as_str().unwrap_or("").to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The LABELFOOL_* variables a container sets (literal values only).
+fn env_of(container: &Yaml) -> Vec<(String, String)> {
+    container["env"]
+        .as_vec()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+        .filter(|(k, _)| k.starts_with("LABELFOOL_"))
+        .collect()
+}
+
+fn assert_valid_config_env(what: &str, env: &[(String, String)]) {
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.arg("config").arg("--config").arg(repo("config/default.toml"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: the environment {env:?} is not a valid configuration: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn kubernetes_manifests_are_consistent() {
+    let objects = k8s_objects();
+    let deployments: Vec<&(String, Yaml)> =
+        objects.iter().filter(|(_, d)| d["kind"].as_str() == Some("Deployment")).collect();
+    assert!(deployments.len() >= 2, "a CPU and a CUDA deployment");
+    let mut gpu = false;
+    for (file, d) in &deployments {
+        let spec = &d["spec"];
+        let selector = labels(&spec["selector"]["matchLabels"]);
+        let pod_labels = labels(&spec["template"]["metadata"]["labels"]);
+        assert!(
+            !selector.is_empty() && selector.iter().all(|l| pod_labels.contains(l)),
+            "{file}: selector does not match the pod labels"
+        );
+        let c = &spec["template"]["spec"]["containers"][0];
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"].as_str(), Some("/ready"), "{file}");
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/health"), "{file}");
+        let port = c["ports"][0]["containerPort"].as_i64().unwrap();
+        let env = env_of(c);
+        let bind = env.iter().find(|(k, _)| k == "LABELFOOL_BIND").map(|(_, v)| v.clone()).unwrap_or_default();
+        assert!(
+            bind.ends_with(&format!(":{port}")),
+            "{file}: LABELFOOL_BIND={bind} does not listen on containerPort {port}"
+        );
+        assert_eq!(
+            c["readinessProbe"]["httpGet"]["port"].as_str(),
+            c["ports"][0]["name"].as_str(),
+            "{file}: probe port"
+        );
+        let grace = spec["template"]["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30);
+        let delay_ms: i64 =
+            env.iter().find(|(k, _)| k.ends_with("SHUTDOWN_DELAY_MS")).map(|(_, v)| v.parse().unwrap()).unwrap_or(0);
+        let drain: i64 =
+            env.iter().find(|(k, _)| k.ends_with("SHUTDOWN_GRACE_SECS")).map(|(_, v)| v.parse().unwrap()).unwrap_or(30);
+        assert!(
+            delay_ms / 1000 + drain <= grace,
+            "{file}: shutdown delay + grace ({}s) exceed terminationGracePeriodSeconds ({grace}s)",
+            delay_ms / 1000 + drain
+        );
+        if !c["resources"]["limits"]["nvidia.com/gpu"].is_badvalue() {
+            gpu = true;
+            assert!(
+                env.iter().any(|(k, v)| k == "LABELFOOL_DEVICE" && v.starts_with("cuda")),
+                "{file}: a GPU pod must run on cuda"
+            );
+        }
+        assert_valid_config_env(file, &env);
+    }
+    assert!(gpu, "one deployment must request a GPU");
+
+    for (file, svc) in objects.iter().filter(|(_, d)| d["kind"].as_str() == Some("Service")) {
+        let selector = labels(&svc["spec"]["selector"]);
+        let matches = deployments.iter().any(|(_, d)| {
+            let pod = labels(&d["spec"]["template"]["metadata"]["labels"]);
+            selector.iter().all(|l| pod.contains(l))
+        });
+        assert!(matches, "{file}: the Service selects no Deployment's pods");
+        let target = svc["spec"]["ports"][0]["targetPort"].as_str().unwrap();
+        assert!(
+            deployments
+                .iter()
+                .all(|(_, d)| d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"].as_str()
+                    == Some(target))
+        );
+    }
+    let names: Vec<&str> = deployments.iter().map(|(_, d)| d["metadata"]["name"].as_str().unwrap()).collect();
+    let hpas: Vec<_> = objects.iter().filter(|(_, d)| d["kind"].as_str() == Some("HorizontalPodAutoscaler")).collect();
+    assert!(!hpas.is_empty());
+    for (file, h) in hpas {
+        let target = h["spec"]["scaleTargetRef"]["name"].as_str().unwrap();
+        assert!(names.contains(&target), "{file}: scales {target}, which is not a Deployment here");
+        assert!(h["spec"]["minReplicas"].as_i64().unwrap() <= h["spec"]["maxReplicas"].as_i64().unwrap());
+    }
+}
+
+#[test]
+fn compose_runs_labelfool_next_to_triton() {
+    let d = &docs("docker/compose.yaml")[0];
+    let services = &d["services"];
+    let lf = &services["labelfool"];
+    let context = repo("docker").join(lf["build"]["context"].as_str().unwrap());
+    assert!(
+        context.join(lf["build"]["dockerfile"].as_str().unwrap()).is_file(),
+        "compose builds from a Dockerfile that exists"
+    );
+    assert!(services["triton"]["image"].as_str().unwrap().contains("tritonserver"));
+    let env: Vec<(String, String)> = lf["environment"]
+        .as_hash()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            (k.as_str().unwrap().to_string(), v.as_str().map(str::to_string).unwrap_or_else(|| format!("{v:?}")))
+        })
+        .collect();
+    assert_valid_config_env("docker/compose.yaml", &env);
+}
+
+#[test]
+fn dockerfile_builds_with_the_ci_setup_script() {
+    let text = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    assert!(text.contains("scripts/setup"), "the image must be built by the same script as CI");
+    assert!(text.contains("ARG VARIANT"), "a build argument selects the CUDA variant");
+    let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
+    assert!(stages >= 2, "multi-stage build");
+    for line in text.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+        let src = line.split_whitespace().nth(1).unwrap();
+        assert!(src == "." || repo(src).exists(), "Dockerfile copies {src}, which does not exist");
+    }
+    assert!(repo(".ci/run").is_file() && std::fs::read_to_string(repo(".ci/run")).unwrap().contains("scripts/test"));
+}

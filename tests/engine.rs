@@ -95,7 +95,7 @@ async fn batched_classification_equals_unbatched() {
 #[tokio::test]
 async fn continuously_batched_attacks_equal_attacks_alone() {
     let files: Vec<_> = sample_images().into_iter().take(8).collect();
-    let e = engine(&config("efficientnet-lite0", |_| {})).await;
+    let e = engine(&config("efficientnet-lite0", |c| c.engine.max_attack_batch = 8)).await;
     let mut alone = Vec::new();
     for p in &files {
         alone.push(e.attack(None, std::fs::read(p).unwrap().into(), AttackRequest::default(), DEADLINE).await.unwrap());

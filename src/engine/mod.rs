@@ -65,6 +65,8 @@ pub struct EngineSettings {
 
 struct Inner {
     catalog: Catalog,
+    /// Bounds decoding/resizing on the blocking pool (see `engine.decode_threads`).
+    decode_slots: tokio::sync::Semaphore,
     queues: RwLock<Option<Queues>>,
     settings: EngineSettings,
     stats: Arc<EngineStats>,
@@ -210,8 +212,13 @@ impl Engine {
         };
         let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone())
             .map_err(|e| EngineError::Internal(format!("cannot start the worker thread: {e}")))?;
+        let decode_threads = match config.engine.decode_threads {
+            0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
+            n => n,
+        };
         let inner = Inner {
             catalog,
+            decode_slots: tokio::sync::Semaphore::new(decode_threads),
             queues: RwLock::new(Some(queues)),
             settings,
             stats,
@@ -273,6 +280,7 @@ impl Engine {
     async fn decode(&self, bytes: Bytes) -> Result<(Rgb8, Duration), EngineError> {
         let limits = self.inner.settings.decode;
         let started = Instant::now();
+        let _slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
         let img = tokio::task::spawn_blocking(move || imaging::decode(&bytes, &limits))
             .await
             .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))??;
@@ -304,6 +312,7 @@ impl Engine {
         let (idx, info) = self.model(model)?;
         let limits = self.inner.settings.decode;
         let spec = info.input().clone();
+        let slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
         let (img, input) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
             crate::model::single_threaded_torch_here();
             let img = imaging::decode(&bytes, &limits)?;
@@ -315,6 +324,7 @@ impl Engine {
         })
         .await
         .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))??;
+        drop(slot);
         let decode = started.elapsed();
         let reply = self.submit_classify(idx, input, false, deadline, started).await?;
         Ok(Classification {

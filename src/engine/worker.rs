@@ -105,7 +105,16 @@ impl Worker {
             models.push(m);
         }
         stats.set_passes(models.iter().map(|m| m.passes.clone()).collect());
-        let batcher = Batcher::new(catalog.iter().map(|m| m.batch).collect());
+        // A limit of 0 means "what suits this device".
+        let resolve = |n: usize| if n == 0 { crate::config::auto_batch(device) } else { n };
+        let batcher = Batcher::new(
+            catalog
+                .iter()
+                .map(|m| crate::model::BatchPolicy { max_size: resolve(m.batch.max_size), ..m.batch })
+                .collect(),
+        );
+        let mut settings = settings;
+        settings.max_attack_batch = resolve(settings.max_attack_batch);
         let groups = models.iter().map(|_| Group::default()).collect();
         let info = WorkerInfo {
             device: device_name(device),

@@ -42,7 +42,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -190,18 +190,6 @@ impl Default for Limits {
 impl Default for AttackDefaults {
     fn default() -> Self {
         Self { max_iter: 50, overshoot: 0.02, delta1: 0.8, delta2: 0.01, margins: vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0] }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            server: ServerConfig::default(),
-            engine: EngineConfig::default(),
-            limits: Limits::default(),
-            attack: AttackDefaults::default(),
-            models: Vec::new(),
-        }
     }
 }
 

@@ -68,6 +68,12 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Rgb8, ImageError> {
     }
     let format = image::guess_format(bytes).map_err(|_| ImageError::UnknownFormat)?;
     let name = format_name(format);
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(ImageError::Undecodable {
+            format: name,
+            reason: "truncated: no end-of-image marker after the last scan".into(),
+        });
+    }
     let undecodable = |e: image::ImageError| ImageError::Undecodable { format: name, reason: e.to_string() };
     let (width, height) =
         ImageReader::with_format(Cursor::new(bytes), format).into_dimensions().map_err(undecodable)?;
@@ -87,6 +93,17 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Rgb8, ImageError> {
     reader.limits(l);
     let img = reader.decode().map_err(undecodable)?;
     Ok(from_dynamic(img, name))
+}
+
+/// The JPEG decoder fills a truncated file's missing part with grey instead of failing, so check
+/// that an end-of-image marker (FF D9) follows the last start-of-scan (FF DA). Entropy-coded data
+/// stuffs every 0xFF with 0x00, so FF D9 inside a scan is always the real marker.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    match last_scan {
+        Some(i) => bytes[i..].windows(2).any(|w| w == [0xFF, 0xD9]),
+        None => false,
+    }
 }
 
 fn from_dynamic(img: DynamicImage, format: &'static str) -> Rgb8 {
@@ -164,6 +181,15 @@ mod tests {
         assert!(matches!(decode(b"", &LIMITS), Err(ImageError::Empty)));
         assert!(matches!(decode(b"hello, I am text", &LIMITS), Err(ImageError::UnknownFormat)));
         let full = png(64, 64, false);
+        let mut jpeg = Vec::new();
+        image::RgbImage::from_pixel(32, 32, image::Rgb([10, 200, 30]))
+            .write_to(&mut std::io::Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
+        assert!(decode(&jpeg, &LIMITS).is_ok());
+        assert!(
+            matches!(decode(&jpeg[..jpeg.len() - 10], &LIMITS), Err(ImageError::Undecodable { .. })),
+            "truncated JPEG"
+        );
         assert!(matches!(decode(&full[..full.len() / 2], &LIMITS), Err(ImageError::Undecodable { .. })));
         // A PNG header claiming 20000×20000: rejected from the header alone.
         let bomb = png_header(20000, 20000);

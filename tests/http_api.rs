@@ -251,9 +251,22 @@ async fn models_health_ready_and_openapi() {
         served, file,
         "openapi/openapi.json is stale: run `target/release/labelfool openapi -o openapi/openapi.json`"
     );
-    for path in ["/classify", "/target-label", "/attack", "/models", "/health", "/ready", "/metrics"] {
+    for path in
+        ["/classify", "/target-label", "/attack", "/models", "/health", "/ready", "/metrics", "/v2/models/{name}/infer"]
+    {
         assert!(file["paths"].get(path).is_some(), "{path} missing from the spec");
     }
+    // Operation ids are unique (clients generated from the spec rely on it).
+    let mut ids: Vec<&str> = file["paths"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|p| p.as_object().unwrap().values().filter_map(|op| op["operationId"].as_str()))
+        .collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "duplicate operationId in the spec");
 }
 
 #[test]

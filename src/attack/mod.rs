@@ -7,9 +7,13 @@
 //! classified through the very pipeline `/classify` uses, so success is judged on what the user
 //! downloads.
 
+pub mod deepfool;
+pub mod fgsm;
+pub mod guard;
 pub mod labelfool;
 pub mod metrics;
 pub mod runner;
+pub mod sparsefool;
 pub mod target;
 
 use std::sync::Arc;
@@ -25,10 +29,16 @@ pub use target::{Branch, TargetDecision, TargetParams};
 pub enum Method {
     /// Targeted DeepFool steps towards the label LabelFool picks (or the caller's `target`).
     Labelfool,
+    /// DeepFool: untargeted over the top candidate classes, or targeted with `target`.
+    Deepfool,
+    /// Fast gradient sign method: one step of size ε (or the smallest of several ε that fools).
+    Fgsm,
+    /// SparseFool: few pixels changed, via DeepFool's boundary and a linear solver.
+    Sparsefool,
 }
 
 impl Method {
-    pub const ALL: &'static [Method] = &[Method::Labelfool];
+    pub const ALL: &'static [Method] = &[Method::Labelfool, Method::Deepfool, Method::Fgsm, Method::Sparsefool];
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.iter().copied().find(|m| m.name() == s.trim().to_ascii_lowercase())
@@ -37,6 +47,9 @@ impl Method {
     pub fn name(self) -> &'static str {
         match self {
             Method::Labelfool => "labelfool",
+            Method::Deepfool => "deepfool",
+            Method::Fgsm => "fgsm",
+            Method::Sparsefool => "sparsefool",
         }
     }
 }
@@ -50,8 +63,15 @@ pub struct AttackParams {
     pub target_params: TargetParams,
     /// Logit margins to demand in turn when the 8-bit image misses (LabelFool).
     pub margins: Vec<f64>,
-    /// Caller-chosen target class; None lets the method choose (LabelFool: the distance matrix).
+    /// Caller-chosen target class; None lets the method choose (LabelFool: the distance matrix;
+    /// the others: untargeted).
     pub target: Option<usize>,
+    /// FGSM step sizes (pixel scale [0,1]), ascending: the first that fools is delivered.
+    pub epsilons: Vec<f64>,
+    /// DeepFool / SparseFool: classes considered (the original and the next best).
+    pub candidates: usize,
+    /// SparseFool's λ: how far past the boundary the linear solver aims.
+    pub lambda: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,8 +116,10 @@ pub struct AttackOutcome {
     pub iterations: u32,
     /// 8-bit re-checks run (forward only).
     pub checks: u32,
-    /// Logit margin demanded when the attack succeeded (LabelFool's quantisation guard).
+    /// Logit margin demanded when the attack succeeded (the quantisation guard).
     pub margin: Option<f64>,
+    /// FGSM: the step size of the delivered image.
+    pub epsilon: Option<f64>,
     /// The delivered pixels, `H×W×3`.
     pub rgb: Vec<u8>,
 }
@@ -130,13 +152,14 @@ pub trait AttackRow: Send {
 
 /// Builds the row for `params.method` on the image `x0` (`[1,3,H,W]`, on the model's device).
 pub fn new_row(info: Arc<ModelInfo>, x0: Tensor, params: AttackParams) -> Result<Box<dyn AttackRow>, AttackError> {
-    match params.method {
-        Method::Labelfool => {
-            if params.target.is_none() && info.matrix.is_none() {
-                return Err(AttackError::NoMatrix(info.name.clone()));
-            }
-            Ok(Box::new(labelfool::LabelFoolRow::new(info, x0, params)))
-        }
+    match (params.method, params.target) {
+        (Method::Labelfool, None) if info.matrix.is_none() => Err(AttackError::NoMatrix(info.name.clone())),
+        (Method::Labelfool, _) => Ok(Box::new(labelfool::LabelFoolRow::new(info, Method::Labelfool, x0, params))),
+        // Targeted DeepFool is the LabelFool step towards the caller's class.
+        (Method::Deepfool, Some(_)) => Ok(Box::new(labelfool::LabelFoolRow::new(info, Method::Deepfool, x0, params))),
+        (Method::Deepfool, None) => Ok(Box::new(deepfool::DeepFoolRow::new(x0, params))),
+        (Method::Fgsm, _) => Ok(Box::new(fgsm::FgsmRow::new(x0, params))),
+        (Method::Sparsefool, _) => Ok(Box::new(sparsefool::SparseFoolRow::new(x0, params))),
     }
 }
 

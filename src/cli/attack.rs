@@ -29,6 +29,15 @@ pub struct AttackArgs {
     pub delta1: Option<f64>,
     #[arg(long)]
     pub delta2: Option<f64>,
+    /// FGSM step size(s) on the [0,1] pixel scale (comma-separated: the smallest that fools).
+    #[arg(long, value_delimiter = ',')]
+    pub epsilon: Option<Vec<f64>>,
+    /// DeepFool / SparseFool: classes considered (default 10).
+    #[arg(long)]
+    pub candidates: Option<usize>,
+    /// SparseFool's λ (default 3).
+    #[arg(long)]
+    pub lambda: Option<f64>,
     /// Print the result as JSON (the same fields as POST /attack, without the PNG).
     #[arg(long)]
     pub json: bool,
@@ -45,6 +54,9 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         overshoot: a.overshoot,
         delta1: a.delta1,
         delta2: a.delta2,
+        epsilons: a.epsilon.clone(),
+        candidates: a.candidates,
+        lambda: a.lambda,
     };
     let result = engine.attack(a.model.as_deref(), bytes.into(), req, OFFLINE_DEADLINE).await;
     super::stop_engine(engine).await;

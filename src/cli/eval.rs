@@ -13,8 +13,8 @@ pub struct EvalArgs {
     /// A flat folder of `<wnid>_*.JPEG` files or an ImageFolder tree (`DIR/<class>/*`).
     #[arg(long)]
     pub images: PathBuf,
-    /// Comma-separated attack methods.
-    #[arg(long, value_delimiter = ',', default_value = "labelfool")]
+    /// Comma-separated attack methods: labelfool, deepfool, fgsm, sparsefool.
+    #[arg(long, value_delimiter = ',', default_value = "labelfool,deepfool,fgsm,sparsefool")]
     pub methods: Vec<String>,
     #[arg(long)]
     pub model: Option<String>,
@@ -31,6 +31,12 @@ pub struct EvalArgs {
     pub max_iter: Option<u32>,
     #[arg(long)]
     pub overshoot: Option<f64>,
+    /// Images (the first, by path) that get a gallery panel per method.
+    #[arg(long, default_value_t = 4)]
+    pub gallery: usize,
+    /// FGSM step size(s), comma-separated (default: the search over 0.5/255 … 32/255).
+    #[arg(long, value_delimiter = ',')]
+    pub epsilon: Option<Vec<f64>>,
 }
 
 pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
@@ -48,7 +54,13 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
         out: a.out.clone(),
         limit: a.limit,
         concurrency: a.concurrency.unwrap_or(config.engine.max_inflight_attacks),
-        request: AttackRequest { max_iter: a.max_iter, overshoot: a.overshoot, ..Default::default() },
+        gallery: a.gallery,
+        request: AttackRequest {
+            max_iter: a.max_iter,
+            overshoot: a.overshoot,
+            epsilons: a.epsilon.clone(),
+            ..Default::default()
+        },
     };
     let out = eval::run(&engine, &opts).await;
     let (_, info) = engine.model(a.model.as_deref())?;
@@ -56,17 +68,18 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
     let out = out?;
     let summary = report::summarise(&info.name, &a.images, &out);
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let md = report::markdown(&summary, &out, &command, "");
+    let md = report::markdown(&a.out, &summary, &out, &command);
     report::write(&a.out, &summary, &md)?;
     for m in &summary.methods {
         eprintln!(
-            "{:<11} attack rate {:.1}% ({}/{}), mean iterations {:.1}, mean perceptibility {:.2e}, {:.2} s/image{}",
+            "{:<11} attack rate {:.1}% ({}/{}), mean iterations {:.1}, mean perceptibility {:.2e}, Wu-Palmer {}, {:.2} s/image{}",
             m.method,
             m.attack_rate * 100.0,
             m.successes,
             m.attacked,
             m.mean_iterations,
             m.mean_perceptibility,
+            m.mean_wup.map(|w| format!("{w:.3}")).unwrap_or_else(|| "–".into()),
             m.seconds_per_image,
             if m.errors > 0 { format!(", {} file(s) skipped", m.errors) } else { String::new() }
         );

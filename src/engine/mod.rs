@@ -180,7 +180,14 @@ pub struct AttackRequest {
     pub overshoot: Option<f64>,
     pub delta1: Option<f64>,
     pub delta2: Option<f64>,
+    /// FGSM step size(s) on the [0,1] pixel scale; several = search for the smallest that fools.
+    pub epsilons: Option<Vec<f64>>,
+    pub candidates: Option<usize>,
+    pub lambda: Option<f64>,
 }
+
+/// FGSM's default search: 0.5/255 … 32/255.
+pub const DEFAULT_EPSILONS: [f64; 11] = [0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0];
 
 pub struct AttackResult {
     pub model: Arc<ModelInfo>,
@@ -433,10 +440,40 @@ impl Engine {
                 )
             })?),
         };
+        if req.target.is_some() && method == Method::Sparsefool {
+            return Err(EngineError::invalid("target", "sparsefool is untargeted"));
+        }
+        let epsilons = match &req.epsilons {
+            None => DEFAULT_EPSILONS.iter().map(|e| e / 255.0).collect(),
+            Some(list) => {
+                let mut list = list.clone();
+                if list.is_empty() || list.len() > 64 || list.iter().any(|e| !(e.is_finite() && *e > 0.0 && *e <= 1.0))
+                {
+                    return Err(EngineError::invalid("epsilon", "1 to 64 values in (0, 1] (pixel scale)"));
+                }
+                list.sort_by(f64::total_cmp);
+                list.dedup();
+                list
+            }
+        };
+        let candidates = req.candidates.unwrap_or(10);
+        if candidates < 2 || candidates > info.num_classes() {
+            return Err(EngineError::invalid(
+                "candidates",
+                format!("{candidates} is not in 2..={}", info.num_classes()),
+            ));
+        }
+        let lambda = req.lambda.unwrap_or(3.0);
+        if !(lambda.is_finite() && lambda > 0.0 && lambda <= 100.0) {
+            return Err(EngineError::invalid("lambda", format!("{lambda} is not in (0, 100]")));
+        }
         Ok(AttackParams {
             method,
             max_iter,
             overshoot,
+            epsilons,
+            candidates,
+            lambda,
             target_params: self.target_params(req.delta1, req.delta2)?,
             margins: s.attack.margins.clone(),
             target,
@@ -475,12 +512,13 @@ impl Engine {
             Refused::Closed => EngineError::ShuttingDown,
         })?;
         let (outcome, job_timings) = Self::await_reply(rx, deadline, started).await.map_err(|e| match e {
-            EngineError::Job(JobError::Attack(AttackError::TargetIsPrediction { index, label })) => {
-                EngineError::invalid(
-                    "target",
-                    format!("class {index} ({label}) is already the prediction; choose another target"),
-                )
-            }
+            EngineError::Job(JobError::Attack(AttackError::TargetIsPrediction { index, .. })) => EngineError::invalid(
+                "target",
+                format!(
+                    "class {index} ({}) is already the prediction; choose another target",
+                    info.classes().label(index)
+                ),
+            ),
             EngineError::Job(JobError::Attack(AttackError::NoMatrix(m))) => {
                 EngineError::invalid("target", format!("model {m} has no distance matrix: pass an explicit target"))
             }
@@ -491,7 +529,7 @@ impl Engine {
             let rgb = outcome.rgb.clone();
             move || -> Result<_, ImageError> {
                 let png = imaging::encode_png(img.width, img.height, &rgb, img.alpha.as_deref())?;
-                Ok((png, perturbation(&img.rgb, &rgb)))
+                Ok((png, perturbation(img.width, img.height, &img.rgb, &rgb)))
             }
         })
         .await

@@ -38,12 +38,15 @@ pub struct WorkerInfo {
 /// How long an idle worker sleeps before looking at its queues again (it also wakes on any job).
 const IDLE_WAKE: Duration = Duration::from_millis(500);
 
+/// Where the worker reports the outcome of loading its models.
+pub type ReadySignal = std::sync::mpsc::Receiver<Result<WorkerInfo, ModelError>>;
+
 pub fn spawn(
     catalog: Catalog,
     settings: WorkerSettings,
     inbox: Inbox,
     stats: Arc<EngineStats>,
-) -> std::io::Result<(std::thread::JoinHandle<()>, std::sync::mpsc::Receiver<Result<WorkerInfo, ModelError>>)> {
+) -> std::io::Result<(std::thread::JoinHandle<()>, ReadySignal)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name("labelfool-worker".into()).spawn(move || {
         let worker = match Worker::load(catalog, settings, inbox, stats) {

@@ -1,8 +1,10 @@
 //! `labelfool eval`: runs attacks over a folder of images through the same engine as the server
 //! and writes per-image JSON Lines, a summary and a Markdown report with the paper's tables.
 
+pub mod charts;
 pub mod dataset;
 pub mod report;
+pub mod wordnet;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,6 +30,8 @@ pub struct EvalOptions {
     pub concurrency: usize,
     /// Parameters applied to every attack (method is set per run).
     pub request: AttackRequest,
+    /// How many images (the first, by path) get a gallery panel per method.
+    pub gallery: usize,
 }
 
 /// A class as reports show it.
@@ -56,6 +60,11 @@ pub struct Record {
     pub error: Option<String>,
     #[serde(flatten)]
     pub result: Option<ResultFields>,
+    /// The delivered pixels, kept for gallery images only.
+    #[serde(skip)]
+    pub adversarial: Option<Vec<u8>>,
+    #[serde(skip)]
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -78,6 +87,19 @@ pub struct ResultFields {
     pub linf: f64,
     pub l0: u64,
     pub psnr: Option<f64>,
+    pub ssim: f64,
+    pub epsilon: Option<f64>,
+    /// The class the label-space metrics compare with: the true class when the file names one,
+    /// else the original prediction.
+    pub reference: ClassBrief,
+    /// Wu-Palmer similarity of the reference and the final (adversarial) class, ImageNet-style
+    /// models only.
+    pub wup: Option<f64>,
+    /// The same, against the original prediction.
+    pub wup_original: Option<f64>,
+    pub group_reference: Option<String>,
+    pub group_final: Option<String>,
+    pub same_group: Option<bool>,
     pub compute_ms: f64,
     pub wall_ms: f64,
 }
@@ -86,6 +108,16 @@ impl ResultFields {
     fn new(info: &ModelInfo, sample: &Sample, r: &AttackResult, wall_ms: f64) -> Self {
         let o = &r.outcome;
         let p = &r.perturbation;
+        let wn = wordnet::WordNet::embedded();
+        let wnid = |i: usize| info.classes().get(i).and_then(|c| c.wnid.clone());
+        let reference = sample.label.unwrap_or(o.original.index);
+        let (rw, fw, ow) = (wnid(reference), wnid(o.final_.index), wnid(o.original.index));
+        let wup = |a: &Option<String>, b: &Option<String>| match (a, b) {
+            (Some(a), Some(b)) => wn.wup(a, b),
+            _ => None,
+        };
+        let group = |w: &Option<String>| w.as_deref().and_then(|w| wn.group(w)).map(str::to_string);
+        let (group_reference, group_final) = (group(&rw), group(&fw));
         Self {
             width: r.image.width,
             height: r.image.height,
@@ -104,6 +136,14 @@ impl ResultFields {
             linf: p.linf,
             l0: p.l0,
             psnr: p.psnr,
+            ssim: p.ssim,
+            epsilon: o.epsilon,
+            reference: ClassBrief::new(info, reference),
+            wup: wup(&rw, &fw),
+            wup_original: wup(&ow, &fw),
+            same_group: group_reference.as_ref().zip(group_final.as_ref()).map(|(a, b)| a == b),
+            group_reference,
+            group_final,
             compute_ms: r.timings.compute_ms,
             wall_ms,
         }
@@ -166,9 +206,10 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
         let mut req = opts.request.clone();
         req.method = Some(method.name().to_string());
         let info = info.clone();
-        let jobs = futures::stream::iter(samples.iter().cloned()).map(|sample| {
+        let gallery = opts.gallery;
+        let jobs = futures::stream::iter(samples.iter().cloned().enumerate()).map(|(i, sample)| {
             let (engine, req, info, model) = (engine.clone(), req.clone(), info.clone(), opts.model.clone());
-            async move { attack_one(&engine, &info, model.as_deref(), &sample, req, method).await }
+            async move { attack_one(&engine, &info, model.as_deref(), &sample, req, method, i < gallery).await }
         });
         let mut stream = std::pin::pin!(jobs.buffer_unordered(opts.concurrency.max(1)).take_until(stop.cancelled()));
         let mut completed = 0;
@@ -200,6 +241,7 @@ async fn attack_one(
     sample: &Sample,
     req: AttackRequest,
     method: Method,
+    keep_pixels: bool,
 ) -> Record {
     let file = sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let true_class = sample.label.map(|l| ClassBrief::new(info, l));
@@ -209,6 +251,8 @@ async fn attack_one(
         true_class: true_class.clone(),
         error,
         result,
+        adversarial: None,
+        path: sample.path.clone(),
     };
     let bytes = match tokio::fs::read(&sample.path).await {
         Ok(b) => b,
@@ -218,7 +262,11 @@ async fn attack_one(
     match engine.attack(model, bytes.into(), req, crate::cli::OFFLINE_DEADLINE).await {
         Ok(r) => {
             let fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
-            record(None, Some(fields))
+            let mut rec = record(None, Some(fields));
+            if keep_pixels {
+                rec.adversarial = Some(r.outcome.rgb);
+            }
+            rec
         }
         Err(e) => record(Some(e.to_string()), None),
     }

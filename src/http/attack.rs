@@ -39,9 +39,18 @@ pub struct AttackParamsDoc {
     pub delta1: Option<f64>,
     /// LabelFool δ2 (default 0.01).
     pub delta2: Option<f64>,
+    /// FGSM step size on the [0,1] pixel scale, or a comma-separated list: the smallest that
+    /// fools is delivered (default 0.5/255 … 32/255).
+    #[param(value_type = Option<String>, example = "0.0078,0.0157,0.0314")]
+    pub epsilon: Option<String>,
+    /// DeepFool / SparseFool: classes considered, the original included (default 10).
+    pub candidates: Option<usize>,
+    /// SparseFool's λ (default 3, the authors' value for ImageNet).
+    pub lambda: Option<f64>,
 }
 
-const PARAMS: &[&str] = &["model", "method", "target", "max_iter", "overshoot", "delta1", "delta2"];
+const PARAMS: &[&str] =
+    &["model", "method", "target", "max_iter", "overshoot", "delta1", "delta2", "epsilon", "candidates", "lambda"];
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AttackResponse {
@@ -62,12 +71,15 @@ pub struct AttackResponse {
     /// The model's answer for the delivered PNG (what `/classify` says for it).
     #[serde(rename = "final")]
     pub final_: ClassPrediction,
-    /// Gradient steps (one forward and one backward pass each).
+    /// Gradient steps: one forward pass and one backward pass per objective (LabelFool: 1;
+    /// untargeted DeepFool: one per candidate class).
     pub iterations: u32,
-    /// Forward-only passes on 8-bit images (the initial classification included).
+    /// 8-bit re-checks: forward passes on the image as it would be delivered.
     pub checks: u32,
-    /// Logit margin LabelFool demanded when it succeeded (0 = the paper's plain step sufficed).
+    /// Logit margin the 8-bit guard demanded when the attack succeeded (DeepFool-style methods).
     pub margin: Option<f64>,
+    /// FGSM: the step size of the delivered image.
+    pub epsilon: Option<f64>,
     pub perturbation: Perturbation,
     pub timings: Timings,
 }
@@ -97,13 +109,13 @@ pub struct TargetInfo {
     request_body(description = "The image, in any of the forms `/classify` takes", content(
         (super::classify::ImageForm = "multipart/form-data"),
         (super::classify::ImageJson = "application/json"),
-        (Vec<u8> = "image/png"),
-        (Vec<u8> = "image/jpeg"),
+        (super::dto::ImageBytes = "image/png"),
+        (super::dto::ImageBytes = "image/jpeg"),
     )),
     responses(
         (status = 200, description = "JSON result (or the PNG itself with `Accept: image/png`)", content(
             (AttackResponse = "application/json"),
-            (Vec<u8> = "image/png"),
+            (super::dto::ImageBytes = "image/png"),
         )),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody),
@@ -125,6 +137,9 @@ pub async fn attack(
         overshoot: p.finite("overshoot")?,
         delta1: p.finite("delta1")?,
         delta2: p.finite("delta2")?,
+        epsilons: p.finite_list("epsilon")?,
+        candidates: p.parse::<usize>("candidates")?,
+        lambda: p.finite("lambda")?,
     };
     let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
     let wants_png = headers
@@ -170,6 +185,7 @@ pub fn summary(r: &AttackResult) -> AttackResponse {
         iterations: o.iterations,
         checks: o.checks,
         margin: o.margin,
+        epsilon: o.epsilon,
         perturbation: r.perturbation,
         timings: r.timings,
     }
@@ -207,6 +223,9 @@ fn metadata_headers(h: &mut HeaderMap, b: &AttackResponse) {
     put("checks", b.checks.to_string());
     if let Some(m) = b.margin {
         put("margin", m.to_string());
+    }
+    if let Some(e) = b.epsilon {
+        put("epsilon", e.to_string());
     }
     put("perceptibility", b.perturbation.perceptibility.to_string());
     put("l2", b.perturbation.l2.to_string());

@@ -69,10 +69,10 @@ const PARAMS: &[&str] = &["model", "top_k"];
     request_body(description = "The image: multipart field `image`, a raw image body, or JSON with base64", content(
         (ImageForm = "multipart/form-data"),
         (ImageJson = "application/json"),
-        (Vec<u8> = "image/png"),
-        (Vec<u8> = "image/jpeg"),
-        (Vec<u8> = "image/webp"),
-        (Vec<u8> = "application/octet-stream"),
+        (super::dto::ImageBytes = "image/png"),
+        (super::dto::ImageBytes = "image/jpeg"),
+        (super::dto::ImageBytes = "image/webp"),
+        (super::dto::ImageBytes = "application/octet-stream"),
     )),
     responses(
         (status = 200, description = "Top-k classes", body = ClassifyResponse),

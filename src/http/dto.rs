@@ -53,3 +53,9 @@ pub struct ClassDistance {
     #[schema(example = 0.21)]
     pub distance: f64,
 }
+
+/// Raw image bytes (a request or response body).
+#[derive(ToSchema)]
+#[schema(value_type = String, format = Binary)]
+#[allow(dead_code)] // documents bodies that handlers read and write as bytes
+pub struct ImageBytes(Vec<u8>);

@@ -51,6 +51,18 @@ impl Params {
         }
     }
 
+    /// A comma-separated list of finite numbers (one number is a list of one).
+    pub fn finite_list(&self, key: &str) -> Result<Option<Vec<f64>>, ApiError> {
+        let Some(v) = self.get(key) else { return Ok(None) };
+        v.split(',')
+            .map(|x| x.trim().parse::<f64>().ok().filter(|x| x.is_finite()))
+            .collect::<Option<Vec<f64>>>()
+            .map(Some)
+            .ok_or_else(|| {
+                ApiError::invalid(key, format!("{v:?} is not a number or a comma-separated list of numbers"))
+            })
+    }
+
     /// Rejects keys a route does not know, so that a typo (`max_iters`) is not silently ignored.
     pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
         match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {

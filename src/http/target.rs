@@ -127,8 +127,8 @@ pub struct DecisionDetail {
     request_body(description = "The image, in any of the forms `/classify` takes", content(
         (super::classify::ImageForm = "multipart/form-data"),
         (super::classify::ImageJson = "application/json"),
-        (Vec<u8> = "image/png"),
-        (Vec<u8> = "image/jpeg"),
+        (super::dto::ImageBytes = "image/png"),
+        (super::dto::ImageBytes = "image/jpeg"),
     )),
     responses(
         (status = 200, body = TargetDecisionResponse),

@@ -53,13 +53,13 @@ pub struct Ready {
 }
 
 /// Server liveness (OIP).
-#[utoipa::path(get, path = "/v2/health/live", tag = "kserve-v2", security(()), responses((status = 200, body = Live)))]
+#[utoipa::path(get, path = "/v2/health/live", operation_id = "v2_live", tag = "kserve-v2", security(()), responses((status = 200, body = Live)))]
 pub async fn live() -> Json<Live> {
     Json(Live { live: true })
 }
 
 /// Server readiness (OIP): 200 once models are loaded.
-#[utoipa::path(get, path = "/v2/health/ready", tag = "kserve-v2", security(()), responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+#[utoipa::path(get, path = "/v2/health/ready", operation_id = "v2_ready", tag = "kserve-v2", security(()), responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let ready = state.engine.is_ready();
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Ready { ready }))
@@ -73,7 +73,7 @@ pub struct ServerMetadata {
 }
 
 /// Server metadata (OIP).
-#[utoipa::path(get, path = "/v2", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
+#[utoipa::path(get, path = "/v2", operation_id = "v2_server_metadata", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
 pub async fn server_metadata() -> Json<ServerMetadata> {
     Json(ServerMetadata { name: "labelfool".into(), version: env!("CARGO_PKG_VERSION").into(), extensions: Vec::new() })
 }
@@ -95,7 +95,7 @@ pub struct ModelMetadata {
 }
 
 /// Model metadata (OIP): accepted inputs and the output.
-#[utoipa::path(get, path = "/v2/models/{name}", tag = "kserve-v2", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/v2/models/{name}", operation_id = "v2_model_metadata", tag = "kserve-v2", params(("name" = String, Path)),
     responses((status = 200, body = ModelMetadata), (status = 404, body = V2ErrorBody)))]
 pub async fn model_metadata(
     State(state): State<AppState>,
@@ -120,7 +120,7 @@ pub async fn model_metadata(
 }
 
 /// Model readiness (OIP).
-#[utoipa::path(get, path = "/v2/models/{name}/ready", tag = "kserve-v2", params(("name" = String, Path)),
+#[utoipa::path(get, path = "/v2/models/{name}/ready", operation_id = "v2_model_ready", tag = "kserve-v2", params(("name" = String, Path)),
     responses((status = 200, body = Ready), (status = 404, body = V2ErrorBody)))]
 pub async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Ready>, V2Error> {
     state.engine.model(Some(&name))?;
@@ -178,7 +178,7 @@ fn flatten(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
 }
 
 /// Inference (OIP): probabilities for a batch of images or preprocessed tensors.
-#[utoipa::path(post, path = "/v2/models/{name}/infer", tag = "kserve-v2", params(("name" = String, Path)),
+#[utoipa::path(post, path = "/v2/models/{name}/infer", operation_id = "v2_infer", tag = "kserve-v2", params(("name" = String, Path)),
     request_body = InferRequest,
     responses(
         (status = 200, body = InferResponse),

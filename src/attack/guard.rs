@@ -1,0 +1,144 @@
+//! Pieces the iterative attacks share: the box-constrained gradient step and the quantisation
+//! guard that decides when an 8-bit check is worth a forward pass.
+//!
+//! Users download 8-bit images, and rounding removes every part of a perturbation smaller than
+//! half a grey level — systematically, not as noise — so a float attack's last, tiny step rarely
+//! survives. The guard keeps the delivered image adversarial without a fixed margin:
+//!
+//! * **Predicted rounding loss.** With the last step direction w (the gradient of the goal's
+//!   gap), the gap of the rounded image is linearly `gap + w·(q(x) − x)`. A check is spent only
+//!   when that prediction reaches the margin κ; otherwise the attack steps on, adding the loss to
+//!   what it needs.
+//! * **Margins learnt from misses.** κ starts at the first of the configured margins. When a real
+//!   8-bit check still misses, the miss measures the prediction's error and κ becomes the smallest
+//!   listed margin that covers it with 10% to spare. Responses report the margin that was needed.
+
+use tch::{Kind, Tensor};
+
+use super::AttackError;
+use crate::model::preprocess::quantize;
+
+/// `w` with the pixels that cannot move in its direction zeroed (already at 0 with w < 0, or at
+/// 1 with w > 0: the step would be clipped away there, so they must not count in ‖w‖), and ‖w‖².
+pub fn mask_saturated(x: &Tensor, w: &Tensor) -> Result<(Tensor, f64), AttackError> {
+    let stuck = x.f_le(0.0)?.f_logical_and(&w.f_lt(0.0)?)?.f_logical_or(&x.f_ge(1.0)?.f_logical_and(&w.f_gt(0.0)?)?)?;
+    let w = w.f_masked_fill(&stuck, 0.0)?;
+    let norm2 = w.f_square()?.f_sum(Kind::Double)?.f_double_value(&[])?;
+    Ok((w, norm2))
+}
+
+/// `clip(x + (1 + overshoot)·(need + 1e-4)/‖w‖² · w, 0, 1)`: the DeepFool step that moves the
+/// linearised gap by `need` (plus DeepFool's 1e-4 and the overshoot).
+pub fn deepfool_step(x: &Tensor, w: &Tensor, norm2: f64, need: f64, overshoot: f64) -> Result<Tensor, AttackError> {
+    let scale = (1.0 + overshoot) * (need + 1e-4) / norm2;
+    Ok(x.f_add(&w.f_mul_scalar(scale)?)?.f_clamp(0.0, 1.0)?.f_detach()?)
+}
+
+/// What to do after a forward pass at the float image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Next {
+    /// The 8-bit image is predicted to keep the margin: check it.
+    Check,
+    /// Step on: the linearised gap must grow by this much (rounding loss included).
+    Step { need: f64 },
+}
+
+pub struct Guard {
+    margins: Vec<f64>,
+    idx: usize,
+    w: Option<Tensor>,
+    predicted_gap: f64,
+}
+
+impl Guard {
+    pub fn new(margins: Vec<f64>) -> Self {
+        let margins = if margins.is_empty() { vec![0.0] } else { margins };
+        Self { margins, idx: 0, w: None, predicted_gap: 0.0 }
+    }
+
+    /// κ: the logit margin the 8-bit image must be predicted to have before it is checked.
+    pub fn margin(&self) -> f64 {
+        self.margins[self.idx.min(self.margins.len() - 1)]
+    }
+
+    /// `gap` is the goal's logit gap at the float image `x` (> 0: goal reached in float).
+    pub fn next(&mut self, gap: f64, x: &Tensor) -> Result<Next, AttackError> {
+        let loss = match &self.w {
+            None => 0.0,
+            Some(w) => {
+                let delta = quantize(x)?.f_sub(x)?;
+                (-w.f_mul(&delta)?.f_sum(Kind::Double)?.f_double_value(&[])?).max(0.0)
+            }
+        };
+        let kappa = self.margin();
+        if gap > 0.0 && gap - loss >= kappa {
+            self.predicted_gap = gap - loss;
+            Ok(Next::Check)
+        } else {
+            Ok(Next::Step { need: kappa + loss - gap })
+        }
+    }
+
+    /// The direction of the step just taken (predicts the next rounding loss).
+    pub fn stepped(&mut self, w: Tensor) {
+        self.w = Some(w);
+    }
+
+    /// A check missed with `actual_gap` on the 8-bit image: raise κ to cover the prediction's error.
+    pub fn missed(&mut self, actual_gap: f64) {
+        let error = self.predicted_gap - actual_gap;
+        let current = self.margin();
+        let last = self.margins.len() - 1;
+        self.idx = self
+            .margins
+            .iter()
+            .position(|&k| k > current && k >= 1.1 * error)
+            .unwrap_or(last)
+            .max(self.idx + 1)
+            .min(last);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn saturated_pixels_are_masked_only_in_the_blocked_direction() {
+        let x = Tensor::from_slice(&[0.0f32, 0.0, 1.0, 1.0, 0.5]);
+        let w = Tensor::from_slice(&[-1.0f32, 1.0, 1.0, -1.0, 2.0]);
+        let (m, n2) = mask_saturated(&x, &w).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&m).unwrap(), vec![0.0, 1.0, 0.0, -1.0, 2.0]);
+        assert_eq!(n2, 6.0);
+    }
+
+    #[test]
+    fn the_step_reaches_the_linearised_target() {
+        // Linear gap g(x) = w·x: a step for need = 0.01 (no overshoot, nothing clipped) raises it
+        // by 0.01 + 1e-4.
+        let x = Tensor::full([4], 0.5, (Kind::Float, Device::Cpu));
+        let w = Tensor::from_slice(&[0.1f32, -0.2, 0.05, 0.0]);
+        let n2 = w.square().sum(Kind::Double).double_value(&[]);
+        let y = deepfool_step(&x, &w, n2, 0.01, 0.0).unwrap();
+        let gain = (&y - &x).dot(&w).double_value(&[]);
+        assert!((gain - 0.0101).abs() < 1e-6, "{gain}");
+        // With overshoot 0.02 the step is 2% longer.
+        let y = deepfool_step(&x, &w, n2, 0.01, 0.02).unwrap();
+        assert!(((&y - &x).dot(&w).double_value(&[]) - 0.0101 * 1.02).abs() < 1e-6);
+    }
+
+    #[test]
+    fn margins_rise_past_the_measured_error() {
+        let mut g = Guard::new(vec![0.25, 0.5, 1.0, 2.0]);
+        let x = Tensor::full([3], 0.5, (Kind::Float, Device::Cpu));
+        assert_eq!(g.next(-1.0, &x).unwrap(), Next::Step { need: 1.25 });
+        assert_eq!(g.next(0.3, &x).unwrap(), Next::Check);
+        // The 8-bit gap came out at −0.5: the prediction (0.3) was 0.8 off → smallest κ ≥ 0.88 is 1.
+        g.missed(-0.5);
+        assert_eq!(g.margin(), 1.0);
+        assert_eq!(g.next(0.3, &x).unwrap(), Next::Step { need: 0.7 });
+        g.missed(10.0);
+        assert_eq!(g.margin(), 2.0, "the largest margin caps it");
+    }
+}

@@ -1,0 +1,157 @@
+//! Each attack's defining property, on the tiny test model, driving the rows through the same
+//! runner tick the worker uses.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use labelfool::attack::{self, AttackParams, AttackRow, Method, TargetParams, runner};
+use labelfool::model::preprocess::{resize_crop, rgb8_to_tensor};
+use labelfool::model::{BatchPolicy, LoadedModel, ModelInfo};
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> (Arc<ModelInfo>, LoadedModel) {
+    let dir = models_dir().join("tiny");
+    let info = Arc::new(
+        ModelInfo::open(
+            "tiny",
+            &dir,
+            Some(&dir.join("distance.npy")),
+            BatchPolicy { max_size: 4, max_wait: Default::default() },
+        )
+        .unwrap(),
+    );
+    let model = LoadedModel::load(info.clone(), Device::Cpu).unwrap();
+    (info, model)
+}
+
+fn params(method: Method) -> AttackParams {
+    AttackParams {
+        method,
+        max_iter: 50,
+        overshoot: 0.0,
+        target_params: TargetParams { delta1: 0.8, delta2: 0.01 },
+        margins: vec![0.0],
+        target: None,
+        epsilons: vec![0.03],
+        candidates: 10,
+        lambda: 3.0,
+    }
+}
+
+/// A 48×40 image with values in [64, 192]: nothing saturates, so no step is clipped.
+fn mid_range_image() -> Tensor {
+    let rgb: Vec<u8> = (0..48 * 40 * 3).map(|i| (64 + (i * 7919 % 129)) as u8).collect();
+    rgb8_to_tensor(&rgb, 48, 40).unwrap()
+}
+
+fn photo(name: &str) -> Tensor {
+    let img = image::open(fixture(&format!("images/{name}"))).unwrap().to_rgb8();
+    rgb8_to_tensor(img.as_raw(), img.width(), img.height()).unwrap()
+}
+
+/// Logits and ∇(f_k − f_l) for every k at `x`, computed independently of the attack code.
+fn logits_and_gradients(model: &LoadedModel, x: &Tensor, l: usize) -> (Vec<f32>, Vec<Tensor>) {
+    let x = x.detach().set_requires_grad(true);
+    let logits = model.forward(&resize_crop(&x, model.info.input()).unwrap()).unwrap();
+    let values: Vec<f32> = Vec::try_from(&logits.get(0)).unwrap();
+    let grads = (0..values.len())
+        .map(|k| {
+            let g = logits.get(0).get(k as i64) - logits.get(0).get(l as i64);
+            Tensor::run_backward(&[g], &[&x], true, false).remove(0)
+        })
+        .collect();
+    (values, grads)
+}
+
+fn run_to_end(model: &LoadedModel, row: Box<dyn AttackRow>) -> attack::AttackOutcome {
+    let mut rows = vec![row];
+    let mut ticks = 0;
+    while !rows[0].is_done() {
+        let (errors, _) = runner::tick(model, &mut rows);
+        assert!(errors[0].is_none(), "{:?}", errors[0]);
+        ticks += 1;
+        assert!(ticks < 5000, "the attack never finished");
+    }
+    rows.pop().unwrap().outcome().unwrap()
+}
+
+#[test]
+fn deepfool_steps_onto_the_nearest_linearised_boundary() {
+    let (info, model) = tiny();
+    let x0 = mid_range_image();
+    let mut rows = vec![attack::new_row(info, x0.shallow_clone(), params(Method::Deepfool)).unwrap()];
+    // The first tick classifies x0 and takes one DeepFool step.
+    let (errors, stats) = runner::tick(&model, &mut rows);
+    assert!(errors[0].is_none());
+    assert_eq!(stats.backward_passes, 9, "one backward pass per candidate class");
+    let x1 = rows[0].image().shallow_clone();
+    let clean: Vec<f32> = tch::no_grad(|| {
+        Vec::try_from(&model.forward(&resize_crop(&x0, model.info.input()).unwrap()).unwrap().get(0)).unwrap()
+    });
+    let l = clean.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let (logits, grads) = logits_and_gradients(&model, &x0, l);
+    let dx = &x1 - &x0;
+    // Each boundary's distance |f_k − f_l|/‖w_k‖, and its linearised gap after the step.
+    let mut best = (f64::INFINITY, 0usize, 0.0f64);
+    let mut after = vec![0.0; logits.len()];
+    for k in (0..logits.len()).filter(|&k| k != l) {
+        let f = f64::from(logits[k] - logits[l]);
+        let norm = grads[k].square().sum(Kind::Double).double_value(&[]).sqrt();
+        if f.abs() / norm < best.0 {
+            best = (f.abs() / norm, k, norm);
+        }
+        after[k] = f + (&grads[k] * &dx).sum(Kind::Double).double_value(&[]);
+    }
+    let chosen = best.1;
+    assert!(
+        (after[chosen] - 1e-4).abs() < 1e-4,
+        "the nearest boundary k={chosen} is reached: linearised gap {}",
+        after[chosen]
+    );
+    // The step is the boundary's distance plus DeepFool's 1e-4 (in logits) along w.
+    let step = dx.square().sum(Kind::Double).double_value(&[]).sqrt();
+    let expected = best.0 + 1e-4 / best.2;
+    assert!((step - expected).abs() < 1e-3 * expected, "the step has the boundary's distance: {step} vs {expected}");
+}
+
+#[test]
+fn fgsm_moves_every_pixel_by_epsilon_before_quantisation() {
+    let (info, model) = tiny();
+    let x0 = mid_range_image();
+    let mut rows = vec![attack::new_row(info, x0.shallow_clone(), params(Method::Fgsm)).unwrap()];
+    let (errors, stats) = runner::tick(&model, &mut rows);
+    assert!(errors[0].is_none());
+    assert_eq!(stats.backward_passes, 1);
+    let d = (rows[0].image() - &x0).abs();
+    let linf = d.max().double_value(&[]);
+    assert!((linf - 0.03).abs() < 1e-6, "L∞ before quantisation = ε: {linf}");
+    // Not just the largest: every pixel with a non-zero gradient moved by exactly ε.
+    let moved = d.gt(0.0).sum(Kind::Int64).int64_value(&[]);
+    let at_eps = (d - 0.03).abs().lt(1e-6).sum(Kind::Int64).int64_value(&[]);
+    assert!(moved > 0 && at_eps == moved, "{at_eps} of {moved} moved pixels are at ε");
+    let o = run_to_end(&model, rows.pop().unwrap());
+    assert_eq!(o.epsilon, Some(0.03));
+    assert_eq!(o.iterations, 1);
+}
+
+#[test]
+fn sparsefool_changes_few_pixels_where_deepfool_changes_most() {
+    let (info, model) = tiny();
+    let x0 = photo("n02219486_ant.JPEG");
+    let pixels = (x0.size()[2] * x0.size()[3]) as u64;
+    let mut p = params(Method::Sparsefool);
+    p.overshoot = 0.02;
+    let sparse = run_to_end(&model, attack::new_row(info.clone(), x0.shallow_clone(), p.clone()).unwrap());
+    p.method = Method::Deepfool;
+    p.margins = vec![0.25, 0.5, 1.0, 2.0];
+    let dense = run_to_end(&model, attack::new_row(info, x0.shallow_clone(), p).unwrap());
+    let orig = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
+    let (w, h) = (x0.size()[3] as u32, x0.size()[2] as u32);
+    let l0_sparse = attack::metrics::perturbation(w, h, &orig, &sparse.rgb).l0;
+    let l0_dense = attack::metrics::perturbation(w, h, &orig, &dense.rgb).l0;
+    assert!(sparse.success && dense.success, "both attacks fool the tiny model");
+    assert!(l0_sparse * 100 <= pixels, "SparseFool changed {l0_sparse} of {pixels} pixels (more than 1%)");
+    assert!(l0_dense > pixels / 2, "DeepFool changed only {l0_dense} of {pixels} pixels");
+}

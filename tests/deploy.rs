@@ -148,6 +148,36 @@ fn kubernetes_manifests_are_consistent() {
 }
 
 #[test]
+fn matrix_shards_run_as_an_indexed_job() {
+    let objects = k8s_objects();
+    let jobs: Vec<&Yaml> = objects.iter().filter(|(_, d)| d["kind"].as_str() == Some("Job")).map(|(_, d)| d).collect();
+    let shards = jobs
+        .iter()
+        .find(|j| j["spec"]["completionMode"].as_str() == Some("Indexed"))
+        .expect("an Indexed Job for the shards");
+    let n = shards["spec"]["completions"].as_i64().unwrap();
+    let c = &shards["spec"]["template"]["spec"]["containers"][0];
+    let cmd: String = c["args"].as_vec().unwrap().iter().filter_map(|a| a.as_str()).collect::<Vec<_>>().join(" ");
+    assert!(
+        cmd.contains(&format!("--shard \"${{JOB_COMPLETION_INDEX}}/{n}\"")),
+        "each pod extracts shard index/{n}: {cmd}"
+    );
+    let cache = cmd.split("--cache ").nth(1).unwrap().split_whitespace().next().unwrap();
+    let reduce =
+        jobs.iter().find(|j| j["metadata"]["name"].as_str().unwrap().contains("reduce")).expect("a reduce Job");
+    let rc = &reduce["spec"]["template"]["spec"]["containers"][0];
+    let rargs: Vec<&str> = rc["args"].as_vec().unwrap().iter().filter_map(|a| a.as_str()).collect();
+    assert_eq!(&rargs[..2], ["matrix", "reduce"]);
+    assert!(rargs.windows(2).any(|w| w == ["--cache", cache]), "reduce reads the cache the shards write");
+    for j in jobs {
+        assert_valid_config_env(
+            "docker/k8s/matrix-build-job.yaml",
+            &env_of(&j["spec"]["template"]["spec"]["containers"][0]),
+        );
+    }
+}
+
+#[test]
 fn compose_runs_labelfool_next_to_triton() {
     let d = &docs("docker/compose.yaml")[0];
     let services = &d["services"];

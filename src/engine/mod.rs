@@ -371,12 +371,56 @@ impl Engine {
         started: Instant,
     ) -> Result<ClassifyReply, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let job = ClassifyJob { model, input, want_features, reply: tx, enqueued: Instant::now(), permit: None };
+        let rows = input.len() / (3 * self.inner.catalog.by_index(model).input().size.pow(2) as usize).max(1);
+        let job = ClassifyJob { model, input, rows, want_features, reply: tx, enqueued: Instant::now(), permit: None };
         self.queues()?.push_classify(job).map_err(|r| match r {
             Refused::Full => EngineError::QueueFull { queue: "classify" },
             Refused::Closed => EngineError::ShuttingDown,
         })?;
         Self::await_reply(rx, deadline, started).await
+    }
+
+    /// Pooled features (the model's `features` method) for a fixed batch of images, in one pass
+    /// that no other job joins, so the numbers do not depend on what else the server is doing.
+    /// One result per image: images that cannot be decoded come back as errors.
+    pub async fn features(
+        &self,
+        model: Option<&str>,
+        images: Vec<Bytes>,
+        deadline: Duration,
+    ) -> Result<Vec<Result<Vec<f32>, ImageError>>, EngineError> {
+        let started = Instant::now();
+        let (idx, info) = self.model(model)?;
+        let limits = self.inner.settings.decode;
+        let spec = info.input().clone();
+        let slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
+        let prepared = tokio::task::spawn_blocking(move || {
+            crate::model::single_threaded_torch_here();
+            images
+                .iter()
+                .map(|bytes| {
+                    let img = imaging::decode(bytes, &limits)?;
+                    let x = prepare_rgb8(&img.rgb, img.width, img.height, &spec)
+                        .map_err(|e| ImageError::Undecodable { format: img.format, reason: e.to_string() })?;
+                    let n = x.numel();
+                    let mut v = vec![0f32; n];
+                    x.f_copy_data(&mut v, n)
+                        .map_err(|e| ImageError::Undecodable { format: img.format, reason: e.to_string() })?;
+                    Ok(v)
+                })
+                .collect::<Vec<Result<Vec<f32>, ImageError>>>()
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))?;
+        drop(slot);
+        let input: Vec<f32> = prepared.iter().filter_map(|r| r.as_ref().ok()).flatten().copied().collect();
+        let mut features = if input.is_empty() {
+            Vec::new()
+        } else {
+            self.submit_classify(idx, input, true, deadline, started).await?.features
+        }
+        .into_iter();
+        Ok(prepared.into_iter().map(|r| r.map(|_| features.next().unwrap_or_default())).collect())
     }
 
     /// LabelFool's target decision for an image (paper Eq. 2–4).

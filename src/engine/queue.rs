@@ -45,11 +45,13 @@ pub struct JobTimings {
     pub batch_size: usize,
 }
 
-/// One preprocessed image → its probabilities.
+/// Preprocessed image(s) → probabilities (one image, batched dynamically with others) or
+/// features (a fixed batch that runs alone, so its numbers do not depend on what else is queued).
 pub struct ClassifyJob {
     pub model: usize,
-    /// `3×S×S` model input in [0,1] (CHW), made by the blocking pool.
+    /// `rows × 3×S×S` model input in [0,1] (CHW), made by the blocking pool.
     pub input: Vec<f32>,
+    pub rows: usize,
     pub want_features: bool,
     pub reply: oneshot::Sender<Result<ClassifyReply, JobError>>,
     pub enqueued: Instant,
@@ -58,9 +60,10 @@ pub struct ClassifyJob {
 }
 
 pub struct ClassifyReply {
+    /// Classify jobs: the image's probabilities.
     pub probabilities: Vec<f32>,
-    pub logits: Vec<f32>,
-    pub features: Option<Vec<f32>>,
+    /// Features jobs: one pooled embedding per row.
+    pub features: Vec<Vec<f32>>,
     pub timings: JobTimings,
 }
 

@@ -246,7 +246,9 @@ impl Worker {
             drop(j.permit.take());
         }
         let (features, logits): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.want_features);
-        for jobs in [logits, features] {
+        // A features job is a fixed batch and runs alone; classify jobs share one pass.
+        let batches = std::iter::once(logits).chain(features.into_iter().map(|j| vec![j]));
+        for jobs in batches {
             if jobs.is_empty() {
                 continue;
             }
@@ -259,10 +261,10 @@ impl Worker {
             match outcome {
                 Ok(outputs) => {
                     let n = jobs.len();
-                    for (job, (probabilities, logits, features)) in jobs.into_iter().zip(outputs) {
+                    for (job, (probabilities, features)) in jobs.into_iter().zip(outputs) {
                         let timings =
                             JobTimings { queued: started.duration_since(job.enqueued), compute, batch_size: n };
-                        let _ = job.reply.send(Ok(ClassifyReply { probabilities, logits, features, timings }));
+                        let _ = job.reply.send(Ok(ClassifyReply { probabilities, features, timings }));
                     }
                 }
                 // One bad input must not fail its batch-mates: run each alone to find it.
@@ -377,24 +379,31 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, tch::TchError>) -> Result<T, JobErro
     }
 }
 
-type Output = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+/// Per job: its probabilities (classify) or its rows' features.
+type Output = (Vec<f32>, Vec<Vec<f32>>);
 
 /// One forward pass over the stacked inputs of `jobs`.
 fn classify_batch(model: &LoadedModel, jobs: &[ClassifyJob], features: bool) -> Result<Vec<Output>, tch::TchError> {
     let s = model.info.input().size;
-    let mut flat = Vec::with_capacity(jobs.len() * (3 * s * s) as usize);
+    let rows: usize = jobs.iter().map(|j| j.rows).sum();
+    let mut flat = Vec::with_capacity(rows * (3 * s * s) as usize);
     for j in jobs {
         flat.extend_from_slice(&j.input);
     }
-    let x = Tensor::f_from_slice(&flat)?.f_view([jobs.len() as i64, 3, s, s])?.f_to_device(model.device())?;
+    let x = Tensor::f_from_slice(&flat)?.f_view([rows as i64, 3, s, s])?.f_to_device(model.device())?;
     tch::no_grad(|| {
-        if features {
-            let f = model.features(&x)?;
-            let rows = tensor_rows(&f)?;
-            return Ok(rows.into_iter().map(|r| (Vec::new(), Vec::new(), Some(r))).collect());
+        let mut out = if features {
+            tensor_rows(&model.features(&x)?)?
+        } else {
+            tensor_rows(&model.forward(&x)?.f_softmax(-1, Kind::Float)?)?
         }
-        let logits = model.forward(&x)?;
-        let probs = logits.f_softmax(-1, Kind::Float)?;
-        Ok(tensor_rows(&probs)?.into_iter().zip(tensor_rows(&logits)?).map(|(p, l)| (p, l, None)).collect())
+        .into_iter();
+        Ok(jobs
+            .iter()
+            .map(|j| {
+                let mine: Vec<Vec<f32>> = out.by_ref().take(j.rows).collect();
+                if features { (Vec::new(), mine) } else { (mine.into_iter().next().unwrap_or_default(), Vec::new()) }
+            })
+            .collect())
     })
 }

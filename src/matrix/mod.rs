@@ -1,7 +1,10 @@
 //! The class distance matrix D (n×n) that LabelFool's target selection reads: stored as `.npy`
 //! (f32 or f64) with a JSON sidecar saying which model it belongs to and how it was built.
 
+pub mod build;
 pub mod from_weights;
+pub mod hausdorff;
+pub mod semantic;
 
 use std::path::{Path, PathBuf};
 

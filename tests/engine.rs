@@ -107,7 +107,8 @@ async fn continuously_batched_attacks_equal_attacks_alone() {
     .await;
     let ticks = e.stats().snapshot().attack_ticks - ticks_before;
     let mut max_batch = 0;
-    let iterations_alone: u32 = alone.iter().map(|a| a.outcome.iterations + 2 * a.outcome.checks).max().unwrap();
+    // Ticks an attack takes alone: one per iteration, two per 8-bit check.
+    let ticks_alone: Vec<u64> = alone.iter().map(|a| u64::from(a.outcome.iterations + 2 * a.outcome.checks)).collect();
     for ((p, a), t) in files.iter().zip(&alone).zip(together) {
         let t = t.unwrap();
         let name = p.file_name().unwrap().to_string_lossy();
@@ -119,9 +120,10 @@ async fn continuously_batched_attacks_equal_attacks_alone() {
         assert!((pa - pt).abs() <= 0.01 * pa, "{name}: perceptibility {pt} vs {pa} alone");
     }
     assert_eq!(max_batch, 8, "all eight attacks must share the first tick");
-    assert!(
-        u64::from(iterations_alone) >= ticks,
-        "{ticks} ticks for what the longest attack alone needs {iterations_alone}"
-    );
+    // Rows share ticks instead of queueing: the batch needs about as many ticks as its longest
+    // attack (plus one per row that joined late — decoding is bounded to one image per core).
+    let (longest, sum) = (*ticks_alone.iter().max().unwrap(), ticks_alone.iter().sum::<u64>());
+    assert!(ticks <= longest + files.len() as u64, "{ticks} ticks; the longest attack alone takes {longest}");
+    assert!(2 * ticks < sum, "{ticks} ticks for attacks that take {sum} one after the other");
     e.shutdown();
 }

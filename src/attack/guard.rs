@@ -99,6 +99,104 @@ impl Guard {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The first forward pass: classify the original image (and choose the goal).
+    Initial,
+    Stepping,
+    /// The 8-bit image is predicted to reach the goal: check it.
+    Checking,
+    /// Out of iterations (or stuck): classify what will be delivered, then stop.
+    FinalCheck,
+    Done,
+}
+
+/// The state every guarded DeepFool-style attack shares — image, budget, guard, bookkeeping — so
+/// that a row only says what its goal is (the gap to grow and which gradients to follow).
+pub struct Stepper {
+    pub x: Tensor,
+    pub phase: Phase,
+    pub guard: Guard,
+    pub max_iter: u32,
+    pub overshoot: f64,
+    pub iterations: u32,
+    pub checks: u32,
+    pub success: bool,
+    /// The last checked 8-bit image and its probabilities.
+    pub last: Option<(Vec<u8>, Vec<f32>)>,
+}
+
+impl Stepper {
+    pub fn new(x0: Tensor, params: &super::AttackParams) -> Self {
+        Self {
+            x: x0,
+            phase: Phase::Initial,
+            guard: Guard::new(params.margins.clone()),
+            max_iter: params.max_iter,
+            overshoot: params.overshoot,
+            iterations: 0,
+            checks: 0,
+            success: false,
+            last: None,
+        }
+    }
+
+    pub fn need(&self) -> super::Need {
+        match self.phase {
+            Phase::Initial | Phase::Stepping => super::Need::Forward,
+            Phase::Checking | Phase::FinalCheck | Phase::Done => super::Need::Check,
+        }
+    }
+
+    /// After a forward pass with the goal's float `gap`: `Some(need)` to step, None to check.
+    pub fn after_forward(&mut self, gap: f64) -> Result<Option<f64>, AttackError> {
+        self.phase = Phase::Stepping;
+        match self.guard.next(gap, &self.x)? {
+            Next::Check => {
+                self.phase = Phase::Checking;
+                Ok(None)
+            }
+            Next::Step { .. } if self.iterations >= self.max_iter => {
+                self.phase = Phase::FinalCheck;
+                Ok(None)
+            }
+            Next::Step { need } => Ok(Some(need)),
+        }
+    }
+
+    /// Takes the step along the masked gradient `w` (‖w‖² = `norm2`) that grows the gap by `need`.
+    pub fn step(&mut self, w: Tensor, norm2: f64, need: f64) -> Result<(), AttackError> {
+        self.iterations += 1;
+        if !(norm2.is_finite() && norm2 > 0.0) {
+            // A zero gradient cannot be followed: deliver what we have.
+            self.phase = Phase::FinalCheck;
+            return Ok(());
+        }
+        self.x = deepfool_step(&self.x, &w, norm2, need, self.overshoot)?;
+        self.guard.stepped(w);
+        Ok(())
+    }
+
+    /// Records an 8-bit check: whether it reached the goal, and the goal's gap on it.
+    pub fn checked(&mut self, rgb: Vec<u8>, probs: Vec<f32>, success: bool, gap: f64) {
+        self.checks += 1;
+        self.success = success;
+        let last_chance = self.phase == Phase::FinalCheck || self.iterations >= self.max_iter;
+        self.phase = if success || last_chance {
+            Phase::Done
+        } else {
+            self.guard.missed(gap);
+            Phase::Stepping
+        };
+        self.last = Some((rgb, probs));
+    }
+
+    /// The margin that was needed, when the attack succeeded.
+    pub fn margin(&self) -> Option<f64> {
+        self.success.then(|| self.guard.margin())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,38 +51,13 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)])
 async fn metrics_are_scraped_and_parsed() {
     let s = Server::start(&tiny_config(""));
     let c = client();
+    let post =
+        |path: &str, image: &str| c.post(s.url(path)).header("content-type", "image/jpeg").body(jpeg(image)).send();
     for _ in 0..3 {
-        assert_eq!(
-            c.post(s.url("/classify"))
-                .header("content-type", "image/jpeg")
-                .body(jpeg("n02391049_zebra"))
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(post("/classify", "n02391049_zebra").await.unwrap().status(), 200);
     }
-    assert_eq!(
-        c.post(s.url("/classify?top_k=0"))
-            .header("content-type", "image/jpeg")
-            .body(jpeg("n02391049_zebra"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        422
-    );
-    assert_eq!(
-        c.post(s.url("/attack"))
-            .header("content-type", "image/jpeg")
-            .body(jpeg("n02219486_ant"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(post("/classify?top_k=0", "n02391049_zebra").await.unwrap().status(), 422);
+    assert_eq!(post("/attack", "n02219486_ant").await.unwrap().status(), 200);
     let m = scrape(&s).await;
     assert_eq!(value(&m, "labelfool_http_requests_total", &[("route", "/classify"), ("status", "200")]), Some(3.0));
     assert_eq!(value(&m, "labelfool_http_requests_total", &[("route", "/classify"), ("status", "422")]), Some(1.0));

@@ -174,24 +174,26 @@ pub fn hausdorff(cf: &ClassFeatures, block: usize, device: Device) -> Result<Arr
             }
         }
     }
-    let mut out = Array2::<f32>::zeros((n, n));
-    for i in 0..n {
-        for j in 0..n {
-            out[[i, j]] = if cf.sizes[i] == 0 || cf.sizes[j] == 0 {
-                f32::NAN
-            } else if i == j {
-                0.0
-            } else {
-                directed[[i, j]].max(directed[[j, i]]).max(0.0)
-            };
+    Ok(symmetric(cf.sizes, |i, j| directed[[i, j]]))
+}
+
+/// `H(i, j) = max(h(i→j), h(j→i))` from the directed distances; 0 on the diagonal, NaN for
+/// classes without images.
+fn symmetric(sizes: &[usize], directed: impl Fn(usize, usize) -> f32) -> Array2<f32> {
+    let n = sizes.len();
+    Array2::from_shape_fn((n, n), |(i, j)| {
+        if sizes[i] == 0 || sizes[j] == 0 {
+            f32::NAN
+        } else if i == j {
+            0.0
+        } else {
+            directed(i, j).max(directed(j, i)).max(0.0)
         }
-    }
-    Ok(out)
+    })
 }
 
 /// The definition, pair by pair and image by image: the reference for tests and benchmarks.
 pub fn hausdorff_naive(cf: &ClassFeatures) -> Array2<f32> {
-    let n = cf.sizes.len();
     let offsets = cf.offsets();
     let d = |a: usize, b: usize| 1.0 - cf.features.row(a).dot(&cf.features.row(b));
     let directed = |i: usize, j: usize| -> f32 {
@@ -199,19 +201,7 @@ pub fn hausdorff_naive(cf: &ClassFeatures) -> Array2<f32> {
             .map(|a| (offsets[j]..offsets[j + 1]).map(|b| d(a, b)).fold(f32::INFINITY, f32::min))
             .fold(f32::NEG_INFINITY, f32::max)
     };
-    let mut out = Array2::<f32>::zeros((n, n));
-    for i in 0..n {
-        for j in 0..n {
-            out[[i, j]] = if cf.sizes[i] == 0 || cf.sizes[j] == 0 {
-                f32::NAN
-            } else if i == j {
-                0.0
-            } else {
-                directed(i, j).max(directed(j, i)).max(0.0)
-            };
-        }
-    }
-    out
+    symmetric(cf.sizes, directed)
 }
 
 #[cfg(test)]

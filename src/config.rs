@@ -333,30 +333,22 @@ pub fn expand_path(raw: &str) -> Result<PathBuf, ConfigError> {
 mod tests {
     use super::*;
 
+    fn model(name: &str) -> ModelConfig {
+        ModelConfig { name: name.into(), dir: "/x".into(), matrix: None, max_batch_size: None, max_batch_wait_ms: None }
+    }
+
     #[test]
     fn defaults_validate_once_a_model_is_named() {
         let mut c = Config::default();
         assert!(c.validate().is_err(), "no models must be rejected");
-        c.models.push(ModelConfig {
-            name: "m".into(),
-            dir: "/x".into(),
-            matrix: None,
-            max_batch_size: None,
-            max_batch_wait_ms: None,
-        });
+        c.models.push(model("m"));
         c.validate().unwrap();
     }
 
     #[test]
     fn bad_values_are_rejected_with_the_key_named() {
         let mut c = Config::default();
-        c.models.push(ModelConfig {
-            name: "m".into(),
-            dir: "/x".into(),
-            matrix: None,
-            max_batch_size: None,
-            max_batch_wait_ms: None,
-        });
+        c.models.push(model("m"));
         c.engine.device = "gpu7".into();
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("engine.device"), "{msg}");

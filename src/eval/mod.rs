@@ -15,6 +15,7 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::attack::Method;
+use crate::attack::metrics::Perturbation;
 use crate::engine::{AttackRequest, AttackResult, Engine};
 use crate::model::ModelInfo;
 use dataset::Sample;
@@ -82,12 +83,9 @@ pub struct ResultFields {
     pub iterations: u32,
     pub checks: u32,
     pub margin: Option<f64>,
-    pub perceptibility: f64,
-    pub l2: f64,
-    pub linf: f64,
-    pub l0: u64,
-    pub psnr: Option<f64>,
-    pub ssim: f64,
+    /// Image-space metrics of the delivered image (flattened: `perceptibility`, `l2`, …).
+    #[serde(flatten)]
+    pub perturbation: Perturbation,
     pub epsilon: Option<f64>,
     /// The class the label-space metrics compare with: the true class when the file names one,
     /// else the original prediction.
@@ -107,7 +105,6 @@ pub struct ResultFields {
 impl ResultFields {
     fn new(info: &ModelInfo, sample: &Sample, r: &AttackResult, wall_ms: f64) -> Self {
         let o = &r.outcome;
-        let p = &r.perturbation;
         let wn = wordnet::WordNet::embedded();
         let wnid = |i: usize| info.classes().get(i).and_then(|c| c.wnid.clone());
         let reference = sample.label.unwrap_or(o.original.index);
@@ -131,12 +128,7 @@ impl ResultFields {
             iterations: o.iterations,
             checks: o.checks,
             margin: o.margin,
-            perceptibility: p.perceptibility,
-            l2: p.l2,
-            linf: p.linf,
-            l0: p.l0,
-            psnr: p.psnr,
-            ssim: p.ssim,
+            perturbation: r.perturbation,
             epsilon: o.epsilon,
             reference: ClassBrief::new(info, reference),
             wup: wup(&rw, &fw),

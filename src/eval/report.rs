@@ -89,13 +89,15 @@ pub fn summarise(model: &str, images_dir: &Path, out: &EvalOutput) -> Summary {
             successes: ok.len(),
             attack_rate: if done.is_empty() { f64::NAN } else { ok.len() as f64 / done.len() as f64 },
             mean_iterations: mean(done.iter().map(|r| f64::from(r.iterations))),
-            mean_perceptibility: mean(ok.iter().map(|r| r.perceptibility)),
-            median_perceptibility: median(ok.iter().map(|r| r.perceptibility).collect()),
-            mean_l2: mean(ok.iter().map(|r| r.l2)),
-            mean_linf: mean(ok.iter().map(|r| r.linf)),
-            mean_l0_fraction: mean(ok.iter().map(|r| r.l0 as f64 / (f64::from(r.width) * f64::from(r.height)))),
-            mean_psnr: mean(ok.iter().filter_map(|r| r.psnr)),
-            mean_ssim: mean(ok.iter().map(|r| r.ssim)),
+            mean_perceptibility: mean(ok.iter().map(|r| r.perturbation.perceptibility)),
+            median_perceptibility: median(ok.iter().map(|r| r.perturbation.perceptibility).collect()),
+            mean_l2: mean(ok.iter().map(|r| r.perturbation.l2)),
+            mean_linf: mean(ok.iter().map(|r| r.perturbation.linf)),
+            mean_l0_fraction: mean(
+                ok.iter().map(|r| r.perturbation.l0 as f64 / (f64::from(r.width) * f64::from(r.height))),
+            ),
+            mean_psnr: mean(ok.iter().filter_map(|r| r.perturbation.psnr)),
+            mean_ssim: mean(ok.iter().map(|r| r.perturbation.ssim)),
             mean_margin: mean_opt(ok.iter().map(|r| r.margin)),
             mean_epsilon: mean_opt(ok.iter().map(|r| r.epsilon)),
             mean_wup: mean_opt(ok.iter().map(|r| r.wup)),
@@ -137,7 +139,7 @@ fn charts_section(dir: &Path, s: &Summary, out: &EvalOutput) -> String {
     let percept: Vec<(String, Vec<f64>)> = s
         .methods
         .iter()
-        .map(|m| (m.method.clone(), successes(out, &m.method).iter().map(|r| r.perceptibility).collect()))
+        .map(|m| (m.method.clone(), successes(out, &m.method).iter().map(|r| r.perturbation.perceptibility).collect()))
         .collect();
     let wups: Vec<(String, Vec<f64>)> = s
         .methods
@@ -150,7 +152,10 @@ fn charts_section(dir: &Path, s: &Summary, out: &EvalOutput) -> String {
         .map(|m| {
             (
                 m.method.clone(),
-                successes(out, &m.method).iter().filter_map(|r| r.wup.map(|w| (r.perceptibility, w))).collect(),
+                successes(out, &m.method)
+                    .iter()
+                    .filter_map(|r| r.wup.map(|w| (r.perturbation.perceptibility, w)))
+                    .collect(),
             )
         })
         .collect();
@@ -234,7 +239,7 @@ fn gallery_section(dir: &Path, out: &EvalOutput) -> String {
                 res.final_probability * 100.0,
                 if res.success { "" } else { " FAILED" }
             ),
-            format!("|Δ| ×{k:.0}, perceptibility {:.1e}", res.perceptibility),
+            format!("|Δ| ×{k:.0}, perceptibility {:.1e}", res.perturbation.perceptibility),
         ];
         let caps = [captions[0].as_str(), captions[1].as_str(), captions[2].as_str()];
         match charts::panel(&gdir.join(&name), res.width, res.height, original.as_raw(), adv, caps, k) {

@@ -67,8 +67,25 @@ pub struct ServerConfig {
     /// On SIGTERM/SIGINT, `/ready` turns 503 at once and the server keeps accepting requests for
     /// this long (so load balancers stop sending new work), then stops accepting.
     pub shutdown_delay_ms: u64,
-    /// After that, in-flight work may finish for this long before the process exits.
+    /// After that, in-flight work may finish for this long; what is still running then is
+    /// answered 503 and the process exits 0. A hard bound: nothing outlives it by more than ~2 s.
     pub shutdown_grace_secs: u64,
+    /// Open connections at once; past it the server stops accepting (the kernel queues them).
+    pub max_connections: usize,
+    /// A client must send a request's whole header within this time, including the wait for the
+    /// next request on a kept-alive connection (so it is the idle timeout too); else it is closed.
+    pub header_read_timeout_ms: u64,
+    /// A request's whole body must arrive within this time after its header; else 408.
+    pub body_read_timeout_ms: u64,
+    /// Request-body bytes buffered at once across all requests; a body that would go past it
+    /// waits (reading stops, TCP pushes back) until its body deadline, then gets 503. Only
+    /// bytes that have arrived count, so stalled uploads cost no budget.
+    pub max_buffered_body_bytes: usize,
+    /// Longest request target (path and query) accepted; longer gets 414.
+    pub max_uri_bytes: usize,
+    /// Largest header section (names + values) and most header fields accepted; more gets 431.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +111,10 @@ pub struct EngineConfig {
     /// Images decoded and resized at once on the blocking pool (0 = one per CPU core). More would
     /// only take CPU time from the worker.
     pub decode_threads: usize,
+    /// Pixels (width × height, summed) of the attacks iterating at once: each holds its image,
+    /// gradient and step at full size on the device. An attack that would go past it waits in the
+    /// queue (one attack is always admitted, so a single large image still runs).
+    pub max_inflight_attack_pixels: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,6 +134,15 @@ pub struct Limits {
     /// Deadlines per route; past them the request is answered 504 and its work is dropped.
     pub classify_deadline_ms: u64,
     pub attack_deadline_ms: u64,
+    /// Longest side an image may have after the model's resize (short side → `resize`): a
+    /// 12000×1 image would resize to 256×3,072,000. Bounds the preprocessing tensors; past it 422.
+    pub max_resized_side: u32,
+    /// Upper bound on DeepFool's / SparseFool's `candidates` (one backward pass each per step).
+    pub max_candidates: usize,
+    /// Upper bound on the backward passes one attack request may cost (its worst case, from its
+    /// method, `max_iter` and `candidates`); a request over it is refused with 422 before any work
+    /// and counted in `labelfool_requests_refused_total{reason="cost"}`.
+    pub max_backward_passes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -153,6 +183,13 @@ impl Default for ServerConfig {
             max_concurrent_requests: 512,
             shutdown_delay_ms: 0,
             shutdown_grace_secs: 30,
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
+            body_read_timeout_ms: 30_000,
+            max_buffered_body_bytes: 512 * 1024 * 1024,
+            max_uri_bytes: 8 * 1024,
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
         }
     }
 }
@@ -168,6 +205,7 @@ impl Default for EngineConfig {
             max_batch_wait_ms: 2,
             max_attack_batch: 0,
             decode_threads: 0,
+            max_inflight_attack_pixels: 24_000_000,
         }
     }
 }
@@ -183,6 +221,9 @@ impl Default for Limits {
             max_top_k: 1000,
             classify_deadline_ms: 30_000,
             attack_deadline_ms: 300_000,
+            max_resized_side: 4096,
+            max_candidates: 20,
+            max_backward_passes: 10_000,
         }
     }
 }
@@ -265,8 +306,24 @@ impl Config {
         {
             return bad("attack.margins must be a non-empty, strictly increasing list of finite numbers ≥ 0".into());
         }
-        if self.server.shutdown_grace_secs == 0 || self.server.max_concurrent_requests == 0 {
-            return bad("server.shutdown_grace_secs and max_concurrent_requests must be ≥ 1".into());
+        let sv = &self.server;
+        if sv.shutdown_grace_secs == 0 || sv.max_concurrent_requests == 0 || sv.max_connections == 0 {
+            return bad("server.shutdown_grace_secs, max_concurrent_requests and max_connections must be ≥ 1".into());
+        }
+        if sv.header_read_timeout_ms == 0 || sv.body_read_timeout_ms == 0 {
+            return bad("server.header_read_timeout_ms and body_read_timeout_ms must be ≥ 1".into());
+        }
+        if sv.max_buffered_body_bytes < l.max_body_bytes {
+            return bad("server.max_buffered_body_bytes must be at least limits.max_body_bytes".into());
+        }
+        if sv.max_uri_bytes < 256 || sv.max_header_bytes < 1024 || sv.max_headers < 8 || sv.max_headers > 1000 {
+            return bad("server.max_uri_bytes ≥ 256, max_header_bytes ≥ 1024, max_headers in 8..=1000".into());
+        }
+        if l.max_resized_side == 0 || l.max_candidates < 2 || l.max_backward_passes == 0 {
+            return bad("limits.max_resized_side ≥ 1, max_candidates ≥ 2, max_backward_passes ≥ 1".into());
+        }
+        if e.max_inflight_attack_pixels == 0 {
+            return bad("engine.max_inflight_attack_pixels must be ≥ 1".into());
         }
         Ok(())
     }

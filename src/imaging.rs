@@ -59,7 +59,8 @@ fn format_name(f: ImageFormat) -> &'static str {
     }
 }
 
-pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Rgb8, ImageError> {
+/// The format and size from the header alone, checked against the limits: no pixel is decoded.
+fn probe(bytes: &[u8], limits: &DecodeLimits) -> Result<(ImageFormat, u32, u32), ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -84,6 +85,18 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Rgb8, ImageError> {
     if u64::from(width) * u64::from(height) > limits.max_pixels || width > limits.max_side || height > limits.max_side {
         return Err(too_big);
     }
+    Ok((format, width, height))
+}
+
+/// Width and height from the header, checked against the limits (cheap: no pixel is decoded).
+pub fn dimensions(bytes: &[u8], limits: &DecodeLimits) -> Result<(u32, u32), ImageError> {
+    probe(bytes, limits).map(|(_, w, h)| (w, h))
+}
+
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<Rgb8, ImageError> {
+    let (format, _, _) = probe(bytes, limits)?;
+    let name = format_name(format);
+    let undecodable = |e: image::ImageError| ImageError::Undecodable { format: name, reason: e.to_string() };
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut l = image::Limits::default();
     l.max_image_width = Some(limits.max_side);

@@ -155,3 +155,64 @@ fn sparsefool_changes_few_pixels_where_deepfool_changes_most() {
     assert!(l0_sparse * 100 <= pixels, "SparseFool changed {l0_sparse} of {pixels} pixels (more than 1%)");
     assert!(l0_dense > pixels / 2, "DeepFool changed only {l0_dense} of {pixels} pixels");
 }
+
+mod guard_bounds {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, failure_persistence: None, ..ProptestConfig::default() })]
+
+        /// Whatever the margins, an attack ends within `max_iter` backward passes and
+        /// `max_iter + 2` checks: a miss at the last margin is followed by a step, never by the
+        /// same check again (which used to loop until the request's deadline).
+        #[test]
+        fn max_iter_bounds_every_attack_whatever_the_margins(
+            image in 0usize..4,
+            max_iter in 1u32..12,
+            margins in proptest::collection::vec(0.0f64..12.0, 1..4),
+            deepfool in any::<bool>(),
+        ) {
+            let mut margins = margins;
+            margins.sort_by(f64::total_cmp);
+            margins.dedup();
+            let (info, model) = tiny();
+            let x0 = match image {
+                0 => mid_range_image(),
+                1 => photo("n02391049_zebra.JPEG"),
+                2 => photo("n02219486_ant.JPEG"),
+                _ => photo("n01440764_tench.JPEG"),
+            };
+            let method = if deepfool { Method::Deepfool } else { Method::Labelfool };
+            let p = AttackParams { method, max_iter, margins, ..params(method) };
+            let cap = p.max_backward_passes();
+            let mut rows = vec![attack::new_row(info, x0, p).unwrap()];
+            let (mut ticks, mut backward) = (0u32, 0u64);
+            while !rows[0].is_done() {
+                let (errors, stats) = runner::tick(&model, &mut rows);
+                prop_assert!(errors[0].is_none(), "{:?}", errors[0]);
+                backward += stats.backward_passes as u64;
+                ticks += 1;
+                // Each tick is a check or a step; there can be no more than this many of them.
+                prop_assert!(ticks <= 2 * max_iter + 3, "still running after {ticks} ticks (max_iter {max_iter})");
+            }
+            let o = rows.pop().unwrap().outcome().unwrap();
+            prop_assert!(backward <= cap, "{backward} backward passes > bound {cap}");
+            prop_assert!(o.iterations <= max_iter);
+            prop_assert!(o.checks <= max_iter + 2, "{} checks for max_iter {max_iter}", o.checks);
+        }
+    }
+}
+
+#[test]
+fn the_runner_hands_back_control_after_every_backward_pass() {
+    // DeepFool with 10 candidates: 9 backward passes in one tick, and the worker gets control
+    // after each, to serve classify work that arrived meanwhile.
+    let (info, model) = tiny();
+    let mut rows = vec![attack::new_row(info, mid_range_image(), params(Method::Deepfool)).unwrap()];
+    let mut calls = 0;
+    let (errors, stats) = runner::tick_with(&model, &mut rows, &mut || calls += 1);
+    assert!(errors[0].is_none());
+    assert_eq!(stats.backward_passes, 9);
+    assert_eq!(calls, 9, "one hand-back per backward pass");
+}

@@ -12,6 +12,11 @@
 //! * **Margins learnt from misses.** κ starts at the first of the configured margins. When a real
 //!   8-bit check still misses, the miss measures the prediction's error and κ becomes the smallest
 //!   listed margin that covers it with 10% to spare. Responses report the margin that was needed.
+//! * **A miss is always followed by a step.** The next forward after a missed check steps by at
+//!   least the measured shortfall, even when κ cannot rise any more (the last margin, or a list of
+//!   one): re-checking the same image would loop. So every check but the first and the final one
+//!   follows a step, and an attack ends within `max_iter` steps and `max_iter + 2` checks whatever
+//!   the margins.
 
 use tch::{Kind, Tensor};
 
@@ -48,12 +53,14 @@ pub struct Guard {
     idx: usize,
     w: Option<Tensor>,
     predicted_gap: f64,
+    /// Set by a missed check: the 8-bit image's shortfall below κ, to be stepped off next.
+    shortfall: Option<f64>,
 }
 
 impl Guard {
     pub fn new(margins: Vec<f64>) -> Self {
         let margins = if margins.is_empty() { vec![0.0] } else { margins };
-        Self { margins, idx: 0, w: None, predicted_gap: 0.0 }
+        Self { margins, idx: 0, w: None, predicted_gap: 0.0, shortfall: None }
     }
 
     /// κ: the logit margin the 8-bit image must be predicted to have before it is checked.
@@ -71,6 +78,12 @@ impl Guard {
             }
         };
         let kappa = self.margin();
+        if let Some(shortfall) = self.shortfall.take() {
+            // Predicted need when there is one (κ has risen to cover the error); else the miss's
+            // own shortfall, so the step is real.
+            let predicted = kappa + loss - gap;
+            return Ok(Next::Step { need: if predicted > 0.0 { predicted } else { shortfall } });
+        }
         if gap > 0.0 && gap - loss >= kappa {
             self.predicted_gap = gap - loss;
             Ok(Next::Check)
@@ -88,6 +101,7 @@ impl Guard {
     pub fn missed(&mut self, actual_gap: f64) {
         let error = self.predicted_gap - actual_gap;
         let current = self.margin();
+
         let last = self.margins.len() - 1;
         self.idx = self
             .margins
@@ -96,6 +110,7 @@ impl Guard {
             .unwrap_or(last)
             .max(self.idx + 1)
             .min(last);
+        self.shortfall = Some((self.margin() - actual_gap).max(0.0));
     }
 }
 
@@ -236,7 +251,20 @@ mod tests {
         g.missed(-0.5);
         assert_eq!(g.margin(), 1.0);
         assert_eq!(g.next(0.3, &x).unwrap(), Next::Step { need: 0.7 });
+        g.next(-1.0, &x).unwrap();
         g.missed(10.0);
         assert_eq!(g.margin(), 2.0, "the largest margin caps it");
+    }
+
+    #[test]
+    fn a_miss_at_the_last_margin_steps_instead_of_checking_again() {
+        // One margin: κ cannot rise, and the float gap still predicts success. Before, the guard
+        // answered Check again for the same image, forever.
+        let mut g = Guard::new(vec![0.0]);
+        let x = Tensor::full([3], 0.5, (Kind::Float, Device::Cpu));
+        assert_eq!(g.next(0.3, &x).unwrap(), Next::Check);
+        g.missed(-0.2);
+        assert_eq!(g.next(0.3, &x).unwrap(), Next::Step { need: 0.2 });
+        assert_eq!(g.next(0.3, &x).unwrap(), Next::Check, "after the step, checks resume");
     }
 }

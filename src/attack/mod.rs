@@ -74,6 +74,22 @@ pub struct AttackParams {
     pub lambda: f64,
 }
 
+impl AttackParams {
+    /// The most backward passes this attack can take, from its method's own loop bounds: every
+    /// row ends within this many whatever the image or the margins (tests count them).
+    pub fn max_backward_passes(&self) -> u64 {
+        let steps = u64::from(self.max_iter);
+        let per_step = (self.candidates.saturating_sub(1).max(1)) as u64;
+        match (self.method, self.target) {
+            (Method::Labelfool, _) | (Method::Deepfool, Some(_)) => steps,
+            (Method::Deepfool, None) => steps * per_step,
+            (Method::Fgsm, _) => 1,
+            // Each outer iteration: an inner DeepFool of at most `max_iter` steps, then the normal.
+            (Method::Sparsefool, _) => u64::from(sparsefool::MAX_OUTER) * (steps * per_step + 1),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AttackError {
     #[error("target class {index} ({label}) is already the model's prediction for this image")]

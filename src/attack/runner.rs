@@ -21,6 +21,17 @@ pub struct TickStats {
 /// Advances every row that is not done by one tick. Returns one error slot per row. A failure of
 /// a batched pass is retried row by row, so one poisoned image cannot fail its neighbours.
 pub fn tick(model: &LoadedModel, rows: &mut [Box<dyn AttackRow>]) -> (Vec<Option<AttackError>>, TickStats) {
+    tick_with(model, rows, &mut || {})
+}
+
+/// [`tick`], calling `between` after the checks and after every backward pass, so the caller can
+/// serve other work there: what waits on the worker waits for one pass, not a whole tick (a
+/// DeepFool row with many candidates runs one backward pass per candidate).
+pub fn tick_with(
+    model: &LoadedModel,
+    rows: &mut [Box<dyn AttackRow>],
+    between: &mut dyn FnMut(),
+) -> (Vec<Option<AttackError>>, TickStats) {
     let mut errors: Vec<Option<AttackError>> = (0..rows.len()).map(|_| None).collect();
     let mut stats = TickStats::default();
     let live = |need: Need| -> Vec<usize> {
@@ -35,9 +46,12 @@ pub fn tick(model: &LoadedModel, rows: &mut [Box<dyn AttackRow>]) -> (Vec<Option
         }
     }
     stats.checked_rows = checks.len();
+    if !checks.is_empty() {
+        between();
+    }
 
     let mut backward = 0;
-    for group in split_on_failure(&steps, |idx| step_rows(model, rows, idx, &mut errors, &mut backward)) {
+    for group in split_on_failure(&steps, |idx| step_rows(model, rows, idx, &mut errors, &mut backward, between)) {
         for i in group.0 {
             errors[i] = Some(AttackError::Torch(group.1.to_string()));
         }
@@ -96,6 +110,7 @@ fn step_rows(
     idx: &[usize],
     errors: &mut [Option<AttackError>],
     backward_passes: &mut usize,
+    between: &mut dyn FnMut(),
 ) -> Result<(), tch::TchError> {
     let spec = model.info.input();
     let xs: Vec<Tensor> =
@@ -130,6 +145,7 @@ fn step_rows(
         let inputs: Vec<Tensor> = wanting.iter().map(|&r| xs[r].shallow_clone()).collect();
         let g = model.backward(&loss, &inputs, j + 1 < passes)?;
         *backward_passes += 1;
+        between();
         for (&r, g) in wanting.iter().zip(g) {
             grads[r].push(g);
         }

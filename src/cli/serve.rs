@@ -1,5 +1,6 @@
 //! `labelfool serve`: bind, load the models in the background (`/ready` turns 200 when done),
-//! serve, and on SIGTERM/SIGINT turn `/ready` to 503, drain in-flight work and exit.
+//! serve, and on SIGTERM/SIGINT turn `/ready` to 503, drain in-flight work for at most the grace,
+//! answer what is left 503, and exit 0.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use anyhow::Context;
 
 use super::Cli;
 use crate::engine::Engine;
+use crate::http::server::serve;
 use crate::http::{AppState, router};
 use crate::model::Catalog;
 
@@ -54,7 +56,9 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let delay = Duration::from_millis(config.server.shutdown_delay_ms);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_engine = engine.clone();
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+    let app = router(state);
+    let server_config = config.server.clone();
+    let stop_accepting = async move {
         shutdown_signal().await;
         drain_engine.begin_drain();
         tracing::info!(
@@ -65,26 +69,35 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         tokio::time::sleep(delay).await;
         tracing::info!("no longer accepting connections; draining in-flight work");
         let _ = stop_tx.send(());
-    });
-    let serving = tokio::spawn(async move { server.await });
-    // Once shutdown starts, in-flight requests get `grace` to finish.
-    let drained = async {
+    };
+    let mut serving = tokio::spawn(async move { serve(listener, app, &server_config, stop_accepting).await });
+    // Once shutdown starts, in-flight requests get `grace` to finish — a hard bound: then the
+    // worker answers whatever it still holds with 503, those answers get a moment to be written,
+    // and the process exits 0 (a shutdown that honours its grace is a clean one).
+    let grace_over = async {
         let _ = stop_rx.await;
         tokio::time::sleep(grace).await;
     };
-    let clean = tokio::select! {
-        res = serving => { res??; true }
-        _ = drained => false,
-    };
-    tokio::task::spawn_blocking(move || engine.shutdown()).await?;
-    if clean {
-        tracing::info!("drained; bye");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        tracing::warn!("grace period over with requests still open; exiting anyway");
-        Ok(ExitCode::FAILURE)
+    tokio::select! {
+        res = &mut serving => res??,
+        _ = grace_over => {
+            tracing::warn!("grace period over with requests still open: answering them 503");
+            engine.abort();
+            if tokio::time::timeout(ANSWER_WINDOW, &mut serving).await.is_err() {
+                tracing::warn!("connections still open after the 503s; closing them");
+            }
+        }
     }
+    let worker_done = tokio::task::spawn_blocking(move || engine.shutdown_within(ANSWER_WINDOW)).await?;
+    if !worker_done {
+        tracing::warn!("the worker is still inside a pass; exiting without it");
+    }
+    tracing::info!("bye");
+    Ok(ExitCode::SUCCESS)
 }
+
+/// After the grace: how long the 503 answers may take to be written, and the worker to stop.
+const ANSWER_WINDOW: Duration = Duration::from_secs(2);
 
 async fn shutdown_signal() {
     let ctrl_c = async {

@@ -19,7 +19,7 @@ use crate::attack::target::{self, TargetDecision, TargetParams};
 use crate::attack::{AttackError, AttackOutcome, AttackParams, Method};
 use crate::config::{AttackDefaults, Config};
 use crate::imaging::{self, DecodeLimits, ImageError, Rgb8};
-use crate::model::preprocess::prepare_rgb8;
+use crate::model::preprocess::{prepare_rgb8, resized_dims};
 use crate::model::{Catalog, ModelError, ModelInfo};
 use queue::{AttackJob, ClassifyJob, ClassifyReply, JobError, JobTimings, Queues, Refused};
 pub use stats::{EngineStats, StatsSnapshot};
@@ -35,6 +35,23 @@ pub enum EngineError {
     Image(#[from] ImageError),
     #[error("invalid parameter `{param}`: {message}")]
     InvalidParam { param: String, message: String },
+    /// The request would cost more than the configured bounds allow; refused before any work.
+    #[error("too costly: `{param}`: {message}")]
+    TooCostly { param: String, message: String },
+    /// After the model's resize the image would be too long on one side.
+    #[error(
+        "the image is {width}×{height}: resized for model {model} it would be {resized_width}×{resized_height}; \
+         the longest side after resize may be {limit} (limits.max_resized_side), so the aspect ratio may be at most {ratio:.1}:1"
+    )]
+    TooElongated {
+        model: String,
+        width: u32,
+        height: u32,
+        resized_width: i64,
+        resized_height: i64,
+        limit: u32,
+        ratio: f64,
+    },
     #[error("the {queue} queue is full; retry later")]
     QueueFull { queue: &'static str },
     #[error("the server is shutting down")]
@@ -51,6 +68,12 @@ impl EngineError {
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
         Self::InvalidParam { param: param.into(), message: message.into() }
     }
+
+    /// A refusal for cost, counted in `labelfool_requests_refused_total{reason="cost"}`.
+    pub fn too_costly(param: &str, message: impl Into<String>) -> Self {
+        metrics::counter!("labelfool_requests_refused_total", "reason" => "cost").increment(1);
+        Self::TooCostly { param: param.into(), message: message.into() }
+    }
 }
 
 /// Engine-wide settings taken from the config.
@@ -60,6 +83,9 @@ pub struct EngineSettings {
     pub max_attack_pixels: u64,
     pub max_iter: u32,
     pub max_top_k: usize,
+    pub max_resized_side: u32,
+    pub max_candidates: usize,
+    pub max_backward_passes: u64,
     pub attack: AttackDefaults,
 }
 
@@ -71,6 +97,8 @@ struct Inner {
     settings: EngineSettings,
     stats: Arc<EngineStats>,
     worker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Tells the worker to answer everything it holds `ShuttingDown` and exit.
+    abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -207,6 +235,9 @@ impl Engine {
             max_attack_pixels: config.limits.max_attack_pixels,
             max_iter: config.limits.max_iter,
             max_top_k: config.limits.max_top_k,
+            max_resized_side: config.limits.max_resized_side,
+            max_candidates: config.limits.max_candidates,
+            max_backward_passes: config.limits.max_backward_passes,
             attack: config.attack.clone(),
         };
         let (queues, inbox) = queue::new(config.engine.queue_capacity);
@@ -216,8 +247,10 @@ impl Engine {
             threads: config.engine.threads,
             max_inflight_attacks: config.engine.max_inflight_attacks,
             max_attack_batch: config.engine.max_attack_batch,
+            max_inflight_attack_pixels: config.engine.max_inflight_attack_pixels,
         };
-        let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone())
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone(), abort.clone())
             .map_err(|e| EngineError::Internal(format!("cannot start the worker thread: {e}")))?;
         let decode_threads = match config.engine.decode_threads {
             0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
@@ -230,6 +263,7 @@ impl Engine {
             settings,
             stats,
             worker: std::sync::Mutex::new(Some(handle)),
+            abort,
         };
         Ok((Self { inner: Arc::new(inner) }, Startup { ready }))
     }
@@ -257,13 +291,41 @@ impl Engine {
 
     /// Stops taking jobs; the worker finishes what it holds and exits. Returns once it has.
     pub fn shutdown(&self) {
-        self.inner.stats.set_not_ready();
-        if let Ok(mut q) = self.inner.queues.write() {
-            q.take();
-        }
+        self.close_queues();
         let handle = self.inner.worker.lock().ok().and_then(|mut h| h.take());
         if let Some(h) = handle {
             let _ = h.join();
+        }
+    }
+
+    /// Like [`Self::shutdown`], but returns after `limit` at the latest: false when the worker
+    /// was still busy then (its thread ends with the process).
+    pub fn shutdown_within(&self, limit: Duration) -> bool {
+        self.close_queues();
+        let handle = self.inner.worker.lock().ok().and_then(|mut h| h.take());
+        let Some(h) = handle else { return true };
+        let started = Instant::now();
+        while !h.is_finished() {
+            if started.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = h.join();
+        true
+    }
+
+    /// The shutdown grace is over: the worker answers every job it holds or that waits for it
+    /// with `ShuttingDown` (HTTP 503) at its next pass boundary and exits; new jobs are refused.
+    pub fn abort(&self) {
+        self.inner.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.close_queues();
+    }
+
+    fn close_queues(&self) {
+        self.inner.stats.set_not_ready();
+        if let Ok(mut q) = self.inner.queues.write() {
+            q.take();
         }
     }
 
@@ -280,13 +342,34 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownModel(name.unwrap_or_default().to_string()))
     }
 
+    /// Refuses an image whose resize for `info` would make a side longer than
+    /// `limits.max_resized_side` (checked right after the header is read, before any tensor).
+    fn check_resize(&self, info: &ModelInfo, width: u32, height: u32) -> Result<(), EngineError> {
+        let limit = self.inner.settings.max_resized_side;
+        let (rh, rw) = resized_dims(i64::from(height), i64::from(width), info.input().resize_short_side);
+        if rh.max(rw) > i64::from(limit) {
+            return Err(EngineError::TooElongated {
+                model: info.name.clone(),
+                width,
+                height,
+                resized_width: rw,
+                resized_height: rh,
+                limit,
+                ratio: f64::from(limit) / info.input().resize_short_side as f64,
+            });
+        }
+        Ok(())
+    }
+
     fn queues(&self) -> Result<Queues, EngineError> {
         self.inner.queues.read().ok().and_then(|q| q.clone()).ok_or(EngineError::ShuttingDown)
     }
 
-    async fn decode(&self, bytes: Bytes) -> Result<(Rgb8, Duration), EngineError> {
+    async fn decode(&self, bytes: Bytes, info: &ModelInfo) -> Result<(Rgb8, Duration), EngineError> {
         let limits = self.inner.settings.decode;
         let started = Instant::now();
+        let (width, height) = imaging::dimensions(&bytes, &limits)?;
+        self.check_resize(info, width, height)?;
         let _slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
         let img = tokio::task::spawn_blocking(move || imaging::decode(&bytes, &limits))
             .await
@@ -319,6 +402,8 @@ impl Engine {
         let (idx, info) = self.model(model)?;
         let limits = self.inner.settings.decode;
         let spec = info.input().clone();
+        let (width, height) = imaging::dimensions(&bytes, &limits)?;
+        self.check_resize(&info, width, height)?;
         let slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
         let (img, input) = tokio::task::spawn_blocking(move || -> Result<_, EngineError> {
             crate::model::single_threaded_torch_here();
@@ -393,12 +478,23 @@ impl Engine {
         let (idx, info) = self.model(model)?;
         let limits = self.inner.settings.decode;
         let spec = info.input().clone();
+        let max_resized = self.inner.settings.max_resized_side;
         let slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
         let prepared = tokio::task::spawn_blocking(move || {
             crate::model::single_threaded_torch_here();
             images
                 .iter()
                 .map(|bytes| {
+                    let (w, h) = imaging::dimensions(bytes, &limits)?;
+                    let (rh, rw) = resized_dims(i64::from(h), i64::from(w), spec.resize_short_side);
+                    if rh.max(rw) > i64::from(max_resized) {
+                        return Err(ImageError::Undecodable {
+                            format: "image",
+                            reason: format!(
+                                "{w}×{h} resizes to {rw}×{rh}, over limits.max_resized_side = {max_resized}"
+                            ),
+                        });
+                    }
                     let img = imaging::decode(bytes, &limits)?;
                     let x = prepare_rgb8(&img.rgb, img.width, img.height, &spec)
                         .map_err(|e| ImageError::Undecodable { format: img.format, reason: e.to_string() })?;
@@ -507,11 +603,21 @@ impl Engine {
                 format!("{candidates} is not in 2..={}", info.num_classes()),
             ));
         }
+        if candidates > s.max_candidates {
+            return Err(EngineError::too_costly(
+                "candidates",
+                format!(
+                    "{candidates} candidates cost {} backward passes per step; at most {} are allowed (limits.max_candidates)",
+                    candidates - 1,
+                    s.max_candidates
+                ),
+            ));
+        }
         let lambda = req.lambda.unwrap_or(3.0);
         if !(lambda.is_finite() && lambda > 0.0 && lambda <= 100.0) {
             return Err(EngineError::invalid("lambda", format!("{lambda} is not in (0, 100]")));
         }
-        Ok(AttackParams {
+        let params = AttackParams {
             method,
             max_iter,
             overshoot,
@@ -521,7 +627,20 @@ impl Engine {
             target_params: self.target_params(req.delta1, req.delta2)?,
             margins: s.attack.margins.clone(),
             target,
-        })
+        };
+        let cost = params.max_backward_passes();
+        if cost > s.max_backward_passes {
+            return Err(EngineError::too_costly(
+                "max_iter",
+                format!(
+                    "{} with max_iter={max_iter} and candidates={candidates} may take {cost} backward passes; \
+                     at most {} are allowed (limits.max_backward_passes)",
+                    method.name(),
+                    s.max_backward_passes
+                ),
+            ));
+        }
+        Ok(params)
     }
 
     /// Runs an attack on the image at its original size and returns the 8-bit PNG it delivers,
@@ -536,17 +655,18 @@ impl Engine {
         let started = Instant::now();
         let (idx, info) = self.model(model)?;
         let params = self.attack_params(&info, &req)?;
-        let (img, decode) = self.decode(bytes).await?;
-        let pixels = u64::from(img.width) * u64::from(img.height);
-        if pixels > self.inner.settings.max_attack_pixels {
+        // The attack's tensors live at the upload's size: refuse from the header, before decoding.
+        let (width, height) = imaging::dimensions(&bytes, &self.inner.settings.decode)?;
+        if u64::from(width) * u64::from(height) > self.inner.settings.max_attack_pixels {
             return Err(ImageError::TooManyPixels {
-                width: img.width,
-                height: img.height,
+                width,
+                height,
                 limit: self.inner.settings.max_attack_pixels,
                 side: self.inner.settings.decode.max_side,
             }
             .into());
         }
+        let (img, decode) = self.decode(bytes, &info).await?;
         let img = Arc::new(img);
         let (tx, rx) = oneshot::channel();
         let job =

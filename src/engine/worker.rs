@@ -3,9 +3,16 @@
 //! runs the classify batches that are due, then ONE tick over all in-flight attack rows; rows
 //! whose client has gone away are dropped before the tick, finished rows leave after it, and
 //! newly arrived attacks join the next one.
+//!
+//! Fairness: classify work waits for at most one pass, not one tick. Between an attack tick's
+//! passes (the checks, the forward, each backward, each chunk) the runner hands control back and
+//! the worker runs whatever classify batches have arrived. Bounds: attacks are admitted while
+//! rows are free *and* their pixels fit `engine.max_inflight_attack_pixels`; on abort (the
+//! shutdown grace is over) every job still held is answered `ShuttingDown` and the thread exits.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Select};
@@ -25,6 +32,7 @@ pub struct WorkerSettings {
     pub threads: usize,
     pub max_inflight_attacks: usize,
     pub max_attack_batch: usize,
+    pub max_inflight_attack_pixels: u64,
 }
 
 /// What the worker reports once its models are loaded.
@@ -46,10 +54,11 @@ pub fn spawn(
     settings: WorkerSettings,
     inbox: Inbox,
     stats: Arc<EngineStats>,
+    abort: Arc<AtomicBool>,
 ) -> std::io::Result<(std::thread::JoinHandle<()>, ReadySignal)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name("labelfool-worker".into()).spawn(move || {
-        let worker = match Worker::load(catalog, settings, inbox, stats) {
+        let worker = match Worker::load(catalog, settings, inbox, stats, abort) {
             Ok(w) => w,
             Err(e) => {
                 let _ = ready_tx.send(Err(e));
@@ -68,6 +77,8 @@ struct RowMeta {
     started: Instant,
     compute: Duration,
     first_batch: usize,
+    /// The image's width × height, counted against `max_inflight_attack_pixels`.
+    pixels: u64,
 }
 
 /// In-flight attacks of one model: rows and their bookkeeping, index for index.
@@ -77,14 +88,49 @@ struct Group {
     meta: Vec<RowMeta>,
 }
 
+/// Single-pass work: the inbox it arrives on and the batcher that holds it until it is due.
+struct ClassifyLane {
+    inbox: crossbeam_channel::Receiver<ClassifyJob>,
+    batcher: Batcher<ClassifyJob>,
+    open: bool,
+}
+
+impl ClassifyLane {
+    /// Takes every waiting job into the batcher; drops the ones whose client has gone.
+    fn pull(&mut self, stats: &EngineStats) {
+        loop {
+            match self.inbox.try_recv() {
+                Ok(job) => self.batcher.push(job),
+                Err(crossbeam_channel::TryRecvError::Empty) => break,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.open = false;
+                    break;
+                }
+            }
+        }
+        stats.cancelled(self.batcher.retain(|j| !j.reply.is_closed()));
+    }
+
+    /// Runs the batches due now (every waiting job when `flush`).
+    fn run_due(&mut self, models: &[LoadedModel], stats: &EngineStats, flush: bool) {
+        for (m, jobs) in self.batcher.take_due(Instant::now(), flush) {
+            run_classify(models, stats, m, jobs);
+        }
+    }
+}
+
 struct Worker {
     models: Vec<LoadedModel>,
     device: Device,
     settings: WorkerSettings,
-    inbox: Inbox,
-    batcher: Batcher<ClassifyJob>,
+    attack_inbox: crossbeam_channel::Receiver<AttackJob>,
+    attack_open: bool,
+    /// An attack taken from the queue that did not fit the pixel budget yet.
+    waiting: Option<AttackJob>,
+    classify: ClassifyLane,
     groups: Vec<Group>,
     stats: Arc<EngineStats>,
+    abort: Arc<AtomicBool>,
     info: WorkerInfo,
 }
 
@@ -94,6 +140,7 @@ impl Worker {
         settings: WorkerSettings,
         inbox: Inbox,
         stats: Arc<EngineStats>,
+        abort: Arc<AtomicBool>,
     ) -> Result<Self, ModelError> {
         if settings.threads > 0 {
             tch::set_num_threads(settings.threads as i32);
@@ -124,89 +171,133 @@ impl Worker {
             threads: tch::get_num_threads(),
             cuda_available: tch::Cuda::is_available(),
         };
-        Ok(Self { models, device, settings, inbox, batcher, groups, stats, info })
+        let classify = ClassifyLane { inbox: inbox.classify, batcher, open: true };
+        Ok(Self {
+            models,
+            device,
+            settings,
+            attack_inbox: inbox.attack,
+            attack_open: true,
+            waiting: None,
+            classify,
+            groups,
+            stats,
+            abort,
+            info,
+        })
     }
 
     fn inflight(&self) -> usize {
         self.groups.iter().map(|g| g.rows.len()).sum()
     }
 
+    fn inflight_pixels(&self) -> u64 {
+        self.groups.iter().flat_map(|g| &g.meta).map(|m| m.pixels).sum()
+    }
+
     fn run(mut self) {
-        let (mut classify_open, mut attack_open) = (true, true);
         loop {
-            if self.inflight() == 0 {
+            if self.abort.load(Ordering::SeqCst) {
+                self.abort_all();
+                return;
+            }
+            if self.inflight() == 0 && self.waiting.is_none() {
                 let wait = self
+                    .classify
                     .batcher
                     .next_deadline()
                     .map(|d| d.saturating_duration_since(Instant::now()))
                     .unwrap_or(IDLE_WAKE);
-                self.wait_for_work(wait, &mut classify_open, &mut attack_open);
+                self.wait_for_work(wait);
             }
-            self.drain(&mut classify_open, &mut attack_open);
-            let closing = !classify_open && !attack_open;
-            let cancelled = self.batcher.retain(|j| !j.reply.is_closed());
-            self.stats.cancelled(cancelled);
+            self.classify.pull(&self.stats);
+            self.admit_attacks();
+            let closing = !self.classify.open && !self.attack_open;
             let flush = self.inflight() > 0 || closing;
-            for (m, jobs) in self.batcher.take_due(Instant::now(), flush) {
-                self.run_classify(m, jobs);
-            }
+            self.classify.run_due(&self.models, &self.stats, flush);
             if self.inflight() > 0 {
                 self.attack_tick();
             }
             self.stats.set_inflight(self.inflight());
-            if closing && self.batcher.is_empty() && self.inflight() == 0 {
+            if closing && self.classify.batcher.is_empty() && self.inflight() == 0 && self.waiting.is_none() {
                 tracing::info!("worker: queues closed and drained; exiting");
                 return;
             }
         }
     }
 
+    /// The shutdown grace is over: answer every job still held or queued, and stop.
+    fn abort_all(&mut self) {
+        let mut answered = 0usize;
+        for g in &mut self.groups {
+            for meta in g.meta.drain(..) {
+                let _ = meta.reply.send(Err(JobError::ShuttingDown));
+                answered += 1;
+            }
+            g.rows.clear();
+        }
+        for job in self.waiting.take().into_iter().chain(self.attack_inbox.try_iter()) {
+            let _ = job.reply.send(Err(JobError::ShuttingDown));
+            answered += 1;
+        }
+        self.classify.pull(&self.stats);
+        for (_, jobs) in self.classify.batcher.take_due(Instant::now(), true) {
+            for job in jobs {
+                let _ = job.reply.send(Err(JobError::ShuttingDown));
+                answered += 1;
+            }
+        }
+        self.stats.set_inflight(0);
+        tracing::warn!(answered, "worker: shutdown grace over; unfinished jobs answered 503");
+    }
+
     /// Blocks until a job arrives on either queue or `wait` passes.
-    fn wait_for_work(&mut self, wait: Duration, classify_open: &mut bool, attack_open: &mut bool) {
-        if !*classify_open && !*attack_open {
+    fn wait_for_work(&mut self, wait: Duration) {
+        if !self.classify.open && !self.attack_open {
             return;
         }
         let mut sel = Select::new();
-        let ci = classify_open.then(|| sel.recv(&self.inbox.classify));
-        let ai = attack_open.then(|| sel.recv(&self.inbox.attack));
+        let ci = self.classify.open.then(|| sel.recv(&self.classify.inbox));
+        let ai = self.attack_open.then(|| sel.recv(&self.attack_inbox));
         let Ok(op) = sel.select_timeout(wait) else {
             return;
         };
         let i = op.index();
         if Some(i) == ci {
-            match op.recv(&self.inbox.classify) {
-                Ok(job) => self.batcher.push(job),
-                Err(_) => *classify_open = false,
+            match op.recv(&self.classify.inbox) {
+                Ok(job) => self.classify.batcher.push(job),
+                Err(_) => self.classify.open = false,
             }
         } else if Some(i) == ai {
-            match op.recv(&self.inbox.attack) {
-                Ok(job) => self.admit(job),
-                Err(_) => *attack_open = false,
+            match op.recv(&self.attack_inbox) {
+                Ok(job) => self.waiting = Some(job),
+                Err(_) => self.attack_open = false,
             }
         }
     }
 
-    /// Takes every waiting classify job, and attacks while rows are free.
-    fn drain(&mut self, classify_open: &mut bool, attack_open: &mut bool) {
-        loop {
-            match self.inbox.classify.try_recv() {
-                Ok(job) => self.batcher.push(job),
-                Err(crossbeam_channel::TryRecvError::Empty) => break,
-                Err(crossbeam_channel::TryRecvError::Disconnected) => {
-                    *classify_open = false;
-                    break;
-                }
-            }
-        }
+    /// Admits attacks while rows are free and their pixels fit the budget (one always fits when
+    /// nothing is in flight, so a single large image is never starved).
+    fn admit_attacks(&mut self) {
+        let budget = self.settings.max_inflight_attack_pixels;
         while self.inflight() < self.settings.max_inflight_attacks {
-            match self.inbox.attack.recv_timeout(Duration::ZERO) {
-                Ok(job) => self.admit(job),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    *attack_open = false;
-                    break;
-                }
+            let job = match self.waiting.take() {
+                Some(job) => job,
+                None => match self.attack_inbox.recv_timeout(Duration::ZERO) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        self.attack_open = false;
+                        break;
+                    }
+                },
+            };
+            let pixels = u64::from(job.image.width) * u64::from(job.image.height);
+            if self.inflight() > 0 && !job.reply.is_closed() && self.inflight_pixels() + pixels > budget {
+                self.waiting = Some(job);
+                break;
             }
+            self.admit(job);
         }
     }
 
@@ -232,6 +323,7 @@ impl Worker {
                     started: Instant::now(),
                     compute: Duration::ZERO,
                     first_batch: 0,
+                    pixels: u64::from(img.width) * u64::from(img.height),
                 });
                 self.stats.attack_admitted();
             }
@@ -241,72 +333,41 @@ impl Worker {
         }
     }
 
-    fn run_classify(&mut self, m: usize, mut jobs: Vec<ClassifyJob>) {
-        for j in &mut jobs {
-            drop(j.permit.take());
-        }
-        let (features, logits): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.want_features);
-        // A features job is a fixed batch and runs alone; classify jobs share one pass.
-        let batches = std::iter::once(logits).chain(features.into_iter().map(|j| vec![j]));
-        for jobs in batches {
-            if jobs.is_empty() {
-                continue;
-            }
-            let started = Instant::now();
-            let model = &self.models[m];
-            let want_features = jobs[0].want_features;
-            let outcome = guarded(|| classify_batch(model, &jobs, want_features));
-            let compute = started.elapsed();
-            self.stats.classify_batch(jobs.len(), compute);
-            match outcome {
-                Ok(outputs) => {
-                    let n = jobs.len();
-                    for (job, (probabilities, features)) in jobs.into_iter().zip(outputs) {
-                        let timings =
-                            JobTimings { queued: started.duration_since(job.enqueued), compute, batch_size: n };
-                        let _ = job.reply.send(Ok(ClassifyReply { probabilities, features, timings }));
-                    }
-                }
-                // One bad input must not fail its batch-mates: run each alone to find it.
-                Err(_) if jobs.len() > 1 => {
-                    for job in jobs {
-                        self.run_classify(m, vec![job]);
-                    }
-                }
-                Err(e) => {
-                    for job in jobs {
-                        let _ = job.reply.send(Err(e.clone_error()));
-                    }
-                }
-            }
-        }
-    }
-
     fn attack_tick(&mut self) {
-        for m in 0..self.groups.len() {
-            let group = &mut self.groups[m];
+        let Worker { models, groups, classify, stats, settings, abort, .. } = self;
+        let models: &[LoadedModel] = models;
+        let stats: &EngineStats = stats;
+        for (m, group) in groups.iter_mut().enumerate() {
             // Cancelled: the client disconnected or its deadline passed. Free the row now.
             for i in (0..group.rows.len()).rev() {
                 if group.meta[i].reply.is_closed() {
                     group.rows.swap_remove(i);
                     group.meta.swap_remove(i);
-                    self.stats.cancelled(1);
-                    self.stats.attack_finished();
+                    stats.cancelled(1);
+                    stats.attack_finished();
                 }
             }
             let n = group.rows.len();
-            let chunk = self.settings.max_attack_batch;
-            let model = &self.models[m];
+            let chunk = settings.max_attack_batch;
+            let model = &models[m];
             let mut failed: Vec<(usize, JobError)> = Vec::new();
+            // Between passes: serve the classify work that has arrived meanwhile.
+            let mut between = || {
+                classify.pull(stats);
+                classify.run_due(models, stats, true);
+            };
             for start in (0..n).step_by(chunk) {
+                if abort.load(Ordering::SeqCst) {
+                    break;
+                }
                 let end = (start + chunk).min(n);
                 let started = Instant::now();
                 let rows = &mut group.rows[start..end];
-                let result = guarded(|| Ok(runner::tick(model, rows)));
+                let result = guarded(|| Ok(runner::tick_with(model, rows, &mut between)));
                 let elapsed = started.elapsed();
                 match result {
                     Ok((errors, tick)) => {
-                        self.stats.attack_tick(end - start, tick.backward_passes, elapsed);
+                        stats.attack_tick(end - start, tick.backward_passes, elapsed);
                         for (k, e) in errors.into_iter().enumerate() {
                             if let Some(e) = e {
                                 failed.push((start + k, JobError::Attack(e)));
@@ -327,7 +388,7 @@ impl Worker {
                 group.rows.swap_remove(i);
                 let meta = group.meta.swap_remove(i);
                 let _ = meta.reply.send(Err(e));
-                self.stats.attack_finished();
+                stats.attack_finished();
             }
             for i in (0..group.rows.len()).rev() {
                 if !group.rows[i].is_done() {
@@ -344,8 +405,49 @@ impl Worker {
                     };
                     (o, timings)
                 });
-                self.stats.attack_done(iterations);
+                stats.attack_done(iterations);
                 let _ = meta.reply.send(result);
+            }
+        }
+    }
+}
+
+/// Runs one model's classify jobs (one pass; a failing batch is retried job by job).
+fn run_classify(models: &[LoadedModel], stats: &EngineStats, m: usize, mut jobs: Vec<ClassifyJob>) {
+    for j in &mut jobs {
+        drop(j.permit.take());
+    }
+    let (features, logits): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.want_features);
+    // A features job is a fixed batch and runs alone; classify jobs share one pass.
+    let batches = std::iter::once(logits).chain(features.into_iter().map(|j| vec![j]));
+    for jobs in batches {
+        if jobs.is_empty() {
+            continue;
+        }
+        let started = Instant::now();
+        let model = &models[m];
+        let want_features = jobs[0].want_features;
+        let outcome = guarded(|| classify_batch(model, &jobs, want_features));
+        let compute = started.elapsed();
+        stats.classify_batch(jobs.len(), compute);
+        match outcome {
+            Ok(outputs) => {
+                let n = jobs.len();
+                for (job, (probabilities, features)) in jobs.into_iter().zip(outputs) {
+                    let timings = JobTimings { queued: started.duration_since(job.enqueued), compute, batch_size: n };
+                    let _ = job.reply.send(Ok(ClassifyReply { probabilities, features, timings }));
+                }
+            }
+            // One bad input must not fail its batch-mates: run each alone to find it.
+            Err(_) if jobs.len() > 1 => {
+                for job in jobs {
+                    run_classify(models, stats, m, vec![job]);
+                }
+            }
+            Err(e) => {
+                for job in jobs {
+                    let _ = job.reply.send(Err(e.clone_error()));
+                }
             }
         }
     }

@@ -119,7 +119,8 @@ pub struct TargetInfo {
         )),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody),
-        (status = 422, description = "Invalid parameter (unknown target, target = prediction, bad max_iter, …)", body = ErrorBody),
+        (status = 408, description = "The body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
+        (status = 422, description = "Invalid parameter (unknown target, target = prediction, bad max_iter, …), `too_costly` (over limits.max_candidates or limits.max_backward_passes) or `image_too_elongated` (limits.max_resized_side)", body = ErrorBody),
         (status = 500, description = "Model error in this job (other requests are unaffected)", body = ErrorBody),
         (status = 503, body = ErrorBody), (status = 504, body = ErrorBody),
     ))]

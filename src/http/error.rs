@@ -64,6 +64,14 @@ impl ApiError {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
     }
 
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+    }
+
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message) }
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", "a valid `Authorization: Bearer <key>` header is required")
     }
@@ -88,6 +96,10 @@ impl From<EngineError> for ApiError {
             EngineError::UnknownModel(_) => Self::new(StatusCode::NOT_FOUND, "unknown_model", msg),
             EngineError::Image(img) => img.into(),
             EngineError::InvalidParam { param, message } => Self::invalid(&param, message),
+            EngineError::TooCostly { param, .. } => {
+                Self { param: Some(param), ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "too_costly", msg) }
+            }
+            EngineError::TooElongated { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "image_too_elongated", msg),
             EngineError::QueueFull { .. } => {
                 Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "queue_full", msg) }
             }
@@ -123,7 +135,16 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// For routes that fall through: unknown path or method, in the same JSON shape.
+/// For routes that fall through: unknown path, in the same JSON shape.
 pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
+}
+
+/// A known path with a method it does not take (axum's own 405 has an empty body).
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {}; see /openapi.json", uri.path()),
+    )
 }

@@ -21,11 +21,21 @@ impl Params {
     pub fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
             .map_err(|e| ApiError::bad_request("bad_query", format!("cannot parse the query string: {e}")))?;
-        Ok(Self(pairs.into_iter().collect()))
+        let mut params = Self::default();
+        for (k, v) in pairs {
+            params.insert(k, v)?;
+        }
+        Ok(params)
     }
 
-    fn insert(&mut self, key: String, value: String) {
+    /// A parameter may be given once, in one place: a second value (repeated in the query, or in
+    /// both the query and the body) is an error, never a silent choice.
+    fn insert(&mut self, key: String, value: String) -> Result<(), ApiError> {
+        if self.0.contains_key(&key) {
+            return Err(ApiError::invalid(&key, "given more than once"));
+        }
         self.0.insert(key, value);
+        Ok(())
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {
@@ -106,11 +116,13 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
                     let name = field.name().unwrap_or("").to_string();
                     let data = field.bytes().await.map_err(|e| body_error(e.status(), e.body_text()))?;
                     if name == "image" {
-                        image = Some(data);
+                        if image.replace(data).is_some() {
+                            return Err(ApiError::invalid("image", "given more than once; send one image"));
+                        }
                     } else {
                         let text = String::from_utf8(data.to_vec())
                             .map_err(|_| ApiError::invalid(&name, "form field is not UTF-8 text"))?;
-                        params.insert(name, text);
+                        params.insert(name, text)?;
                     }
                 }
                 image
@@ -118,22 +130,23 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
             }
             "application/json" => {
                 let body = Bytes::from_request(req, state).await.map_err(|e| body_error(e.status(), e.body_text()))?;
-                let value: serde_json::Value = serde_json::from_slice(&body)
+                let Entries(map) = serde_json::from_slice(&body)
                     .map_err(|e| ApiError::bad_request("bad_json", format!("the JSON body cannot be parsed: {e}")))?;
-                let serde_json::Value::Object(map) = value else {
-                    return Err(ApiError::bad_request("bad_json", "the JSON body must be an object"));
-                };
                 let mut image = None;
                 for (k, v) in map {
                     match (k.as_str(), v) {
-                        ("image", serde_json::Value::String(b64)) => image = Some(decode_base64(&b64)?),
+                        ("image", serde_json::Value::String(b64)) => {
+                            if image.replace(decode_base64(&b64)?).is_some() {
+                                return Err(ApiError::invalid("image", "given more than once; send one image"));
+                            }
+                        }
                         ("image", _) => {
                             return Err(ApiError::bad_request("bad_json", "`image` must be a base64 string"));
                         }
                         (_, serde_json::Value::Null) => {}
-                        (_, serde_json::Value::String(s)) => params.insert(k, s),
+                        (_, serde_json::Value::String(s)) => params.insert(k, s)?,
                         (_, v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
-                            params.insert(k, v.to_string())
+                            params.insert(k, v.to_string())?
                         }
                         (_, _) => {
                             return Err(ApiError::invalid(&k, "must be a string, number or boolean"));
@@ -145,14 +158,13 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
             e if e.starts_with("image/") || e == "application/octet-stream" => {
                 Bytes::from_request(req, state).await.map_err(|e| body_error(e.status(), e.body_text()))?
             }
+            // The body was read (bounded) by `limits::buffer_body` before this: nothing to drain.
             "" if content_type.is_empty() => {
-                discard_body(req.into_body(), usize::MAX).await;
                 return Err(ApiError::unsupported_media(
                     "no Content-Type: send multipart/form-data (field `image`), image/*, or application/json",
                 ));
             }
             _ => {
-                discard_body(req.into_body(), usize::MAX).await;
                 return Err(ApiError::unsupported_media(format!(
                     "Content-Type {content_type:?} is not accepted: send multipart/form-data (field `image`), image/*, or application/json"
                 )));
@@ -162,11 +174,27 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
     }
 }
 
-/// Reads and drops a body we are refusing (up to `limit` bytes). Answering before the client has
-/// finished sending makes hyper close the connection under it, and the client never sees the
-/// answer; the body limit still caps what a refused request can make us read.
-pub async fn discard_body(body: axum::body::Body, limit: usize) {
-    let _ = axum::body::to_bytes(body, limit).await;
+/// A JSON object's entries in order, duplicates kept (serde_json's map keeps the last silently).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Entries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(Entries(out))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
 }
 
 fn decode_base64(s: &str) -> Result<Bytes, ApiError> {
@@ -206,6 +234,16 @@ mod tests {
         assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some("max_iter")));
         assert_eq!(p.finite("overshoot").unwrap_err().param.as_deref(), Some("overshoot"));
         assert_eq!(p.only(&["top_k", "model"]).unwrap_err().param.as_deref(), Some("max_iter"));
+    }
+
+    #[test]
+    fn a_parameter_given_twice_is_refused() {
+        let e = Params::from_query(Some("top_k=3&top_k=5")).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some("top_k")));
+        let mut p = Params::from_query(Some("top_k=3")).unwrap();
+        assert!(p.insert("top_k".into(), "4".into()).is_err(), "query and body both");
+        let Entries(e) = serde_json::from_str(r#"{"a": 1, "a": 2}"#).unwrap();
+        assert_eq!(e.len(), 2, "duplicate JSON keys are seen");
     }
 
     #[test]

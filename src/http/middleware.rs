@@ -86,18 +86,43 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
     if exempt(req.uri().path(), state.config.server.metrics_require_key) || req.method() == Method::OPTIONS {
         return next.run(req).await;
     }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or("");
-    if presented.as_bytes().ct_eq(key.as_bytes()).into() {
+    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()));
+    if presented.is_some_and(|p| key_matches(p, key.as_bytes())) {
         next.run(req).await
     } else {
-        super::input::discard_body(req.into_body(), state.config.limits.max_body_bytes).await;
+        let within = std::time::Duration::from_millis(state.config.server.body_read_timeout_ms);
+        super::limits::discard_body(req.into_body(), state.config.limits.max_body_bytes, within).await;
         ApiError::unauthorized().into_response()
+    }
+}
+
+/// The credentials of `Authorization: Bearer <token>`: the scheme is case-insensitive (RFC 9110
+/// §11.1), exactly one space follows it, and the token is taken as sent — not trimmed.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = (value.get(..7)?, value.get(7..)?);
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+}
+
+/// Compares digests, so the time taken says nothing about the key — not even its length.
+fn key_matches(presented: &[u8], key: &[u8]) -> bool {
+    use sha2::Digest;
+    sha2::Sha256::digest(presented).ct_eq(&sha2::Sha256::digest(key)).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        assert_eq!(bearer_token(b"Bearer k3y"), Some(&b"k3y"[..]));
+        assert_eq!(bearer_token(b"bearer k3y"), Some(&b"k3y"[..]));
+        assert_eq!(bearer_token(b"BEARER k3y"), Some(&b"k3y"[..]));
+        assert_eq!(bearer_token(b"Basic k3y"), None);
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert!(key_matches(b"k3y", b"k3y"));
+        assert!(!key_matches(b" k3y ", b"k3y"), "no trimming");
+        assert!(!key_matches(b"k3", b"k3y"));
     }
 }
 

@@ -6,9 +6,11 @@ pub mod classify;
 pub mod dto;
 pub mod error;
 pub mod input;
+pub mod limits;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;
+pub mod server;
 pub mod target;
 pub mod v2;
 
@@ -38,6 +40,8 @@ pub struct AppState {
     pub metrics: Option<PrometheusHandle>,
     /// Set once the worker reports its device.
     pub device: Arc<OnceLock<String>>,
+    /// Request-body bytes buffered at once (`server.max_buffered_body_bytes`).
+    pub body_budget: limits::BodyBudget,
 }
 
 impl AppState {
@@ -46,14 +50,17 @@ impl AppState {
             classify: Duration::from_millis(config.limits.classify_deadline_ms),
             attack: Duration::from_millis(config.limits.attack_deadline_ms),
         };
-        Self { engine, config, deadlines, metrics, device: Arc::default() }
+        let body_budget = limits::BodyBudget::new(config.server.max_buffered_body_bytes);
+        Self { engine, config, deadlines, metrics, device: Arc::default(), body_budget }
     }
 }
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
-    // Routes that do model work share the concurrency limit; past it, requests are shed with 503
-    // at once rather than queued without bound. Probes and metrics stay outside it.
+    // Routes that do model work share ONE concurrency limit; past it, requests are shed with 503
+    // at once rather than queued without bound. A request counts against it only once its body
+    // has arrived (`limits::buffer_body` runs outside it), so stalled uploads hold no work slot.
+    // Probes and metrics stay outside both.
     let work = Router::new()
         .route("/classify", post(classify::classify))
         .route("/target-label", get(target::preview).post(target::decide))
@@ -63,8 +70,9 @@ pub fn router(state: AppState) -> Router {
             tower::ServiceBuilder::new()
                 .layer(axum::error_handling::HandleErrorLayer::new(middleware::overloaded))
                 .load_shed()
-                .concurrency_limit(state.config.server.max_concurrent_requests),
-        );
+                .layer(tower::limit::GlobalConcurrencyLimitLayer::new(state.config.server.max_concurrent_requests)),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), limits::buffer_body));
     let api = Router::new()
         .merge(work)
         .route("/models", get(ops::models))
@@ -78,6 +86,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/health/ready", get(v2::ready))
         .route("/v2/models/{name}", get(v2::model_metadata))
         .route("/v2/models/{name}/ready", get(v2::model_ready))
-        .fallback(error::not_found);
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limits::check_head));
     middleware::apply(api, &state).layer(DefaultBodyLimit::max(body_limit)).with_state(state)
 }

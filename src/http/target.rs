@@ -44,13 +44,15 @@ pub struct TargetPreview {
 /// never listed.
 #[utoipa::path(get, path = "/target-label", tag = "labelfool", params(PreviewQuery), responses(
     (status = 200, body = TargetPreview),
+    (status = 400, description = "Malformed query string", body = ErrorBody),
     (status = 404, description = "Unknown model", body = ErrorBody),
     (status = 422, description = "Unknown class, bad `top`, or no matrix", body = ErrorBody),
 ))]
 pub async fn preview(
     State(state): State<AppState>,
-    Query(q): Query<PreviewQuery>,
+    query: Result<Query<PreviewQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<TargetPreview>, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let (_, info) = state.engine.model(q.model.as_deref())?;
     let matrix = info
         .matrix
@@ -133,7 +135,7 @@ pub struct DecisionDetail {
     responses(
         (status = 200, body = TargetDecisionResponse),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
-        (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
+        (status = 408, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody),
         (status = 504, body = ErrorBody),
     ))]
 pub async fn decide(

@@ -144,7 +144,91 @@ pub struct InferInput {
     pub datatype: String,
     /// Flat (row-major) or nested array.
     #[schema(value_type = Vec<Object>)]
-    pub data: serde_json::Value,
+    pub data: TensorData,
+}
+
+/// An input's `data`, flattened while it is parsed: no intermediate JSON values, so a 20 MB body
+/// of numbers costs about its `f32`s, not 30× that.
+#[derive(Debug, Default)]
+pub struct TensorData {
+    numbers: Vec<f32>,
+    strings: Vec<String>,
+    /// Elements that were neither (booleans, objects, null).
+    other: usize,
+}
+
+impl TensorData {
+    fn len(&self) -> usize {
+        self.numbers.len() + self.strings.len() + self.other
+    }
+}
+
+impl<'de> Deserialize<'de> for TensorData {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let mut data = TensorData::default();
+        serde::de::DeserializeSeed::deserialize(Flatten(&mut data, 0), d)?;
+        Ok(data)
+    }
+}
+
+/// Appends one JSON value (an element, or a nested array of them) to the data.
+struct Flatten<'a>(&'a mut TensorData, usize);
+
+/// Nesting deeper than any tensor's rank is malformed, and would recurse without bound.
+const MAX_DEPTH: usize = 16;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Flatten<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Flatten<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of numbers or strings")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.1 >= MAX_DEPTH {
+            return Err(serde::de::Error::custom(format!("`data` is nested deeper than {MAX_DEPTH}")));
+        }
+        while seq.next_element_seed(Flatten(self.0, self.1 + 1))?.is_some() {}
+        Ok(())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.numbers.push(v as f32);
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.numbers.push(v as f32);
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.numbers.push(v as f32);
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.0.strings.push(v.to_string());
+        Ok(())
+    }
+    fn visit_string<E>(self, v: String) -> Result<(), E> {
+        self.0.strings.push(v);
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        self.0.other += 1;
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.other += 1;
+        Ok(())
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_entry::<serde::de::IgnoredAny, serde::de::IgnoredAny>()?.is_some() {}
+        self.0.other += 1;
+        Ok(())
+    }
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -170,20 +254,14 @@ pub struct InferOutput {
     pub data: Vec<f32>,
 }
 
-fn flatten(v: &serde_json::Value, out: &mut Vec<serde_json::Value>) {
-    match v {
-        serde_json::Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        other => out.push(other.clone()),
-    }
-}
-
 /// Inference (OIP): probabilities for a batch of images or preprocessed tensors.
 #[utoipa::path(post, path = "/v2/models/{name}/infer", operation_id = "v2_infer", tag = "kserve-v2", params(("name" = String, Path)),
     request_body = InferRequest,
     responses(
         (status = 200, body = InferResponse),
         (status = 400, description = "Malformed request or undecodable image", body = V2ErrorBody),
-        (status = 404, body = V2ErrorBody), (status = 413, body = V2ErrorBody), (status = 503, body = V2ErrorBody),
+        (status = 404, body = V2ErrorBody), (status = 408, body = V2ErrorBody), (status = 413, body = V2ErrorBody),
+        (status = 422, description = "An image over limits.max_resized_side", body = V2ErrorBody), (status = 503, body = V2ErrorBody),
     ))]
 pub async fn infer(
     State(state): State<AppState>,
@@ -199,22 +277,24 @@ pub async fn infer(
     let [input] = req.inputs.as_slice() else {
         return Err(bad("exactly one input is expected (`image` BYTES or `input` FP32)"));
     };
-    let mut flat = Vec::new();
-    flatten(&input.data, &mut flat);
+    let data = &input.data;
     let deadline = state.deadlines.classify;
     let rows: Vec<Vec<f32>> = match input.datatype.as_str() {
         "BYTES" => {
-            if input.shape.len() != 1 || input.shape[0] != flat.len() as i64 {
+            if input.shape.len() != 1 || input.shape[0] != data.len() as i64 {
                 return Err(bad(format!(
                     "BYTES input shape {:?} does not match its {} elements",
                     input.shape,
-                    flat.len()
+                    data.len()
                 )));
             }
-            let images = flat
+            if data.strings.len() != data.len() {
+                return Err(bad("BYTES elements must be base64 strings"));
+            }
+            let images = data
+                .strings
                 .iter()
-                .map(|v| {
-                    let s = v.as_str().ok_or_else(|| bad("BYTES elements must be base64 strings"))?;
+                .map(|s| {
                     base64::engine::general_purpose::STANDARD
                         .decode(s)
                         .map_err(|e| bad(format!("BYTES element is not base64: {e}")))
@@ -232,22 +312,22 @@ pub async fn infer(
             if input.shape.len() != 4 || input.shape[1..] != [3, s, s] || input.shape[0] < 1 {
                 return Err(bad(format!("FP32 input must have shape [N, 3, {s}, {s}], got {:?}", input.shape)));
             }
-            let n = input.shape[0] as usize;
             let per = (3 * s * s) as usize;
-            if flat.len() != n * per {
+            // Checked: a shape like [2^54, 3, 224, 224] must not wrap around to match empty data.
+            let needed = usize::try_from(input.shape[0]).ok().and_then(|n| n.checked_mul(per));
+            if needed != Some(data.len()) {
                 return Err(bad(format!(
                     "FP32 input has {} values; shape {:?} needs {}",
-                    flat.len(),
+                    data.len(),
                     input.shape,
-                    n * per
+                    needed.map(|n| n.to_string()).unwrap_or_else(|| "more than can be addressed".into())
                 )));
             }
-            let values = flat
-                .iter()
-                .map(|v| v.as_f64().map(|x| x as f32))
-                .collect::<Option<Vec<f32>>>()
-                .ok_or_else(|| bad("FP32 data must be numbers"))?;
-            let jobs = values.chunks(per).map(|c| state.engine.classify_tensor(Some(&m.name), c.to_vec(), deadline));
+            if data.numbers.len() != data.len() {
+                return Err(bad("FP32 data must be numbers"));
+            }
+            let jobs =
+                data.numbers.chunks(per).map(|c| state.engine.classify_tensor(Some(&m.name), c.to_vec(), deadline));
             futures::future::join_all(jobs).await.into_iter().collect::<Result<_, _>>()?
         }
         other => return Err(bad(format!("datatype {other:?} is not supported: use BYTES or FP32"))),

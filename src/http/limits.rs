@@ -1,0 +1,205 @@
+//! Request-level bounds, applied before any handler: the request target and header section
+//! (414 / 431), and the body — refused by its declared length before a byte is read (413),
+//! read whole within `server.body_read_timeout_ms` (else 408) and within a shared byte budget,
+//! *outside* the concurrency limit, so a client that stalls mid-upload holds a connection but
+//! never a work slot. Handlers then see a body that has fully arrived.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+
+use super::AppState;
+use super::error::ApiError;
+
+/// Budget accounting unit: permits are KiB, so the budget fits a semaphore's permit count.
+const UNIT: usize = 1024;
+
+/// Bytes of request bodies buffered at once, shared by every request.
+#[derive(Clone)]
+pub struct BodyBudget(Arc<Semaphore>);
+
+impl BodyBudget {
+    pub fn new(bytes: usize) -> Self {
+        Self(Arc::new(Semaphore::new((bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS))))
+    }
+}
+
+/// 414 past `server.max_uri_bytes`, 431 past `max_header_bytes` or `max_headers`.
+pub async fn check_head(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let server = &state.config.server;
+    let target = req.uri().path_and_query().map(|pq| pq.as_str().len()).unwrap_or(0);
+    if target > server.max_uri_bytes {
+        let e = ApiError::new(
+            axum::http::StatusCode::URI_TOO_LONG,
+            "uri_too_long",
+            format!(
+                "the request target is {target} bytes; the limit is {} (server.max_uri_bytes)",
+                server.max_uri_bytes
+            ),
+        );
+        return closing(e.into_response());
+    }
+    let headers = req.headers();
+    let bytes: usize = headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum();
+    if headers.len() > server.max_headers || bytes > server.max_header_bytes {
+        let e = ApiError::new(
+            axum::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!(
+                "{} header fields, {bytes} bytes; the limits are {} fields and {} bytes (server.max_headers, max_header_bytes)",
+                headers.len(),
+                server.max_headers,
+                server.max_header_bytes
+            ),
+        );
+        return closing(e.into_response());
+    }
+    next.run(req).await
+}
+
+/// Reads the whole body (bounded in size, time and shared bytes) before the request goes on.
+pub async fn buffer_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = state.config.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    // Open Inference Protocol routes answer in the protocol's error shape.
+    let shaped = |e: ApiError, path: &str| {
+        if path.starts_with("/v2/") { super::v2::V2Error::from(e).into_response() } else { e.into_response() }
+    };
+    if let Some(len) = declared
+        && len > limit as u64
+    {
+        return closing(shaped(too_large(limit), req.uri().path()));
+    }
+    let timeout = Duration::from_millis(state.config.server.body_read_timeout_ms);
+    let (parts, body) = req.into_parts();
+    match read_bounded(body, limit, timeout, &state.body_budget).await {
+        Ok((bytes, permit)) => {
+            let res = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+            // The request's bytes count against the budget until its answer is ready.
+            drop(permit);
+            res
+        }
+        Err(e) => closing(shaped(e, parts.uri.path())),
+    }
+}
+
+fn too_large(limit: usize) -> ApiError {
+    ApiError::too_large(format!("the request body is over the size limit of {limit} bytes (limits.max_body_bytes)"))
+}
+
+/// Reads `body` frame by frame: at most `limit` bytes, all before `deadline`, each chunk taking
+/// its share of the budget as it arrives (a stalled upload holds only what it has sent).
+async fn read_bounded(
+    body: Body,
+    limit: usize,
+    within: Duration,
+    budget: &BodyBudget,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    let deadline = Instant::now() + within;
+    let mut body = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let timed_out = || {
+        ApiError::timeout(format!(
+            "the request body did not arrive within {} ms (server.body_read_timeout_ms)",
+            within.as_millis()
+        ))
+    };
+    loop {
+        let next = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut body)).await;
+        let chunk = match next {
+            Err(_) => return Err(timed_out()),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ApiError::bad_request("bad_body", format!("cannot read the body: {e}"))),
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large(limit));
+        }
+        buf.extend_from_slice(&chunk);
+        let want = buf.len().div_ceil(UNIT) as u32;
+        let held = permit.as_ref().map(|p| p.num_permits() as u32).unwrap_or(0);
+        if want > held {
+            let more = tokio::time::timeout_at(deadline, budget.0.clone().acquire_many_owned(want - held))
+                .await
+                .map_err(|_| {
+                    ApiError::overloaded(
+                        "request bodies in flight are over server.max_buffered_body_bytes; retry later",
+                    )
+                })?
+                .map_err(|_| ApiError::overloaded("the server is shutting down"))?;
+            match permit.as_mut() {
+                Some(p) => p.merge(more),
+                None => permit = Some(more),
+            }
+        }
+    }
+    Ok((buf.freeze(), permit))
+}
+
+/// Reads and drops a refused request's body, streaming (nothing is kept), stopping after `limit`
+/// bytes or `within`, so the client can read the answer instead of a reset connection.
+pub async fn discard_body(body: Body, limit: usize, within: Duration) {
+    let mut body = body.into_data_stream();
+    let mut seen = 0usize;
+    let deadline = Instant::now() + within;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut body)).await {
+        seen += chunk.len();
+        if seen > limit {
+            break;
+        }
+    }
+}
+
+/// Marks a response that is sent before the request was read whole: the connection closes after it.
+fn closing(mut res: Response) -> Response {
+    res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(chunks: Vec<&'static [u8]>) -> Body {
+        let s = futures::stream::iter(chunks.into_iter().map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c))));
+        Body::from_stream(s)
+    }
+
+    #[tokio::test]
+    async fn reads_within_the_limit_and_holds_budget_for_what_arrived() {
+        let budget = BodyBudget::new(64 * 1024);
+        let deadline = Duration::from_secs(5);
+        let (bytes, permit) =
+            read_bounded(stream(vec![&[1u8; 1500], &[2u8; 700]]), 4096, deadline, &budget).await.unwrap();
+        assert_eq!(bytes.len(), 2200);
+        assert_eq!(permit.unwrap().num_permits(), 3, "2200 bytes = 3 KiB units");
+        let e = read_bounded(stream(vec![&[0u8; 3000], &[0u8; 3000]]), 4096, deadline, &budget).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 413);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_times_out_and_an_exhausted_budget_waits_then_refuses() {
+        let budget = BodyBudget::new(64 * 1024);
+        let pending = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
+        let e = read_bounded(pending, 4096, Duration::from_millis(100), &budget).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 408);
+        let small = BodyBudget::new(2 * 1024);
+        let (_, held) = read_bounded(stream(vec![&[0u8; 2048]]), 4096, Duration::from_secs(1), &small).await.unwrap();
+        let e = read_bounded(stream(vec![&[0u8; 10]]), 4096, Duration::from_millis(100), &small).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 503);
+        drop(held);
+        read_bounded(stream(vec![&[0u8; 10]]), 4096, Duration::from_millis(100), &small).await.unwrap();
+    }
+}

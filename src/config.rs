@@ -2,6 +2,7 @@
 //! then command-line flags. Everything is validated before the server binds, so a bad value stops
 //! start-up with one clear message instead of failing later inside a request.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,8 +10,6 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
-
-use crate::model::DeviceSpec;
 
 /// Where the setup keeps the torch venv and the exported model bundles, unless `LABELFOOL_CACHE` says.
 pub fn cache_dir() -> PathBuf {
@@ -30,6 +29,40 @@ pub fn default_config_path() -> Option<PathBuf> {
     }
     let exe = std::env::current_exe().ok()?;
     exe.ancestors().skip(1).take(4).map(|dir| dir.join("config/default.toml")).find(|p| p.is_file())
+}
+
+/// The `device` setting: `auto | cpu | cuda | cuda:N` (resolved to a libtorch device on the
+/// worker thread, `model::device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("{s:?} is not a device; use auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +101,7 @@ pub struct ServerConfig {
     /// this long (so load balancers stop sending new work), then stops accepting.
     pub shutdown_delay_ms: u64,
     /// After that, in-flight work may finish for this long; what is still running then is
-    /// answered 503 and the process exits 0. A hard bound: nothing outlives it by more than ~2 s.
+    /// answered 503 at once and the process exits 0 within ~2 s more.
     pub shutdown_grace_secs: u64,
     /// Open connections at once; past it the server stops accepting (the kernel queues them).
     pub max_connections: usize,
@@ -77,9 +110,8 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     /// A request's whole body must arrive within this time after its header; else 408.
     pub body_read_timeout_ms: u64,
-    /// Request-body bytes buffered at once across all requests; a body that would go past it
-    /// waits (reading stops, TCP pushes back) until its body deadline, then gets 503. Only
-    /// bytes that have arrived count, so stalled uploads cost no budget.
+    /// Request-body bytes buffered at once across all requests (bytes that have arrived, held
+    /// until the request is answered); a chunk that would go past it gets the request 503 at once.
     pub max_buffered_body_bytes: usize,
     /// Longest request target (path and query) accepted; longer gets 414.
     pub max_uri_bytes: usize,

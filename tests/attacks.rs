@@ -37,6 +37,7 @@ fn params(method: Method) -> AttackParams {
         epsilons: vec![0.03],
         candidates: 10,
         lambda: 3.0,
+        max_outer: 20,
     }
 }
 
@@ -149,8 +150,8 @@ fn sparsefool_changes_few_pixels_where_deepfool_changes_most() {
     let dense = run_to_end(&model, attack::new_row(info, x0.shallow_clone(), p).unwrap());
     let orig = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
     let (w, h) = (x0.size()[3] as u32, x0.size()[2] as u32);
-    let l0_sparse = attack::metrics::perturbation(w, h, &orig, &sparse.rgb).l0;
-    let l0_dense = attack::metrics::perturbation(w, h, &orig, &dense.rgb).l0;
+    let l0_sparse = labelfool::imaging::metrics::perturbation(w, h, &orig, &sparse.rgb).l0;
+    let l0_dense = labelfool::imaging::metrics::perturbation(w, h, &orig, &dense.rgb).l0;
     assert!(sparse.success && dense.success, "both attacks fool the tiny model");
     assert!(l0_sparse * 100 <= pixels, "SparseFool changed {l0_sparse} of {pixels} pixels (more than 1%)");
     assert!(l0_dense > pixels / 2, "DeepFool changed only {l0_dense} of {pixels} pixels");
@@ -211,7 +212,10 @@ fn the_runner_hands_back_control_after_every_backward_pass() {
     let (info, model) = tiny();
     let mut rows = vec![attack::new_row(info, mid_range_image(), params(Method::Deepfool)).unwrap()];
     let mut calls = 0;
-    let (errors, stats) = runner::tick_with(&model, &mut rows, &mut || calls += 1);
+    let (errors, stats) = runner::tick_with(&model, &mut rows, &mut || {
+        calls += 1;
+        true
+    });
     assert!(errors[0].is_none());
     assert_eq!(stats.backward_passes, 9);
     assert_eq!(calls, 9, "one hand-back per backward pass");

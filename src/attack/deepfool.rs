@@ -7,8 +7,9 @@
 use tch::Tensor;
 
 use super::guard::{Phase, Stepper, mask_saturated};
+use super::record::Extras;
 use super::target::{argmax, softmax};
-use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, Scored, best_other, scored};
+use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, best_other};
 
 /// The nearest linearised boundary given, per candidate, the gap still to cover (`need_k`) and
 /// ‖w_k‖²: `argmin_k need_k/‖w_k‖`. Candidates with a zero gradient are never chosen.
@@ -48,7 +49,6 @@ pub struct DeepFoolRow {
     candidate_count: usize,
     label: usize,
     candidates: Vec<usize>,
-    original: Option<Scored>,
     /// Per candidate: the linearised gap still to cover, from the last forward.
     needs: Vec<f64>,
 }
@@ -60,7 +60,6 @@ impl DeepFoolRow {
             candidate_count: params.candidates.saturating_sub(1).max(1),
             label: 0,
             candidates: Vec::new(),
-            original: None,
             needs: Vec::new(),
         }
     }
@@ -86,8 +85,7 @@ impl AttackRow for DeepFoolRow {
             return Err(AttackError::NonFinite);
         }
         if self.s.phase == Phase::Initial {
-            self.label = argmax(logits);
-            self.original = Some(scored(&softmax(logits), self.label));
+            self.label = self.s.record.classified(&softmax(logits));
             self.candidates = top_candidates(logits, self.label, self.candidate_count);
         }
         let (l, gap) = (self.label, self.gap(logits));
@@ -127,27 +125,12 @@ impl AttackRow for DeepFoolRow {
     }
 
     fn iterations(&self) -> u32 {
-        self.s.iterations
+        self.s.record.iterations
     }
 
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
-        let margin = self.s.margin();
-        let original = self.original.ok_or(AttackError::NonFinite)?;
-        let (rgb, probs) = self.s.last.ok_or(AttackError::NonFinite)?;
-        Ok(AttackOutcome {
-            method: Method::Deepfool,
-            original,
-            target: None,
-            decision: None,
-            final_: scored(&probs, argmax(&probs)),
-            target_probability: None,
-            success: self.s.success,
-            iterations: self.s.iterations,
-            checks: self.s.checks,
-            margin,
-            epsilon: None,
-            rgb,
-        })
+        let extras = Extras { margin: self.s.margin(), ..Extras::default() };
+        self.s.record.outcome(Method::Deepfool, extras)
     }
 }
 

@@ -7,8 +7,9 @@
 
 use tch::Tensor;
 
+use super::record::{Extras, Record};
 use super::target::{argmax, softmax};
-use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, Scored, scored};
+use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -23,13 +24,10 @@ pub struct FgsmRow {
     params: AttackParams,
     phase: Phase,
     label: usize,
-    original: Option<Scored>,
     sign: Option<Tensor>,
     /// Index into `params.epsilons` of the image under check.
     eps_idx: usize,
-    checks: u32,
-    last: Option<(Vec<u8>, Vec<f32>)>,
-    success: bool,
+    record: Record,
 }
 
 impl FgsmRow {
@@ -39,12 +37,9 @@ impl FgsmRow {
             x0,
             phase: Phase::Initial,
             label: 0,
-            original: None,
             sign: None,
             eps_idx: 0,
-            checks: 0,
-            last: None,
-            success: false,
+            record: Record::default(),
             params,
         }
     }
@@ -74,8 +69,7 @@ impl AttackRow for FgsmRow {
             return Err(AttackError::NonFinite);
         }
         let p = softmax(logits);
-        self.label = argmax(&p);
-        self.original = Some(scored(&p, self.label));
+        self.label = self.record.classified(&p);
         let objective: Vec<f32> = match self.params.target {
             Some(t) if t == self.label => {
                 return Err(AttackError::TargetIsPrediction { index: t, label: String::new() });
@@ -91,6 +85,7 @@ impl AttackRow for FgsmRow {
     fn on_gradients(&mut self, grads: Vec<Tensor>) -> Result<(), AttackError> {
         let g = grads.into_iter().next().ok_or(AttackError::NonFinite)?;
         self.sign = Some(g.f_sign()?);
+        self.record.iterations = 1;
         self.eps_idx = 0;
         self.perturb()?;
         self.phase = Phase::Checking;
@@ -98,15 +93,14 @@ impl AttackRow for FgsmRow {
     }
 
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError> {
-        self.checks += 1;
         let probs = softmax(logits);
         let pred = argmax(&probs);
-        self.success = match self.params.target {
+        let success = match self.params.target {
             Some(t) => pred == t,
             None => pred != self.label,
         };
-        self.last = Some((rgb, probs));
-        if self.success || self.eps_idx + 1 >= self.params.epsilons.len() {
+        self.record.checked(rgb, probs, success);
+        if success || self.eps_idx + 1 >= self.params.epsilons.len() {
             self.phase = Phase::Done;
         } else {
             self.eps_idx += 1;
@@ -120,26 +114,15 @@ impl AttackRow for FgsmRow {
     }
 
     fn iterations(&self) -> u32 {
-        u32::from(self.sign.is_some())
+        self.record.iterations
     }
 
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
-        let iterations = self.iterations();
-        let original = self.original.ok_or(AttackError::NonFinite)?;
-        let (rgb, probs) = self.last.ok_or(AttackError::NonFinite)?;
-        Ok(AttackOutcome {
-            method: Method::Fgsm,
-            original,
+        let extras = Extras {
             target: self.params.target,
-            decision: None,
-            final_: scored(&probs, argmax(&probs)),
-            target_probability: self.params.target.map(|t| f64::from(probs[t])),
-            success: self.success,
-            iterations,
-            checks: self.checks,
-            margin: None,
-            epsilon: Some(self.params.epsilons[self.eps_idx]),
-            rgb,
-        })
+            epsilon: self.params.epsilons.get(self.eps_idx).copied(),
+            ..Extras::default()
+        };
+        self.record.outcome(Method::Fgsm, extras)
     }
 }

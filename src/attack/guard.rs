@@ -134,11 +134,8 @@ pub struct Stepper {
     pub guard: Guard,
     pub max_iter: u32,
     pub overshoot: f64,
-    pub iterations: u32,
-    pub checks: u32,
-    pub success: bool,
-    /// The last checked 8-bit image and its probabilities.
-    pub last: Option<(Vec<u8>, Vec<f32>)>,
+    /// Original class, last check, counts, success.
+    pub record: super::record::Record,
 }
 
 impl Stepper {
@@ -149,10 +146,7 @@ impl Stepper {
             guard: Guard::new(params.margins.clone()),
             max_iter: params.max_iter,
             overshoot: params.overshoot,
-            iterations: 0,
-            checks: 0,
-            success: false,
-            last: None,
+            record: Default::default(),
         }
     }
 
@@ -171,7 +165,7 @@ impl Stepper {
                 self.phase = Phase::Checking;
                 Ok(None)
             }
-            Next::Step { .. } if self.iterations >= self.max_iter => {
+            Next::Step { .. } if self.record.iterations >= self.max_iter => {
                 self.phase = Phase::FinalCheck;
                 Ok(None)
             }
@@ -181,7 +175,7 @@ impl Stepper {
 
     /// Takes the step along the masked gradient `w` (‖w‖² = `norm2`) that grows the gap by `need`.
     pub fn step(&mut self, w: Tensor, norm2: f64, need: f64) -> Result<(), AttackError> {
-        self.iterations += 1;
+        self.record.iterations += 1;
         if !(norm2.is_finite() && norm2 > 0.0) {
             // A zero gradient cannot be followed: deliver what we have.
             self.phase = Phase::FinalCheck;
@@ -194,21 +188,19 @@ impl Stepper {
 
     /// Records an 8-bit check: whether it reached the goal, and the goal's gap on it.
     pub fn checked(&mut self, rgb: Vec<u8>, probs: Vec<f32>, success: bool, gap: f64) {
-        self.checks += 1;
-        self.success = success;
-        let last_chance = self.phase == Phase::FinalCheck || self.iterations >= self.max_iter;
+        self.record.checked(rgb, probs, success);
+        let last_chance = self.phase == Phase::FinalCheck || self.record.iterations >= self.max_iter;
         self.phase = if success || last_chance {
             Phase::Done
         } else {
             self.guard.missed(gap);
             Phase::Stepping
         };
-        self.last = Some((rgb, probs));
     }
 
     /// The margin that was needed, when the attack succeeded.
     pub fn margin(&self) -> Option<f64> {
-        self.success.then(|| self.guard.margin())
+        self.record.success.then(|| self.guard.margin())
     }
 }
 

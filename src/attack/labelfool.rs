@@ -12,8 +12,9 @@ use std::sync::Arc;
 use tch::Tensor;
 
 use super::guard::{Phase, Stepper, mask_saturated};
+use super::record::Extras;
 use super::target::{self, argmax, softmax};
-use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, Scored, best_other, scored};
+use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, best_other};
 use crate::model::ModelInfo;
 
 pub struct LabelFoolRow {
@@ -23,7 +24,6 @@ pub struct LabelFoolRow {
     params: AttackParams,
     target: usize,
     decision: Option<target::TargetDecision>,
-    original: Option<Scored>,
     /// What the next step must add to the gap (set by the last forward).
     need: f64,
 }
@@ -36,15 +36,13 @@ impl LabelFoolRow {
             s: Stepper::new(x0, &params),
             target: params.target.unwrap_or(0),
             decision: None,
-            original: None,
             need: 0.0,
             params,
         }
     }
 
     fn choose_target(&mut self, probs: &[f32]) -> Result<(), AttackError> {
-        let predicted = argmax(probs);
-        self.original = Some(scored(probs, predicted));
+        let predicted = self.s.record.classified(probs);
         match self.params.target {
             Some(t) if t == predicted => {
                 return Err(AttackError::TargetIsPrediction {
@@ -116,26 +114,12 @@ impl AttackRow for LabelFoolRow {
     }
 
     fn iterations(&self) -> u32 {
-        self.s.iterations
+        self.s.record.iterations
     }
 
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
-        let margin = self.s.margin();
-        let original = self.original.ok_or(AttackError::NonFinite)?;
-        let (rgb, probs) = self.s.last.ok_or(AttackError::NonFinite)?;
-        Ok(AttackOutcome {
-            method: self.method,
-            original,
-            target: Some(self.target),
-            decision: self.decision,
-            final_: scored(&probs, argmax(&probs)),
-            target_probability: Some(f64::from(probs[self.target])),
-            success: self.s.success,
-            iterations: self.s.iterations,
-            checks: self.s.checks,
-            margin,
-            epsilon: None,
-            rgb,
-        })
+        let extras =
+            Extras { target: Some(self.target), decision: self.decision, margin: self.s.margin(), epsilon: None };
+        self.s.record.outcome(self.method, extras)
     }
 }

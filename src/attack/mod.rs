@@ -11,7 +11,8 @@ pub mod deepfool;
 pub mod fgsm;
 pub mod guard;
 pub mod labelfool;
-pub mod metrics;
+pub mod params;
+pub mod record;
 pub mod runner;
 pub mod sparsefool;
 pub mod target;
@@ -22,73 +23,8 @@ use serde::Serialize;
 use tch::Tensor;
 
 use crate::model::ModelInfo;
+pub use params::{AttackParams, AttackRequest, Method};
 pub use target::{Branch, TargetDecision, TargetParams};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Targeted DeepFool steps towards the label LabelFool picks (or the caller's `target`).
-    Labelfool,
-    /// DeepFool: untargeted over the top candidate classes, or targeted with `target`.
-    Deepfool,
-    /// Fast gradient sign method: one step of size ε (or the smallest of several ε that fools).
-    Fgsm,
-    /// SparseFool: few pixels changed, via DeepFool's boundary and a linear solver.
-    Sparsefool,
-}
-
-impl Method {
-    pub const ALL: &'static [Method] = &[Method::Labelfool, Method::Deepfool, Method::Fgsm, Method::Sparsefool];
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|m| m.name() == s.trim().to_ascii_lowercase())
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Labelfool => "labelfool",
-            Method::Deepfool => "deepfool",
-            Method::Fgsm => "fgsm",
-            Method::Sparsefool => "sparsefool",
-        }
-    }
-}
-
-/// Validated parameters of one attack.
-#[derive(Debug, Clone)]
-pub struct AttackParams {
-    pub method: Method,
-    pub max_iter: u32,
-    pub overshoot: f64,
-    pub target_params: TargetParams,
-    /// Logit margins to demand in turn when the 8-bit image misses (LabelFool).
-    pub margins: Vec<f64>,
-    /// Caller-chosen target class; None lets the method choose (LabelFool: the distance matrix;
-    /// the others: untargeted).
-    pub target: Option<usize>,
-    /// FGSM step sizes (pixel scale [0,1]), ascending: the first that fools is delivered.
-    pub epsilons: Vec<f64>,
-    /// DeepFool / SparseFool: classes considered (the original and the next best).
-    pub candidates: usize,
-    /// SparseFool's λ: how far past the boundary the linear solver aims.
-    pub lambda: f64,
-}
-
-impl AttackParams {
-    /// The most backward passes this attack can take, from its method's own loop bounds: every
-    /// row ends within this many whatever the image or the margins (tests count them).
-    pub fn max_backward_passes(&self) -> u64 {
-        let steps = u64::from(self.max_iter);
-        let per_step = (self.candidates.saturating_sub(1).max(1)) as u64;
-        match (self.method, self.target) {
-            (Method::Labelfool, _) | (Method::Deepfool, Some(_)) => steps,
-            (Method::Deepfool, None) => steps * per_step,
-            (Method::Fgsm, _) => 1,
-            // Each outer iteration: an inner DeepFool of at most `max_iter` steps, then the normal.
-            (Method::Sparsefool, _) => u64::from(sparsefool::MAX_OUTER) * (steps * per_step + 1),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttackError {
@@ -98,6 +34,8 @@ pub enum AttackError {
     NoMatrix(String),
     #[error("the model returned non-finite logits")]
     NonFinite,
+    #[error("the attack ended before it classified its image and checked a result")]
+    Unfinished,
     #[error("libtorch: {0}")]
     Torch(String),
 }

@@ -21,16 +21,17 @@ pub struct TickStats {
 /// Advances every row that is not done by one tick. Returns one error slot per row. A failure of
 /// a batched pass is retried row by row, so one poisoned image cannot fail its neighbours.
 pub fn tick(model: &LoadedModel, rows: &mut [Box<dyn AttackRow>]) -> (Vec<Option<AttackError>>, TickStats) {
-    tick_with(model, rows, &mut || {})
+    tick_with(model, rows, &mut || true)
 }
 
 /// [`tick`], calling `between` after the checks and after every backward pass, so the caller can
 /// serve other work there: what waits on the worker waits for one pass, not a whole tick (a
-/// DeepFool row with many candidates runs one backward pass per candidate).
+/// DeepFool row with many candidates runs one backward pass per candidate). When `between`
+/// answers false (the server is aborting) the tick stops there; its rows are then unusable.
 pub fn tick_with(
     model: &LoadedModel,
     rows: &mut [Box<dyn AttackRow>],
-    between: &mut dyn FnMut(),
+    between: &mut dyn FnMut() -> bool,
 ) -> (Vec<Option<AttackError>>, TickStats) {
     let mut errors: Vec<Option<AttackError>> = (0..rows.len()).map(|_| None).collect();
     let mut stats = TickStats::default();
@@ -46,8 +47,8 @@ pub fn tick_with(
         }
     }
     stats.checked_rows = checks.len();
-    if !checks.is_empty() {
-        between();
+    if !checks.is_empty() && !between() {
+        return (errors, stats);
     }
 
     let mut backward = 0;
@@ -110,7 +111,7 @@ fn step_rows(
     idx: &[usize],
     errors: &mut [Option<AttackError>],
     backward_passes: &mut usize,
-    between: &mut dyn FnMut(),
+    between: &mut dyn FnMut() -> bool,
 ) -> Result<(), tch::TchError> {
     let spec = model.info.input();
     let xs: Vec<Tensor> =
@@ -145,9 +146,11 @@ fn step_rows(
         let inputs: Vec<Tensor> = wanting.iter().map(|&r| xs[r].shallow_clone()).collect();
         let g = model.backward(&loss, &inputs, j + 1 < passes)?;
         *backward_passes += 1;
-        between();
         for (&r, g) in wanting.iter().zip(g) {
             grads[r].push(g);
+        }
+        if !between() {
+            return Ok(());
         }
     }
     for ((&i, g), o) in idx.iter().zip(grads).zip(&objectives) {

@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::matrix::DistanceMatrix;
+use crate::model::matrix::DistanceMatrix;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TargetParams {
@@ -97,7 +97,7 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::matrix::MatrixMeta;
+    use crate::model::matrix::MatrixMeta;
     use ndarray::array;
 
     /// Five classes; distances chosen so that each branch has one right answer worked out below.

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use super::{Cli, OFFLINE_DEADLINE};
+use super::Cli;
 use crate::engine::AttackRequest;
+use crate::engine::OFFLINE_DEADLINE;
 
 #[derive(Debug, clap::Args)]
 pub struct AttackArgs {
@@ -38,6 +39,9 @@ pub struct AttackArgs {
     /// SparseFool's λ (default 3).
     #[arg(long)]
     pub lambda: Option<f64>,
+    /// SparseFool's cap on outer iterations (default 20).
+    #[arg(long)]
+    pub max_outer: Option<u32>,
     /// Print the result as JSON (the same fields as POST /attack, without the PNG).
     #[arg(long)]
     pub json: bool,
@@ -57,6 +61,7 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         epsilons: a.epsilon.clone(),
         candidates: a.candidates,
         lambda: a.lambda,
+        max_outer: a.max_outer,
     };
     let result = engine.attack(a.model.as_deref(), bytes.into(), req, OFFLINE_DEADLINE).await;
     super::stop_engine(engine).await;

@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::{Cli, OFFLINE_DEADLINE};
+use super::Cli;
+use crate::engine::OFFLINE_DEADLINE;
 
 #[derive(Debug, clap::Args)]
 pub struct ClassifyArgs {

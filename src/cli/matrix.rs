@@ -10,7 +10,8 @@ use ndarray::Array2;
 use super::Cli;
 use crate::matrix::build::{self, Fill, Shard};
 use crate::matrix::hausdorff::Linkage;
-use crate::matrix::{DistanceMatrix, MatrixMeta, from_weights, semantic};
+use crate::matrix::{from_weights, semantic};
+use crate::model::matrix::{DistanceMatrix, MatrixMeta};
 use crate::model::{BatchPolicy, Catalog, LoadedModel, ModelInfo};
 
 #[derive(Debug, clap::Subcommand)]

@@ -142,7 +142,6 @@ pub(crate) async fn start_engine(config: &Config) -> anyhow::Result<(Engine, Wor
 }
 
 /// Offline commands wait as long as the work takes.
-pub(crate) const OFFLINE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// Closes the engine's queues and waits for the worker to exit.
 pub(crate) async fn stop_engine(engine: Engine) {

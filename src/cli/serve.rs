@@ -78,17 +78,21 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         let _ = stop_rx.await;
         tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        res = &mut serving => res??,
+    let answered_by = tokio::select! {
+        res = &mut serving => { res??; tokio::time::Instant::now() + ANSWER_WINDOW }
         _ = grace_over => {
             tracing::warn!("grace period over with requests still open: answering them 503");
             engine.abort();
-            if tokio::time::timeout(ANSWER_WINDOW, &mut serving).await.is_err() {
+            let by = tokio::time::Instant::now() + ANSWER_WINDOW;
+            if tokio::time::timeout_at(by, &mut serving).await.is_err() {
                 tracing::warn!("connections still open after the 503s; closing them");
             }
+            by
         }
-    }
-    let worker_done = tokio::task::spawn_blocking(move || engine.shutdown_within(ANSWER_WINDOW)).await?;
+    };
+    // One window for the answers and the worker together.
+    let left = answered_by.saturating_duration_since(tokio::time::Instant::now());
+    let worker_done = tokio::task::spawn_blocking(move || engine.shutdown_within(left)).await?;
     if !worker_done {
         tracing::warn!("the worker is still inside a pass; exiting without it");
     }

@@ -57,6 +57,8 @@ pub struct ClassifyJob {
     pub enqueued: Instant,
     /// Released when the worker starts the job.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// The submitting request's span (its `request_id`): the worker logs the job inside it.
+    pub span: tracing::Span,
 }
 
 pub struct ClassifyReply {
@@ -75,6 +77,8 @@ pub struct AttackJob {
     pub enqueued: Instant,
     /// Released when the worker admits the attack as a row.
     pub permit: Option<OwnedSemaphorePermit>,
+    /// The submitting request's span (its `request_id`): the worker logs the attack inside it.
+    pub span: tracing::Span,
 }
 
 /// The sending half, held by the [`crate::engine::Engine`].

@@ -79,6 +79,8 @@ struct RowMeta {
     first_batch: usize,
     /// The image's width × height, counted against `max_inflight_attack_pixels`.
     pixels: u64,
+    /// The request's span: the row's log lines carry its `request_id`.
+    span: tracing::Span,
 }
 
 /// In-flight attacks of one model: rows and their bookkeeping, index for index.
@@ -304,10 +306,12 @@ impl Worker {
     fn admit(&mut self, mut job: AttackJob) {
         drop(job.permit.take());
         if job.reply.is_closed() {
+            job.span.in_scope(|| tracing::info!("attack cancelled before it started: the client has gone"));
             self.stats.cancelled(1);
             return;
         }
         let info = self.models[job.model].info.clone();
+        let (model_name, method) = (info.name.clone(), job.params.method.name());
         let img = &job.image;
         let row = rgb8_to_tensor(&img.rgb, img.width, img.height)
             .and_then(|x| x.f_to_device(self.device))
@@ -315,6 +319,9 @@ impl Worker {
             .and_then(|x0| attack::new_row(info, x0, job.params).map_err(JobError::from));
         match row {
             Ok(row) => {
+                job.span.in_scope(|| {
+                    tracing::info!(model = %model_name, method, width = img.width, height = img.height, "attack admitted")
+                });
                 let g = &mut self.groups[job.model];
                 g.rows.push(row);
                 g.meta.push(RowMeta {
@@ -324,10 +331,12 @@ impl Worker {
                     compute: Duration::ZERO,
                     first_batch: 0,
                     pixels: u64::from(img.width) * u64::from(img.height),
+                    span: job.span,
                 });
                 self.stats.attack_admitted();
             }
             Err(e) => {
+                job.span.in_scope(|| tracing::warn!(error = %e, "attack could not start"));
                 let _ = job.reply.send(Err(e));
             }
         }
@@ -342,7 +351,9 @@ impl Worker {
             for i in (0..group.rows.len()).rev() {
                 if group.meta[i].reply.is_closed() {
                     group.rows.swap_remove(i);
-                    group.meta.swap_remove(i);
+                    let meta = group.meta.swap_remove(i);
+                    meta.span
+                        .in_scope(|| tracing::info!("attack row freed: the client has gone or its deadline passed"));
                     stats.cancelled(1);
                     stats.attack_finished();
                 }
@@ -353,8 +364,12 @@ impl Worker {
             let mut failed: Vec<(usize, JobError)> = Vec::new();
             // Between passes: serve the classify work that has arrived meanwhile.
             let mut between = || {
+                if abort.load(Ordering::SeqCst) {
+                    return false;
+                }
                 classify.pull(stats);
                 classify.run_due(models, stats, true);
+                true
             };
             for start in (0..n).step_by(chunk) {
                 if abort.load(Ordering::SeqCst) {
@@ -387,6 +402,7 @@ impl Worker {
             for (i, e) in failed {
                 group.rows.swap_remove(i);
                 let meta = group.meta.swap_remove(i);
+                meta.span.in_scope(|| tracing::warn!(error = %e, "attack failed"));
                 let _ = meta.reply.send(Err(e));
                 stats.attack_finished();
             }
@@ -406,6 +422,16 @@ impl Worker {
                     (o, timings)
                 });
                 stats.attack_done(iterations);
+                meta.span.in_scope(|| match &result {
+                    Ok((o, t)) => tracing::info!(
+                        iterations,
+                        checks = o.checks,
+                        success = o.success,
+                        compute_ms = t.compute.as_secs_f64() * 1e3,
+                        "attack finished"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "attack ended without a result"),
+                });
                 let _ = meta.reply.send(result);
             }
         }
@@ -435,6 +461,9 @@ fn run_classify(models: &[LoadedModel], stats: &EngineStats, m: usize, mut jobs:
                 let n = jobs.len();
                 for (job, (probabilities, features)) in jobs.into_iter().zip(outputs) {
                     let timings = JobTimings { queued: started.duration_since(job.enqueued), compute, batch_size: n };
+                    job.span.in_scope(|| {
+                        tracing::debug!(batch = n, compute_ms = compute.as_secs_f64() * 1e3, "classified on the worker")
+                    });
                     let _ = job.reply.send(Ok(ClassifyReply { probabilities, features, timings }));
                 }
             }
@@ -446,6 +475,7 @@ fn run_classify(models: &[LoadedModel], stats: &EngineStats, m: usize, mut jobs:
             }
             Err(e) => {
                 for job in jobs {
+                    job.span.in_scope(|| tracing::warn!(error = %e, "classify failed on the worker"));
                     let _ = job.reply.send(Err(e.clone_error()));
                 }
             }

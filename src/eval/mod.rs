@@ -15,8 +15,8 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::attack::Method;
-use crate::attack::metrics::Perturbation;
 use crate::engine::{AttackRequest, AttackResult, Engine};
+use crate::imaging::metrics::Perturbation;
 use crate::model::ModelInfo;
 use dataset::Sample;
 
@@ -95,6 +95,9 @@ pub struct ResultFields {
     pub wup: Option<f64>,
     /// The same, against the original prediction.
     pub wup_original: Option<f64>,
+    /// Mistake severity: the height of the lowest common ancestor of the reference and the final
+    /// class in WordNet (0 = same class; lower = milder mistake).
+    pub mistake_severity: Option<u32>,
     pub group_reference: Option<String>,
     pub group_final: Option<String>,
     pub same_group: Option<bool>,
@@ -133,6 +136,10 @@ impl ResultFields {
             reference: ClassBrief::new(info, reference),
             wup: wup(&rw, &fw),
             wup_original: wup(&ow, &fw),
+            mistake_severity: match (&rw, &fw) {
+                (Some(a), Some(b)) => wn.mistake_severity(a, b),
+                _ => None,
+            },
             same_group: group_reference.as_ref().zip(group_final.as_ref()).map(|(a, b)| a == b),
             group_reference,
             group_final,
@@ -251,7 +258,7 @@ async fn attack_one(
         Err(e) => return record(Some(format!("cannot read: {e}")), None),
     };
     let started = Instant::now();
-    match engine.attack(model, bytes.into(), req, crate::cli::OFFLINE_DEADLINE).await {
+    match engine.attack(model, bytes.into(), req, crate::engine::OFFLINE_DEADLINE).await {
         Ok(r) => {
             let fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
             let mut rec = record(None, Some(fields));

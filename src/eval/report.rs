@@ -35,6 +35,9 @@ pub struct MethodSummary {
     pub mean_wup: Option<f64>,
     /// … and between the original prediction and the adversarial class.
     pub mean_wup_original: Option<f64>,
+    /// Mean mistake severity (height of the lowest common ancestor of the reference and the
+    /// adversarial class; Bertinetto et al. 2020's "mean mistake distance").
+    pub mean_mistake_severity: Option<f64>,
     /// Share of successful attacks whose adversarial class is in the reference's top-level group.
     pub same_group_rate: Option<f64>,
     /// Wall-clock seconds of the method's run divided by the images it completed.
@@ -102,6 +105,7 @@ pub fn summarise(model: &str, images_dir: &Path, out: &EvalOutput) -> Summary {
             mean_epsilon: mean_opt(ok.iter().map(|r| r.epsilon)),
             mean_wup: mean_opt(ok.iter().map(|r| r.wup)),
             mean_wup_original: mean_opt(ok.iter().map(|r| r.wup_original)),
+            mean_mistake_severity: mean_opt(ok.iter().map(|r| r.mistake_severity.map(f64::from))),
             same_group_rate: (!groups.is_empty())
                 .then(|| groups.iter().filter(|&&g| g).count() as f64 / groups.len() as f64),
             seconds_per_image: if run.completed == 0 { f64::NAN } else { run.wall_seconds / run.completed as f64 },
@@ -145,6 +149,16 @@ fn charts_section(dir: &Path, s: &Summary, out: &EvalOutput) -> String {
         .methods
         .iter()
         .map(|m| (m.method.clone(), successes(out, &m.method).iter().filter_map(|r| r.wup).collect()))
+        .collect();
+    let severities: Vec<(String, Vec<f64>)> = s
+        .methods
+        .iter()
+        .map(|m| {
+            (
+                m.method.clone(),
+                successes(out, &m.method).iter().filter_map(|r| r.mistake_severity.map(f64::from)).collect(),
+            )
+        })
         .collect();
     let pairs: Vec<(String, Vec<(f64, f64)>)> = s
         .methods
@@ -201,6 +215,19 @@ fn charts_section(dir: &Path, s: &Summary, out: &EvalOutput) -> String {
                 &wups,
                 (0.0, 1.0),
                 20,
+            ),
+        );
+        let top = severities.iter().flat_map(|s| s.1.iter().copied()).fold(1.0f64, f64::max);
+        draw(
+            "mistake_severity.png",
+            "Mistake severity: height of the lowest common ancestor of true and adversarial class",
+            charts::distributions(
+                &cdir.join("mistake_severity.png"),
+                "Label space: mistake severity",
+                "height of the lowest common ancestor (0 = same class)",
+                &severities,
+                (-0.5, top + 0.5),
+                (top + 1.0) as usize,
             ),
         );
         draw(
@@ -299,21 +326,23 @@ pub fn markdown(dir: &Path, s: &Summary, out: &EvalOutput, command: &str) -> Str
         md,
         "How close the wrong label is to the right one (over successful attacks): Wu-Palmer similarity in \
          WordNet 3.0 between the true class (from the file name; the original prediction when it has none) and \
-         the adversarial class, the same against the original prediction, and the share of adversarial classes \
-         in the true class's top-level group (animal, artifact, food, plant, …).\n"
+         the adversarial class, the same against the original prediction, the mistake severity (height of their \
+         lowest common ancestor in WordNet, Bertinetto et al. 2020; lower is milder), and the share of \
+         adversarial classes in the true class's top-level group (animal, artifact, food, plant, …).\n"
     );
     let _ = writeln!(
         md,
-        "| method | Wu-Palmer (true → adversarial) | Wu-Palmer (prediction → adversarial) | same top-level group |"
+        "| method | Wu-Palmer (true → adversarial) | Wu-Palmer (prediction → adversarial) | mistake severity | same top-level group |"
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|");
     for m in &s.methods {
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             m.method,
             fo(m.mean_wup, 3),
             fo(m.mean_wup_original, 3),
+            fo(m.mean_mistake_severity, 2),
             m.same_group_rate.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "–".into())
         );
     }

@@ -13,8 +13,8 @@ use super::dto::{ClassDistance, ClassPrediction, ClassRef};
 use super::error::{ApiError, ErrorBody};
 use super::input::ImageRequest;
 use crate::attack::Branch;
-use crate::attack::metrics::Perturbation;
 use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings};
+use crate::imaging::metrics::Perturbation;
 
 /// Parameters (query string, multipart fields or JSON keys).
 #[derive(Debug, Deserialize, IntoParams, ToSchema)]
@@ -47,10 +47,23 @@ pub struct AttackParamsDoc {
     pub candidates: Option<usize>,
     /// SparseFool's λ (default 3, the authors' value for ImageNet).
     pub lambda: Option<f64>,
+    /// SparseFool's cap on outer iterations (default 20, the authors'; 1..=100).
+    pub max_outer: Option<u32>,
 }
 
-const PARAMS: &[&str] =
-    &["model", "method", "target", "max_iter", "overshoot", "delta1", "delta2", "epsilon", "candidates", "lambda"];
+const PARAMS: &[&str] = &[
+    "model",
+    "method",
+    "target",
+    "max_iter",
+    "overshoot",
+    "delta1",
+    "delta2",
+    "epsilon",
+    "candidates",
+    "lambda",
+    "max_outer",
+];
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AttackResponse {
@@ -141,6 +154,7 @@ pub async fn attack(
         epsilons: p.finite_list("epsilon")?,
         candidates: p.parse::<usize>("candidates")?,
         lambda: p.finite("lambda")?,
+        max_outer: p.parse::<u32>("max_outer")?,
     };
     let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
     let wants_png = headers

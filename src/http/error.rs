@@ -8,7 +8,6 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::engine::EngineError;
-use crate::engine::queue::JobError;
 use crate::imaging::ImageError;
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -27,6 +26,10 @@ pub struct ErrorDetail {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub param: Option<String>,
 }
+
+/// Marks a response as an error answer, with its message (see `v2::protocol_errors`).
+#[derive(Debug, Clone)]
+pub struct ErrorMessage(pub String);
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -107,12 +110,9 @@ impl From<EngineError> for ApiError {
                 Self { retry_after: Some(5), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg) }
             }
             EngineError::Deadline(_) => Self::new(StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded", msg),
-            EngineError::Job(JobError::Torch(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", msg),
-            EngineError::Job(JobError::Panic(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "worker_panic", msg),
-            EngineError::Job(JobError::Attack(_)) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "attack_failed", msg),
-            EngineError::Job(JobError::ShuttingDown) => {
-                Self { retry_after: Some(5), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", msg) }
-            }
+            EngineError::Model(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "model_error", msg),
+            EngineError::WorkerPanic(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "worker_panic", msg),
+            EngineError::AttackFailed(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "attack_failed", msg),
             EngineError::Internal(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", msg),
         }
     }
@@ -125,9 +125,11 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(status = self.status.as_u16(), code = self.code, message = %self.message, "request rejected");
         }
+        let marker = ErrorMessage(self.message.clone());
         let body =
             ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message, param: self.param } };
         let mut res = (self.status, Json(body)).into_response();
+        res.extensions_mut().insert(marker);
         if let Some(secs) = self.retry_after {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }

@@ -3,6 +3,10 @@
 //! read whole within `server.body_read_timeout_ms` (else 408) and within a shared byte budget,
 //! *outside* the concurrency limit, so a client that stalls mid-upload holds a connection but
 //! never a work slot. Handlers then see a body that has fully arrived.
+//!
+//! The budget never makes a reader wait while it holds part of it (readers that wait for each
+//! other's bytes would stall together): each chunk takes its share at once or the request is
+//! answered 503 at once, and what a request holds is what it has actually sent.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +31,7 @@ pub struct BodyBudget(Arc<Semaphore>);
 
 impl BodyBudget {
     pub fn new(bytes: usize) -> Self {
-        Self(Arc::new(Semaphore::new((bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS))))
+        Self(Arc::new(Semaphore::new(bytes.div_ceil(UNIT).clamp(1, Semaphore::MAX_PERMITS))))
     }
 }
 
@@ -72,25 +76,22 @@ pub async fn buffer_body(State(state): State<AppState>, req: Request, next: Next
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    // Open Inference Protocol routes answer in the protocol's error shape.
-    let shaped = |e: ApiError, path: &str| {
-        if path.starts_with("/v2/") { super::v2::V2Error::from(e).into_response() } else { e.into_response() }
-    };
     if let Some(len) = declared
         && len > limit as u64
     {
-        return closing(shaped(too_large(limit), req.uri().path()));
+        return closing(too_large(limit).into_response());
     }
     let timeout = Duration::from_millis(state.config.server.body_read_timeout_ms);
     let (parts, body) = req.into_parts();
-    match read_bounded(body, limit, timeout, &state.body_budget).await {
+    let declared = declared.map(|d| d as usize);
+    match read_bounded(body, limit, declared, timeout, &state.body_budget).await {
         Ok((bytes, permit)) => {
             let res = next.run(Request::from_parts(parts, Body::from(bytes))).await;
             // The request's bytes count against the budget until its answer is ready.
             drop(permit);
             res
         }
-        Err(e) => closing(shaped(e, parts.uri.path())),
+        Err(e) => closing(e.into_response()),
     }
 }
 
@@ -99,53 +100,61 @@ fn too_large(limit: usize) -> ApiError {
 }
 
 /// Reads `body` frame by frame: at most `limit` bytes, all before `deadline`, each chunk taking
-/// its share of the budget as it arrives (a stalled upload holds only what it has sent).
+/// its share of the budget as it arrives (a stalled upload holds only what it has sent). With a
+/// declared length the buffer is allocated once; else the chunks are joined once at the end, so
+/// what is buffered is what the budget counts.
 async fn read_bounded(
     body: Body,
     limit: usize,
+    declared: Option<usize>,
     within: Duration,
     budget: &BodyBudget,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
     let deadline = Instant::now() + within;
     let mut body = body.into_data_stream();
-    let mut buf = bytes::BytesMut::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
     let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
-    let timed_out = || {
-        ApiError::timeout(format!(
-            "the request body did not arrive within {} ms (server.body_read_timeout_ms)",
-            within.as_millis()
-        ))
-    };
     loop {
         let next = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut body)).await;
         let chunk = match next {
-            Err(_) => return Err(timed_out()),
+            Err(_) => {
+                return Err(ApiError::timeout(format!(
+                    "the request body did not arrive within {} ms (server.body_read_timeout_ms)",
+                    within.as_millis()
+                )));
+            }
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(ApiError::bad_request("bad_body", format!("cannot read the body: {e}"))),
             Ok(Some(Ok(chunk))) => chunk,
         };
-        if buf.len() + chunk.len() > limit {
+        if len + chunk.len() > limit {
             return Err(too_large(limit));
         }
-        buf.extend_from_slice(&chunk);
-        let want = buf.len().div_ceil(UNIT) as u32;
+        len += chunk.len();
+        let want = len.div_ceil(UNIT) as u32;
         let held = permit.as_ref().map(|p| p.num_permits() as u32).unwrap_or(0);
         if want > held {
-            let more = tokio::time::timeout_at(deadline, budget.0.clone().acquire_many_owned(want - held))
-                .await
-                .map_err(|_| {
-                    ApiError::overloaded(
-                        "request bodies in flight are over server.max_buffered_body_bytes; retry later",
-                    )
-                })?
-                .map_err(|_| ApiError::overloaded("the server is shutting down"))?;
+            let more = budget.0.clone().try_acquire_many_owned(want - held).map_err(|_| {
+                ApiError::overloaded("request bodies in flight are over server.max_buffered_body_bytes; retry later")
+            })?;
             match permit.as_mut() {
                 Some(p) => p.merge(more),
                 None => permit = Some(more),
             }
         }
+        chunks.push(chunk);
     }
-    Ok((buf.freeze(), permit))
+    let bytes = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(len).max(len));
+            chunks.iter().for_each(|c| buf.extend_from_slice(c));
+            buf.freeze()
+        }
+    };
+    Ok((bytes, permit))
 }
 
 /// Reads and drops a refused request's body, streaming (nothing is kept), stopping after `limit`
@@ -180,26 +189,31 @@ mod tests {
     #[tokio::test]
     async fn reads_within_the_limit_and_holds_budget_for_what_arrived() {
         let budget = BodyBudget::new(64 * 1024);
-        let deadline = Duration::from_secs(5);
+        let within = Duration::from_secs(5);
         let (bytes, permit) =
-            read_bounded(stream(vec![&[1u8; 1500], &[2u8; 700]]), 4096, deadline, &budget).await.unwrap();
+            read_bounded(stream(vec![&[1u8; 1500], &[2u8; 700]]), 4096, None, within, &budget).await.unwrap();
         assert_eq!(bytes.len(), 2200);
+        assert_eq!(&bytes[1499..1501], &[1, 2]);
         assert_eq!(permit.unwrap().num_permits(), 3, "2200 bytes = 3 KiB units");
-        let e = read_bounded(stream(vec![&[0u8; 3000], &[0u8; 3000]]), 4096, deadline, &budget).await.unwrap_err();
+        let e = read_bounded(stream(vec![&[0u8; 3000], &[0u8; 3000]]), 4096, None, within, &budget).await.unwrap_err();
         assert_eq!(e.status.as_u16(), 413);
     }
 
     #[tokio::test]
-    async fn a_stalled_body_times_out_and_an_exhausted_budget_waits_then_refuses() {
+    async fn a_stalled_body_times_out_and_an_exhausted_budget_refuses_at_once() {
         let budget = BodyBudget::new(64 * 1024);
         let pending = Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>());
-        let e = read_bounded(pending, 4096, Duration::from_millis(100), &budget).await.unwrap_err();
+        let e = read_bounded(pending, 4096, None, Duration::from_millis(100), &budget).await.unwrap_err();
         assert_eq!(e.status.as_u16(), 408);
         let small = BodyBudget::new(2 * 1024);
-        let (_, held) = read_bounded(stream(vec![&[0u8; 2048]]), 4096, Duration::from_secs(1), &small).await.unwrap();
-        let e = read_bounded(stream(vec![&[0u8; 10]]), 4096, Duration::from_millis(100), &small).await.unwrap_err();
-        assert_eq!(e.status.as_u16(), 503);
+        let (_, held) =
+            read_bounded(stream(vec![&[0u8; 2048]]), 4096, None, Duration::from_secs(1), &small).await.unwrap();
+        let e = read_bounded(stream(vec![&[0u8; 10]]), 4096, None, Duration::from_secs(10), &small).await.unwrap_err();
+        assert_eq!(e.status.as_u16(), 503, "refused at once, not after the 10 s deadline");
         drop(held);
-        read_bounded(stream(vec![&[0u8; 10]]), 4096, Duration::from_millis(100), &small).await.unwrap();
+        read_bounded(stream(vec![&[0u8; 10]]), 4096, None, Duration::from_millis(100), &small).await.unwrap();
+        // A budget that is not a whole number of KiB still fits a body of its own size.
+        let odd = BodyBudget::new(1500);
+        read_bounded(stream(vec![&[0u8; 1500]]), 1500, Some(1500), Duration::from_secs(1), &odd).await.unwrap();
     }
 }

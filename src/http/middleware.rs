@@ -20,6 +20,9 @@ use super::error::ApiError;
 
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// What an unauthenticated request's body may make the server read (and drop) before the 401.
+const REFUSED_BODY_DRAIN: usize = 64 * 1024;
+
 pub fn apply(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     let id = HeaderName::from_static(REQUEST_ID);
     let trace = TraceLayer::new_for_http()
@@ -90,8 +93,8 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
     if presented.is_some_and(|p| key_matches(p, key.as_bytes())) {
         next.run(req).await
     } else {
-        let within = std::time::Duration::from_millis(state.config.server.body_read_timeout_ms);
-        super::limits::discard_body(req.into_body(), state.config.limits.max_body_bytes, within).await;
+        // Read a little of the refused body (so the client sees the answer, not a reset), never more.
+        super::limits::discard_body(req.into_body(), REFUSED_BODY_DRAIN, std::time::Duration::from_secs(1)).await;
         ApiError::unauthorized().into_response()
     }
 }

@@ -89,5 +89,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), limits::check_head));
-    middleware::apply(api, &state).layer(DefaultBodyLimit::max(body_limit)).with_state(state)
+    middleware::apply(api, &state)
+        .layer(axum::middleware::from_fn(v2::protocol_errors))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
 }

@@ -8,38 +8,40 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
 use super::error::ApiError;
 
-/// Errors in the protocol's shape.
-pub struct V2Error(ApiError);
-
-impl<E: Into<ApiError>> From<E> for V2Error {
-    fn from(e: E) -> Self {
-        Self(e.into())
-    }
-}
+/// Handlers here fail with the server's one error type; [`protocol_errors`] gives every error
+/// answered under `/v2` — these handlers', and the limits', auth's and the load shedder's —
+/// the protocol's shape.
+pub type V2Error = ApiError;
 
 #[derive(Serialize, ToSchema)]
 pub struct V2ErrorBody {
     pub error: String,
 }
 
-impl IntoResponse for V2Error {
-    fn into_response(self) -> Response {
-        let mut res = (self.0.status, Json(V2ErrorBody { error: self.0.message })).into_response();
-        if let Some(secs) = self.0.retry_after {
-            res.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
-        }
-        res
+/// Rewrites error answers on `/v2` paths to the Open Inference Protocol's `{"error": "<message>"}`
+/// (status and headers kept), so protocol clients can read every error the server gives them.
+pub async fn protocol_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let oip = req.uri().path() == "/v2" || req.uri().path().starts_with("/v2/");
+    let res = next.run(req).await;
+    if !oip {
+        return res;
     }
+    let Some(super::error::ErrorMessage(message)) = res.extensions().get().cloned() else { return res };
+    let (mut parts, _) = res.into_parts();
+    let body = serde_json::to_vec(&V2ErrorBody { error: message }).unwrap_or_default();
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
 }
 
 fn bad(msg: impl Into<String>) -> V2Error {
-    V2Error(ApiError::bad_request("bad_request", msg))
+    ApiError::bad_request("bad_request", msg)
 }
 
 #[derive(Serialize, ToSchema)]
@@ -254,6 +256,10 @@ pub struct InferOutput {
     pub data: Vec<f32>,
 }
 
+/// Rows of one inference request waiting for the worker at once: a request of any size fits the
+/// queue (it is not refused as full when nothing else is queued), and still fills batches.
+const ROWS_IN_FLIGHT: usize = 16;
+
 /// Inference (OIP): probabilities for a batch of images or preprocessed tensors.
 #[utoipa::path(post, path = "/v2/models/{name}/infer", operation_id = "v2_infer", tag = "kserve-v2", params(("name" = String, Path)),
     request_body = InferRequest,
@@ -301,7 +307,9 @@ pub async fn infer(
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let jobs = images.into_iter().map(|b| state.engine.classify(Some(&m.name), b.into(), deadline));
-            futures::future::join_all(jobs)
+            futures::stream::iter(jobs)
+                .buffered(ROWS_IN_FLIGHT)
+                .collect::<Vec<_>>()
                 .await
                 .into_iter()
                 .map(|r| r.map(|c| c.probabilities))
@@ -326,9 +334,14 @@ pub async fn infer(
             if data.numbers.len() != data.len() {
                 return Err(bad("FP32 data must be numbers"));
             }
-            let jobs =
-                data.numbers.chunks(per).map(|c| state.engine.classify_tensor(Some(&m.name), c.to_vec(), deadline));
-            futures::future::join_all(jobs).await.into_iter().collect::<Result<_, _>>()?
+            let rows: Vec<Vec<f32>> = data.numbers.chunks(per).map(<[f32]>::to_vec).collect();
+            let jobs = rows.into_iter().map(|c| state.engine.classify_tensor(Some(&m.name), c, deadline));
+            futures::stream::iter(jobs)
+                .buffered(ROWS_IN_FLIGHT)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?
         }
         other => return Err(bad(format!("datatype {other:?} is not supported: use BYTES or FP32"))),
     };

@@ -15,10 +15,10 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use super::hausdorff::{ClassFeatures, Linkage, class_distances, l2_normalise};
-use super::{DistanceMatrix, MatrixMeta};
 use crate::engine::Engine;
 use crate::eval::dataset;
 use crate::model::ModelInfo;
+use crate::model::matrix::{DistanceMatrix, MatrixMeta};
 
 /// `--shard I/N`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,7 +178,7 @@ pub async fn extract(
                     Err(e) => entry.skipped.push((name, format!("cannot read: {e}"))),
                 }
             }
-            let results = engine.features(Some(&info.name), bytes, crate::cli::OFFLINE_DEADLINE).await?;
+            let results = engine.features(Some(&info.name), bytes, crate::engine::OFFLINE_DEADLINE).await?;
             for (name, r) in names.into_iter().zip(results) {
                 match r {
                     Ok(f) => {

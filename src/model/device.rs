@@ -1,28 +1,9 @@
 //! The `device` setting: `auto | cpu | cuda | cuda:N`, resolved once on the worker thread.
 
-use std::fmt;
+use crate::config::DeviceSpec;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
+/// Where the configured device is resolved: on the worker thread, which owns it.
 impl DeviceSpec {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(Self::Auto),
-            "cpu" => Ok(Self::Cpu),
-            "cuda" | "gpu" => Ok(Self::Cuda(0)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse().ok())
-                .map(Self::Cuda)
-                .ok_or_else(|| format!("{s:?} is not a device; use auto, cpu, cuda or cuda:N")),
-        }
-    }
-
     /// The libtorch device, or why it cannot be had on this host.
     pub fn resolve(self) -> Result<tch::Device, String> {
         match self {
@@ -37,16 +18,6 @@ impl DeviceSpec {
                     Ok(tch::Device::Cuda(n))
                 }
             }
-        }
-    }
-}
-
-impl fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Auto => f.write_str("auto"),
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(n) => write!(f, "cuda:{n}"),
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod classes;
 pub mod device;
+pub mod matrix;
 pub mod preprocess;
 
 use std::path::PathBuf;
@@ -14,19 +15,20 @@ use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
+pub use crate::config::DeviceSpec;
 pub use bundle::{Bundle, InputSpec, ModelMeta};
 pub use classes::{ClassInfo, ClassList};
-pub use device::{DeviceSpec, device_name, single_threaded_torch_here};
+pub use device::{device_name, single_threaded_torch_here};
 
 use crate::config::Config;
-use crate::matrix::DistanceMatrix;
+use matrix::DistanceMatrix;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     #[error("model {model}: {reason}")]
     Bundle { model: String, reason: String },
     #[error("model {model}: {source}")]
-    Matrix { model: String, source: crate::matrix::MatrixError },
+    Matrix { model: String, source: matrix::MatrixError },
     #[error("model {model}: cannot load {path}: {source}")]
     Load { model: String, path: PathBuf, source: tch::TchError },
     #[error("model {model} does not behave as its metadata says: {reason}")]

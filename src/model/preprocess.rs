@@ -26,9 +26,13 @@ pub fn resize_crop(x: &Tensor, spec: &InputSpec) -> Result<Tensor, tch::TchError
         x.f_internal_upsample_bilinear2d_aa([nh, nw], false, None, None)?
     };
     let s = spec.size;
-    let top = ((nh - s) as f64 / 2.0).round() as i64;
-    let left = ((nw - s) as f64 / 2.0).round() as i64;
-    resized.f_narrow(2, top, s)?.f_narrow(3, left, s)
+    resized.f_narrow(2, crop_offset(nh, s), s)?.f_narrow(3, crop_offset(nw, s), s)
+}
+
+/// Where a centre crop of `size` starts in `resized`: torchvision's `int(round((resized − size) / 2))`,
+/// and Python rounds halves to even (341 → 224 starts at 58, not 59).
+pub fn crop_offset(resized: i64, size: i64) -> i64 {
+    ((resized - size) as f64 / 2.0).round_ties_even() as i64
 }
 
 /// Interleaved 8-bit RGB (`H×W×3`) → `[1,3,H,W]` float in [0,1] on the CPU.
@@ -45,6 +49,22 @@ pub fn rgb8_to_tensor(rgb: &[u8], width: u32, height: u32) -> Result<Tensor, tch
 pub fn prepare_rgb8(rgb: &[u8], width: u32, height: u32, spec: &InputSpec) -> Result<Tensor, tch::TchError> {
     let x = rgb8_to_tensor(rgb, width, height)?;
     resize_crop(&x, spec)?.f_contiguous()
+}
+
+/// The classify pipeline as a flat `3×S×S` CHW vector: what a classify job carries to the worker.
+pub fn model_input(rgb: &[u8], width: u32, height: u32, spec: &InputSpec) -> Result<Vec<f32>, tch::TchError> {
+    let x = prepare_rgb8(rgb, width, height, spec)?;
+    let n = x.numel();
+    let mut v = vec![0f32; n];
+    x.f_copy_data(&mut v, n)?;
+    Ok(v)
+}
+
+/// The size after the model's resize when its longer side is within `limit`; else that size as
+/// the error (a 12000×1 image resizes to 256×3,072,000).
+pub fn resize_within(width: u32, height: u32, spec: &InputSpec, limit: u32) -> Result<(i64, i64), (i64, i64)> {
+    let (rh, rw) = resized_dims(i64::from(height), i64::from(width), spec.resize_short_side);
+    if rh.max(rw) > i64::from(limit) { Err((rh, rw)) } else { Ok((rh, rw)) }
 }
 
 /// `[1,3,H,W]` in [0,1] → interleaved 8-bit RGB, rounding to nearest (the delivered pixels).
@@ -89,6 +109,20 @@ mod tests {
         assert_eq!(resized_dims(375, 500, 256), (256, 341));
         assert_eq!(resized_dims(500, 375, 256), (341, 256));
         assert_eq!(resized_dims(100, 100, 256), (256, 256));
+    }
+
+    #[test]
+    fn centre_crop_offset_rounds_halves_to_even_as_torchvision() {
+        // A 375×500 image resizes to 256×341: (341 − 224)/2 = 58.5 → 58 (Python's round).
+        assert_eq!(crop_offset(341, 224), 58);
+        assert_eq!(crop_offset(256, 224), 16);
+        assert_eq!(crop_offset(227, 224), 2, "1.5 → 2");
+        assert_eq!(crop_offset(225, 224), 0, "0.5 → 0");
+        // And the crop really starts there: column 58 of the resized image is column 0 of the crop.
+        let (h, w) = (256i64, 341i64);
+        let x = Tensor::arange(w, (Kind::Float, tch::Device::Cpu)).view([1, 1, 1, w]).expand([1, 3, h, w], false);
+        let y = resize_crop(&x.contiguous(), &spec()).unwrap();
+        assert_eq!(y.double_value(&[0, 0, 0, 0]), 58.0);
     }
 
     #[test]

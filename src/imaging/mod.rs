@@ -1,6 +1,8 @@
 //! Untrusted image bytes in, 8-bit RGB out (and back to PNG). The header is read first and the
 //! size checked before a single pixel is decoded, so a decompression bomb costs nothing.
 
+pub mod metrics;
+
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, ImageReader};

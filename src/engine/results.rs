@@ -1,0 +1,93 @@
+//! What the engine answers: plain Rust values (no tensor ever leaves the worker).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::queue::JobTimings;
+use crate::attack::{AttackOutcome, TargetDecision, TargetParams};
+use crate::imaging::Rgb8;
+use crate::imaging::metrics::Perturbation;
+use crate::model::ModelInfo;
+
+/// A decoded image's summary, as responses report it.
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct ImageSummary {
+    pub width: u32,
+    pub height: u32,
+    /// Format detected from the bytes (`png`, `jpeg`, …).
+    pub format: String,
+    pub has_alpha: bool,
+}
+
+impl From<&Rgb8> for ImageSummary {
+    fn from(i: &Rgb8) -> Self {
+        Self { width: i.width, height: i.height, format: i.format.to_string(), has_alpha: i.alpha.is_some() }
+    }
+}
+
+/// Where a request's time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct Timings {
+    /// Decoding and resizing on the blocking pool.
+    pub decode_ms: f64,
+    /// Waiting for the worker.
+    pub queue_ms: f64,
+    /// Device work (for an attack: all ticks it took part in).
+    pub compute_ms: f64,
+    /// From the engine call to the answer.
+    pub total_ms: f64,
+    /// Jobs sharing the (first) batch with this one.
+    pub batch_size: usize,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Timings {
+    pub(super) fn new(decode: Duration, job: JobTimings, started: Instant) -> Self {
+        Self {
+            decode_ms: ms(decode),
+            queue_ms: ms(job.queued),
+            compute_ms: ms(job.compute),
+            total_ms: ms(started.elapsed()),
+            batch_size: job.batch_size,
+        }
+    }
+}
+
+pub struct Classification {
+    pub model: Arc<ModelInfo>,
+    pub image: ImageSummary,
+    pub probabilities: Vec<f32>,
+    pub timings: Timings,
+}
+
+impl Classification {
+    /// The `k` most probable classes, most probable first (ties by index).
+    pub fn top(&self, k: usize) -> Vec<(usize, f32)> {
+        top_k(&self.probabilities, k)
+    }
+}
+
+pub fn top_k(p: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let mut idx: Vec<(usize, f32)> = p.iter().copied().enumerate().collect();
+    idx.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    idx.truncate(k);
+    idx
+}
+
+pub struct TargetLabel {
+    pub classification: Classification,
+    pub params: TargetParams,
+    pub decision: TargetDecision,
+}
+
+pub struct AttackResult {
+    pub model: Arc<ModelInfo>,
+    pub image: ImageSummary,
+    pub outcome: AttackOutcome,
+    pub perturbation: Perturbation,
+    pub png: Vec<u8>,
+    pub timings: Timings,
+}

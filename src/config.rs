@@ -188,6 +188,9 @@ pub struct AttackDefaults {
     pub delta2: f64,
     /// Logit margins tried in turn when the 8-bit image misses the target (see `attack::labelfool`).
     pub margins: Vec<f64>,
+    /// 8-bit checks spent after success to take back rounding the goal does not need (see
+    /// `attack::guard`); 0 delivers the first image that succeeds.
+    pub refine_rounds: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,7 +265,14 @@ impl Default for Limits {
 
 impl Default for AttackDefaults {
     fn default() -> Self {
-        Self { max_iter: 50, overshoot: 0.02, delta1: 0.8, delta2: 0.01, margins: vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0] }
+        Self {
+            max_iter: 50,
+            overshoot: 0.02,
+            delta1: 0.8,
+            delta2: 0.01,
+            margins: vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+            refine_rounds: 3,
+        }
     }
 }
 
@@ -337,6 +347,9 @@ impl Config {
             || a.margins.windows(2).any(|w| w[0] >= w[1])
         {
             return bad("attack.margins must be a non-empty, strictly increasing list of finite numbers ≥ 0".into());
+        }
+        if a.refine_rounds > 10 {
+            return bad("attack.refine_rounds must be in 0..=10".into());
         }
         let sv = &self.server;
         if sv.shutdown_grace_secs == 0 || sv.max_concurrent_requests == 0 || sv.max_connections == 0 {

@@ -38,6 +38,8 @@ fn params(method: Method) -> AttackParams {
         candidates: 10,
         lambda: 3.0,
         max_outer: 20,
+        float_reference: false,
+        refine_rounds: 0,
     }
 }
 
@@ -219,4 +221,59 @@ fn the_runner_hands_back_control_after_every_backward_pass() {
     assert!(errors[0].is_none());
     assert_eq!(stats.backward_passes, 9);
     assert_eq!(calls, 9, "one hand-back per backward pass");
+}
+
+#[test]
+fn the_float_reference_judges_the_float_image_and_measures_it() {
+    // The paper's attack, unrounded: success means the float image itself is the target, and
+    // the reported perceptibility is that image's √(mean over pixels of ‖ΔRGB‖²).
+    let (info, model) = tiny();
+    let x0 = photo("n02391049_zebra.JPEG");
+    let forward = |x: &Tensor| -> Vec<f32> {
+        tch::no_grad(|| {
+            Vec::try_from(&model.forward(&resize_crop(x, model.info.input()).unwrap()).unwrap().get(0)).unwrap()
+        })
+    };
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let target = (argmax(&forward(&x0)) + 1) % 10;
+    let p = AttackParams { target: Some(target), ..params(Method::Labelfool) }.float_reference(None);
+    let mut rows = vec![attack::new_row(info, x0.shallow_clone(), p).unwrap()];
+    let mut ticks = 0;
+    while !rows[0].is_done() {
+        let (errors, _) = runner::tick(&model, &mut rows);
+        assert!(errors[0].is_none(), "{:?}", errors[0]);
+        ticks += 1;
+        assert!(ticks < 200);
+    }
+    let x = rows[0].image().shallow_clone();
+    let o = rows.pop().unwrap().outcome().unwrap();
+    assert!(o.success, "the tiny model is easy to move to another class");
+    assert_eq!(argmax(&forward(&x)), target, "the float image itself reaches the target");
+    let (h, w) = (x.size()[2], x.size()[3]);
+    let expected = ((&x - &x0).square().sum(Kind::Double).double_value(&[]) / (h * w) as f64).sqrt();
+    let got = o.float_perceptibility.expect("a float reference reports its perceptibility");
+    assert!((got - expected).abs() < 1e-9 * expected.max(1e-12), "{got} vs {expected}");
+}
+
+#[test]
+fn refinement_keeps_the_goal_and_only_lowers_perceptibility() {
+    // After the first 8-bit success, up to `refine_rounds` checks shrink the perturbation; the
+    // delivered image is the last that still succeeds.
+    let (info, model) = tiny();
+    for name in ["n02391049_zebra.JPEG", "n02219486_ant.JPEG", "n01440764_tench.JPEG"] {
+        let x0 = photo(name);
+        let orig = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
+        let (h, w) = (x0.size()[2] as u32, x0.size()[3] as u32);
+        let run = |rounds: u32| {
+            let p = AttackParams { refine_rounds: rounds, margins: vec![0.0, 0.5, 1.0], ..params(Method::Deepfool) };
+            run_to_end(&model, attack::new_row(info.clone(), x0.shallow_clone(), p).unwrap())
+        };
+        let (plain, refined) = (run(0), run(3));
+        assert!(plain.success && refined.success, "{name}");
+        assert_eq!(plain.refinements, 0);
+        assert!(refined.refinements <= 3, "{name}: {} refinements", refined.refinements);
+        assert_eq!((plain.iterations, plain.checks), (refined.iterations, refined.checks), "{name}: same attack");
+        let p = |rgb: &[u8]| labelfool::imaging::metrics::perturbation(w, h, &orig, rgb).perceptibility;
+        assert!(p(&refined.rgb) <= p(&plain.rgb) + 1e-12, "{name}: {} > {}", p(&refined.rgb), p(&plain.rgb));
+    }
 }

@@ -334,42 +334,21 @@ async fn a_large_fp32_inference_body_is_parsed_without_copies() {
 async fn costly_attacks_are_refused_up_front_and_counted() {
     let s = Server::start(&default_model_config(""));
     let c = client();
+    let attack = |query: &str, img: Vec<u8>| {
+        c.post(s.url(&format!("/attack?{query}"))).header("content-type", "image/png").body(img).send()
+    };
     // The reproduction: 1000 candidates on a 1×1 image held the worker for 292 s.
-    let (st, v) = json(
-        c.post(s.url("/attack?method=deepfool&candidates=1000&max_iter=5"))
-            .header("content-type", "image/png")
-            .body(png(1, 1))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, v) = json(attack("method=deepfool&candidates=1000&max_iter=5", png(1, 1)).await.unwrap()).await;
     assert_eq!(
         (st, v["error"]["code"].as_str(), v["error"]["param"].as_str()),
         (422, Some("too_costly"), Some("candidates"))
     );
-    let (st, v) = json(
-        c.post(s.url("/attack?method=sparsefool&candidates=20&max_iter=50"))
-            .header("content-type", "image/png")
-            .body(png(64, 64))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, v) = json(attack("method=sparsefool&candidates=20&max_iter=50", png(64, 64)).await.unwrap()).await;
     assert_eq!((st, v["error"]["code"].as_str()), (422, Some("too_costly")), "{v}");
     let metrics = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.lines().any(|l| l.starts_with("labelfool_requests_refused_total{reason=\"cost\"} 2")), "{metrics}");
     // Within the bounds, the same kind of attack runs.
-    let (st, v) = json(
-        c.post(s.url("/attack?method=deepfool&candidates=10&max_iter=5"))
-            .header("content-type", "image/png")
-            .body(png(64, 64))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let (st, v) = json(attack("method=deepfool&candidates=10&max_iter=5", png(64, 64)).await.unwrap()).await;
     assert_eq!(st, 200, "{v}");
 }
 

@@ -51,9 +51,10 @@ async fn an_attack_of_k_iterations_runs_k_backward_passes() {
             "{name}: one backward pass per iteration"
         );
         // Forward passes: one per iteration (the first doubles as the original's classification),
-        // and per 8-bit check the tick that found the margin reached plus the check itself.
+        // per 8-bit check the tick that found the margin reached plus the check itself, and one
+        // per refinement check after success.
         let forwards = after.forward_passes - before.forward_passes;
-        assert_eq!(forwards, u64::from(o.iterations + 2 * o.checks), "{name}: forward passes");
+        assert_eq!(forwards, u64::from(o.iterations + 2 * o.checks + o.refinements), "{name}: forward passes");
     }
     e.shutdown();
 }

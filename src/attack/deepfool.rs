@@ -128,8 +128,16 @@ impl AttackRow for DeepFoolRow {
         self.s.record.iterations
     }
 
+    fn checks_float(&self) -> bool {
+        self.s.float
+    }
+
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
-        let extras = Extras { margin: self.s.margin(), ..Extras::default() };
+        let extras = Extras {
+            margin: self.s.margin(),
+            float_perceptibility: self.s.float_perceptibility()?,
+            ..Extras::default()
+        };
         self.s.record.outcome(Method::Deepfool, extras)
     }
 }

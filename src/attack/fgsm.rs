@@ -117,10 +117,17 @@ impl AttackRow for FgsmRow {
         self.record.iterations
     }
 
+    fn checks_float(&self) -> bool {
+        self.params.float_reference
+    }
+
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
+        let float =
+            if self.params.float_reference { Some(super::float_perceptibility(&self.x, &self.x0)?) } else { None };
         let extras = Extras {
             target: self.params.target,
             epsilon: self.params.epsilons.get(self.eps_idx).copied(),
+            float_perceptibility: float,
             ..Extras::default()
         };
         self.record.outcome(Method::Fgsm, extras)

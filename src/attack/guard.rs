@@ -17,11 +17,19 @@
 //!   one): re-checking the same image would loop. So every check but the first and the final one
 //!   follows a step, and an attack ends within `max_iter` steps and `max_iter + 2` checks whatever
 //!   the margins.
+//! * **Refinement on the lattice.** The margin and the overshoot that got the 8-bit image across
+//!   are more than it may need. Once it succeeds, up to `refine_rounds` further checks bisect the
+//!   scale α ∈ [0.8, 1] of the successful float perturbation, x0 + α·(x − x0), rounded; the
+//!   delivered image is the smallest scale that succeeded, so the guarantee holds and
+//!   perceptibility only falls.
 
 use tch::{Kind, Tensor};
 
 use super::AttackError;
 use crate::model::preprocess::quantize;
+
+/// The smallest scale refinement considers: it shrinks the perturbation by at most a fifth.
+const REFINE_FLOOR: f64 = 0.8;
 
 /// `w` with the pixels that cannot move in its direction zeroed (already at 0 with w < 0, or at
 /// 1 with w > 0: the step would be clipped away there, so they must not count in ‖w‖), and ‖w‖².
@@ -49,6 +57,8 @@ pub enum Next {
 }
 
 pub struct Guard {
+    /// A float reference attack: no rounding, so no rounding loss to predict.
+    float: bool,
     margins: Vec<f64>,
     idx: usize,
     w: Option<Tensor>,
@@ -60,7 +70,12 @@ pub struct Guard {
 impl Guard {
     pub fn new(margins: Vec<f64>) -> Self {
         let margins = if margins.is_empty() { vec![0.0] } else { margins };
-        Self { margins, idx: 0, w: None, predicted_gap: 0.0, shortfall: None }
+        Self { float: false, margins, idx: 0, w: None, predicted_gap: 0.0, shortfall: None }
+    }
+
+    /// The guard of a float reference attack: margin 0, no rounding loss.
+    pub fn float() -> Self {
+        Self { float: true, ..Self::new(vec![0.0]) }
     }
 
     /// κ: the logit margin the 8-bit image must be predicted to have before it is checked.
@@ -72,6 +87,7 @@ impl Guard {
     pub fn next(&mut self, gap: f64, x: &Tensor) -> Result<Next, AttackError> {
         let loss = match &self.w {
             None => 0.0,
+            Some(_) if self.float => 0.0,
             Some(w) => {
                 let delta = quantize(x)?.f_sub(x)?;
                 (-w.f_mul(&delta)?.f_sum(Kind::Double)?.f_double_value(&[])?).max(0.0)
@@ -90,6 +106,11 @@ impl Guard {
         } else {
             Ok(Next::Step { need: kappa + loss - gap })
         }
+    }
+
+    /// The direction of the last step: the gradient of the goal's gap.
+    pub fn direction(&self) -> Option<&Tensor> {
+        self.w.as_ref()
     }
 
     /// The direction of the step just taken (predicts the next rounding loss).
@@ -123,6 +144,8 @@ pub enum Phase {
     Checking,
     /// Out of iterations (or stuck): classify what will be delivered, then stop.
     FinalCheck,
+    /// Succeeded: check an image with some rounding taken back.
+    Refining,
     Done,
 }
 
@@ -130,30 +153,45 @@ pub enum Phase {
 /// that a row only says what its goal is (the gap to grow and which gradients to follow).
 pub struct Stepper {
     pub x: Tensor,
+    /// The original image (the float reference measures its perceptibility against it).
+    pub x0: Tensor,
+    pub float: bool,
     pub phase: Phase,
     pub guard: Guard,
     pub max_iter: u32,
     pub overshoot: f64,
     /// Original class, last check, counts, success.
     pub record: super::record::Record,
+    refine_left: u32,
+    /// The float image whose rounding first succeeded, and the bisection of its scale: the
+    /// largest scale known to fail, the smallest known to succeed.
+    x_float: Tensor,
+    refine_lo: f64,
+    refine_hi: f64,
 }
 
 impl Stepper {
     pub fn new(x0: Tensor, params: &super::AttackParams) -> Self {
         Self {
-            x: x0,
+            x: x0.shallow_clone(),
+            x0,
+            float: params.float_reference,
             phase: Phase::Initial,
-            guard: Guard::new(params.margins.clone()),
+            guard: if params.float_reference { Guard::float() } else { Guard::new(params.margins.clone()) },
             max_iter: params.max_iter,
             overshoot: params.overshoot,
             record: Default::default(),
+            refine_left: if params.float_reference { 0 } else { params.refine_rounds },
+            x_float: Tensor::new(),
+            refine_lo: REFINE_FLOOR,
+            refine_hi: 1.0,
         }
     }
 
     pub fn need(&self) -> super::Need {
         match self.phase {
             Phase::Initial | Phase::Stepping => super::Need::Forward,
-            Phase::Checking | Phase::FinalCheck | Phase::Done => super::Need::Check,
+            Phase::Checking | Phase::FinalCheck | Phase::Refining | Phase::Done => super::Need::Check,
         }
     }
 
@@ -188,19 +226,68 @@ impl Stepper {
 
     /// Records an 8-bit check: whether it reached the goal, and the goal's gap on it.
     pub fn checked(&mut self, rgb: Vec<u8>, probs: Vec<f32>, success: bool, gap: f64) {
+        if self.phase == Phase::Refining {
+            // The best image stays the delivered one unless this one succeeds too.
+            self.record.refinements += 1;
+            let alpha = (self.refine_lo + self.refine_hi) / 2.0;
+            if success {
+                self.record.last = Some((rgb, probs));
+                self.refine_hi = alpha;
+            } else {
+                self.refine_lo = alpha;
+            }
+            self.refine();
+            return;
+        }
         self.record.checked(rgb, probs, success);
         let last_chance = self.phase == Phase::FinalCheck || self.record.iterations >= self.max_iter;
-        self.phase = if success || last_chance {
-            Phase::Done
+        if success {
+            self.x_float = self.x.shallow_clone();
+            self.refine();
+        } else if last_chance {
+            self.phase = Phase::Done;
         } else {
             self.guard.missed(gap);
-            Phase::Stepping
-        };
+            self.phase = Phase::Stepping;
+        }
+    }
+
+    /// The next refinement to check, or done.
+    fn refine(&mut self) {
+        self.phase = Phase::Done;
+        if self.refine_left == 0 {
+            return;
+        }
+        self.refine_left -= 1;
+        // A failed refinement only ends refining: the delivered image is already a success.
+        if let Ok(Some(x)) = self.refinement() {
+            self.x = x;
+            self.phase = Phase::Refining;
+        }
+    }
+
+    /// The next scale to try: the successful float perturbation shrunk by α, bisected between
+    /// the last failing and the last succeeding scale (None when they are close enough).
+    fn refinement(&self) -> Result<Option<Tensor>, AttackError> {
+        if self.refine_hi - self.refine_lo < 0.02 || !self.x_float.defined() {
+            return Ok(None);
+        }
+        let alpha = (self.refine_lo + self.refine_hi) / 2.0;
+        let x = self.x0.f_add(&self.x_float.f_sub(&self.x0)?.f_mul_scalar(alpha)?)?;
+        Ok(Some(x.f_clamp(0.0, 1.0)?))
     }
 
     /// The margin that was needed, when the attack succeeded.
     pub fn margin(&self) -> Option<f64> {
         self.record.success.then(|| self.guard.margin())
+    }
+
+    /// A float reference attack's perceptibility (None for delivered attacks).
+    pub fn float_perceptibility(&self) -> Result<Option<f64>, super::AttackError> {
+        if !self.float {
+            return Ok(None);
+        }
+        super::float_perceptibility(&self.x, &self.x0).map(Some)
     }
 }
 

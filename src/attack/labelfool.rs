@@ -117,9 +117,18 @@ impl AttackRow for LabelFoolRow {
         self.s.record.iterations
     }
 
+    fn checks_float(&self) -> bool {
+        self.s.float
+    }
+
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
-        let extras =
-            Extras { target: Some(self.target), decision: self.decision, margin: self.s.margin(), epsilon: None };
+        let extras = Extras {
+            target: Some(self.target),
+            decision: self.decision,
+            margin: self.s.margin(),
+            epsilon: None,
+            float_perceptibility: self.s.float_perceptibility()?,
+        };
         self.s.record.outcome(self.method, extras)
     }
 }

@@ -70,10 +70,15 @@ pub struct AttackOutcome {
     pub iterations: u32,
     /// 8-bit re-checks run (forward only).
     pub checks: u32,
+    /// 8-bit checks after success that tried to take back rounding the goal did not need.
+    pub refinements: u32,
     /// Logit margin demanded when the attack succeeded (the quantisation guard).
     pub margin: Option<f64>,
     /// FGSM: the step size of the delivered image.
     pub epsilon: Option<f64>,
+    /// A float reference attack (`AttackParams::float_reference`): the perceptibility of its
+    /// float image, √(mean over pixels of ‖ΔRGB‖²) as for delivered images.
+    pub float_perceptibility: Option<f64>,
     /// The delivered pixels, `H×W×3`.
     pub rgb: Vec<u8>,
 }
@@ -99,6 +104,10 @@ pub trait AttackRow: Send {
     fn on_gradients(&mut self, grads: Vec<Tensor>) -> Result<(), AttackError>;
     /// Logits of the 8-bit image `rgb` (the quantised [`Self::image`]).
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError>;
+    /// True for a float reference attack: its checks classify the float image itself.
+    fn checks_float(&self) -> bool {
+        false
+    }
     fn is_done(&self) -> bool;
     fn iterations(&self) -> u32;
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError>;
@@ -115,6 +124,13 @@ pub fn new_row(info: Arc<ModelInfo>, x0: Tensor, params: AttackParams) -> Result
         (Method::Fgsm, _) => Ok(Box::new(fgsm::FgsmRow::new(x0, params))),
         (Method::Sparsefool, _) => Ok(Box::new(sparsefool::SparseFoolRow::new(x0, params))),
     }
+}
+
+/// The paper's perceptibility of a float image `x` against `x0` (both `[1,3,H,W]`):
+/// √(mean over pixels of ‖ΔRGB‖²).
+pub(crate) fn float_perceptibility(x: &Tensor, x0: &Tensor) -> Result<f64, AttackError> {
+    let d = x.f_sub(x0)?.f_square()?.f_sum_dim_intlist(1, false, tch::Kind::Double)?;
+    Ok(d.f_mean(tch::Kind::Double)?.f_double_value(&[])?.sqrt())
 }
 
 pub(crate) fn scored(probs: &[f32], index: usize) -> Scored {

@@ -93,9 +93,27 @@ pub struct AttackParams {
     pub lambda: f64,
     /// SparseFool's cap on outer iterations.
     pub max_outer: u32,
+    /// The paper's float attack, as a reference: success is judged on the float image (no 8-bit
+    /// rounding, no margin), and the outcome reports that image's perceptibility. What the
+    /// 8-bit guarantee costs is delivered ÷ float perceptibility.
+    pub float_reference: bool,
+    /// 8-bit checks spent after success to take back rounding the goal does not need.
+    pub refine_rounds: u32,
 }
 
 impl AttackParams {
+    /// The float reference of these parameters, towards `target` (the delivered attack's, so both
+    /// attacks aim at the same class).
+    pub fn float_reference(&self, target: Option<usize>) -> Self {
+        Self {
+            float_reference: true,
+            margins: vec![0.0],
+            refine_rounds: 0,
+            target: target.or(self.target),
+            ..self.clone()
+        }
+    }
+
     /// The most backward passes this attack can take, from its method's own loop bounds: every
     /// row ends within this many whatever the image or the margins (tests count them).
     pub fn max_backward_passes(&self) -> u64 {
@@ -128,6 +146,9 @@ pub struct AttackRequest {
     pub lambda: Option<f64>,
     /// SparseFool's cap on outer iterations.
     pub max_outer: Option<u32>,
+    /// Also run the paper's float attack (no 8-bit rounding) on the same image and target, and
+    /// report its perceptibility: what the 8-bit guarantee costs.
+    pub float_reference: bool,
 }
 
 /// FGSM's default search: 0.5/255 … 32/255.
@@ -224,6 +245,8 @@ impl AttackRequest {
             candidates,
             lambda,
             max_outer,
+            float_reference: false,
+            refine_rounds: d.refine_rounds,
             target_params: target_params(req.delta1, req.delta2, d)?,
             margins: d.margins.clone(),
             target,

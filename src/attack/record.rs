@@ -14,6 +14,8 @@ pub struct Record {
     pub iterations: u32,
     /// 8-bit re-checks.
     pub checks: u32,
+    /// 8-bit checks after success that tried to take back rounding (see `guard`).
+    pub refinements: u32,
     pub success: bool,
 }
 
@@ -24,6 +26,7 @@ pub struct Extras {
     pub decision: Option<TargetDecision>,
     pub margin: Option<f64>,
     pub epsilon: Option<f64>,
+    pub float_perceptibility: Option<f64>,
 }
 
 impl Record {
@@ -56,8 +59,10 @@ impl Record {
             success: self.success,
             iterations: self.iterations,
             checks: self.checks,
+            refinements: self.refinements,
             margin: extras.margin,
             epsilon: extras.epsilon,
+            float_perceptibility: extras.float_perceptibility,
             rgb,
         })
     }

@@ -91,7 +91,12 @@ fn check_rows(
         let x = rows[i].image();
         let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
         let rgb = tensor_to_rgb8(x)?;
-        inputs.push(prepare_rgb8(&rgb, w, h, spec)?);
+        if rows[i].checks_float() {
+            // The float reference: the float image itself, through the same differentiable ops.
+            inputs.push(tch::no_grad(|| resize_crop(&x.f_to_device(tch::Device::Cpu)?, spec))?);
+        } else {
+            inputs.push(prepare_rgb8(&rgb, w, h, spec)?);
+        }
         rgbs.push(rgb);
     }
     let batch = Tensor::f_cat(&inputs, 0)?.f_to_device(model.device())?;

@@ -258,8 +258,17 @@ impl AttackRow for SparseFoolRow {
         self.record.iterations
     }
 
+    fn checks_float(&self) -> bool {
+        self.params.float_reference
+    }
+
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {
-        self.record.outcome(Method::Sparsefool, Extras::default())
+        let float = if self.params.float_reference {
+            Some(super::float_perceptibility(&self.current, &self.x0)?)
+        } else {
+            None
+        };
+        self.record.outcome(Method::Sparsefool, Extras { float_perceptibility: float, ..Extras::default() })
     }
 }
 

@@ -42,6 +42,9 @@ pub struct AttackArgs {
     /// SparseFool's cap on outer iterations (default 20).
     #[arg(long)]
     pub max_outer: Option<u32>,
+    /// Also run the float attack (no 8-bit rounding) and report its perceptibility.
+    #[arg(long)]
+    pub float_reference: bool,
     /// Print the result as JSON (the same fields as POST /attack, without the PNG).
     #[arg(long)]
     pub json: bool,
@@ -62,6 +65,7 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         candidates: a.candidates,
         lambda: a.lambda,
         max_outer: a.max_outer,
+        float_reference: a.float_reference,
     };
     let result = engine.attack(a.model.as_deref(), bytes.into(), req, OFFLINE_DEADLINE).await;
     super::stop_engine(engine).await;

@@ -37,6 +37,10 @@ pub struct EvalArgs {
     /// FGSM step size(s), comma-separated (default: the search over 0.5/255 … 32/255).
     #[arg(long, value_delimiter = ',')]
     pub epsilon: Option<Vec<f64>>,
+    /// Also run each attack the paper's way (float image, no 8-bit rounding) on the same image and
+    /// target, and report delivered ÷ float perceptibility per method (attacks cost twice).
+    #[arg(long)]
+    pub float_reference: bool,
 }
 
 pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
@@ -59,6 +63,7 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
             max_iter: a.max_iter,
             overshoot: a.overshoot,
             epsilons: a.epsilon.clone(),
+            float_reference: a.float_reference,
             ..Default::default()
         },
     };

@@ -64,6 +64,16 @@ impl EngineError {
     }
 }
 
+impl EngineError {
+    /// A job refused at the queue's door.
+    pub(super) fn refused(r: super::queue::Refused, queue: &'static str) -> Self {
+        match r {
+            super::queue::Refused::Full => Self::QueueFull { queue },
+            super::queue::Refused::Closed => Self::ShuttingDown,
+        }
+    }
+}
+
 impl From<JobError> for EngineError {
     fn from(e: JobError) -> Self {
         let msg = e.to_string();

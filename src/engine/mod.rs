@@ -19,15 +19,15 @@ use tokio::sync::oneshot;
 pub use crate::attack::AttackRequest;
 use crate::attack::params::{self, AttackLimits};
 use crate::attack::target::{self, TargetParams};
-use crate::attack::{AttackError, AttackParams};
+use crate::attack::{AttackError, AttackOutcome, AttackParams};
 use crate::config::{AttackDefaults, Config};
 use crate::imaging::metrics::perturbation;
 use crate::imaging::{self, DecodeLimits, ImageError, Rgb8};
 use crate::model::preprocess::{model_input, resize_within};
 use crate::model::{Catalog, ModelError, ModelInfo};
 pub use error::EngineError;
-use queue::{AttackJob, ClassifyJob, ClassifyReply, JobError, Queues, Refused};
-pub use results::{AttackResult, Classification, ImageSummary, TargetLabel, Timings, top_k};
+use queue::{AttackJob, ClassifyJob, ClassifyReply, JobError, Queues};
+pub use results::{AttackResult, Classification, FloatReference, ImageSummary, TargetLabel, Timings, top_k};
 pub use stats::{EngineStats, StatsSnapshot};
 pub use worker::WorkerInfo;
 
@@ -349,10 +349,7 @@ impl Engine {
             permit: None,
             span: tracing::Span::current(),
         };
-        self.queues()?.push_classify(job).map_err(|r| match r {
-            Refused::Full => EngineError::QueueFull { queue: "classify" },
-            Refused::Closed => EngineError::ShuttingDown,
-        })?;
+        self.queues()?.push_classify(job).map_err(|r| EngineError::refused(r, "classify"))?;
         Ok(self.await_reply(rx, deadline, started).await??)
     }
 
@@ -434,33 +431,18 @@ impl Engine {
         }
         let (img, decode) = self.decode(bytes, &info).await?;
         let img = Arc::new(img);
-        let (tx, rx) = oneshot::channel();
-        let job = AttackJob {
-            model: idx,
-            image: img.clone(),
-            params,
-            reply: tx,
-            enqueued: Instant::now(),
-            permit: None,
-            span: tracing::Span::current(),
-        };
-        self.queues()?.push_attack(job).map_err(|r| match r {
-            Refused::Full => EngineError::QueueFull { queue: "attack" },
-            Refused::Closed => EngineError::ShuttingDown,
-        })?;
-        let (outcome, job_timings) = self.await_reply(rx, deadline, started).await?.map_err(|e| match e {
-            JobError::Attack(AttackError::TargetIsPrediction { index, .. }) => EngineError::invalid(
-                "target",
-                format!(
-                    "class {index} ({}) is already the prediction; choose another target",
-                    info.classes().label(index)
-                ),
-            ),
-            JobError::Attack(AttackError::NoMatrix(m)) => {
-                EngineError::invalid("target", format!("model {m} has no distance matrix: pass an explicit target"))
+        let reference = req.float_reference.then(|| params.clone());
+        let (outcome, job_timings) = self.run_attack(idx, &info, img.clone(), params, deadline, started).await?;
+        // The paper's float attack on the same image and towards the same target, for the price
+        // of the 8-bit guarantee (delivered ÷ float perceptibility).
+        let float_reference = match reference {
+            None => None,
+            Some(p) => {
+                let p = p.float_reference(outcome.target);
+                let (o, _) = self.run_attack(idx, &info, img.clone(), p, deadline, started).await?;
+                Some(FloatReference { success: o.success, perceptibility: o.float_perceptibility })
             }
-            other => other.into(),
-        })?;
+        };
         let (png, perturbation) = tokio::task::spawn_blocking({
             let img = img.clone();
             let rgb = outcome.rgb.clone();
@@ -477,7 +459,44 @@ impl Engine {
             outcome,
             perturbation,
             png,
+            float_reference,
             timings: Timings::new(decode, job_timings, started),
+        })
+    }
+
+    /// One attack job on the worker, start to outcome.
+    async fn run_attack(
+        &self,
+        idx: usize,
+        info: &ModelInfo,
+        img: Arc<Rgb8>,
+        params: AttackParams,
+        deadline: Duration,
+        started: Instant,
+    ) -> Result<(AttackOutcome, queue::JobTimings), EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let job = AttackJob {
+            model: idx,
+            image: img,
+            params,
+            reply: tx,
+            enqueued: Instant::now(),
+            permit: None,
+            span: tracing::Span::current(),
+        };
+        self.queues()?.push_attack(job).map_err(|r| EngineError::refused(r, "attack"))?;
+        self.await_reply(rx, deadline, started).await?.map_err(|e| match e {
+            JobError::Attack(AttackError::TargetIsPrediction { index, .. }) => EngineError::invalid(
+                "target",
+                format!(
+                    "class {index} ({}) is already the prediction; choose another target",
+                    info.classes().label(index)
+                ),
+            ),
+            JobError::Attack(AttackError::NoMatrix(m)) => {
+                EngineError::invalid("target", format!("model {m} has no distance matrix: pass an explicit target"))
+            }
+            other => other.into(),
         })
     }
 }

@@ -89,5 +89,16 @@ pub struct AttackResult {
     pub outcome: AttackOutcome,
     pub perturbation: Perturbation,
     pub png: Vec<u8>,
+    /// The paper's float attack on the same image and target, when asked for.
+    pub float_reference: Option<FloatReference>,
     pub timings: Timings,
+}
+
+/// The float attack (no 8-bit rounding, no margin) beside a delivered one.
+#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+pub struct FloatReference {
+    /// The float image reaches the goal (the target, or any other class when untargeted).
+    pub success: bool,
+    /// Its perceptibility, √(mean over pixels of ‖ΔRGB‖²), on the float image.
+    pub perceptibility: Option<f64>,
 }

@@ -320,7 +320,7 @@ impl Worker {
         match row {
             Ok(row) => {
                 job.span.in_scope(|| {
-                    tracing::info!(model = %model_name, method, width = img.width, height = img.height, "attack admitted")
+                    tracing::debug!(model = %model_name, method, width = img.width, height = img.height, "attack admitted")
                 });
                 let g = &mut self.groups[job.model];
                 g.rows.push(row);

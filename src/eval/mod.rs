@@ -98,6 +98,10 @@ pub struct ResultFields {
     /// Mistake severity: the height of the lowest common ancestor of the reference and the final
     /// class in WordNet (0 = same class; lower = milder mistake).
     pub mistake_severity: Option<u32>,
+    /// With `--float-reference`: whether the paper's float attack (same image and target, no
+    /// 8-bit rounding) reached the goal, and its perceptibility.
+    pub float_success: Option<bool>,
+    pub float_perceptibility: Option<f64>,
     pub group_reference: Option<String>,
     pub group_final: Option<String>,
     pub same_group: Option<bool>,
@@ -136,6 +140,8 @@ impl ResultFields {
             reference: ClassBrief::new(info, reference),
             wup: wup(&rw, &fw),
             wup_original: wup(&ow, &fw),
+            float_success: r.float_reference.map(|f| f.success),
+            float_perceptibility: r.float_reference.and_then(|f| f.perceptibility),
             mistake_severity: match (&rw, &fw) {
                 (Some(a), Some(b)) => wn.mistake_severity(a, b),
                 _ => None,

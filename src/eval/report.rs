@@ -35,6 +35,11 @@ pub struct MethodSummary {
     pub mean_wup: Option<f64>,
     /// … and between the original prediction and the adversarial class.
     pub mean_wup_original: Option<f64>,
+    /// With `--float-reference`: the float attack's success rate, and delivered ÷ float
+    /// perceptibility (means over the images where both succeeded) — the price of the 8-bit
+    /// guarantee.
+    pub float_attack_rate: Option<f64>,
+    pub delivered_over_float: Option<f64>,
     /// Mean mistake severity (height of the lowest common ancestor of the reference and the
     /// adversarial class; Bertinetto et al. 2020's "mean mistake distance").
     pub mean_mistake_severity: Option<f64>,
@@ -105,6 +110,19 @@ pub fn summarise(model: &str, images_dir: &Path, out: &EvalOutput) -> Summary {
             mean_epsilon: mean_opt(ok.iter().map(|r| r.epsilon)),
             mean_wup: mean_opt(ok.iter().map(|r| r.wup)),
             mean_wup_original: mean_opt(ok.iter().map(|r| r.wup_original)),
+            float_attack_rate: {
+                let f: Vec<bool> = done.iter().filter_map(|r| r.float_success).collect();
+                (!f.is_empty()).then(|| f.iter().filter(|&&s| s).count() as f64 / f.len() as f64)
+            },
+            delivered_over_float: {
+                let both: Vec<(f64, f64)> = ok
+                    .iter()
+                    .filter(|r| r.float_success == Some(true))
+                    .filter_map(|r| r.float_perceptibility.map(|f| (r.perturbation.perceptibility, f)))
+                    .collect();
+                let float: f64 = both.iter().map(|b| b.1).sum();
+                (!both.is_empty() && float > 0.0).then(|| both.iter().map(|b| b.0).sum::<f64>() / float)
+            },
             mean_mistake_severity: mean_opt(ok.iter().map(|r| r.mistake_severity.map(f64::from))),
             same_group_rate: (!groups.is_empty())
                 .then(|| groups.iter().filter(|&&g| g).count() as f64 / groups.len() as f64),
@@ -358,6 +376,29 @@ pub fn markdown(dir: &Path, s: &Summary, out: &EvalOutput, command: &str) -> Str
         .collect();
     if !extras.is_empty() {
         let _ = writeln!(md, "{}.\n", extras.join("; "));
+    }
+    if s.methods.iter().any(|m| m.float_attack_rate.is_some()) {
+        let _ = writeln!(md, "## The price of the 8-bit guarantee\n");
+        let _ = writeln!(
+            md,
+            "Each image was also attacked the paper's way — float image, no rounding, no margin — towards the same \
+             target. Delivered ÷ float perceptibility is the mean over the images where both succeeded.\n"
+        );
+        let _ =
+            writeln!(md, "| method | delivered attack rate | float attack rate | delivered ÷ float perceptibility |");
+        let _ = writeln!(md, "|---|---:|---:|---:|");
+        for m in &s.methods {
+            let pct = |r: Option<f64>| r.map(|r| format!("{:.1}%", r * 100.0)).unwrap_or_else(|| "–".into());
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                m.method,
+                pct(Some(m.attack_rate)),
+                pct(m.float_attack_rate),
+                fo(m.delivered_over_float, 3)
+            );
+        }
+        md.push('\n');
     }
     md.push_str(&charts_section(dir, s, out));
     md.push_str(&gallery_section(dir, out));

@@ -49,6 +49,9 @@ pub struct AttackParamsDoc {
     pub lambda: Option<f64>,
     /// SparseFool's cap on outer iterations (default 20, the authors'; 1..=100).
     pub max_outer: Option<u32>,
+    /// Also run the paper's float attack (no 8-bit rounding) on the same image and target and
+    /// report its perceptibility (`float_reference` in the answer; the attack costs twice).
+    pub float_reference: Option<bool>,
 }
 
 const PARAMS: &[&str] = &[
@@ -63,6 +66,7 @@ const PARAMS: &[&str] = &[
     "candidates",
     "lambda",
     "max_outer",
+    "float_reference",
 ];
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -89,12 +93,28 @@ pub struct AttackResponse {
     pub iterations: u32,
     /// 8-bit re-checks: forward passes on the image as it would be delivered.
     pub checks: u32,
+    /// 8-bit checks after success that took back rounding the goal did not need.
+    pub refinements: u32,
     /// Logit margin the 8-bit guard demanded when the attack succeeded (DeepFool-style methods).
     pub margin: Option<f64>,
     /// FGSM: the step size of the delivered image.
     pub epsilon: Option<f64>,
     pub perturbation: Perturbation,
+    /// With `float_reference=true`: the paper's float attack on the same image and target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub float_reference: Option<FloatComparison>,
     pub timings: Timings,
+}
+
+/// What the 8-bit guarantee cost this image.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FloatComparison {
+    /// The float attack reached the goal.
+    pub success: bool,
+    /// The float image's perceptibility.
+    pub perceptibility: Option<f64>,
+    /// Delivered ÷ float perceptibility, when both succeeded.
+    pub delivered_over_float: Option<f64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -155,6 +175,7 @@ pub async fn attack(
         candidates: p.parse::<usize>("candidates")?,
         lambda: p.finite("lambda")?,
         max_outer: p.parse::<u32>("max_outer")?,
+        float_reference: p.parse::<bool>("float_reference")?.unwrap_or(false),
     };
     let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
     let wants_png = headers
@@ -199,9 +220,18 @@ pub fn summary(r: &AttackResult) -> AttackResponse {
         final_: ClassPrediction::new(info, o.final_.index, o.final_.probability),
         iterations: o.iterations,
         checks: o.checks,
+        refinements: o.refinements,
         margin: o.margin,
         epsilon: o.epsilon,
         perturbation: r.perturbation,
+        float_reference: r.float_reference.map(|f| FloatComparison {
+            success: f.success,
+            perceptibility: f.perceptibility,
+            delivered_over_float: f
+                .perceptibility
+                .filter(|p| *p > 0.0 && f.success && o.success)
+                .map(|p| r.perturbation.perceptibility / p),
+        }),
         timings: r.timings,
     }
 }

@@ -137,9 +137,9 @@ async fn main() -> anyhow::Result<()> {
     engine.attack(None, std::fs::read(&files[0])?.into(), AttackRequest::default(), Duration::from_secs(600)).await?;
 
     println!(
-        "| image | size | iterations | checks | attack s | fwd+bwd s | fwd s | ratio (wall) | ratio (worker) | floor |"
+        "| image | size | iterations | checks | refinements | attack s | fwd+bwd s | fwd s | ratio (wall) | ratio (worker) | floor |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let (mut attack_total, mut step_total, mut device_total, mut floor_total) = (0.0, 0.0, 0.0, 0.0);
     let mut rows = Vec::new();
     for path in &files {
@@ -160,22 +160,24 @@ async fn main() -> anyhow::Result<()> {
         let r = last.ok_or_else(|| anyhow::anyhow!("no attack ran"))?;
         let wall = median(walls);
         let (it, checks) = (f64::from(r.outcome.iterations), f64::from(r.outcome.checks));
+        let refinements = f64::from(r.outcome.refinements);
         let device_s = median(workers);
         // What the algorithm itself must spend: its steps, plus for each 8-bit check the forward
-        // that found the margin reached and the check's own forward.
-        let floor = it * fb + 2.0 * checks * f;
+        // that found the margin reached and the check's own forward, and one forward per
+        // refinement check after success.
+        let floor = it * fb + (2.0 * checks + refinements) * f;
         attack_total += wall;
         device_total += device_s;
         step_total += it * fb;
         floor_total += floor;
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         println!(
-            "| {name} | {w}×{h} | {it} | {checks} | {wall:.3} | {fb:.4} | {f:.4} | {:.3} | {:.3} | {:.3} |",
+            "| {name} | {w}×{h} | {it} | {checks} | {refinements} | {wall:.3} | {fb:.4} | {f:.4} | {:.3} | {:.3} | {:.3} |",
             wall / (it * fb),
             device_s / (it * fb),
             floor / (it * fb)
         );
-        rows.push(serde_json::json!({"image": name, "width": w, "height": h, "iterations": it, "checks": checks,
+        rows.push(serde_json::json!({"image": name, "width": w, "height": h, "iterations": it, "checks": checks, "refinements": refinements,
             "attack_seconds": wall, "worker_seconds": device_s, "forward_backward_seconds": fb, "forward_seconds": f}));
     }
     let ratio = attack_total / step_total;

@@ -129,7 +129,7 @@ impl AttackRow for DeepFoolRow {
     }
 
     fn checks_float(&self) -> bool {
-        self.s.float
+        self.s.is_float()
     }
 
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {

@@ -78,6 +78,11 @@ impl Guard {
         Self { float: true, ..Self::new(vec![0.0]) }
     }
 
+    /// Whether this guards a float reference attack.
+    pub fn is_float(&self) -> bool {
+        self.float
+    }
+
     /// κ: the logit margin the 8-bit image must be predicted to have before it is checked.
     pub fn margin(&self) -> f64 {
         self.margins[self.idx.min(self.margins.len() - 1)]
@@ -155,7 +160,6 @@ pub struct Stepper {
     pub x: Tensor,
     /// The original image (the float reference measures its perceptibility against it).
     pub x0: Tensor,
-    pub float: bool,
     pub phase: Phase,
     pub guard: Guard,
     pub max_iter: u32,
@@ -175,7 +179,6 @@ impl Stepper {
         Self {
             x: x0.shallow_clone(),
             x0,
-            float: params.float_reference,
             phase: Phase::Initial,
             guard: if params.float_reference { Guard::float() } else { Guard::new(params.margins.clone()) },
             max_iter: params.max_iter,
@@ -282,9 +285,14 @@ impl Stepper {
         self.record.success.then(|| self.guard.margin())
     }
 
+    /// A float reference attack: its checks classify the float image itself.
+    pub fn is_float(&self) -> bool {
+        self.guard.is_float()
+    }
+
     /// A float reference attack's perceptibility (None for delivered attacks).
     pub fn float_perceptibility(&self) -> Result<Option<f64>, super::AttackError> {
-        if !self.float {
+        if !self.is_float() {
             return Ok(None);
         }
         super::float_perceptibility(&self.x, &self.x0).map(Some)

@@ -118,7 +118,7 @@ impl AttackRow for LabelFoolRow {
     }
 
     fn checks_float(&self) -> bool {
-        self.s.float
+        self.s.is_float()
     }
 
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError> {

@@ -53,10 +53,9 @@ struct Inner {
     settings: EngineSettings,
     stats: Arc<EngineStats>,
     worker: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Tells the worker to answer everything it holds `ShuttingDown` and exit.
-    abort: Arc<std::sync::atomic::AtomicBool>,
-    /// The same for callers waiting on a reply: they answer `ShuttingDown` at once, whatever pass
-    /// the worker is inside.
+    /// Set once the shutdown grace is over: the worker answers everything it holds
+    /// `ShuttingDown` and exits, and callers waiting on a reply answer at once, whatever pass the
+    /// worker is inside.
     aborted: tokio::sync::watch::Sender<bool>,
 }
 
@@ -107,8 +106,8 @@ impl Engine {
             max_attack_batch: config.engine.max_attack_batch,
             max_inflight_attack_pixels: config.engine.max_inflight_attack_pixels,
         };
-        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone(), abort.clone())
+        let aborted = tokio::sync::watch::Sender::new(false);
+        let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone(), aborted.subscribe())
             .map_err(|e| EngineError::Internal(format!("cannot start the worker thread: {e}")))?;
         let decode_threads = match config.engine.decode_threads {
             0 => std::thread::available_parallelism().map(usize::from).unwrap_or(1),
@@ -121,8 +120,7 @@ impl Engine {
             settings,
             stats,
             worker: std::sync::Mutex::new(Some(handle)),
-            abort,
-            aborted: tokio::sync::watch::Sender::new(false),
+            aborted,
         };
         Ok((Self { inner: Arc::new(inner) }, Startup { ready }))
     }
@@ -150,11 +148,7 @@ impl Engine {
 
     /// Stops taking jobs; the worker finishes what it holds and exits. Returns once it has.
     pub fn shutdown(&self) {
-        self.close_queues();
-        let handle = self.inner.worker.lock().ok().and_then(|mut h| h.take());
-        if let Some(h) = handle {
-            let _ = h.join();
-        }
+        self.shutdown_within(Duration::MAX);
     }
 
     /// Like [`Self::shutdown`], but returns after `limit` at the latest: false when the worker
@@ -177,7 +171,6 @@ impl Engine {
     /// The shutdown grace is over: the worker answers every job it holds or that waits for it
     /// with `ShuttingDown` (HTTP 503) at its next pass boundary and exits; new jobs are refused.
     pub fn abort(&self) {
-        self.inner.abort.store(true, std::sync::atomic::Ordering::SeqCst);
         self.inner.aborted.send_replace(true);
         self.close_queues();
     }
@@ -202,18 +195,21 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownModel(name.unwrap_or_default().to_string()))
     }
 
-    /// Refuses an image whose resize for `info` would make a side longer than
-    /// `limits.max_resized_side` (checked right after the header is read, before any tensor).
-    fn check_resize(&self, info: &ModelInfo, width: u32, height: u32) -> Result<(), EngineError> {
+    /// The image's size from its header, checked against the decode limits and against
+    /// `limits.max_resized_side` for `info`'s resize — before any pixel or tensor exists.
+    fn check_header(&self, bytes: &[u8], info: &ModelInfo) -> Result<(u32, u32), EngineError> {
+        let (width, height) = imaging::dimensions(bytes, &self.inner.settings.decode)?;
         let limit = self.inner.settings.max_resized_side;
-        resize_within(width, height, info.input(), limit).map(|_| ()).map_err(|(rh, rw)| EngineError::TooElongated {
-            model: info.name.clone(),
-            width,
-            height,
-            resized_width: rw,
-            resized_height: rh,
-            limit,
-            ratio: f64::from(limit) / info.input().resize_short_side as f64,
+        resize_within(width, height, info.input(), limit).map(|_| (width, height)).map_err(|(rh, rw)| {
+            EngineError::TooElongated {
+                model: info.name.clone(),
+                width,
+                height,
+                resized_width: rw,
+                resized_height: rh,
+                limit,
+                ratio: f64::from(limit) / info.input().resize_short_side as f64,
+            }
         })
     }
 
@@ -228,8 +224,7 @@ impl Engine {
         let checked: Vec<Result<Bytes, EngineError>> = images
             .into_iter()
             .map(|bytes| {
-                let (width, height) = imaging::dimensions(&bytes, &limits)?;
-                self.check_resize(info, width, height)?;
+                self.check_header(&bytes, info)?;
                 Ok(bytes)
             })
             .collect();
@@ -255,11 +250,10 @@ impl Engine {
         self.inner.queues.read().ok().and_then(|q| q.clone()).ok_or(EngineError::ShuttingDown)
     }
 
-    async fn decode(&self, bytes: Bytes, info: &ModelInfo) -> Result<(Rgb8, Duration), EngineError> {
+    /// Decodes an image whose header [`Self::check_header`] has passed.
+    async fn decode(&self, bytes: Bytes) -> Result<(Rgb8, Duration), EngineError> {
         let limits = self.inner.settings.decode;
         let started = Instant::now();
-        let (width, height) = imaging::dimensions(&bytes, &limits)?;
-        self.check_resize(info, width, height)?;
         let _slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
         let img = tokio::task::spawn_blocking(move || imaging::decode(&bytes, &limits))
             .await
@@ -419,7 +413,7 @@ impl Engine {
         let (idx, info) = self.model(model)?;
         let params = self.attack_params(&info, &req)?;
         // The attack's tensors live at the upload's size: refuse from the header, before decoding.
-        let (width, height) = imaging::dimensions(&bytes, &self.inner.settings.decode)?;
+        let (width, height) = self.check_header(&bytes, &info)?;
         if u64::from(width) * u64::from(height) > self.inner.settings.max_attack_pixels {
             return Err(ImageError::TooManyPixels {
                 width,
@@ -429,7 +423,7 @@ impl Engine {
             }
             .into());
         }
-        let (img, decode) = self.decode(bytes, &info).await?;
+        let (img, decode) = self.decode(bytes).await?;
         let img = Arc::new(img);
         let reference = req.float_reference.then(|| params.clone());
         let (outcome, job_timings) = self.run_attack(idx, &info, img.clone(), params, deadline, started).await?;

@@ -12,7 +12,6 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{RecvTimeoutError, Select};
@@ -54,7 +53,7 @@ pub fn spawn(
     settings: WorkerSettings,
     inbox: Inbox,
     stats: Arc<EngineStats>,
-    abort: Arc<AtomicBool>,
+    abort: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<(std::thread::JoinHandle<()>, ReadySignal)> {
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
     let handle = std::thread::Builder::new().name("labelfool-worker".into()).spawn(move || {
@@ -132,7 +131,7 @@ struct Worker {
     classify: ClassifyLane,
     groups: Vec<Group>,
     stats: Arc<EngineStats>,
-    abort: Arc<AtomicBool>,
+    abort: tokio::sync::watch::Receiver<bool>,
     info: WorkerInfo,
 }
 
@@ -142,7 +141,7 @@ impl Worker {
         settings: WorkerSettings,
         inbox: Inbox,
         stats: Arc<EngineStats>,
-        abort: Arc<AtomicBool>,
+        abort: tokio::sync::watch::Receiver<bool>,
     ) -> Result<Self, ModelError> {
         if settings.threads > 0 {
             tch::set_num_threads(settings.threads as i32);
@@ -199,7 +198,7 @@ impl Worker {
 
     fn run(mut self) {
         loop {
-            if self.abort.load(Ordering::SeqCst) {
+            if *self.abort.borrow() {
                 self.abort_all();
                 return;
             }
@@ -364,7 +363,7 @@ impl Worker {
             let mut failed: Vec<(usize, JobError)> = Vec::new();
             // Between passes: serve the classify work that has arrived meanwhile.
             let mut between = || {
-                if abort.load(Ordering::SeqCst) {
+                if *abort.borrow() {
                     return false;
                 }
                 classify.pull(stats);
@@ -372,7 +371,7 @@ impl Worker {
                 true
             };
             for start in (0..n).step_by(chunk) {
-                if abort.load(Ordering::SeqCst) {
+                if *abort.borrow() {
                     break;
                 }
                 let end = (start + chunk).min(n);

@@ -94,7 +94,12 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let left = answered_by.saturating_duration_since(tokio::time::Instant::now());
     let worker_done = tokio::task::spawn_blocking(move || engine.shutdown_within(left)).await?;
     if !worker_done {
+        // Returning would run libtorch's static destructors under the worker's running pass (a
+        // crash at exit, seen under load); every answer has been given, so leave at once.
         tracing::warn!("the worker is still inside a pass; exiting without it");
+        // SAFETY: _exit ends the process without running destructors; nothing is left to flush
+        // (stderr is unbuffered, the listener is closed, every request has been answered).
+        unsafe { libc::_exit(0) };
     }
     tracing::info!("bye");
     Ok(ExitCode::SUCCESS)

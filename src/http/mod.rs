@@ -53,6 +53,12 @@ impl AppState {
         let body_budget = limits::BodyBudget::new(config.server.max_buffered_body_bytes);
         Self { engine, config, deadlines, metrics, device: Arc::default(), body_budget }
     }
+
+    /// Ready for work: the models are loaded *and* the start-up has recorded the device, so a
+    /// probe that says ready is never followed by a `/models` without it.
+    pub fn is_ready(&self) -> bool {
+        self.device.get().is_some() && self.engine.is_ready()
+    }
 }
 
 pub fn router(state: AppState) -> Router {

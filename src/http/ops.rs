@@ -29,7 +29,7 @@ pub async fn health() -> Json<Health> {
     (status = 503, body = Health, description = "Loading models, or shutting down"),
 ))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    if state.engine.is_ready() {
+    if state.is_ready() {
         (StatusCode::OK, Json(Health { status: "ready" }))
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "not_ready" }))

@@ -63,7 +63,7 @@ pub async fn live() -> Json<Live> {
 /// Server readiness (OIP): 200 once models are loaded.
 #[utoipa::path(get, path = "/v2/health/ready", operation_id = "v2_ready", tag = "kserve-v2", security(()), responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let ready = state.engine.is_ready();
+    let ready = state.is_ready();
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Ready { ready }))
 }
 
@@ -126,7 +126,7 @@ pub async fn model_metadata(
     responses((status = 200, body = Ready), (status = 404, body = V2ErrorBody)))]
 pub async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Ready>, V2Error> {
     state.engine.model(Some(&name))?;
-    Ok(Json(Ready { ready: state.engine.is_ready() }))
+    Ok(Json(Ready { ready: state.is_ready() }))
 }
 
 #[derive(Deserialize, ToSchema)]

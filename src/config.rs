@@ -83,6 +83,8 @@ pub struct Config {
     pub limits: Limits,
     pub attack: AttackDefaults,
     pub models: Vec<ModelConfig>,
+    /// Triton model repositories whose `pytorch_libtorch` models are served as they are.
+    pub repositories: Vec<RepositoryConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -208,6 +210,28 @@ pub struct ModelConfig {
     pub max_batch_wait_ms: Option<u64>,
 }
 
+/// A Triton model repository (`<path>/<model>/config.pbtxt`, `<path>/<model>/<version>/model.pt`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryConfig {
+    /// `~` and `${VAR}` expand.
+    pub path: String,
+    /// Load every servable model at start-up (Triton's default model control); false: only on
+    /// `POST /v2/repository/models/{name}/load` (Triton's `explicit` mode).
+    #[serde(default = "yes")]
+    pub load_at_startup: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl RepositoryConfig {
+    pub fn path(&self) -> Result<PathBuf, ConfigError> {
+        expand_path(&self.path)
+    }
+}
+
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
@@ -307,7 +331,7 @@ impl Config {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
         DeviceSpec::parse(&self.engine.device).map_err(|e| ConfigError::Invalid(format!("engine.device: {e}")))?;
         if self.models.is_empty() {
-            return bad("no [[models]] configured".into());
+            return bad("no [[models]] configured (the first is the default model)".into());
         }
         let mut names = std::collections::HashSet::new();
         for m in &self.models {

@@ -251,9 +251,19 @@ async fn models_health_ready_and_openapi() {
         served, file,
         "openapi/openapi.json is stale: run `target/release/labelfool openapi -o openapi/openapi.json`"
     );
-    for path in
-        ["/classify", "/target-label", "/attack", "/models", "/health", "/ready", "/metrics", "/v2/models/{name}/infer"]
-    {
+    for path in [
+        "/classify",
+        "/target-label",
+        "/attack",
+        "/models",
+        "/health",
+        "/ready",
+        "/metrics",
+        "/v2/models/{name}/infer",
+        "/v2/repository/index",
+        "/v2/repository/models/{name}/load",
+        "/models/{name}/unload",
+    ] {
         assert!(file["paths"].get(path).is_some(), "{path} missing from the spec");
     }
     // Operation ids are unique (clients generated from the spec rely on it).

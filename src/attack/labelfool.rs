@@ -52,7 +52,7 @@ impl LabelFoolRow {
             }
             Some(t) => self.target = t,
             None => {
-                let d = self.info.matrix.as_ref().ok_or_else(|| AttackError::NoMatrix(self.info.name.clone()))?;
+                let d = self.info.matrix().ok_or_else(|| AttackError::NoMatrix(self.info.name.clone()))?;
                 let decision = target::select(probs, d, self.params.target_params, 4);
                 self.target = decision.target;
                 self.decision = Some(decision);

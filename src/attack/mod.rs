@@ -116,7 +116,7 @@ pub trait AttackRow: Send {
 /// Builds the row for `params.method` on the image `x0` (`[1,3,H,W]`, on the model's device).
 pub fn new_row(info: Arc<ModelInfo>, x0: Tensor, params: AttackParams) -> Result<Box<dyn AttackRow>, AttackError> {
     match (params.method, params.target) {
-        (Method::Labelfool, None) if info.matrix.is_none() => Err(AttackError::NoMatrix(info.name.clone())),
+        (Method::Labelfool, None) if info.matrix().is_none() => Err(AttackError::NoMatrix(info.name.clone())),
         (Method::Labelfool, _) => Ok(Box::new(labelfool::LabelFoolRow::new(info, Method::Labelfool, x0, params))),
         // Targeted DeepFool is the LabelFool step towards the caller's class.
         (Method::Deepfool, Some(_)) => Ok(Box::new(labelfool::LabelFoolRow::new(info, Method::Deepfool, x0, params))),

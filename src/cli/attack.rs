@@ -130,7 +130,7 @@ pub async fn run_target(cli: &Cli, a: &TargetArgs) -> anyhow::Result<ExitCode> {
         // The preview needs only the matrix: no worker, no libtorch.
         let catalog = crate::model::Catalog::from_config(&config)?;
         let (_, info) = catalog.get(a.model.as_deref()).context("unknown model")?;
-        let m = info.matrix.as_ref().with_context(|| format!("model {} has no distance matrix", info.name))?;
+        let m = info.matrix().with_context(|| format!("model {} has no distance matrix", info.name))?;
         let c = info.classes().resolve(class).with_context(|| format!("{class:?} is not a class of {}", info.name))?;
         println!("{} ({c}) → nearest under {} ({}):", info.classes().label(c), info.name, m.meta.method);
         for (i, d) in m.nearest(c, a.top) {

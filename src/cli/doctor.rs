@@ -46,7 +46,7 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
                     "dir": info.bundle.dir,
                     "architecture": info.bundle.meta.architecture,
                     "classes": info.num_classes(),
-                    "matrix": info.matrix.as_ref().map(|m| serde_json::json!({"method": m.meta.method, "size": m.len()})),
+                    "matrix": info.matrix().map(|m| serde_json::json!({"method": m.meta.method, "size": m.len()})),
                     "loads_and_runs": loaded.is_ok(),
                     "error": loaded.err(),
                 }));

@@ -41,6 +41,10 @@ pub struct EvalArgs {
     /// target, and report delivered ÷ float perceptibility per method (attacks cost twice).
     #[arg(long)]
     pub float_reference: bool,
+    /// Other configured models that classify every delivered image: the report gets a transfer
+    /// matrix (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub verify: Vec<String>,
 }
 
 pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
@@ -59,6 +63,7 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
         limit: a.limit,
         concurrency: a.concurrency.unwrap_or(config.engine.max_inflight_attacks),
         gallery: a.gallery,
+        verify: a.verify.clone(),
         request: AttackRequest {
             max_iter: a.max_iter,
             overshoot: a.overshoot,

@@ -5,13 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use ndarray::Array2;
 
 use super::Cli;
 use crate::matrix::build::{self, Fill, Shard};
 use crate::matrix::hausdorff::Linkage;
-use crate::matrix::{from_weights, semantic};
-use crate::model::matrix::{DistanceMatrix, MatrixMeta};
+use crate::matrix::semantic;
+use crate::model::matrix::DistanceMatrix;
 use crate::model::{BatchPolicy, Catalog, LoadedModel, ModelInfo};
 
 #[derive(Debug, clap::Subcommand)]
@@ -96,14 +95,9 @@ fn configured_model(cli: &Cli, name: Option<&str>) -> anyhow::Result<(crate::con
     Ok((config.clone(), info.clone()))
 }
 
-/// The data-free matrix of a model, for `--fill weights`.
-fn weight_distances(info: Arc<ModelInfo>) -> anyhow::Result<Array2<f32>> {
-    let loaded = LoadedModel::load(info, tch::Device::Cpu)?;
-    let w = loaded.classifier_weight()?;
-    let (n, d) = (w.size()[0] as usize, w.size()[1] as usize);
-    let mut flat = vec![0f32; n * d];
-    w.f_copy_data(&mut flat, n * d)?;
-    Ok(from_weights::cosine_distances(&Array2::from_shape_vec((n, d), flat)?))
+/// The data-free matrix of a model, for `--fill weights` and `from-weights`.
+fn weight_distances(info: Arc<ModelInfo>) -> anyhow::Result<DistanceMatrix> {
+    Ok(LoadedModel::load(info, tch::Device::Cpu)?.data_free_matrix()?)
 }
 
 /// Reduces on a thread of its own: libtorch's matrix products get every core there (tokio's
@@ -119,7 +113,8 @@ async fn reduce_and_save(
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
         let run = || -> anyhow::Result<DistanceMatrix> {
-            let weights = if fill == Fill::Weights { Some(weight_distances(info.clone())?) } else { None };
+            let weights =
+                if fill == Fill::Weights { Some(weight_distances(info.clone())?.data().clone()) } else { None };
             build::reduce(&info, &cache, linkage, fill, weights.as_ref(), device)
         };
         let _ = tx.send(run());
@@ -152,17 +147,7 @@ pub async fn run(cli: &Cli, cmd: &MatrixCommand) -> anyhow::Result<ExitCode> {
                 (Some(name), None) => configured_model(cli, Some(name))?.1,
                 (None, None) => anyhow::bail!("give --model or --bundle"),
             };
-            let layer = info.bundle.meta.classifier.weight.clone();
-            let name = info.name.clone();
-            let dist = weight_distances(info)?;
-            let meta = MatrixMeta {
-                model: name,
-                num_classes: dist.nrows(),
-                method: "from-weights".into(),
-                details: serde_json::json!({"layer": layer, "distance": "1 - cos(w_i, w_j)"}),
-                content_sha256: None,
-            };
-            save(DistanceMatrix::new(dist, meta).map_err(anyhow::Error::msg)?, output)
+            save(weight_distances(info)?, output)
         }
         MatrixCommand::Build { model, images, per_class, linkage, shard, cache, batch, fill, output } => {
             let config = super::load_config(cli)?;

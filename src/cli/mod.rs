@@ -6,6 +6,7 @@ mod classify;
 mod doctor;
 mod eval;
 mod matrix;
+mod model;
 mod serve;
 
 use std::path::PathBuf;
@@ -62,6 +63,9 @@ pub enum Command {
     /// Build distance matrices.
     #[command(subcommand)]
     Matrix(matrix::MatrixCommand),
+    /// Bring your own model: check a TorchScript or ONNX classifier and write it as a bundle.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
 }
 
 pub fn main() -> ExitCode {
@@ -90,6 +94,7 @@ pub fn main() -> ExitCode {
             Command::Doctor(args) => doctor::run(&cli, args).await,
             Command::Eval(args) => eval::run(&cli, args).await,
             Command::Matrix(cmd) => matrix::run(&cli, cmd).await,
+            Command::Model(cmd) => model::run(&cli, cmd).await,
         }
     });
     match result {

@@ -32,6 +32,12 @@ impl<J: Batchable> Batcher<J> {
         Self { pending: policies.iter().map(|_| VecDeque::new()).collect(), policies }
     }
 
+    /// A model added after start-up.
+    pub fn add_model(&mut self, policy: BatchPolicy) {
+        self.policies.push(policy);
+        self.pending.push(VecDeque::new());
+    }
+
     pub fn push(&mut self, job: J) {
         let m = job.model();
         self.pending[m].push_back(job);

@@ -14,6 +14,12 @@ use crate::imaging::ImageError;
 pub enum EngineError {
     #[error("unknown model {0:?}")]
     UnknownModel(String),
+    /// The model exists but is not ready (loading, unloading, unloaded, failed, unsupported).
+    #[error("{0}")]
+    ModelUnavailable(String),
+    /// A load that failed (the model's state says `failed` with the same reason).
+    #[error("{0}")]
+    LoadFailed(String),
     #[error(transparent)]
     Image(#[from] ImageError),
     #[error("invalid parameter `{param}`: {message}")]
@@ -82,6 +88,16 @@ impl From<JobError> for EngineError {
             JobError::Panic(_) => Self::WorkerPanic(msg),
             JobError::Attack(_) => Self::AttackFailed(msg),
             JobError::ShuttingDown => Self::ShuttingDown,
+            JobError::ModelUnloaded(_) => Self::ModelUnavailable(msg),
+        }
+    }
+}
+
+impl From<crate::model::Unavailable> for EngineError {
+    fn from(e: crate::model::Unavailable) -> Self {
+        match e {
+            crate::model::Unavailable::Unknown(name) => Self::UnknownModel(name),
+            other => Self::ModelUnavailable(other.to_string()),
         }
     }
 }

@@ -24,12 +24,18 @@ use crate::config::{AttackDefaults, Config};
 use crate::imaging::metrics::perturbation;
 use crate::imaging::{self, DecodeLimits, ImageError, Rgb8};
 use crate::model::preprocess::{model_input, resize_within};
-use crate::model::{Catalog, ModelError, ModelInfo};
+use crate::model::{Catalog, LoadTicket, ModelEntry, ModelError, ModelInfo};
 pub use error::EngineError;
-use queue::{AttackJob, ClassifyJob, ClassifyReply, JobError, Queues};
-pub use results::{AttackResult, Classification, FloatReference, ImageSummary, TargetLabel, Timings, top_k};
+use queue::{AttackJob, ClassifyJob, ClassifyReply, Control, JobError, Queues};
+pub use results::{
+    AttackResult, Classification, FloatReference, ImageSummary, TargetLabel, Timings, TransferCheck, top_k,
+};
 pub use stats::{EngineStats, StatsSnapshot};
 pub use worker::WorkerInfo;
+
+/// How long a load or unload request waits for the worker (a load that takes longer still
+/// finishes; its state says so).
+const MODEL_LOAD_DEADLINE: Duration = Duration::from_secs(600);
 
 /// Deadline of offline work (CLI, eval, matrix builds): effectively none.
 pub const OFFLINE_DEADLINE: Duration = Duration::from_secs(24 * 3600);
@@ -46,7 +52,7 @@ pub struct EngineSettings {
 }
 
 struct Inner {
-    catalog: Catalog,
+    catalog: Arc<Catalog>,
     /// Bounds decoding/resizing on the blocking pool (see `engine.decode_threads`).
     decode_slots: tokio::sync::Semaphore,
     queues: RwLock<Option<Queues>>,
@@ -85,6 +91,7 @@ impl Engine {
     /// Validates the catalog against the config, spawns the worker and returns at once; the
     /// worker loads the models in the background (see [`Startup::wait`]).
     pub fn start(config: &Config, catalog: Catalog) -> Result<(Self, Startup), EngineError> {
+        let catalog = Arc::new(catalog);
         let settings = EngineSettings {
             decode: DecodeLimits::from_config(&config.limits),
             max_attack_pixels: config.limits.max_attack_pixels,
@@ -187,12 +194,62 @@ impl Engine {
         self.inner.stats.set_not_ready();
     }
 
+    /// The named (or default) model, if it is ready; 404 unknown, 503 not ready.
     pub fn model(&self, name: Option<&str>) -> Result<(usize, Arc<ModelInfo>), EngineError> {
-        self.inner
-            .catalog
-            .get(name)
-            .map(|(i, m)| (i, m.clone()))
-            .ok_or_else(|| EngineError::UnknownModel(name.unwrap_or_default().to_string()))
+        Ok(self.inner.catalog.ready(name)?)
+    }
+
+    /// Every model the server knows, with its state; repositories are read again first.
+    pub fn models(&self) -> Vec<ModelEntry> {
+        self.inner.catalog.rescan();
+        self.inner.catalog.entries()
+    }
+
+    /// Loads a model (re-reading its repository first) and returns once it is ready or has
+    /// failed. Other models keep being served meanwhile: the file is read off the worker
+    /// thread, which only finishes the load between passes.
+    pub async fn load_model(&self, name: &str) -> Result<(), EngineError> {
+        self.inner.catalog.rescan();
+        let ticket = self.inner.catalog.begin_load(name).map_err(|e| match e {
+            // A model that can never load is the request's problem, not a passing state.
+            crate::model::Unavailable::NotReady {
+                state: crate::model::ModelState::Unsupported | crate::model::ModelState::Failed,
+                ..
+            } => EngineError::LoadFailed(e.to_string()),
+            other => other.into(),
+        })?;
+        let (index, info) = match ticket {
+            LoadTicket::AlreadyReady => return Ok(()),
+            LoadTicket::Start { index, info } => (index, info),
+        };
+        let (tx, rx) = oneshot::channel();
+        let sent = self.queues().and_then(|q| {
+            q.push_control(Control::Load { model: index, info, reply: tx })
+                .map_err(|r| EngineError::refused(r, "control"))
+        });
+        if let Err(e) = sent {
+            self.inner.catalog.publish(index, Err(e.to_string()));
+            return Err(e);
+        }
+        match self.await_value(rx, MODEL_LOAD_DEADLINE, Instant::now()).await? {
+            Ok(()) => Ok(()),
+            Err(reason) => Err(EngineError::LoadFailed(reason)),
+        }
+    }
+
+    /// Unloads a model: new requests for it get 503 at once; its waiting classifications still
+    /// run, its attacks in flight are answered 503. Returns once the module is gone.
+    pub async fn unload_model(&self, name: &str) -> Result<(), EngineError> {
+        let Some(index) = self.inner.catalog.begin_unload(name)? else { return Ok(()) };
+        let (tx, rx) = oneshot::channel();
+        let sent = self.queues().and_then(|q| {
+            q.push_control(Control::Unload { model: index, reply: tx }).map_err(|r| EngineError::refused(r, "control"))
+        });
+        if let Err(e) = sent {
+            self.inner.catalog.publish(index, Ok(None));
+            return Err(e);
+        }
+        self.await_value(rx, MODEL_LOAD_DEADLINE, Instant::now()).await
     }
 
     /// The image's size from its header, checked against the decode limits and against
@@ -269,6 +326,16 @@ impl Engine {
         deadline: Duration,
         started: Instant,
     ) -> Result<Result<T, JobError>, EngineError> {
+        self.await_value(rx, deadline, started).await
+    }
+
+    /// Waits for the worker's answer until the deadline, or until the shutdown grace is over.
+    async fn await_value<T>(
+        &self,
+        rx: oneshot::Receiver<T>,
+        deadline: Duration,
+        started: Instant,
+    ) -> Result<T, EngineError> {
         let left = deadline.saturating_sub(started.elapsed());
         let mut aborted = self.inner.aborted.subscribe();
         tokio::select! {
@@ -294,7 +361,7 @@ impl Engine {
         let prepared = self.prepare_all(&info, vec![bytes]).await?.pop();
         let (img, input) = prepared.ok_or_else(|| EngineError::Internal("no image prepared".into()))??;
         let decode = started.elapsed();
-        let reply = self.submit_classify(idx, input, false, deadline, started).await?;
+        let reply = self.submit_classify(idx, info.input().size, input, false, deadline, started).await?;
         Ok(Classification {
             image: ImageSummary::from(&img),
             model: info,
@@ -320,19 +387,20 @@ impl Engine {
         if input.iter().any(|v| !v.is_finite()) {
             return Err(EngineError::invalid("input", "values must be finite"));
         }
-        Ok(self.submit_classify(idx, input, false, deadline, started).await?.probabilities)
+        Ok(self.submit_classify(idx, info.input().size, input, false, deadline, started).await?.probabilities)
     }
 
     async fn submit_classify(
         &self,
         model: usize,
+        size: i64,
         input: Vec<f32>,
         want_features: bool,
         deadline: Duration,
         started: Instant,
     ) -> Result<ClassifyReply, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let rows = input.len() / (3 * self.inner.catalog.by_index(model).input().size.pow(2) as usize).max(1);
+        let rows = input.len() / (3 * size.pow(2) as usize).max(1);
         let job = ClassifyJob {
             model,
             input,
@@ -364,7 +432,7 @@ impl Engine {
         let mut features = if input.is_empty() {
             Vec::new()
         } else {
-            self.submit_classify(idx, input, true, deadline, started).await?.features
+            self.submit_classify(idx, info.input().size, input, true, deadline, started).await?.features
         }
         .into_iter();
         Ok(prepared.into_iter().map(|r| r.map(|_| features.next().unwrap_or_default())).collect())
@@ -382,11 +450,11 @@ impl Engine {
     ) -> Result<TargetLabel, EngineError> {
         let (_, info) = self.model(model)?;
         let params = self.target_params(delta1, delta2)?;
-        if info.matrix.is_none() {
+        if info.matrix().is_none() {
             return Err(EngineError::invalid("model", format!("model {} has no distance matrix", info.name)));
         }
         let classification = self.classify(Some(&info.name), bytes, deadline).await?;
-        let matrix = info.matrix.as_ref().ok_or_else(|| EngineError::Internal("matrix vanished".into()))?;
+        let matrix = info.matrix().ok_or_else(|| EngineError::Internal("matrix vanished".into()))?;
         let decision = target::select(&classification.probabilities, matrix, params, alternatives);
         Ok(TargetLabel { classification, params, decision })
     }
@@ -456,6 +524,29 @@ impl Engine {
             float_reference,
             timings: Timings::new(decode, job_timings, started),
         })
+    }
+
+    /// The upload and the delivered PNG classified by each of `models` (other models in this
+    /// server): whether the attack transfers to them.
+    pub async fn transfer(
+        &self,
+        upload: Bytes,
+        result: &AttackResult,
+        models: &[String],
+        deadline: Duration,
+    ) -> Result<Vec<TransferCheck>, EngineError> {
+        let png = Bytes::from(result.png.clone());
+        let checks = models.iter().map(|name| {
+            let (upload, png) = (upload.clone(), png.clone());
+            async move {
+                let (before, after) = futures::try_join!(
+                    self.classify(Some(name), upload, deadline),
+                    self.classify(Some(name), png, deadline)
+                )?;
+                Ok::<_, EngineError>(TransferCheck::new(result, &before, &after))
+            }
+        });
+        futures::future::try_join_all(checks).await
     }
 
     /// One attack job on the worker, start to outcome.

@@ -26,6 +26,8 @@ pub enum JobError {
     Attack(#[from] AttackError),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("model {0} was unloaded before this request finished")]
+    ModelUnloaded(String),
 }
 
 impl From<tch::TchError> for JobError {
@@ -81,11 +83,30 @@ pub struct AttackJob {
     pub span: tracing::Span,
 }
 
+/// Model lifecycle requests to the worker, which owns the modules.
+pub enum Control {
+    /// Load a model: the worker has the file read on a thread of its own, then finishes the
+    /// load (device, checks, data-free matrix) between passes.
+    Load { model: usize, info: Arc<crate::model::ModelInfo>, reply: oneshot::Sender<Result<(), String>> },
+    /// A file read finished (sent by the reading thread).
+    Read {
+        model: usize,
+        info: Arc<crate::model::ModelInfo>,
+        module: Result<tch::CModule, String>,
+        started: Instant,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Unload a model: its waiting classifications run first, its attacks in flight are
+    /// answered 503, then the module is dropped.
+    Unload { model: usize, reply: oneshot::Sender<()> },
+}
+
 /// The sending half, held by the [`crate::engine::Engine`].
 #[derive(Clone)]
 pub struct Queues {
     classify: Sender<ClassifyJob>,
     attack: Sender<AttackJob>,
+    control: Sender<Control>,
     classify_slots: Arc<Semaphore>,
     attack_slots: Arc<Semaphore>,
     capacity: usize,
@@ -95,19 +116,24 @@ pub struct Queues {
 pub struct Inbox {
     pub classify: Receiver<ClassifyJob>,
     pub attack: Receiver<AttackJob>,
+    pub control: Receiver<Control>,
+    /// For the worker's file-reading threads to report back.
+    pub control_tx: Sender<Control>,
 }
 
 pub fn new(capacity: usize) -> (Queues, Inbox) {
     let (ctx, crx) = crossbeam_channel::unbounded();
     let (atx, arx) = crossbeam_channel::unbounded();
+    let (ktx, krx) = crossbeam_channel::unbounded();
     let queues = Queues {
         classify: ctx,
         attack: atx,
+        control: ktx.clone(),
         classify_slots: Arc::new(Semaphore::new(capacity)),
         attack_slots: Arc::new(Semaphore::new(capacity)),
         capacity,
     };
-    (queues, Inbox { classify: crx, attack: arx })
+    (queues, Inbox { classify: crx, attack: arx, control: krx, control_tx: ktx })
 }
 
 /// A job refused at the door.
@@ -126,6 +152,10 @@ impl Queues {
     pub fn push_attack(&self, mut job: AttackJob) -> Result<(), Refused> {
         job.permit = Some(self.attack_slots.clone().try_acquire_owned().map_err(|_| Refused::Full)?);
         self.attack.send(job).map_err(|_| Refused::Closed)
+    }
+
+    pub fn push_control(&self, c: Control) -> Result<(), Refused> {
+        self.control.send(c).map_err(|_| Refused::Closed)
     }
 
     /// Jobs waiting (submitted, not yet started): classify, attack.

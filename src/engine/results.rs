@@ -102,3 +102,30 @@ pub struct FloatReference {
     /// Its perceptibility, √(mean over pixels of ‖ΔRGB‖²), on the float image.
     pub perceptibility: Option<f64>,
 }
+
+/// An attack's delivered image classified by another model: did it transfer?
+#[derive(Debug, Clone)]
+pub struct TransferCheck {
+    pub model: Arc<ModelInfo>,
+    /// The other model's top-1 for the upload and for the delivered PNG (index, probability).
+    pub original: (usize, f32),
+    pub adversarial: (usize, f32),
+    /// The attack's target in the other model's class list (targeted attacks).
+    pub target: Option<usize>,
+    /// Targeted: the other model's top-1 is the target. Untargeted: its label changed. None: the
+    /// target has no counterpart in the other model's classes.
+    pub transferred: Option<bool>,
+}
+
+impl TransferCheck {
+    pub fn new(result: &AttackResult, before: &Classification, after: &Classification) -> Self {
+        let top1 = |c: &Classification| c.top(1).first().copied().unwrap_or((0, 0.0));
+        let (original, adversarial) = (top1(before), top1(after));
+        let target = result.outcome.target.and_then(|t| result.model.classes().same_class_in(t, after.model.classes()));
+        let transferred = match result.outcome.target {
+            Some(_) => target.map(|t| adversarial.0 == t),
+            None => Some(adversarial.0 != original.0),
+        };
+        Self { model: after.model.clone(), original, adversarial, target, transferred }
+    }
+}

@@ -1,8 +1,8 @@
 //! Engine counters: kept as atomics (for `labelfool doctor`, tests and benchmarks in-process) and
 //! mirrored to the `metrics` facade (for Prometheus `/metrics`).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use metrics::{counter, gauge, histogram};
@@ -11,7 +11,8 @@ use crate::model::PassCounts;
 
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    passes: OnceLock<Vec<Arc<PassCounts>>>,
+    /// Pass counters of every model loaded so far (unloaded ones keep counting in the totals).
+    passes: std::sync::Mutex<Vec<Arc<PassCounts>>>,
     inflight_attacks: AtomicUsize,
     cancelled: AtomicU64,
     classify_batches: AtomicU64,
@@ -31,8 +32,8 @@ pub struct StatsSnapshot {
 }
 
 impl EngineStats {
-    pub(crate) fn set_passes(&self, passes: Vec<Arc<PassCounts>>) {
-        let _ = self.passes.set(passes);
+    pub(crate) fn add_passes(&self, passes: Arc<PassCounts>) {
+        self.passes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(passes);
         self.ready.store(true, Ordering::SeqCst);
     }
 
@@ -46,7 +47,7 @@ impl EngineStats {
 
     pub fn snapshot(&self) -> StatsSnapshot {
         let (mut forward, mut backward) = (0, 0);
-        for p in self.passes.get().into_iter().flatten() {
+        for p in self.passes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).iter() {
             forward += p.forward.load(Ordering::Relaxed);
             backward += p.backward.load(Ordering::Relaxed);
         }

@@ -18,11 +18,14 @@ use crossbeam_channel::{RecvTimeoutError, Select};
 use tch::{Device, Kind, Tensor};
 
 use super::batcher::Batcher;
-use super::queue::{AttackJob, ClassifyJob, ClassifyReply, Inbox, JobError, JobTimings};
+use super::queue::{AttackJob, ClassifyJob, ClassifyReply, Control, Inbox, JobError, JobTimings};
 use super::stats::EngineStats;
 use crate::attack::{self, AttackRow, runner};
 use crate::model::preprocess::rgb8_to_tensor;
-use crate::model::{Catalog, LoadedModel, ModelError, device_name, tensor_rows};
+use crate::model::{Catalog, LoadedModel, ModelError, device_name, read_module, tensor_rows};
+
+/// Loaded models by catalog index; None: not loaded (yet, or any more).
+type Models = [Option<LoadedModel>];
 
 /// Settings the worker needs, resolved from the config.
 #[derive(Debug, Clone)]
@@ -49,7 +52,7 @@ const IDLE_WAKE: Duration = Duration::from_millis(500);
 pub type ReadySignal = std::sync::mpsc::Receiver<Result<WorkerInfo, ModelError>>;
 
 pub fn spawn(
-    catalog: Catalog,
+    catalog: Arc<Catalog>,
     settings: WorkerSettings,
     inbox: Inbox,
     stats: Arc<EngineStats>,
@@ -113,7 +116,7 @@ impl ClassifyLane {
     }
 
     /// Runs the batches due now (every waiting job when `flush`).
-    fn run_due(&mut self, models: &[LoadedModel], stats: &EngineStats, flush: bool) {
+    fn run_due(&mut self, models: &Models, stats: &EngineStats, flush: bool) {
         for (m, jobs) in self.batcher.take_due(Instant::now(), flush) {
             run_classify(models, stats, m, jobs);
         }
@@ -121,7 +124,10 @@ impl ClassifyLane {
 }
 
 struct Worker {
-    models: Vec<LoadedModel>,
+    catalog: Arc<Catalog>,
+    models: Vec<Option<LoadedModel>>,
+    control: crossbeam_channel::Receiver<Control>,
+    control_tx: crossbeam_channel::Sender<Control>,
     device: Device,
     settings: WorkerSettings,
     attack_inbox: crossbeam_channel::Receiver<AttackJob>,
@@ -137,7 +143,7 @@ struct Worker {
 
 impl Worker {
     fn load(
-        catalog: Catalog,
+        catalog: Arc<Catalog>,
         settings: WorkerSettings,
         inbox: Inbox,
         stats: Arc<EngineStats>,
@@ -148,20 +154,29 @@ impl Worker {
         }
         let device =
             settings.device.resolve().map_err(|reason| ModelError::Bundle { model: "(device)".into(), reason })?;
-        let mut models = Vec::new();
-        for info in catalog.iter() {
+        let mut models: Vec<Option<LoadedModel>> = (0..catalog.len()).map(|_| None).collect();
+        for (i, info, fatal) in catalog.startup_loads() {
             let started = Instant::now();
-            let m = LoadedModel::load(info.clone(), device)?;
-            tracing::info!(model = %info.name, device = %device_name(device), ms = started.elapsed().as_millis() as u64, "model loaded");
-            models.push(m);
+            match LoadedModel::load(info.clone(), device) {
+                Ok(m) => {
+                    tracing::info!(model = %info.name, device = %device_name(device), ms = started.elapsed().as_millis() as u64, "model loaded");
+                    stats.add_passes(m.passes.clone());
+                    catalog.publish(i, Ok(Some(m.info.clone())));
+                    models[i] = Some(m);
+                }
+                Err(e) if fatal => return Err(e),
+                Err(e) => {
+                    tracing::warn!(model = %info.name, error = %e, "repository model failed to load");
+                    catalog.publish(i, Err(e.to_string()));
+                }
+            }
         }
-        stats.set_passes(models.iter().map(|m| m.passes.clone()).collect());
         // A limit of 0 means "what suits this device".
         let resolve = |n: usize| if n == 0 { crate::config::auto_batch(device) } else { n };
         let batcher = Batcher::new(
-            catalog
-                .iter()
-                .map(|m| crate::model::BatchPolicy { max_size: resolve(m.batch.max_size), ..m.batch })
+            (0..catalog.len())
+                .map(|i| catalog.batch_policy(i))
+                .map(|p| crate::model::BatchPolicy { max_size: resolve(p.max_size), ..p })
                 .collect(),
         );
         let mut settings = settings;
@@ -174,7 +189,10 @@ impl Worker {
         };
         let classify = ClassifyLane { inbox: inbox.classify, batcher, open: true };
         Ok(Self {
+            catalog,
             models,
+            control: inbox.control,
+            control_tx: inbox.control_tx,
             device,
             settings,
             attack_inbox: inbox.attack,
@@ -211,6 +229,7 @@ impl Worker {
                     .unwrap_or(IDLE_WAKE);
                 self.wait_for_work(wait);
             }
+            self.pull_control();
             self.classify.pull(&self.stats);
             self.admit_attacks();
             let closing = !self.classify.open && !self.attack_open;
@@ -260,6 +279,7 @@ impl Worker {
         let mut sel = Select::new();
         let ci = self.classify.open.then(|| sel.recv(&self.classify.inbox));
         let ai = self.attack_open.then(|| sel.recv(&self.attack_inbox));
+        let ki = sel.recv(&self.control);
         let Ok(op) = sel.select_timeout(wait) else {
             return;
         };
@@ -273,6 +293,90 @@ impl Worker {
             match op.recv(&self.attack_inbox) {
                 Ok(job) => self.waiting = Some(job),
                 Err(_) => self.attack_open = false,
+            }
+        } else if i == ki
+            && let Ok(c) = op.recv(&self.control)
+        {
+            self.handle_control(c);
+        }
+    }
+
+    fn pull_control(&mut self) {
+        while let Ok(c) = self.control.try_recv() {
+            self.handle_control(c);
+        }
+    }
+
+    /// Makes room for catalog slots added since start-up (a repository model found later).
+    fn grow_to(&mut self, n: usize) {
+        let resolve = |n: usize| if n == 0 { crate::config::auto_batch(self.device) } else { n };
+        while self.models.len() < n {
+            let i = self.models.len();
+            let p = self.catalog.batch_policy(i);
+            self.classify.batcher.add_model(crate::model::BatchPolicy { max_size: resolve(p.max_size), ..p });
+            self.models.push(None);
+            self.groups.push(Group::default());
+        }
+    }
+
+    fn handle_control(&mut self, c: Control) {
+        match c {
+            Control::Load { model, info, reply } => {
+                self.grow_to(model + 1);
+                let back = self.control_tx.clone();
+                let started = Instant::now();
+                // The slow part (reading and unpickling the file) runs off this thread.
+                let spawned = std::thread::Builder::new().name("labelfool-model-read".into()).spawn({
+                    let info = info.clone();
+                    move || {
+                        let module = read_module(&info).map_err(|e| e.to_string());
+                        let _ = back.send(Control::Read { model, info, module, started, reply });
+                    }
+                });
+                if let Err(e) = spawned {
+                    self.catalog.publish(model, Err(format!("cannot start a thread to read the model: {e}")));
+                }
+            }
+            Control::Read { model, info, module, started, reply } => {
+                let name = info.name.clone();
+                let loaded = module.and_then(|module| {
+                    guarded(|| Ok(LoadedModel::from_module(info, module, self.device)))
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                });
+                match loaded {
+                    Ok(m) => {
+                        tracing::info!(model = %name, ms = started.elapsed().as_millis() as u64, "model loaded");
+                        self.stats.add_passes(m.passes.clone());
+                        self.catalog.publish(model, Ok(Some(m.info.clone())));
+                        self.models[model] = Some(m);
+                        let _ = reply.send(Ok(()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = %name, error = %e, "model failed to load");
+                        self.catalog.publish(model, Err(e.clone()));
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Control::Unload { model, reply } => {
+                // Classifications admitted while it was ready still run; attacks on it end now.
+                self.classify.pull(&self.stats);
+                self.classify.run_due(&self.models, &self.stats, true);
+                let name = self.catalog.name_of(model);
+                if let Some(g) = self.groups.get_mut(model) {
+                    for meta in g.meta.drain(..) {
+                        let _ = meta.reply.send(Err(JobError::ModelUnloaded(name.clone())));
+                        self.stats.attack_finished();
+                    }
+                    g.rows.clear();
+                }
+                if let Some(slot) = self.models.get_mut(model) {
+                    *slot = None;
+                }
+                tracing::info!(model = %name, "model unloaded");
+                self.catalog.publish(model, Ok(None));
+                let _ = reply.send(());
             }
         }
     }
@@ -309,7 +413,10 @@ impl Worker {
             self.stats.cancelled(1);
             return;
         }
-        let info = self.models[job.model].info.clone();
+        let Some(info) = self.models.get(job.model).and_then(Option::as_ref).map(|m| m.info.clone()) else {
+            let _ = job.reply.send(Err(JobError::ModelUnloaded(self.catalog.name_of(job.model))));
+            return;
+        };
         let (model_name, method) = (info.name.clone(), job.params.method.name());
         let img = &job.image;
         let row = rgb8_to_tensor(&img.rgb, img.width, img.height)
@@ -343,7 +450,7 @@ impl Worker {
 
     fn attack_tick(&mut self) {
         let Worker { models, groups, classify, stats, settings, abort, .. } = self;
-        let models: &[LoadedModel] = models;
+        let models: &Models = models;
         let stats: &EngineStats = stats;
         for (m, group) in groups.iter_mut().enumerate() {
             // Cancelled: the client disconnected or its deadline passed. Free the row now.
@@ -359,7 +466,7 @@ impl Worker {
             }
             let n = group.rows.len();
             let chunk = settings.max_attack_batch;
-            let model = &models[m];
+            let Some(model) = models.get(m).and_then(Option::as_ref) else { continue };
             let mut failed: Vec<(usize, JobError)> = Vec::new();
             // Between passes: serve the classify work that has arrived meanwhile.
             let mut between = || {
@@ -438,10 +545,16 @@ impl Worker {
 }
 
 /// Runs one model's classify jobs (one pass; a failing batch is retried job by job).
-fn run_classify(models: &[LoadedModel], stats: &EngineStats, m: usize, mut jobs: Vec<ClassifyJob>) {
+fn run_classify(models: &Models, stats: &EngineStats, m: usize, mut jobs: Vec<ClassifyJob>) {
     for j in &mut jobs {
         drop(j.permit.take());
     }
+    let Some(model) = models.get(m).and_then(Option::as_ref) else {
+        for job in jobs {
+            let _ = job.reply.send(Err(JobError::ModelUnloaded(format!("#{m}"))));
+        }
+        return;
+    };
     let (features, logits): (Vec<_>, Vec<_>) = jobs.into_iter().partition(|j| j.want_features);
     // A features job is a fixed batch and runs alone; classify jobs share one pass.
     let batches = std::iter::once(logits).chain(features.into_iter().map(|j| vec![j]));
@@ -450,7 +563,6 @@ fn run_classify(models: &[LoadedModel], stats: &EngineStats, m: usize, mut jobs:
             continue;
         }
         let started = Instant::now();
-        let model = &models[m];
         let want_features = jobs[0].want_features;
         let outcome = guarded(|| classify_batch(model, &jobs, want_features));
         let compute = started.elapsed();
@@ -489,6 +601,7 @@ impl JobError {
             JobError::Panic(s) => JobError::Panic(s.clone()),
             JobError::Attack(e) => JobError::Torch(e.to_string()),
             JobError::ShuttingDown => JobError::ShuttingDown,
+            JobError::ModelUnloaded(s) => JobError::ModelUnloaded(s.clone()),
         }
     }
 }

@@ -33,6 +33,8 @@ pub struct EvalOptions {
     pub request: AttackRequest,
     /// How many images (the first, by path) get a gallery panel per method.
     pub gallery: usize,
+    /// Other models of the engine that classify every delivered image (transfer matrix).
+    pub verify: Vec<String>,
 }
 
 /// A class as reports show it.
@@ -107,6 +109,31 @@ pub struct ResultFields {
     pub same_group: Option<bool>,
     pub compute_ms: f64,
     pub wall_ms: f64,
+    /// With `--verify`: the delivered image classified by other models.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transfer: Vec<TransferBrief>,
+}
+
+/// One other model's verdict on a delivered image.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransferBrief {
+    pub model: String,
+    /// Its top-1 for the upload and for the delivered image.
+    pub original: ClassBrief,
+    pub adversarial: ClassBrief,
+    /// Targeted: its top-1 is the target; untargeted: its label changed; None: no counterpart.
+    pub transferred: Option<bool>,
+}
+
+impl TransferBrief {
+    fn new(t: &crate::engine::TransferCheck) -> Self {
+        Self {
+            model: t.model.name.clone(),
+            original: ClassBrief::new(&t.model, t.original.0),
+            adversarial: ClassBrief::new(&t.model, t.adversarial.0),
+            transferred: t.transferred,
+        }
+    }
 }
 
 impl ResultFields {
@@ -151,6 +178,7 @@ impl ResultFields {
             group_final,
             compute_ms: r.timings.compute_ms,
             wall_ms,
+            transfer: Vec::new(),
         }
     }
 }
@@ -174,6 +202,9 @@ pub struct EvalOutput {
 /// still writes a valid (partial) report.
 pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
     let (_, info) = engine.model(opts.model.as_deref())?;
+    for v in &opts.verify {
+        engine.model(Some(v))?;
+    }
     let mut samples = dataset::discover(&opts.images, info.classes())?;
     if let Some(n) = opts.limit {
         samples.truncate(n);
@@ -214,7 +245,8 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
         let gallery = opts.gallery;
         let jobs = futures::stream::iter(samples.iter().cloned().enumerate()).map(|(i, sample)| {
             let (engine, req, info, model) = (engine.clone(), req.clone(), info.clone(), opts.model.clone());
-            async move { attack_one(&engine, &info, model.as_deref(), &sample, req, method, i < gallery).await }
+            let verify = opts.verify.clone();
+            async move { attack_one(&engine, &info, model.as_deref(), &sample, req, method, i < gallery, &verify).await }
         });
         let mut stream = std::pin::pin!(jobs.buffer_unordered(opts.concurrency.max(1)).take_until(stop.cancelled()));
         let mut completed = 0;
@@ -239,6 +271,7 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
     Ok(EvalOutput { records, runs, interrupted: stop.is_cancelled() })
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attack_one(
     engine: &Engine,
     info: &Arc<ModelInfo>,
@@ -247,6 +280,7 @@ async fn attack_one(
     req: AttackRequest,
     method: Method,
     keep_pixels: bool,
+    verify: &[String],
 ) -> Record {
     let file = sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let true_class = sample.label.map(|l| ClassBrief::new(info, l));
@@ -264,9 +298,14 @@ async fn attack_one(
         Err(e) => return record(Some(format!("cannot read: {e}")), None),
     };
     let started = Instant::now();
-    match engine.attack(model, bytes.into(), req, crate::engine::OFFLINE_DEADLINE).await {
+    let bytes = bytes::Bytes::from(bytes);
+    match engine.attack(model, bytes.clone(), req, crate::engine::OFFLINE_DEADLINE).await {
         Ok(r) => {
-            let fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
+            let mut fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
+            match engine.transfer(bytes, &r, verify, crate::engine::OFFLINE_DEADLINE).await {
+                Ok(checks) => fields.transfer = checks.iter().map(TransferBrief::new).collect(),
+                Err(e) => return record(Some(format!("transfer check failed: {e}")), None),
+            }
             let mut rec = record(None, Some(fields));
             if keep_pixels {
                 rec.adversarial = Some(r.outcome.rgb);

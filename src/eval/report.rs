@@ -45,9 +45,21 @@ pub struct MethodSummary {
     pub mean_mistake_severity: Option<f64>,
     /// Share of successful attacks whose adversarial class is in the reference's top-level group.
     pub same_group_rate: Option<f64>,
+    /// With `--verify`: per other model, how many of the successful attacks transferred to it.
+    pub transfer: Vec<TransferSummary>,
     /// Wall-clock seconds of the method's run divided by the images it completed.
     pub seconds_per_image: f64,
     pub originally_correct: usize,
+}
+
+/// One cell of the transfer matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct TransferSummary {
+    pub model: String,
+    /// Successful attacks (on the attacked model) that also fool this model the same way.
+    pub transferred: usize,
+    pub of: usize,
+    pub rate: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -126,6 +138,36 @@ pub fn summarise(model: &str, images_dir: &Path, out: &EvalOutput) -> Summary {
             mean_mistake_severity: mean_opt(ok.iter().map(|r| r.mistake_severity.map(f64::from))),
             same_group_rate: (!groups.is_empty())
                 .then(|| groups.iter().filter(|&&g| g).count() as f64 / groups.len() as f64),
+            transfer: {
+                let mut models: Vec<&str> = Vec::new();
+                for t in ok.iter().flat_map(|r| &r.transfer) {
+                    if !models.contains(&t.model.as_str()) {
+                        models.push(&t.model);
+                    }
+                }
+                models
+                    .into_iter()
+                    .map(|m| {
+                        let verdicts: Vec<bool> = ok
+                            .iter()
+                            .flat_map(|r| &r.transfer)
+                            .filter(|t| t.model == m)
+                            .filter_map(|t| t.transferred)
+                            .collect();
+                        let transferred = verdicts.iter().filter(|&&v| v).count();
+                        TransferSummary {
+                            model: m.to_string(),
+                            transferred,
+                            of: verdicts.len(),
+                            rate: if verdicts.is_empty() {
+                                f64::NAN
+                            } else {
+                                transferred as f64 / verdicts.len() as f64
+                            },
+                        }
+                    })
+                    .collect()
+            },
             seconds_per_image: if run.completed == 0 { f64::NAN } else { run.wall_seconds / run.completed as f64 },
             originally_correct: done.iter().filter(|r| r.original_correct == Some(true)).count(),
         });
@@ -397,6 +439,39 @@ pub fn markdown(dir: &Path, s: &Summary, out: &EvalOutput, command: &str) -> Str
                 pct(m.float_attack_rate),
                 fo(m.delivered_over_float, 3)
             );
+        }
+        md.push('\n');
+    }
+    if s.methods.iter().any(|m| !m.transfer.is_empty()) {
+        let _ = writeln!(
+            md,
+            "## Transfer to other models
+"
+        );
+        let _ = writeln!(
+            md,
+            "Each delivered image was also classified by the models below. A targeted attack (LabelFool) transfers \
+             when that model's top-1 is the target; an untargeted one when that model's label changed. Rates are over \
+             the attacks that succeeded on {}.\n",
+            s.model
+        );
+        let mut models: Vec<&str> = Vec::new();
+        for t in s.methods.iter().flat_map(|m| &m.transfer) {
+            if !models.contains(&t.model.as_str()) {
+                models.push(&t.model);
+            }
+        }
+        let _ = writeln!(md, "| method | {} |", models.join(" | "));
+        let _ = writeln!(md, "|---|{}", "---:|".repeat(models.len()));
+        for m in &s.methods {
+            let cells: Vec<String> = models
+                .iter()
+                .map(|name| match m.transfer.iter().find(|t| t.model == *name) {
+                    Some(t) => format!("{:.1}% ({}/{})", t.rate * 100.0, t.transferred, t.of),
+                    None => "–".into(),
+                })
+                .collect();
+            let _ = writeln!(md, "| {} | {} |", m.method, cells.join(" | "));
         }
         md.push('\n');
     }

@@ -13,7 +13,7 @@ use super::dto::{ClassDistance, ClassPrediction, ClassRef};
 use super::error::{ApiError, ErrorBody};
 use super::input::ImageRequest;
 use crate::attack::Branch;
-use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings};
+use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings, TransferCheck};
 use crate::imaging::metrics::Perturbation;
 
 /// Parameters (query string, multipart fields or JSON keys).
@@ -52,7 +52,15 @@ pub struct AttackParamsDoc {
     /// Also run the paper's float attack (no 8-bit rounding) on the same image and target and
     /// report its perceptibility (`float_reference` in the answer; the attack costs twice).
     pub float_reference: Option<bool>,
+    /// Other models of this server (comma-separated, at most 8) that classify the delivered PNG
+    /// and the upload: the answer's `transfer` says, per model, its top-1 and whether the attack
+    /// transferred (LabelFool and other targeted attacks: the target; untargeted: a changed label).
+    #[param(example = "efficientnet-lite2")]
+    pub verify: Option<String>,
 }
+
+/// Most models one request may verify against (each costs two classifications).
+const MAX_VERIFY: usize = 8;
 
 const PARAMS: &[&str] = &[
     "model",
@@ -67,6 +75,7 @@ const PARAMS: &[&str] = &[
     "lambda",
     "max_outer",
     "float_reference",
+    "verify",
 ];
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -103,7 +112,25 @@ pub struct AttackResponse {
     /// With `float_reference=true`: the paper's float attack on the same image and target.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub float_reference: Option<FloatComparison>,
+    /// With `verify=…`: the delivered PNG classified by those models.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transfer: Vec<TransferResult>,
     pub timings: Timings,
+}
+
+/// Whether an attack transfers to another model.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransferResult {
+    pub model: String,
+    /// Its top-1 for the upload.
+    pub original: ClassPrediction,
+    /// Its top-1 for the delivered PNG.
+    pub adversarial: ClassPrediction,
+    /// The attack's target in its class list (targeted attacks).
+    pub target: Option<ClassRef>,
+    /// Targeted: its top-1 is the target. Untargeted: its label changed. Null: the target has no
+    /// counterpart in its classes.
+    pub transferred: Option<bool>,
 }
 
 /// What the 8-bit guarantee cost this image.
@@ -155,7 +182,7 @@ pub struct TargetInfo {
         (status = 408, description = "The body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
         (status = 422, description = "Invalid parameter (unknown target, target = prediction, bad max_iter, …), `too_costly` (over limits.max_candidates or limits.max_backward_passes) or `image_too_elongated` (limits.max_resized_side)", body = ErrorBody),
         (status = 500, description = "Model error in this job (other requests are unaffected)", body = ErrorBody),
-        (status = 503, body = ErrorBody), (status = 504, body = ErrorBody),
+        (status = 503, description = "Queue full (see Retry-After), the model (or a `verify` model) not ready, or shutting down; an attack in flight when its model is unloaded ends with 503 too", body = ErrorBody), (status = 504, body = ErrorBody),
     ))]
 pub async fn attack(
     State(state): State<AppState>,
@@ -177,18 +204,63 @@ pub async fn attack(
         max_outer: p.parse::<u32>("max_outer")?,
         float_reference: p.parse::<bool>("float_reference")?.unwrap_or(false),
     };
+    let verify = verify_models(p.get("verify"))?;
+    // Unknown or unready models are refused before the attack spends anything.
+    for name in &verify {
+        state.engine.model(Some(name))?;
+    }
+    let started = std::time::Instant::now();
     let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
+    let left = state.deadlines.attack.saturating_sub(started.elapsed());
+    let transfer = state.engine.transfer(req.bytes.clone(), &result, &verify, left).await?;
     let wants_png = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("image/png")));
-    let body = summary(&result);
+    let mut body = summary(&result);
+    body.transfer = transfer.iter().map(transfer_result).collect();
     if wants_png {
         let mut res = (([(header::CONTENT_TYPE, "image/png")]), result.png).into_response();
         metadata_headers(res.headers_mut(), &body);
+        if !body.transfer.is_empty() {
+            // `model=true|false|null`, comma-separated, in `verify` order.
+            let v: Vec<String> = body
+                .transfer
+                .iter()
+                .map(|t| format!("{}={}", t.model, t.transferred.map_or("null".into(), |b| b.to_string())))
+                .collect();
+            if let Ok(v) = HeaderValue::from_str(&v.join(",")) {
+                res.headers_mut().insert("x-labelfool-transferred", v);
+            }
+        }
         Ok(res)
     } else {
         Ok(Json(body).into_response())
+    }
+}
+
+/// `verify=a,b`: distinct names, at most [`MAX_VERIFY`].
+fn verify_models(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
+    let mut names: Vec<String> = Vec::new();
+    for n in raw.unwrap_or_default().split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        if !names.iter().any(|m| m == n) {
+            names.push(n.to_string());
+        }
+    }
+    if names.len() > MAX_VERIFY {
+        return Err(ApiError::invalid("verify", format!("{} models; at most {MAX_VERIFY}", names.len())));
+    }
+    Ok(names)
+}
+
+fn transfer_result(t: &TransferCheck) -> TransferResult {
+    let m = &t.model;
+    TransferResult {
+        model: m.name.clone(),
+        original: ClassPrediction::new(m, t.original.0, f64::from(t.original.1)),
+        adversarial: ClassPrediction::new(m, t.adversarial.0, f64::from(t.adversarial.1)),
+        target: t.target.map(|i| ClassRef::new(m, i)),
+        transferred: t.transferred,
     }
 }
 
@@ -224,6 +296,7 @@ pub fn summary(r: &AttackResult) -> AttackResponse {
         margin: o.margin,
         epsilon: o.epsilon,
         perturbation: r.perturbation,
+        transfer: Vec::new(),
         float_reference: r.float_reference.map(|f| FloatComparison {
             success: f.success,
             perceptibility: f.perceptibility,

@@ -82,7 +82,7 @@ const PARAMS: &[&str] = &["model", "top_k"];
         (status = 415, description = "Unsupported Content-Type", body = ErrorBody),
         (status = 408, description = "The body did not arrive within server.body_read_timeout_ms", body = ErrorBody),
         (status = 422, description = "Invalid parameter, or `image_too_elongated` (limits.max_resized_side)", body = ErrorBody),
-        (status = 503, description = "Queue full (see Retry-After) or shutting down", body = ErrorBody),
+        (status = 503, description = "Queue full (see Retry-After), the model not ready (`model_unavailable`: loading, unloading, unloaded) or shutting down", body = ErrorBody),
         (status = 504, description = "Deadline exceeded", body = ErrorBody),
     )
 )]

@@ -97,6 +97,10 @@ impl From<EngineError> for ApiError {
         let msg = e.to_string();
         match e {
             EngineError::UnknownModel(_) => Self::new(StatusCode::NOT_FOUND, "unknown_model", msg),
+            EngineError::ModelUnavailable(_) => {
+                Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", msg) }
+            }
+            EngineError::LoadFailed(_) => Self::new(StatusCode::BAD_REQUEST, "load_failed", msg),
             EngineError::Image(img) => img.into(),
             EngineError::InvalidParam { param, message } => Self::invalid(&param, message),
             EngineError::TooCostly { param, .. } => {

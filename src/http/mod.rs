@@ -10,6 +10,7 @@ pub mod limits;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;
+pub mod repository;
 pub mod server;
 pub mod target;
 pub mod v2;
@@ -83,6 +84,11 @@ pub fn router(state: AppState) -> Router {
         .merge(work)
         .route("/models", get(ops::models))
         .route("/models/{name}/classes", get(ops::classes))
+        .route("/models/{name}/load", post(repository::load))
+        .route("/models/{name}/unload", post(repository::unload))
+        .route("/v2/repository/index", post(repository::index))
+        .route("/v2/repository/models/{name}/load", post(repository::v2_load))
+        .route("/v2/repository/models/{name}/unload", post(repository::v2_unload))
         .route("/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
         .route("/health", get(ops::health))

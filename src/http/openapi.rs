@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{attack, classify, dto, error, ops, target, v2};
+use super::{attack, classify, dto, error, ops, repository, target, v2};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,6 +22,8 @@ use super::{attack, classify, dto, error, ops, target, v2};
         ops::ready,
         ops::models,
         ops::classes,
+        repository::load,
+        repository::unload,
         ops::openapi,
         ops::metrics,
         v2::server_metadata,
@@ -30,6 +32,9 @@ use super::{attack, classify, dto, error, ops, target, v2};
         v2::model_metadata,
         v2::model_ready,
         v2::infer,
+        repository::index,
+        repository::v2_load,
+        repository::v2_unload,
     ),
     components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance)),
     modifiers(&BearerAuth),
@@ -39,6 +44,7 @@ use super::{attack, classify, dto, error, ops, target, v2};
         (name = "labelfool", description = "Target-label selection and adversarial generation"),
         (name = "operations", description = "Health, readiness, models, metrics"),
         (name = "kserve-v2", description = "Open Inference Protocol (KServe v2) for classification"),
+        (name = "model-repository", description = "Open Inference Protocol model-repository extension (Triton's): index, load, unload"),
     )
 )]
 struct ApiDoc;

@@ -9,7 +9,7 @@ use utoipa::ToSchema;
 
 use super::AppState;
 use super::dto::ClassRef;
-use crate::model::InputSpec;
+use crate::model::{InputSpec, ModelState};
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
@@ -26,7 +26,7 @@ pub async fn health() -> Json<Health> {
 /// Readiness: 200 once every model is loaded on its device; 503 before that and while draining.
 #[utoipa::path(get, path = "/ready", tag = "operations", security(()), responses(
     (status = 200, body = Health),
-    (status = 503, body = Health, description = "Loading models, or shutting down"),
+    (status = 503, body = Health, description = "Loading the start-up models, or shutting down"),
 ))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     if state.is_ready() {
@@ -47,12 +47,23 @@ pub struct ModelsResponse {
 pub struct ModelDescription {
     #[schema(example = "efficientnet-lite0")]
     pub name: String,
+    /// `ready` models take requests; the others answer 503 (or say why they cannot be served).
+    pub state: ModelState,
+    /// Why a model failed to load or cannot be served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// `labelfool_bundle`, or the Triton platform of a repository model.
+    pub platform: Option<String>,
+    /// The Triton version directory served (repository models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     #[schema(example = "EfficientNet-Lite0")]
-    pub architecture: String,
+    pub architecture: Option<String>,
     pub default: bool,
-    pub num_classes: usize,
-    pub feature_dim: usize,
-    pub input: InputSpec,
+    pub num_classes: Option<usize>,
+    /// Size of the `features` method's embedding; null for a plain network without one.
+    pub feature_dim: Option<usize>,
+    pub input: Option<InputSpec>,
     /// The distance matrix target selection uses, if any.
     pub matrix: Option<MatrixDescription>,
     /// First classes, for orientation (the full list: `GET /models/{name}/classes`).
@@ -67,27 +78,36 @@ pub struct MatrixDescription {
     pub content_sha256: Option<String>,
 }
 
-/// Configured models: classes, input geometry, distance matrix, device.
+/// Every model the server knows — configured bundles and repository models — with its state,
+/// classes, input geometry (and the normalisation the server applies) and distance matrix.
 #[utoipa::path(get, path = "/models", tag = "operations", responses((status = 200, body = ModelsResponse)))]
 pub async fn models(State(state): State<AppState>) -> Json<ModelsResponse> {
     let models = state
         .engine
-        .catalog()
-        .iter()
-        .enumerate()
-        .map(|(i, m)| ModelDescription {
-            name: m.name.clone(),
-            architecture: m.bundle.meta.architecture.clone(),
-            default: i == 0,
-            num_classes: m.num_classes(),
-            feature_dim: m.bundle.meta.feature_dim,
-            input: m.input().clone(),
-            matrix: m.matrix.as_ref().map(|d| MatrixDescription {
-                method: d.meta.method.clone(),
-                num_classes: d.meta.num_classes,
-                content_sha256: d.meta.content_sha256.clone(),
-            }),
-            classes_preview: (0..m.num_classes().min(5)).map(|c| ClassRef::new(m, c)).collect(),
+        .models()
+        .into_iter()
+        .map(|e| {
+            let m = e.info.as_deref();
+            ModelDescription {
+                name: e.name,
+                state: e.state,
+                reason: e.reason,
+                platform: e.platform,
+                version: e.version,
+                architecture: m.map(|m| m.bundle.meta.architecture.clone()),
+                default: e.index == 0,
+                num_classes: m.map(|m| m.num_classes()),
+                feature_dim: m.and_then(|m| m.bundle.meta.feature_dim),
+                input: m.map(|m| m.input().clone()),
+                matrix: m.and_then(|m| m.matrix()).map(|d| MatrixDescription {
+                    method: d.meta.method.clone(),
+                    num_classes: d.meta.num_classes,
+                    content_sha256: d.meta.content_sha256.clone(),
+                }),
+                classes_preview: m
+                    .map(|m| (0..m.num_classes().min(5)).map(|c| ClassRef::new(m, c)).collect())
+                    .unwrap_or_default(),
+            }
         })
         .collect();
     Json(ModelsResponse { device: state.device.get().cloned(), models })

@@ -55,8 +55,7 @@ pub async fn preview(
     let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let (_, info) = state.engine.model(q.model.as_deref())?;
     let matrix = info
-        .matrix
-        .as_ref()
+        .matrix()
         .ok_or_else(|| ApiError::invalid("model", format!("model {} has no distance matrix", info.name)))?;
     let class = info
         .classes()

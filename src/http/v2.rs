@@ -77,7 +77,11 @@ pub struct ServerMetadata {
 /// Server metadata (OIP).
 #[utoipa::path(get, path = "/v2", operation_id = "v2_server_metadata", tag = "kserve-v2", responses((status = 200, body = ServerMetadata)))]
 pub async fn server_metadata() -> Json<ServerMetadata> {
-    Json(ServerMetadata { name: "labelfool".into(), version: env!("CARGO_PKG_VERSION").into(), extensions: Vec::new() })
+    Json(ServerMetadata {
+        name: "labelfool".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        extensions: vec!["model_repository".into()],
+    })
 }
 
 #[derive(Serialize, ToSchema)]
@@ -107,8 +111,17 @@ pub async fn model_metadata(
     let s = m.input().size;
     Ok(Json(ModelMetadata {
         name: m.name.clone(),
-        versions: vec!["1".into()],
-        platform: "pytorch_torchscript".into(),
+        versions: vec![
+            m.bundle
+                .meta
+                .model_file
+                .split('/')
+                .next()
+                .filter(|_| m.bundle.meta.model_file.contains('/'))
+                .unwrap_or("1")
+                .into(),
+        ],
+        platform: "pytorch_libtorch".into(),
         inputs: vec![
             TensorMetadata { name: "image".into(), datatype: "BYTES".into(), shape: vec![-1] },
             TensorMetadata { name: "input".into(), datatype: "FP32".into(), shape: vec![-1, 3, s, s] },
@@ -123,10 +136,16 @@ pub async fn model_metadata(
 
 /// Model readiness (OIP).
 #[utoipa::path(get, path = "/v2/models/{name}/ready", operation_id = "v2_model_ready", tag = "kserve-v2", params(("name" = String, Path)),
-    responses((status = 200, body = Ready), (status = 404, body = V2ErrorBody)))]
-pub async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<Ready>, V2Error> {
-    state.engine.model(Some(&name))?;
-    Ok(Json(Ready { ready: state.is_ready() }))
+    responses((status = 200, body = Ready), (status = 404, body = V2ErrorBody),
+        (status = 503, description = "Known but not ready (loading, unloading, unloaded, failed)", body = Ready)))]
+pub async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, V2Error> {
+    let ready = match state.engine.model(Some(&name)) {
+        Ok(_) => state.is_ready(),
+        Err(crate::engine::EngineError::ModelUnavailable(_)) => false,
+        Err(e) => return Err(e.into()),
+    };
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    Ok((status, Json(Ready { ready })).into_response())
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -120,12 +120,20 @@ pub async fn extract(
     batch: usize,
 ) -> anyhow::Result<ExtractReport> {
     let (_, info) = engine.model(model)?;
+    let Some(feature_dim) = info.bundle.meta.feature_dim else {
+        anyhow::bail!(
+            "model {} has no `features` method (the pooled penultimate layer a Hausdorff matrix is built from); \
+             a plain traced network cannot give it: export one with a `features` method, or use the data-free \
+             matrix (`labelfool matrix from-weights`), which the server computes on its own when none is stored",
+            info.name
+        );
+    };
     let by_class = samples_by_class(&info, root)?;
     std::fs::create_dir_all(cache)?;
     let meta = CacheMeta {
         model: info.name.clone(),
         model_sha256: info.bundle.meta.model_sha256.clone(),
-        feature_dim: info.bundle.meta.feature_dim,
+        feature_dim,
         per_class,
         images_root: root.display().to_string(),
     };
@@ -189,7 +197,7 @@ pub async fn extract(
                 }
             }
         }
-        let d = info.bundle.meta.feature_dim;
+        let d = feature_dim;
         let flat: Vec<f32> = feats.iter().flatten().copied().collect();
         let arr = l2_normalise(Array2::from_shape_vec((feats.len(), d), flat)?);
         let mut npy = Vec::new();

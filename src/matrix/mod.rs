@@ -1,8 +1,7 @@
-//! Building class distance matrices offline — from classifier weights, from features (Hausdorff
+//! Building class distance matrices offline — from features (Hausdorff
 //! between the classes' image sets, blockwise, sharded), from WordNet — into the type a model
 //! loads ([`crate::model::matrix::DistanceMatrix`]).
 
 pub mod build;
-pub mod from_weights;
 pub mod hausdorff;
 pub mod semantic;

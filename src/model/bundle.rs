@@ -1,5 +1,8 @@
-//! A model bundle on disk: `model.pt` (TorchScript), `model.json` (this metadata), `classes.txt`.
-//! Written by `scripts/export_models.py`; read and checked here without loading any weights.
+//! A model described, not re-exported: a TorchScript file plus what it expects (input geometry,
+//! normalisation the server applies, batch limit) and returns (the class list). On disk as a
+//! bundle (`model.json` + `model.pt` + `classes.txt`, from `scripts/export_models.py` or any
+//! tool that writes the same metadata), or built from a Triton model directory
+//! ([`crate::model::repository`]). Read and checked here without loading any weights.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +24,13 @@ pub struct InputSpec {
     pub channels: String,
     #[serde(default = "unit_range")]
     pub range: [f32; 2],
+    /// Per-channel normalisation `(x − mean) / std` the server applies to [0,1] RGB before the
+    /// network, inside the differentiable pipeline (attacks see it). None: the module takes [0,1]
+    /// (a bundle with its normalisation inside).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<[f32; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<[f32; 3]>,
 }
 
 fn center() -> String {
@@ -34,6 +44,17 @@ fn rgb() -> String {
 }
 fn unit_range() -> [f32; 2] {
     [0.0, 1.0]
+}
+fn model_pt() -> String {
+    "model.pt".into()
+}
+
+/// `classes_file = "imagenet"`: the 1000 ImageNet classes in the standard order, embedded.
+pub const IMAGENET: &str = "imagenet";
+
+/// The embedded ImageNet class list (`<wnid> <name>, <synonyms>`, line = index).
+pub fn imagenet_classes() -> ClassList {
+    ClassList::parse(include_str!("../../data/imagenet_classes.txt")).expect("the embedded ImageNet list parses")
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,9 +73,21 @@ pub struct ModelMeta {
     pub classes_file: String,
     #[serde(default)]
     pub dataset: Option<String>,
-    pub feature_dim: usize,
+    /// Size of the module's `features` method (pooled penultimate embedding); None: the module
+    /// has no such method (a plain traced network) and Hausdorff matrices cannot be built from it.
+    #[serde(default)]
+    pub feature_dim: Option<usize>,
     pub input: InputSpec,
-    pub classifier: ClassifierSpec,
+    /// The last linear layer; None: found at load time (the one 2-D parameter whose first
+    /// dimension is the class count).
+    #[serde(default)]
+    pub classifier: Option<ClassifierSpec>,
+    /// The TorchScript file, relative to the bundle directory.
+    #[serde(default = "model_pt")]
+    pub model_file: String,
+    /// Largest batch the module takes in one call (Triton's `max_batch_size`); None: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_size: Option<usize>,
     #[serde(default)]
     pub source: serde_json::Value,
     #[serde(default)]
@@ -71,7 +104,63 @@ pub struct Bundle {
 
 impl Bundle {
     pub fn model_path(&self) -> PathBuf {
-        self.dir.join("model.pt")
+        self.dir.join(&self.meta.model_file)
+    }
+
+    /// The class list a bundle names: `imagenet` (embedded) or a file relative to `dir`.
+    pub fn read_classes(dir: &Path, file: &str) -> Result<ClassList, String> {
+        if file == IMAGENET {
+            return Ok(imagenet_classes());
+        }
+        let path = dir.join(file);
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("cannot read class list {}: {e}", path.display()))?;
+        ClassList::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Checks that the parts agree (class count, geometry, supported preprocessing).
+    pub fn new(dir: &Path, meta: ModelMeta, classes: ClassList) -> Result<Self, String> {
+        if classes.len() != meta.num_classes {
+            return Err(format!(
+                "the class list {} lists {} classes but the model has {} (num_classes)",
+                meta.classes_file,
+                classes.len(),
+                meta.num_classes
+            ));
+        }
+        let input = &meta.input;
+        if input.size < 8 || input.resize_short_side < input.size {
+            return Err(format!(
+                "input size {} must be ≥ 8 and ≤ resize_short_side {}",
+                input.size, input.resize_short_side
+            ));
+        }
+        if input.crop != "center"
+            || input.interpolation != "bilinear-antialias"
+            || input.channels != "RGB"
+            || input.range != [0.0, 1.0]
+        {
+            return Err("only centre crop, bilinear-antialias resize and RGB in [0,1] are supported".into());
+        }
+        if input.mean.is_some() != input.std.is_some() {
+            return Err("give both mean and std, or neither".into());
+        }
+        if let Some(std) = input.std
+            && std.iter().any(|s| !s.is_finite() || *s <= 0.0)
+        {
+            return Err(format!("std {std:?} must be positive"));
+        }
+        if input.mean.is_some_and(|m| m.iter().any(|v| !v.is_finite())) {
+            return Err("mean must be finite".into());
+        }
+        if meta.max_batch_size == Some(0) {
+            return Err("max_batch_size must be ≥ 1 when given".into());
+        }
+        let model = dir.join(&meta.model_file);
+        if !model.is_file() {
+            return Err(format!("model file {} is missing", model.display()));
+        }
+        Ok(Self { dir: dir.to_path_buf(), meta, classes })
     }
 
     pub fn open(dir: &Path) -> Result<Self, String> {
@@ -80,40 +169,10 @@ impl Bundle {
             .map_err(|e| format!("cannot read {}: {e} (has the setup run? `make setup`)", meta_path.display()))?;
         let meta: ModelMeta = serde_json::from_str(&text)
             .map_err(|e| format!("{} is not valid model metadata: {e}", meta_path.display()))?;
-        if meta.format_version != 1 {
+        if !(1..=2).contains(&meta.format_version) {
             return Err(format!("{}: unsupported format_version {}", meta_path.display(), meta.format_version));
         }
-        let model = dir.join("model.pt");
-        if !model.is_file() {
-            return Err(format!("model file {} is missing", model.display()));
-        }
-        let classes_path = dir.join(&meta.classes_file);
-        let classes_text = std::fs::read_to_string(&classes_path)
-            .map_err(|e| format!("cannot read class list {}: {e}", classes_path.display()))?;
-        let classes = ClassList::parse(&classes_text).map_err(|e| format!("{}: {e}", classes_path.display()))?;
-        if classes.len() != meta.num_classes {
-            return Err(format!(
-                "{} lists {} classes but {} says num_classes = {}",
-                classes_path.display(),
-                classes.len(),
-                meta_path.display(),
-                meta.num_classes
-            ));
-        }
-        let input = &meta.input;
-        if input.size < 8 || input.resize_short_side < input.size {
-            return Err(format!("{}: input.size must be ≥ 8 and ≤ resize_short_side", meta_path.display()));
-        }
-        if input.crop != "center"
-            || input.interpolation != "bilinear-antialias"
-            || input.channels != "RGB"
-            || input.range != [0.0, 1.0]
-        {
-            return Err(format!(
-                "{}: only centre crop, bilinear-antialias resize and RGB in [0,1] are supported",
-                meta_path.display()
-            ));
-        }
-        Ok(Self { dir: dir.to_path_buf(), meta, classes })
+        let classes = Self::read_classes(dir, &meta.classes_file)?;
+        Self::new(dir, meta, classes).map_err(|e| format!("{}: {e}", meta_path.display()))
     }
 }

@@ -89,6 +89,16 @@ impl ClassList {
         self.by_key.get(&lower).or_else(|| self.by_key.get(&lower.replace('_', " "))).copied()
     }
 
+    /// The same class in another model's list: by WordNet id when both lists have them, else by
+    /// name (case-insensitive). None when `other` has no such class.
+    pub fn same_class_in(&self, index: usize, other: &ClassList) -> Option<usize> {
+        let c = self.classes.get(index)?;
+        match (&c.wnid, other.has_wnids()) {
+            (Some(w), true) => other.classes.iter().position(|o| o.wnid.as_deref() == Some(w.as_str())),
+            _ => other.classes.iter().position(|o| o.label.eq_ignore_ascii_case(&c.label)),
+        }
+    }
+
     pub fn has_wnids(&self) -> bool {
         self.classes.iter().all(|c| c.wnid.is_some())
     }
@@ -118,6 +128,11 @@ mod tests {
         assert_eq!(c.resolve("unicorn"), None);
         assert_eq!(c.label(0), "tench");
         assert!(c.has_wnids());
+        let other = ClassList::parse("n02391049 zebra\nn01440764 tench\n").unwrap();
+        assert_eq!(c.same_class_in(3, &other), Some(0));
+        assert_eq!(c.same_class_in(1, &other), None);
+        let plain = ClassList::parse("Tench\nzebra\n").unwrap();
+        assert_eq!(c.same_class_in(0, &plain), Some(0), "by name when the other list has no wnids");
     }
 
     #[test]

@@ -3,25 +3,27 @@
 //! TorchScript module on the device).
 
 pub mod bundle;
+pub mod catalog;
 pub mod classes;
 pub mod device;
 pub mod matrix;
 pub mod preprocess;
+pub mod repository;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tch::{Device, Kind, Tensor};
 
 pub use crate::config::DeviceSpec;
 pub use bundle::{Bundle, InputSpec, ModelMeta};
+pub use catalog::{Catalog, LoadTicket, ModelEntry, ModelState, Unavailable};
 pub use classes::{ClassInfo, ClassList};
 pub use device::{device_name, single_threaded_torch_here};
 
-use crate::config::Config;
-use matrix::DistanceMatrix;
+use matrix::{DistanceMatrix, MatrixMeta};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -38,7 +40,7 @@ pub enum ModelError {
 }
 
 /// How a model's classify jobs are batched.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct BatchPolicy {
     pub max_size: usize,
     pub max_wait: Duration,
@@ -49,7 +51,10 @@ pub struct BatchPolicy {
 pub struct ModelInfo {
     pub name: String,
     pub bundle: Bundle,
-    pub matrix: Option<DistanceMatrix>,
+    /// The matrix read from disk, if one was configured or lies beside the bundle.
+    stored_matrix: Option<DistanceMatrix>,
+    /// Otherwise the data-free one, computed from the classifier weight when the model loads.
+    data_free: OnceLock<DistanceMatrix>,
     pub batch: BatchPolicy,
 }
 
@@ -66,6 +71,12 @@ impl ModelInfo {
         self.bundle.meta.num_classes
     }
 
+    /// The distance matrix target selection reads: the stored one, else the data-free one (once
+    /// the model has loaded).
+    pub fn matrix(&self) -> Option<&DistanceMatrix> {
+        self.stored_matrix.as_ref().or_else(|| self.data_free.get())
+    }
+
     /// Opens the bundle at `dir` and the matrix (if any), checking that they agree.
     pub fn open(
         name: &str,
@@ -74,6 +85,16 @@ impl ModelInfo {
         batch: BatchPolicy,
     ) -> Result<Self, ModelError> {
         let bundle = Bundle::open(dir).map_err(|reason| ModelError::Bundle { model: name.into(), reason })?;
+        Self::from_bundle(name, bundle, matrix, batch)
+    }
+
+    /// A described model and the matrix (if any), checked against each other.
+    pub fn from_bundle(
+        name: &str,
+        bundle: Bundle,
+        matrix: Option<&std::path::Path>,
+        batch: BatchPolicy,
+    ) -> Result<Self, ModelError> {
         let matrix = match matrix {
             Some(path) => {
                 let m =
@@ -94,59 +115,7 @@ impl ModelInfo {
             }
             None => None,
         };
-        Ok(Self { name: name.into(), bundle, matrix, batch })
-    }
-}
-
-/// All configured models, in config order; the first is the default.
-#[derive(Debug, Clone)]
-pub struct Catalog {
-    models: Vec<Arc<ModelInfo>>,
-}
-
-impl Catalog {
-    pub fn from_config(config: &Config) -> Result<Self, ModelError> {
-        let mut models = Vec::new();
-        for m in &config.models {
-            let bundle_err = |reason: String| ModelError::Bundle { model: m.name.clone(), reason };
-            let dir = m.dir().map_err(|e| bundle_err(e.to_string()))?;
-            let matrix = m.matrix_path().map_err(|e| bundle_err(e.to_string()))?;
-            let batch = BatchPolicy { max_size: config.batch_size(m), max_wait: config.batch_wait(m) };
-            models.push(Arc::new(ModelInfo::open(&m.name, &dir, matrix.as_deref(), batch)?));
-        }
-        Ok(Self { models })
-    }
-
-    pub fn from_models(models: Vec<ModelInfo>) -> Self {
-        Self { models: models.into_iter().map(Arc::new).collect() }
-    }
-
-    /// The named model, or the default one when `name` is None.
-    pub fn get(&self, name: Option<&str>) -> Option<(usize, &Arc<ModelInfo>)> {
-        match name {
-            None => self.models.first().map(|m| (0, m)),
-            Some(n) => self.models.iter().enumerate().find(|(_, m)| m.name == n),
-        }
-    }
-
-    pub fn by_index(&self, i: usize) -> &Arc<ModelInfo> {
-        &self.models[i]
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = &Arc<ModelInfo>> {
-        self.models.iter()
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.models.iter().map(|m| m.name.clone()).collect()
-    }
-
-    pub fn len(&self) -> usize {
-        self.models.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
+        Ok(Self { name: name.into(), bundle, stored_matrix: matrix, data_free: OnceLock::new(), batch })
     }
 }
 
@@ -163,50 +132,105 @@ pub struct LoadedModel {
     pub info: Arc<ModelInfo>,
     module: tch::CModule,
     device: Device,
+    /// `(mean, std)` as `[1,3,1,1]` on the device, when the server normalises for the module.
+    normalise: Option<(Tensor, Tensor)>,
+    /// Rows per module call (the model's `max_batch_size`); larger batches are split.
+    max_batch: Option<i64>,
     pub passes: Arc<PassCounts>,
 }
 
+/// Reads a TorchScript file onto the CPU: the slow part of a load (file I/O and unpickling),
+/// which may run on any thread; [`LoadedModel::from_module`] finishes on the worker.
+pub fn read_module(info: &ModelInfo) -> Result<tch::CModule, ModelError> {
+    let path = info.bundle.model_path();
+    tch::CModule::load_on_device(&path, Device::Cpu).map_err(|source| ModelError::Load {
+        model: info.name.clone(),
+        path: path.clone(),
+        source,
+    })
+}
+
 impl LoadedModel {
-    /// Loads the module onto `device` and checks it against its metadata with one forward pass
-    /// (class count, feature size) so that a mismatched bundle fails at start-up, not mid-request.
+    /// Loads the module onto `device` and checks it against its description (see [`Self::from_module`]).
     pub fn load(info: Arc<ModelInfo>, device: Device) -> Result<Self, ModelError> {
-        let path = info.bundle.model_path();
-        let mut module = tch::CModule::load_on_device(&path, device).map_err(|source| ModelError::Load {
-            model: info.name.clone(),
-            path: path.clone(),
-            source,
-        })?;
+        let module = read_module(&info)?;
+        Self::from_module(info, module, device)
+    }
+
+    /// Moves a module read by [`read_module`] to `device` and checks it with one forward pass
+    /// (class count, feature size, a gradient that reaches the input), so that a mismatched model
+    /// fails when it loads, not mid-request. Without a stored matrix, computes the data-free one.
+    pub fn from_module(info: Arc<ModelInfo>, mut module: tch::CModule, device: Device) -> Result<Self, ModelError> {
+        if device != Device::Cpu {
+            module.to(device, Kind::Float, false);
+        }
         module.f_set_eval()?;
-        let model = Self { info, module, device, passes: Arc::default() };
+        let input = info.input();
+        let normalise = match (input.mean, input.std) {
+            (Some(mean), Some(std)) => Some((
+                Tensor::f_from_slice(&mean)?.f_view([1, 3, 1, 1])?.f_to_device(device)?,
+                Tensor::f_from_slice(&std)?.f_view([1, 3, 1, 1])?.f_to_device(device)?,
+            )),
+            _ => None,
+        };
+        let max_batch = info.bundle.meta.max_batch_size.map(|n| n as i64);
+        let model = Self { info, module, device, normalise, max_batch, passes: Arc::default() };
         model.check_contract()?;
+        if model.info.matrix().is_none() {
+            let m = model.data_free_matrix()?;
+            let _ = model.info.data_free.set(m);
+        }
         Ok(model)
+    }
+
+    fn contract(&self, reason: String) -> ModelError {
+        ModelError::Contract { model: self.info.name.clone(), reason }
     }
 
     fn check_contract(&self) -> Result<(), ModelError> {
         let s = self.info.input().size;
-        let name = &self.info.name;
-        let probe = Tensor::f_full([2, 3, s, s], 0.5, (Kind::Float, self.device))?;
-        let (logits, feats) = tch::no_grad(|| -> Result<_, tch::TchError> {
-            Ok((self.module.forward_ts(&[&probe])?, self.module.method_ts("features", &[&probe])?))
-        })
-        .map_err(|e| ModelError::Contract {
-            model: name.clone(),
-            reason: format!("forward/features failed on a 2×3×{s}×{s} batch: {e}"),
-        })?;
+        let probe = Tensor::f_full([2, 3, s, s], 0.5, (Kind::Float, self.device))?.f_set_requires_grad(true)?;
+        let logits = self
+            .forward(&probe)
+            .map_err(|e| self.contract(format!("forward failed on a 2×3×{s}×{s} batch in [0,1]: {e}")))?;
         let want_logits = vec![2, self.info.num_classes() as i64];
+        if let [2, width] = logits.size()[..]
+            && width != want_logits[1]
+        {
+            return Err(self.contract(format!(
+                "the model outputs {width} classes per image but the class list has {}",
+                self.info.num_classes()
+            )));
+        }
         if logits.size() != want_logits {
-            return Err(ModelError::Contract {
-                model: name.clone(),
-                reason: format!("forward gives {:?}, metadata promises {:?}", logits.size(), want_logits),
-            });
+            return Err(self.contract(format!(
+                "forward gives {:?}, its description promises {:?} (input {s}×{s}, {} classes)",
+                logits.size(),
+                want_logits,
+                self.info.num_classes()
+            )));
         }
-        let want_feats = vec![2, self.info.bundle.meta.feature_dim as i64];
-        if feats.size() != want_feats {
-            return Err(ModelError::Contract {
-                model: name.clone(),
-                reason: format!("features gives {:?}, metadata promises {:?}", feats.size(), want_feats),
+        let grad = Tensor::f_run_backward(&[logits.f_sum(Kind::Float)?], &[&probe], false, false)
+            .ok()
+            .and_then(|g| g.into_iter().next())
+            .filter(|g| {
+                g.f_abs().and_then(|a| a.f_sum(Kind::Float)).map(|t| t.double_value(&[]) > 0.0).unwrap_or(false)
             });
+        if grad.is_none() {
+            return Err(self.contract(
+                "no gradient reaches the input (a module that detaches its input cannot be attacked)".into(),
+            ));
         }
+        if let Some(dim) = self.info.bundle.meta.feature_dim {
+            let feats = tch::no_grad(|| self.features(&probe))
+                .map_err(|e| self.contract(format!("features failed on a 2×3×{s}×{s} batch: {e}")))?;
+            if feats.size() != vec![2, dim as i64] {
+                return Err(
+                    self.contract(format!("features gives {:?}, its description promises [2, {dim}]", feats.size()))
+                );
+            }
+        }
+        self.passes.forward.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -214,16 +238,39 @@ impl LoadedModel {
         self.device
     }
 
+    /// Runs `f` on the normalised input, in chunks of at most `max_batch` rows.
+    fn call(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor, tch::TchError>) -> Result<Tensor, tch::TchError> {
+        let x = match &self.normalise {
+            Some((mean, std)) => x.f_sub(mean)?.f_div(std)?,
+            None => x.shallow_clone(),
+        };
+        let rows = x.size().first().copied().unwrap_or(0);
+        match self.max_batch {
+            Some(max) if rows > max => {
+                let parts = x.f_split(max, 0)?.iter().map(&f).collect::<Result<Vec<_>, _>>()?;
+                Tensor::f_cat(&parts, 0)
+            }
+            _ => f(&x),
+        }
+    }
+
     /// Logits for `[B,3,S,S]` inputs in [0,1] (the preprocessed size).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
         self.passes.forward.fetch_add(1, Ordering::Relaxed);
-        self.module.forward_ts(&[x])
+        self.call(x, |x| self.module.forward_ts(&[x]))
     }
 
-    /// Pooled penultimate embeddings for `[B,3,S,S]` inputs.
+    /// Pooled penultimate embeddings for `[B,3,S,S]` inputs (the module's `features` method).
     pub fn features(&self, x: &Tensor) -> Result<Tensor, tch::TchError> {
+        if self.info.bundle.meta.feature_dim.is_none() {
+            return Err(tch::TchError::Torch(format!(
+                "model {} has no `features` method (a plain traced network); Hausdorff matrices need one — \
+                 export the pooled penultimate layer as `features`, or use the data-free matrix",
+                self.info.name
+            )));
+        }
         self.passes.forward.fetch_add(1, Ordering::Relaxed);
-        self.module.method_ts("features", &[x])
+        self.call(x, |x| self.module.method_ts("features", &[x]))
     }
 
     /// ∂loss/∂inputs in one backward pass (torch.autograd.grad).
@@ -232,22 +279,52 @@ impl LoadedModel {
         Tensor::f_run_backward(&[loss], inputs, keep_graph, false)
     }
 
-    /// The last linear layer's weight (classes × features), on the CPU.
-    pub fn classifier_weight(&self) -> Result<Tensor, ModelError> {
-        let want = &self.info.bundle.meta.classifier.weight;
-        let params = self.module.named_parameters()?;
-        let w = params.into_iter().find(|(n, _)| n == want).map(|(_, t)| t).ok_or_else(|| ModelError::Contract {
-            model: self.info.name.clone(),
-            reason: format!("no parameter named {want:?} (metadata classifier.weight)"),
-        })?;
+    /// The last linear layer: its parameter name and weight (classes × features), on the CPU.
+    /// Named in the description, or else the one 2-D parameter whose first dimension is the
+    /// class count.
+    pub fn classifier_weight(&self) -> Result<(String, Tensor), ModelError> {
         let n = self.info.num_classes() as i64;
+        let params = self.module.named_parameters()?;
+        let (name, w) = match &self.info.bundle.meta.classifier {
+            Some(spec) => params.into_iter().find(|(p, _)| *p == spec.weight).ok_or_else(|| {
+                self.contract(format!("no parameter named {:?} (its classifier weight)", spec.weight))
+            })?,
+            None => {
+                let mut found: Vec<_> =
+                    params.into_iter().filter(|(_, t)| t.dim() == 2 && t.size().first() == Some(&n)).collect();
+                match found.len() {
+                    1 => found.remove(0),
+                    k => {
+                        let names: Vec<_> = found.iter().map(|(p, _)| p.as_str()).collect();
+                        return Err(self.contract(format!(
+                            "{k} two-dimensional parameters have {n} rows ({names:?}); name the classifier \
+                             weight (labelfool.toml `classifier_weight`, model.json `classifier.weight`)"
+                        )));
+                    }
+                }
+            }
+        };
         if w.size().first() != Some(&n) || w.dim() != 2 {
-            return Err(ModelError::Contract {
-                model: self.info.name.clone(),
-                reason: format!("{want} has shape {:?}, expected [{n}, features]", w.size()),
-            });
+            return Err(self.contract(format!("{name} has shape {:?}, expected [{n}, features]", w.size())));
         }
-        Ok(w.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_detach()?)
+        Ok((name, w.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_detach()?))
+    }
+
+    /// The data-free matrix: D[i,j] = 1 − cos(w_i, w_j) over the classifier weight's rows.
+    pub fn data_free_matrix(&self) -> Result<DistanceMatrix, ModelError> {
+        let (layer, w) = self.classifier_weight()?;
+        let (n, d) = (w.size()[0] as usize, w.size()[1] as usize);
+        let mut flat = vec![0f32; n * d];
+        w.f_copy_data(&mut flat, n * d)?;
+        let w = ndarray::Array2::from_shape_vec((n, d), flat).map_err(|e| self.contract(e.to_string()))?;
+        let meta = MatrixMeta {
+            model: self.info.name.clone(),
+            num_classes: n,
+            method: "from-weights".into(),
+            details: serde_json::json!({"layer": layer, "distance": "1 - cos(w_i, w_j)"}),
+            content_sha256: None,
+        };
+        DistanceMatrix::new(matrix::cosine_distances(&w), meta).map_err(|e| self.contract(e))
     }
 }
 

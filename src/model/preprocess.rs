@@ -101,6 +101,8 @@ mod tests {
             interpolation: "bilinear-antialias".into(),
             channels: "RGB".into(),
             range: [0.0, 1.0],
+            mean: None,
+            std: None,
         }
     }
 

@@ -195,12 +195,21 @@ pub struct AttackDefaults {
     pub refine_rounds: u32,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub name: String,
-    /// Directory of the bundle (`model.pt`, `model.json`, `classes.txt`); `~` and `${VAR}` expand.
-    pub dir: String,
+    /// Directory of a bundle (`model.pt`, `model.json`, `classes.txt`); `~` and `${VAR}` expand.
+    /// Or, instead, `torchscript` and the description below.
+    #[serde(default)]
+    pub dir: Option<String>,
+    /// A TorchScript file (`forward(x) -> logits`), described here rather than by a `model.json`.
+    #[serde(default)]
+    pub torchscript: Option<String>,
+    /// With `torchscript`: what the network expects and returns, e.g.
+    /// `{ size = 224, mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225], classes = "imagenet" }`.
+    #[serde(default)]
+    pub description: Option<crate::model::bundle::Description>,
     /// Distance matrix (`.npy` with a `.json` sidecar); default `<dir>/distance.npy` when present.
     #[serde(default)]
     pub matrix: Option<String>,
@@ -344,6 +353,13 @@ impl Config {
             if !names.insert(&m.name) {
                 return bad(format!("model name {:?} is configured twice", m.name));
             }
+            m.dir()?;
+            if m.torchscript.is_some() && m.description.as_ref().and_then(|d| d.size).is_none() {
+                return bad(format!(
+                    "models.{}: a described model needs `description = {{ size = … }}` (the square side the network sees)",
+                    m.name
+                ));
+            }
             if m.max_batch_size == Some(0) {
                 return bad(format!("models.{}.max_batch_size must be at least 1", m.name));
             }
@@ -418,14 +434,36 @@ pub fn auto_batch(device: tch::Device) -> usize {
 }
 
 impl ModelConfig {
-    /// The bundle directory with `~`, `${VAR}` and `${LABELFOOL_CACHE}` (defaulted) expanded.
+    /// A `[[models]]` entry for the bundle in `dir`.
+    pub fn bundle(name: &str, dir: &str) -> Self {
+        Self { name: name.into(), dir: Some(dir.into()), ..Default::default() }
+    }
+
+    /// The bundle directory (for `torchscript`: the file's directory) with `~`, `${VAR}` and
+    /// `${LABELFOOL_CACHE}` (defaulted) expanded.
     pub fn dir(&self) -> Result<PathBuf, ConfigError> {
-        expand_path(&self.dir)
+        match (&self.dir, &self.torchscript) {
+            (Some(d), None) => expand_path(d),
+            (None, Some(ts)) => Ok(expand_path(ts)?.parent().map(Path::to_path_buf).unwrap_or_default()),
+            _ => Err(ConfigError::Invalid(format!(
+                "models.{}: give `dir` (a bundle) or `torchscript`, not both",
+                self.name
+            ))),
+        }
+    }
+
+    /// The TorchScript file of a described model.
+    pub fn torchscript_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        self.torchscript.as_deref().map(expand_path).transpose()
     }
 
     pub fn matrix_path(&self) -> Result<Option<PathBuf>, ConfigError> {
         match &self.matrix {
             Some(m) => expand_path(m).map(Some),
+            None if self.torchscript.is_some() => {
+                let dir = self.dir()?;
+                Ok(self.description.as_ref().and_then(|d| d.matrix.as_ref()).map(|m| dir.join(m)))
+            }
             None => {
                 let default = self.dir()?.join("distance.npy");
                 Ok(default.is_file().then_some(default))
@@ -460,7 +498,7 @@ mod tests {
     use super::*;
 
     fn model(name: &str) -> ModelConfig {
-        ModelConfig { name: name.into(), dir: "/x".into(), matrix: None, max_batch_size: None, max_batch_wait_ms: None }
+        ModelConfig { name: name.into(), dir: Some("/x".into()), ..Default::default() }
     }
 
     #[test]

@@ -14,13 +14,7 @@ const DEADLINE: Duration = Duration::from_secs(600);
 fn config(model: &str, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut c = Config::default();
     c.engine.device = "cpu".into();
-    c.models.push(ModelConfig {
-        name: model.into(),
-        dir: models_dir().join(model).to_string_lossy().into_owned(),
-        matrix: None,
-        max_batch_size: None,
-        max_batch_wait_ms: None,
-    });
+    c.models.push(ModelConfig::bundle(model, &models_dir().join(model).to_string_lossy()));
     tweak(&mut c);
     c.validate().unwrap();
     c

@@ -203,6 +203,8 @@ async fn load_and_unload_under_load() {
         assert_eq!(state_of(&index(&s).await, LITE2), "UNAVAILABLE");
         let (_, ready) = json(client().get(s.url(&format!("/v2/models/{LITE2}/ready"))).send().await.unwrap()).await;
         assert_eq!(ready["ready"], false);
+        let (status, meta) = json(client().get(s.url(&format!("/v2/models/{LITE2}"))).send().await.unwrap()).await;
+        assert_eq!((status, meta["state"].as_str()), (200, Some("unloaded")), "metadata shows the state: {meta}");
         let ready_only: Vec<Value> = {
             let (_, v) = json(
                 client()
@@ -360,4 +362,47 @@ async fn verify_reports_transfer_to_other_models() {
     assert_eq!(res.status(), 200);
     let h = res.headers()["x-labelfool-transferred"].to_str().unwrap().to_string();
     assert!(h.starts_with("tiny-triton="), "{h}");
+}
+
+/// A `[[models]]` entry may describe a plain TorchScript file instead of pointing at a bundle: no
+/// `model.json`, the preprocessing in the configuration.
+#[tokio::test]
+async fn a_described_torchscript_file_needs_no_metadata_file() {
+    let m = models_dir();
+    let described = format!(
+        "[[models]]\nname = \"plain\"\ntorchscript = \"{}\"\ndescription = {{ size = 32, resize_short_side = 36, classes = \"{}\", module_max_batch = 3 }}\n",
+        m.join("tiny/model.pt").display(),
+        m.join("tiny/classes.txt").display()
+    );
+    let s = Server::start(&tiny_config(&described));
+    let (_, models) = json(client().get(s.url("/models")).send().await.unwrap()).await;
+    let plain = models["models"].as_array().unwrap().iter().find(|x| x["name"] == "plain").cloned().unwrap();
+    assert_eq!(plain["state"], "ready", "{plain}");
+    assert_eq!(plain["input"]["resize_short_side"], 36);
+    assert_eq!(plain["matrix"]["method"], "from-weights");
+    for image in sample_images().iter().take(3) {
+        let bytes = std::fs::read(image).unwrap();
+        let (_, a) = classify(&s, "plain", bytes.clone()).await;
+        let (_, b) = classify(&s, "tiny", bytes).await;
+        assert_eq!(a["top"][0]["index"], b["top"][0]["index"], "{a} vs {b}");
+    }
+    // A described model without its size is refused at start-up, naming the key.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        format!("[[models]]\nname = \"plain\"\ntorchscript = \"{}\"\n", m.join("tiny/model.pt").display()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(BIN)
+        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("description = { size"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use sha2::Digest;
 
 use super::Cli;
-use crate::model::bundle::{IMAGENET, InputSpec, ModelMeta};
+use crate::model::bundle::{Description, IMAGENET, ModelMeta};
 use crate::model::{BatchPolicy, Bundle, LoadedModel, ModelInfo, tensor_rows};
 
 /// The converter `--onnx` runs (onnx2torch, torch.jit.trace, onnxruntime), with the setup's Python.
@@ -146,33 +146,27 @@ fn add(a: &AddArgs, device: tch::Device) -> anyhow::Result<()> {
         "classes.txt".to_string()
     };
     let classes = Bundle::read_classes(&staging.0, &classes_file).map_err(anyhow::Error::msg)?;
-    let meta = ModelMeta {
-        format_version: 2,
-        name: name.clone(),
-        architecture: format!("user model ({})", if a.onnx.is_some() { "ONNX" } else { "TorchScript" }),
-        num_classes: classes.len(),
-        classes_file,
-        dataset: (a.classes == IMAGENET).then(|| IMAGENET.to_string()),
-        feature_dim: None,
-        input: InputSpec {
-            size: a.size,
-            resize_short_side: a.resize.unwrap_or((a.size as f64 / 0.875).round() as i64),
-            crop: "center".into(),
-            interpolation: "bilinear-antialias".into(),
-            channels: "RGB".into(),
-            range: [0.0, 1.0],
-            mean,
-            std,
-        },
-        classifier: a
-            .classifier_weight
-            .clone()
-            .map(|weight| crate::model::bundle::ClassifierSpec { weight, bias: None }),
-        model_file: "model.pt".into(),
-        max_batch_size,
-        source,
-        model_sha256: Some(hex::encode(sha2::Sha256::digest(std::fs::read(&model_pt)?))),
+    let description = Description {
+        size: Some(a.size),
+        resize_short_side: a.resize,
+        mean,
+        std,
+        classes: Some(a.classes.clone()),
+        classifier_weight: a.classifier_weight.clone(),
+        module_max_batch: max_batch_size,
+        matrix: None,
     };
+    let mut meta = ModelMeta::described(
+        name,
+        format!("user model ({})", if a.onnx.is_some() { "ONNX" } else { "TorchScript" }),
+        "model.pt".into(),
+        a.size,
+        classes.len(),
+        classes_file,
+        &description,
+        source,
+    );
+    meta.model_sha256 = Some(hex::encode(sha2::Sha256::digest(std::fs::read(&model_pt)?)));
     let bundle = Bundle::new(&staging.0, meta.clone(), classes).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
 
     // 3. Loaded the way the server loads it: forward at the declared size, output width against

@@ -52,7 +52,8 @@ pub struct ModelDescription {
     /// Why a model failed to load or cannot be served.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// `labelfool_bundle`, or the Triton platform of a repository model.
+    /// `pytorch_libtorch` (every model served is TorchScript on libtorch), or the Triton platform
+    /// of a repository model LabelFool cannot serve.
     pub platform: Option<String>,
     /// The Triton version directory served (repository models).
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -96,41 +96,55 @@ pub struct ModelMetadata {
     pub name: String,
     pub versions: Vec<String>,
     pub platform: String,
+    /// What this server accepts for the model (empty while its description is unknown).
     pub inputs: Vec<TensorMetadata>,
     pub outputs: Vec<TensorMetadata>,
+    /// LabelFool's extension: the model's state (`ready`, `loading`, `failed`, …) …
+    pub state: crate::model::ModelState,
+    /// … and why it is not ready, when it failed or cannot be served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
-/// Model metadata (OIP): accepted inputs and the output.
+/// Model metadata (OIP): accepted inputs and the output, and the model's state — for any model the
+/// server knows, ready or not.
 #[utoipa::path(get, path = "/v2/models/{name}", operation_id = "v2_model_metadata", tag = "kserve-v2", params(("name" = String, Path)),
     responses((status = 200, body = ModelMetadata), (status = 404, body = V2ErrorBody)))]
 pub async fn model_metadata(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<ModelMetadata>, V2Error> {
-    let (_, m) = state.engine.model(Some(&name))?;
-    let s = m.input().size;
+    let entry = state
+        .engine
+        .models()
+        .into_iter()
+        .find(|e| e.name == name)
+        .ok_or_else(|| ApiError::from(crate::engine::EngineError::UnknownModel(name.clone())))?;
+    let (inputs, outputs) = match entry.info.as_deref() {
+        Some(m) => {
+            let s = m.input().size;
+            (
+                vec![
+                    TensorMetadata { name: "image".into(), datatype: "BYTES".into(), shape: vec![-1] },
+                    TensorMetadata { name: "input".into(), datatype: "FP32".into(), shape: vec![-1, 3, s, s] },
+                ],
+                vec![TensorMetadata {
+                    name: "probabilities".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![-1, m.num_classes() as i64],
+                }],
+            )
+        }
+        None => (Vec::new(), Vec::new()),
+    };
     Ok(Json(ModelMetadata {
-        name: m.name.clone(),
-        versions: vec![
-            m.bundle
-                .meta
-                .model_file
-                .split('/')
-                .next()
-                .filter(|_| m.bundle.meta.model_file.contains('/'))
-                .unwrap_or("1")
-                .into(),
-        ],
-        platform: "pytorch_libtorch".into(),
-        inputs: vec![
-            TensorMetadata { name: "image".into(), datatype: "BYTES".into(), shape: vec![-1] },
-            TensorMetadata { name: "input".into(), datatype: "FP32".into(), shape: vec![-1, 3, s, s] },
-        ],
-        outputs: vec![TensorMetadata {
-            name: "probabilities".into(),
-            datatype: "FP32".into(),
-            shape: vec![-1, m.num_classes() as i64],
-        }],
+        name: entry.name,
+        versions: vec![entry.version.unwrap_or_else(|| "1".into())],
+        platform: entry.platform.unwrap_or_default(),
+        inputs,
+        outputs,
+        state: entry.state,
+        reason: entry.reason,
     }))
 }
 

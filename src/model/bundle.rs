@@ -94,6 +94,79 @@ pub struct ModelMeta {
     pub model_sha256: Option<String>,
 }
 
+/// What a described model expects and returns, as a `[[models]]` entry's `description`, a Triton
+/// model's `labelfool.toml` and `labelfool model add` give it. Everything but `size` has a
+/// default (a Triton model's size comes from its `config.pbtxt`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Description {
+    /// Side of the square the network sees.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<i64>,
+    /// Shorter side after resizing, before the centre crop; default `size / 0.875`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resize_short_side: Option<i64>,
+    /// Normalisation the server applies to [0,1] RGB; default none (the network takes [0,1]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<[f32; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub std: Option<[f32; 3]>,
+    /// `imagenet` (embedded, with WordNet ids) or a class-list file (one class per line).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<String>,
+    /// The classifier's last linear layer, when it cannot be found by its shape.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_weight: Option<String>,
+    /// Largest batch the module takes in one call; default any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_max_batch: Option<usize>,
+    /// A distance matrix (`.npy` + sidecar) relative to the model's directory; default: the
+    /// data-free one, computed when the model loads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matrix: Option<String>,
+}
+
+impl ModelMeta {
+    /// The metadata of a described model: `model_file` relative to its directory, `classes_file`
+    /// as given (`imagenet` or a path relative to the directory).
+    #[allow(clippy::too_many_arguments)]
+    pub fn described(
+        name: &str,
+        architecture: String,
+        model_file: String,
+        size: i64,
+        num_classes: usize,
+        classes_file: String,
+        d: &Description,
+        source: serde_json::Value,
+    ) -> Self {
+        Self {
+            format_version: 2,
+            name: name.to_string(),
+            architecture,
+            num_classes,
+            dataset: (classes_file == IMAGENET).then(|| IMAGENET.to_string()),
+            classes_file,
+            feature_dim: None,
+            input: InputSpec {
+                size,
+                resize_short_side: d.resize_short_side.unwrap_or((size as f64 / 0.875).round() as i64),
+                crop: center(),
+                interpolation: bilinear_aa(),
+                channels: rgb(),
+                range: unit_range(),
+                mean: d.mean,
+                std: d.std,
+            },
+            classifier: d.classifier_weight.clone().map(|weight| ClassifierSpec { weight, bias: None }),
+            model_file,
+            max_batch_size: d.module_max_batch,
+            source,
+            model_sha256: None,
+        }
+    }
+}
+
 /// Everything about a bundle that can be known without libtorch.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -161,6 +234,29 @@ impl Bundle {
             return Err(format!("model file {} is missing", model.display()));
         }
         Ok(Self { dir: dir.to_path_buf(), meta, classes })
+    }
+
+    /// A TorchScript file described in the configuration (no `model.json`).
+    pub fn from_description(name: &str, torchscript: &Path, d: &Description) -> Result<Self, String> {
+        let dir = torchscript.parent().unwrap_or(Path::new("."));
+        let file = torchscript
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .ok_or_else(|| format!("{} is not a file path", torchscript.display()))?;
+        let size = d.size.ok_or("a described model needs `size`")?;
+        let classes_file = d.classes.clone().unwrap_or_else(|| IMAGENET.to_string());
+        let classes = Self::read_classes(dir, &classes_file)?;
+        let meta = ModelMeta::described(
+            name,
+            "TorchScript (described in the configuration)".into(),
+            file,
+            size,
+            classes.len(),
+            classes_file,
+            d,
+            serde_json::json!({"torchscript": torchscript}),
+        );
+        Self::new(dir, meta, classes)
     }
 
     pub fn open(dir: &Path) -> Result<Self, String> {

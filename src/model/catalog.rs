@@ -10,13 +10,16 @@ use serde::Serialize;
 
 use super::repository::{self, RepoModel};
 use super::{BatchPolicy, ModelError, ModelInfo};
-use crate::config::Config;
+use crate::config::{Config, ModelConfig};
 
 /// Where a model comes from.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
-    /// A `[[models]]` bundle directory.
-    Bundle { dir: PathBuf, matrix: Option<PathBuf> },
+    /// A `[[models]]` entry: a bundle directory or a described TorchScript file (read again on
+    /// every load).
+    Configured(Box<ModelConfig>),
+    /// A model opened by the caller (tests, tools).
+    Opened,
     /// A model directory of a `[[repositories]]` Triton repository.
     Repository { repo: PathBuf, dir: PathBuf },
 }
@@ -118,19 +121,16 @@ impl Catalog {
     pub fn from_config(config: &Config) -> Result<Self, ModelError> {
         let mut slots = Vec::new();
         for m in &config.models {
-            let bundle_err = |reason: String| ModelError::Bundle { model: m.name.clone(), reason };
-            let dir = m.dir().map_err(|e| bundle_err(e.to_string()))?;
-            let matrix = m.matrix_path().map_err(|e| bundle_err(e.to_string()))?;
             let batch = BatchPolicy { max_size: config.batch_size(m), max_wait: config.batch_wait(m) };
-            let info = ModelInfo::open(&m.name, &dir, matrix.as_deref(), batch)?;
+            let info = open_configured(m, batch)?;
             slots.push(Slot {
                 name: m.name.clone(),
-                source: ModelSource::Bundle { dir, matrix },
+                source: ModelSource::Configured(Box::new(m.clone())),
                 batch,
                 state: ModelState::Unloaded,
                 reason: None,
                 version: None,
-                platform: Some("labelfool_bundle".into()),
+                platform: Some("pytorch_libtorch".into()),
                 info: Some(Arc::new(info)),
                 load_at_startup: true,
             });
@@ -164,12 +164,12 @@ impl Catalog {
             .into_iter()
             .map(|info| Slot {
                 name: info.name.clone(),
-                source: ModelSource::Bundle { dir: info.bundle.dir.clone(), matrix: None },
+                source: ModelSource::Opened,
                 batch: info.batch,
                 state: ModelState::Unloaded,
                 reason: None,
                 version: None,
-                platform: Some("labelfool_bundle".into()),
+                platform: Some("pytorch_libtorch".into()),
                 info: Some(Arc::new(info)),
                 load_at_startup: true,
             })
@@ -261,7 +261,7 @@ impl Catalog {
         let mut out = Vec::new();
         for (i, s) in slots.iter_mut().enumerate() {
             if let (true, Some(info)) = (s.load_at_startup, &s.info) {
-                out.push((i, info.clone(), matches!(s.source, ModelSource::Bundle { .. })));
+                out.push((i, info.clone(), !matches!(s.source, ModelSource::Repository { .. })));
                 s.state = ModelState::Loading;
             }
         }
@@ -313,8 +313,8 @@ impl Catalog {
             ModelState::Unloaded | ModelState::Failed => {}
             state => return Err(Unavailable::NotReady { name: s.name.clone(), state, reason: s.reason.clone() }),
         }
-        if let ModelSource::Bundle { dir, matrix } = &s.source {
-            match ModelInfo::open(&s.name, dir, matrix.as_deref(), s.batch) {
+        if let ModelSource::Configured(m) = &s.source {
+            match open_configured(m, s.batch) {
                 Ok(info) => s.info = Some(Arc::new(info)),
                 Err(e) => {
                     s.state = ModelState::Failed;
@@ -375,6 +375,20 @@ impl Catalog {
                 s.reason = Some(reason);
             }
         }
+    }
+}
+
+/// A `[[models]]` entry's model: a bundle directory, or a TorchScript file and its description.
+fn open_configured(m: &ModelConfig, batch: BatchPolicy) -> Result<ModelInfo, ModelError> {
+    let err = |reason: String| ModelError::Bundle { model: m.name.clone(), reason };
+    let matrix = m.matrix_path().map_err(|e| err(e.to_string()))?;
+    match m.torchscript_path().map_err(|e| err(e.to_string()))? {
+        Some(ts) => {
+            let d = m.description.clone().unwrap_or_default();
+            let bundle = super::Bundle::from_description(&m.name, &ts, &d).map_err(err)?;
+            ModelInfo::from_bundle(&m.name, bundle, matrix.as_deref(), batch)
+        }
+        None => ModelInfo::open(&m.name, &m.dir().map_err(|e| err(e.to_string()))?, matrix.as_deref(), batch),
     }
 }
 

@@ -8,28 +8,8 @@ pub mod pbtxt;
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
-
-use super::bundle::{Bundle, ClassifierSpec, IMAGENET, InputSpec, ModelMeta};
+use super::bundle::{Bundle, Description, ModelMeta};
 use pbtxt::inference::{DataType, ModelConfig, model_input::Format};
-
-/// The per-model LabelFool section, `<repo>/<model>/labelfool.toml`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LabelFoolSection {
-    /// Shorter side after resizing, before the centre crop; default `size / 0.875`.
-    pub resize_short_side: Option<i64>,
-    /// Normalisation the server applies to [0,1] RGB; default none (the model takes [0,1]).
-    pub mean: Option<[f32; 3]>,
-    pub std: Option<[f32; 3]>,
-    /// `imagenet` (the embedded list, with WordNet ids) or a file in the model directory;
-    /// default: the output's `label_filename`.
-    pub classes: Option<String>,
-    /// The classifier's last linear layer, when it cannot be found by its shape.
-    pub classifier_weight: Option<String>,
-    /// A distance matrix (`.npy` + sidecar) in the model directory; default: the data-free one.
-    pub matrix: Option<String>,
-}
 
 /// One model directory of a repository.
 #[derive(Debug, Clone)]
@@ -139,7 +119,11 @@ fn to_bundle(dir: &Path, name: &str, c: &ModelConfig) -> Result<(Bundle, String,
         (0, [1 | -1, k]) if *k > 1 => *k,
         (_, d) => return Err(format!("output {} has dims {d:?}; LabelFool needs [classes]", output.name)),
     };
+    // The per-model LabelFool section: what Triton's config does not carry.
     let section = read_section(dir)?;
+    if section.size.is_some_and(|s| s != size) {
+        return Err(format!("labelfool.toml says size {:?} but config.pbtxt's input is {size}×{size}", section.size));
+    }
     let classes_file = match (&section.classes, output.label_filename.as_str()) {
         (Some(c), _) => c.clone(),
         (None, "") => {
@@ -148,39 +132,28 @@ fn to_bundle(dir: &Path, name: &str, c: &ModelConfig) -> Result<(Bundle, String,
         (None, f) => f.to_string(),
     };
     let classes = Bundle::read_classes(dir, &classes_file)?;
-    let meta = ModelMeta {
-        format_version: 2,
-        name: name.to_string(),
-        architecture: format!("Triton {platform} model (config.pbtxt)"),
-        num_classes: usize::try_from(classes_n).map_err(|e| e.to_string())?,
-        classes_file: classes_file.clone(),
-        dataset: (classes_file == IMAGENET).then(|| IMAGENET.to_string()),
-        feature_dim: None,
-        input: InputSpec {
-            size,
-            resize_short_side: section.resize_short_side.unwrap_or((size as f64 / 0.875).round() as i64),
-            crop: "center".into(),
-            interpolation: "bilinear-antialias".into(),
-            channels: "RGB".into(),
-            range: [0.0, 1.0],
-            mean: section.mean,
-            std: section.std,
-        },
-        classifier: section.classifier_weight.clone().map(|weight| ClassifierSpec { weight, bias: None }),
-        model_file: format!("{version}/{file}"),
-        max_batch_size: usize::try_from(c.max_batch_size).ok().filter(|n| *n > 0).or(Some(1)),
-        source: serde_json::json!({"triton_config": dir.join("config.pbtxt"), "platform": platform}),
-        model_sha256: None,
-    };
+    let mut description = section.clone();
+    description.module_max_batch = Some(usize::try_from(c.max_batch_size).ok().filter(|n| *n > 0).unwrap_or(1));
+    let meta = ModelMeta::described(
+        name,
+        format!("Triton {platform} model (config.pbtxt)"),
+        format!("{version}/{file}"),
+        size,
+        usize::try_from(classes_n).map_err(|e| e.to_string())?,
+        classes_file,
+        &description,
+        serde_json::json!({"triton_config": dir.join("config.pbtxt"), "platform": platform}),
+    );
     let bundle = Bundle::new(dir, meta, classes)?;
     Ok((bundle, version, section.matrix.map(|m| dir.join(m))))
 }
 
-fn read_section(dir: &Path) -> Result<LabelFoolSection, String> {
+/// `<repo>/<model>/labelfool.toml`: a [`Description`] (absent: all defaults).
+fn read_section(dir: &Path) -> Result<Description, String> {
     let path = dir.join("labelfool.toml");
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(LabelFoolSection::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Description::default()),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
 }

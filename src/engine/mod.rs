@@ -361,7 +361,7 @@ impl Engine {
         let prepared = self.prepare_all(&info, vec![bytes]).await?.pop();
         let (img, input) = prepared.ok_or_else(|| EngineError::Internal("no image prepared".into()))??;
         let decode = started.elapsed();
-        let reply = self.submit_classify(idx, info.input().size, input, false, deadline, started).await?;
+        let reply = self.submit_classify(idx, &info, input, false, deadline, started).await?;
         Ok(Classification {
             image: ImageSummary::from(&img),
             model: info,
@@ -387,20 +387,20 @@ impl Engine {
         if input.iter().any(|v| !v.is_finite()) {
             return Err(EngineError::invalid("input", "values must be finite"));
         }
-        Ok(self.submit_classify(idx, info.input().size, input, false, deadline, started).await?.probabilities)
+        Ok(self.submit_classify(idx, &info, input, false, deadline, started).await?.probabilities)
     }
 
     async fn submit_classify(
         &self,
         model: usize,
-        size: i64,
+        info: &ModelInfo,
         input: Vec<f32>,
         want_features: bool,
         deadline: Duration,
         started: Instant,
     ) -> Result<ClassifyReply, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let rows = input.len() / (3 * size.pow(2) as usize).max(1);
+        let rows = input.len() / (3 * info.input().size.pow(2) as usize).max(1);
         let job = ClassifyJob {
             model,
             input,
@@ -412,7 +412,12 @@ impl Engine {
             span: tracing::Span::current(),
         };
         self.queues()?.push_classify(job).map_err(|r| EngineError::refused(r, "classify"))?;
-        Ok(self.await_reply(rx, deadline, started).await??)
+        let reply = self.await_reply(rx, deadline, started).await.and_then(|r| r.map_err(EngineError::from));
+        match &reply {
+            Ok(r) => self.inner.stats.model_success(&info.name, started.elapsed(), r.timings.queued, r.timings.compute),
+            Err(_) => self.inner.stats.model_failure(&info.name, started.elapsed()),
+        }
+        reply
     }
 
     /// Pooled features (the model's `features` method) for a fixed batch of images, in one pass
@@ -432,7 +437,7 @@ impl Engine {
         let mut features = if input.is_empty() {
             Vec::new()
         } else {
-            self.submit_classify(idx, info.input().size, input, true, deadline, started).await?.features
+            self.submit_classify(idx, &info, input, true, deadline, started).await?.features
         }
         .into_iter();
         Ok(prepared.into_iter().map(|r| r.map(|_| features.next().unwrap_or_default())).collect())

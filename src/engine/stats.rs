@@ -18,6 +18,36 @@ pub struct EngineStats {
     classify_batches: AtomicU64,
     attack_ticks: AtomicU64,
     ready: AtomicBool,
+    /// Per model, for the Open Inference Protocol's statistics extension.
+    per_model: std::sync::Mutex<std::collections::BTreeMap<String, ModelCounters>>,
+}
+
+/// A count and the nanoseconds it took, as Triton's statistics report them.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+pub struct Duration64 {
+    pub count: u64,
+    pub ns: u64,
+}
+
+impl Duration64 {
+    fn add(&mut self, n: u64, d: Duration) {
+        self.count += n;
+        self.ns += u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    }
+}
+
+/// One model's inference counters (classifications; attacks are not inferences here).
+#[derive(Debug, Clone, Default)]
+pub struct ModelCounters {
+    /// Images classified, and forward passes that did it (batches).
+    pub inference_count: u64,
+    pub execution_count: u64,
+    /// Milliseconds since the epoch of the last classification.
+    pub last_inference_ms: u64,
+    pub success: Duration64,
+    pub fail: Duration64,
+    pub queue: Duration64,
+    pub compute: Duration64,
 }
 
 /// A point-in-time copy of the counters.
@@ -35,6 +65,38 @@ impl EngineStats {
     pub(crate) fn add_passes(&self, passes: Arc<PassCounts>) {
         self.passes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(passes);
         self.ready.store(true, Ordering::SeqCst);
+    }
+
+    fn model<R>(&self, name: &str, f: impl FnOnce(&mut ModelCounters) -> R) -> R {
+        let mut map = self.per_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(map.entry(name.to_string()).or_default())
+    }
+
+    /// A classification answered: its whole time, its wait for the worker and its device time.
+    pub(crate) fn model_success(&self, name: &str, total: Duration, queued: Duration, compute: Duration) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.model(name, |c| {
+            c.inference_count += 1;
+            c.last_inference_ms = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+            c.success.add(1, total);
+            c.queue.add(1, queued);
+            c.compute.add(1, compute);
+        });
+    }
+
+    pub(crate) fn model_failure(&self, name: &str, total: Duration) {
+        self.model(name, |c| c.fail.add(1, total));
+    }
+
+    /// One forward pass of classifications for `name`.
+    pub(crate) fn model_execution(&self, name: &str) {
+        self.model(name, |c| c.execution_count += 1);
+    }
+
+    /// Counters of every model that has classified something.
+    pub fn per_model(&self) -> Vec<(String, ModelCounters)> {
+        let map = self.per_model.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     pub fn is_ready(&self) -> bool {

@@ -565,6 +565,7 @@ fn run_classify(models: &Models, stats: &EngineStats, m: usize, mut jobs: Vec<Cl
         let started = Instant::now();
         let want_features = jobs[0].want_features;
         let outcome = guarded(|| classify_batch(model, &jobs, want_features));
+        stats.model_execution(&model.info.name);
         let compute = started.elapsed();
         stats.classify_batch(jobs.len(), compute);
         match outcome {

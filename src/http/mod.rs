@@ -98,6 +98,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/health/ready", get(v2::ready))
         .route("/v2/models/{name}", get(v2::model_metadata))
         .route("/v2/models/{name}/ready", get(v2::model_ready))
+        .route("/v2/models/{name}/config", get(v2::model_config))
+        .route("/v2/models/{name}/stats", get(v2::model_stats))
+        .route("/v2/models/stats", get(v2::all_stats))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), limits::check_head));

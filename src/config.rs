@@ -85,6 +85,8 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     /// Triton model repositories whose `pytorch_libtorch` models are served as they are.
     pub repositories: Vec<RepositoryConfig>,
+    /// Models behind other servers' Open Inference Protocol endpoints (`remote:<name>`).
+    pub remotes: Vec<crate::remote::RemoteConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

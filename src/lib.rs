@@ -3,7 +3,8 @@
 //!
 //! Layers, outermost first: [`http`] (axum routes, one error type mapped to status codes) →
 //! [`engine`] (queue, batcher, the worker thread that owns the device) → [`model`], [`attack`],
-//! [`matrix`]. [`cli`] drives the same engine offline; [`eval`] compares attacks.
+//! [`matrix`]. [`remote`] speaks to models behind other servers' Open Inference Protocol
+//! endpoints. [`cli`] drives the same engine offline; [`eval`] compares attacks.
 
 pub mod attack;
 pub mod cli;
@@ -14,4 +15,5 @@ pub mod http;
 pub mod imaging;
 pub mod matrix;
 pub mod model;
+pub mod remote;
 pub mod telemetry;

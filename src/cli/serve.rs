@@ -29,13 +29,14 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let config = Arc::new(config);
     let metrics = crate::telemetry::init_metrics();
+    let remotes = Arc::new(crate::remote::Remotes::from_configs(&config.remotes).map_err(anyhow::Error::msg)?);
     let catalog = Catalog::from_config(&config)?;
     let (engine, startup) = Engine::start(&config, catalog)?;
     let listener = tokio::net::TcpListener::bind(config.server.bind)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.bind))?;
     let addr = listener.local_addr()?;
-    let state = AppState::new(engine.clone(), config.clone(), metrics);
+    let state = AppState::new(engine.clone(), config.clone(), metrics, remotes);
     let device = state.device.clone();
     tokio::task::spawn_blocking(move || match startup.wait() {
         Ok(info) => {

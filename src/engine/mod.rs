@@ -303,6 +303,30 @@ impl Engine {
         .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))
     }
 
+    /// An image preprocessed as `spec` declares (decode, resize, centre crop; `3×S×S` in [0,1])
+    /// on the blocking pool — for a remote target that takes the tensor.
+    pub async fn preprocess(&self, bytes: Bytes, spec: &crate::model::InputSpec) -> Result<Vec<f32>, EngineError> {
+        let limits = self.inner.settings.decode;
+        let (width, height) = imaging::dimensions(&bytes, &limits)?;
+        let limit = self.inner.settings.max_resized_side;
+        if resize_within(width, height, spec, limit).is_err() {
+            return Err(EngineError::invalid(
+                "image",
+                format!("{width}×{height} is too elongated for a {}-pixel resize", spec.resize_short_side),
+            ));
+        }
+        let spec = spec.clone();
+        let _slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
+        tokio::task::spawn_blocking(move || {
+            crate::model::single_threaded_torch_here();
+            let img = imaging::decode(&bytes, &limits)?;
+            model_input(&img.rgb, img.width, img.height, &spec)
+                .map_err(|e| EngineError::Model(format!("preprocessing failed: {e}")))
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))?
+    }
+
     fn queues(&self) -> Result<Queues, EngineError> {
         self.inner.queues.read().ok().and_then(|q| q.clone()).ok_or(EngineError::ShuttingDown)
     }

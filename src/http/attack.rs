@@ -52,9 +52,10 @@ pub struct AttackParamsDoc {
     /// Also run the paper's float attack (no 8-bit rounding) on the same image and target and
     /// report its perceptibility (`float_reference` in the answer; the attack costs twice).
     pub float_reference: Option<bool>,
-    /// Other models of this server (comma-separated, at most 8) that classify the delivered PNG
-    /// and the upload: the answer's `transfer` says, per model, its top-1 and whether the attack
-    /// transferred (LabelFool and other targeted attacks: the target; untargeted: a changed label).
+    /// Other models (comma-separated, at most 8) that classify the delivered PNG and the upload:
+    /// models of this server, or remote targets as `remote:<name>`. The answer's `transfer` says,
+    /// per model, its top-1 and whether the attack transferred (LabelFool and other targeted
+    /// attacks: the target; untargeted: a changed label).
     #[param(example = "efficientnet-lite2")]
     pub verify: Option<String>,
 }
@@ -206,19 +207,29 @@ pub async fn attack(
     };
     let verify = verify_models(p.get("verify"))?;
     // Unknown or unready models are refused before the attack spends anything.
-    for name in &verify {
+    let (remotes, locals): (Vec<String>, Vec<String>) =
+        verify.into_iter().partition(|v| crate::remote::remote_name(v).is_some());
+    let remotes = remotes
+        .iter()
+        .map(|v| state.remotes.get(crate::remote::remote_name(v).unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()?;
+    for name in &locals {
         state.engine.model(Some(name))?;
     }
     let started = std::time::Instant::now();
     let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
     let left = state.deadlines.attack.saturating_sub(started.elapsed());
-    let transfer = state.engine.transfer(req.bytes.clone(), &result, &verify, left).await?;
+    let transfer = state.engine.transfer(req.bytes.clone(), &result, &locals, left).await?;
+    let mut remote_transfer = Vec::new();
+    for r in &remotes {
+        remote_transfer.push(remote_check(&state, r, &req.bytes, &result).await?);
+    }
     let wants_png = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("image/png")));
     let mut body = summary(&result);
-    body.transfer = transfer.iter().map(transfer_result).collect();
+    body.transfer = transfer.iter().map(transfer_result).chain(remote_transfer).collect();
     if wants_png {
         let mut res = (([(header::CONTENT_TYPE, "image/png")]), result.png).into_response();
         metadata_headers(res.headers_mut(), &body);
@@ -251,6 +262,39 @@ fn verify_models(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
         return Err(ApiError::invalid("verify", format!("{} models; at most {MAX_VERIFY}", names.len())));
     }
     Ok(names)
+}
+
+/// The upload and the delivered PNG sent to a remote target: does the attack transfer to it?
+async fn remote_check(
+    state: &AppState,
+    remote: &crate::remote::Remote,
+    upload: &bytes::Bytes,
+    result: &AttackResult,
+) -> Result<TransferResult, ApiError> {
+    let png = bytes::Bytes::from(result.png.clone());
+    let ask = |image: bytes::Bytes| async move {
+        let tensor = match &remote.spec {
+            Some(spec) => Some(state.engine.preprocess(image.clone(), spec).await?),
+            None => None,
+        };
+        Ok::<_, ApiError>(remote.classify(image, tensor).await?)
+    };
+    let (before, after) = futures::try_join!(ask(upload.clone()), ask(png))?;
+    let top1 = |p: &[f32]| crate::engine::top_k(p, 1).first().copied().unwrap_or((0, 0.0));
+    let (original, adversarial) = (top1(&before.probabilities), top1(&after.probabilities));
+    let target = result.outcome.target.and_then(|t| result.model.classes().same_class_in(t, &remote.classes));
+    let transferred = match result.outcome.target {
+        Some(_) => target.map(|t| adversarial.0 == t),
+        None => Some(adversarial.0 != original.0),
+    };
+    let class = |(i, p): (usize, f32)| ClassPrediction::from_list(&remote.classes, i, f64::from(p));
+    Ok(TransferResult {
+        model: format!("remote:{}", remote.config.name),
+        original: class(original),
+        adversarial: class(adversarial),
+        target: target.map(|i| ClassRef::from_list(&remote.classes, i)),
+        transferred,
+    })
 }
 
 fn transfer_result(t: &TransferCheck) -> TransferResult {

@@ -20,7 +20,12 @@ pub struct ClassRef {
 
 impl ClassRef {
     pub fn new(info: &ModelInfo, index: usize) -> Self {
-        let c = info.classes().get(index);
+        Self::from_list(info.classes(), index)
+    }
+
+    /// A class of any class list (a remote target's, for instance).
+    pub fn from_list(classes: &crate::model::ClassList, index: usize) -> Self {
+        let c = classes.get(index);
         Self {
             index,
             label: c.map(|c| c.label.clone()).unwrap_or_else(|| "?".into()),
@@ -41,6 +46,10 @@ pub struct ClassPrediction {
 impl ClassPrediction {
     pub fn new(info: &ModelInfo, index: usize, probability: f64) -> Self {
         Self { class: ClassRef::new(info, index), probability }
+    }
+
+    pub fn from_list(classes: &crate::model::ClassList, index: usize, probability: f64) -> Self {
+        Self { class: ClassRef::from_list(classes, index), probability }
     }
 }
 

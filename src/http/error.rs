@@ -92,6 +92,21 @@ impl From<ImageError> for ApiError {
     }
 }
 
+impl From<crate::remote::RemoteError> for ApiError {
+    fn from(e: crate::remote::RemoteError) -> Self {
+        use crate::remote::RemoteError as R;
+        let msg = e.to_string();
+        match e {
+            R::Unknown(_) => Self::new(StatusCode::NOT_FOUND, "unknown_remote", msg),
+            R::Timeout { .. } => Self::new(StatusCode::GATEWAY_TIMEOUT, "remote_timeout", msg),
+            R::Connect { .. } | R::Status { .. } | R::Malformed { .. } | R::Transport { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, "remote_error", msg)
+            }
+            R::Input { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "remote_input", msg),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let msg = e.to_string();

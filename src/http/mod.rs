@@ -10,6 +10,7 @@ pub mod limits;
 pub mod middleware;
 pub mod openapi;
 pub mod ops;
+pub mod remotes;
 pub mod repository;
 pub mod server;
 pub mod target;
@@ -43,16 +44,23 @@ pub struct AppState {
     pub device: Arc<OnceLock<String>>,
     /// Request-body bytes buffered at once (`server.max_buffered_body_bytes`).
     pub body_budget: limits::BodyBudget,
+    /// The `[[remotes]]`: models behind other servers' endpoints.
+    pub remotes: Arc<crate::remote::Remotes>,
 }
 
 impl AppState {
-    pub fn new(engine: Engine, config: Arc<Config>, metrics: Option<PrometheusHandle>) -> Self {
+    pub fn new(
+        engine: Engine,
+        config: Arc<Config>,
+        metrics: Option<PrometheusHandle>,
+        remotes: Arc<crate::remote::Remotes>,
+    ) -> Self {
         let deadlines = Deadlines {
             classify: Duration::from_millis(config.limits.classify_deadline_ms),
             attack: Duration::from_millis(config.limits.attack_deadline_ms),
         };
         let body_budget = limits::BodyBudget::new(config.server.max_buffered_body_bytes);
-        Self { engine, config, deadlines, metrics, device: Arc::default(), body_budget }
+        Self { engine, config, deadlines, metrics, device: Arc::default(), body_budget, remotes }
     }
 
     /// Ready for work: the models are loaded *and* the start-up has recorded the device, so a
@@ -84,6 +92,7 @@ pub fn router(state: AppState) -> Router {
         .merge(work)
         .route("/models", get(ops::models))
         .route("/models/{name}/classes", get(ops::classes))
+        .route("/remotes", get(remotes::list))
         .route("/models/{name}/load", post(repository::load))
         .route("/models/{name}/unload", post(repository::unload))
         .route("/v2/repository/index", post(repository::index))

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{attack, classify, dto, error, ops, repository, target, v2};
+use super::{attack, classify, dto, error, ops, remotes, repository, target, v2};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,7 @@ use super::{attack, classify, dto, error, ops, repository, target, v2};
         ops::classes,
         repository::load,
         repository::unload,
+        remotes::list,
         ops::openapi,
         ops::metrics,
         v2::server_metadata,

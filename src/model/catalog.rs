@@ -63,6 +63,19 @@ impl ModelState {
     }
 }
 
+/// The slot named `name` (the first one, the default model, when None).
+fn find<'a>(slots: &'a [Slot], name: Option<&str>) -> Result<(usize, &'a Slot), Unavailable> {
+    let found = match name {
+        None => slots.first().map(|s| (0, s)),
+        Some(n) => slots.iter().enumerate().find(|(_, s)| s.name == n),
+    };
+    found.ok_or_else(|| Unavailable::Unknown(name.unwrap_or_default().to_string()))
+}
+
+fn find_mut<'a>(slots: &'a mut [Slot], name: &str) -> Result<(usize, &'a mut Slot), Unavailable> {
+    slots.iter_mut().enumerate().find(|(_, s)| s.name == name).ok_or_else(|| Unavailable::Unknown(name.to_string()))
+}
+
 #[derive(Debug, Clone)]
 struct Slot {
     name: String,
@@ -75,6 +88,12 @@ struct Slot {
     /// What the model is, once its description has been read (ready models always have it).
     info: Option<Arc<ModelInfo>>,
     load_at_startup: bool,
+}
+
+impl Slot {
+    fn unavailable(&self) -> Unavailable {
+        Unavailable::NotReady { name: self.name.clone(), state: self.state, reason: self.reason.clone() }
+    }
 }
 
 /// A snapshot of one model for listings.
@@ -188,25 +207,18 @@ impl Catalog {
     /// The named model (the first configured one when `name` is None), if it is ready.
     pub fn ready(&self, name: Option<&str>) -> Result<(usize, Arc<ModelInfo>), Unavailable> {
         let slots = self.read();
-        let found = match name {
-            None => slots.first().map(|s| (0, s)),
-            Some(n) => slots.iter().enumerate().find(|(_, s)| s.name == n),
-        };
-        let (i, s) = found.ok_or_else(|| Unavailable::Unknown(name.unwrap_or_default().to_string()))?;
+        let (i, s) = find(&slots, name)?;
         match (&s.state, &s.info) {
             (ModelState::Ready, Some(info)) => Ok((i, info.clone())),
-            _ => Err(Unavailable::NotReady { name: s.name.clone(), state: s.state, reason: s.reason.clone() }),
+            _ => Err(s.unavailable()),
         }
     }
 
     /// The model's description whatever its state (offline tools load it themselves).
     pub fn get(&self, name: Option<&str>) -> Option<(usize, Arc<ModelInfo>)> {
         let slots = self.read();
-        let found = match name {
-            None => slots.first().map(|s| (0, s)),
-            Some(n) => slots.iter().enumerate().find(|(_, s)| s.name == n),
-        };
-        found.and_then(|(i, s)| s.info.clone().map(|info| (i, info)))
+        let (i, s) = find(&slots, name).ok()?;
+        s.info.clone().map(|info| (i, info))
     }
 
     pub fn entries(&self) -> Vec<ModelEntry> {
@@ -303,15 +315,11 @@ impl Catalog {
     /// description first.
     pub fn begin_load(&self, name: &str) -> Result<LoadTicket, Unavailable> {
         let mut slots = self.write();
-        let (index, s) = slots
-            .iter_mut()
-            .enumerate()
-            .find(|(_, s)| s.name == name)
-            .ok_or_else(|| Unavailable::Unknown(name.to_string()))?;
+        let (index, s) = find_mut(&mut slots, name)?;
         match s.state {
             ModelState::Ready => return Ok(LoadTicket::AlreadyReady),
             ModelState::Unloaded | ModelState::Failed => {}
-            state => return Err(Unavailable::NotReady { name: s.name.clone(), state, reason: s.reason.clone() }),
+            _ => return Err(s.unavailable()),
         }
         if let ModelSource::Configured(m) = &s.source {
             match open_configured(m, s.batch) {
@@ -319,40 +327,27 @@ impl Catalog {
                 Err(e) => {
                     s.state = ModelState::Failed;
                     s.reason = Some(e.to_string());
-                    return Err(Unavailable::NotReady {
-                        name: s.name.clone(),
-                        state: s.state,
-                        reason: s.reason.clone(),
-                    });
+                    return Err(s.unavailable());
                 }
             }
         }
-        match &s.info {
-            Some(info) => {
-                let info = info.clone();
-                s.state = ModelState::Loading;
-                s.reason = None;
-                Ok(LoadTicket::Start { index, info })
-            }
-            None => Err(Unavailable::NotReady { name: s.name.clone(), state: s.state, reason: s.reason.clone() }),
-        }
+        let Some(info) = s.info.clone() else { return Err(s.unavailable()) };
+        s.state = ModelState::Loading;
+        s.reason = None;
+        Ok(LoadTicket::Start { index, info })
     }
 
     /// Moves a ready model to `unloading`: new requests for it get 503 from now on.
     pub fn begin_unload(&self, name: &str) -> Result<Option<usize>, Unavailable> {
         let mut slots = self.write();
-        let (index, s) = slots
-            .iter_mut()
-            .enumerate()
-            .find(|(_, s)| s.name == name)
-            .ok_or_else(|| Unavailable::Unknown(name.to_string()))?;
+        let (index, s) = find_mut(&mut slots, name)?;
         match s.state {
             ModelState::Ready => {
                 s.state = ModelState::Unloading;
                 Ok(Some(index))
             }
             ModelState::Unloaded | ModelState::Failed | ModelState::Unsupported => Ok(None),
-            state => Err(Unavailable::NotReady { name: s.name.clone(), state, reason: s.reason.clone() }),
+            _ => Err(s.unavailable()),
         }
     }
 

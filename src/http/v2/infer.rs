@@ -356,7 +356,7 @@ fn elements(input: &InferInput, binary: Bytes) -> Result<Elements, V2Error> {
             }
             match dt {
                 "FP32" => {
-                    if binary.len() % 4 != 0 {
+                    if !binary.len().is_multiple_of(4) {
                         return Err(bad("FP32 binary data is not a whole number of 4-byte floats"));
                     }
                     let v: Vec<f32> =

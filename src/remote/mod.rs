@@ -1,0 +1,456 @@
+//! Remote targets: models behind an Open Inference Protocol (KServe v2 / Triton) HTTP endpoint —
+//! the model production calls. A [`Remote`] classifies images by asking that endpoint (with
+//! `reqwest`), as `bytes` (the encoded image as a `BYTES` tensor, for servers that decode
+//! themselves; base64 in JSON, or raw in Triton's binary tensor data) or as `fp32` (the tensor
+//! preprocessed here as declared). Every way a remote can fail becomes a [`RemoteError`] for that
+//! request only.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::model::bundle::{Bundle, Description, IMAGENET};
+use crate::model::{ClassList, InputSpec};
+
+/// How the image travels to the remote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RemoteInput {
+    /// The encoded image file as a `BYTES` tensor of shape `[1]`.
+    #[default]
+    Bytes,
+    /// The preprocessed `FP32` tensor `[1, 3, S, S]` (preprocessing from `description`).
+    Fp32,
+}
+
+/// What the output tensor holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Scores {
+    #[default]
+    Probabilities,
+    /// Softmax is applied here.
+    Logits,
+}
+
+/// A `[[remotes]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteConfig {
+    /// Addressed as `remote:<name>`.
+    pub name: String,
+    /// Base URL of the server, e.g. `http://triton:8000`.
+    pub url: String,
+    pub model: String,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub input: RemoteInput,
+    /// The input tensor's name (default `image` for bytes, `input` for fp32).
+    #[serde(default)]
+    pub input_name: Option<String>,
+    /// The output tensor to read (default: the response's first).
+    #[serde(default)]
+    pub output: Option<String>,
+    #[serde(default)]
+    pub scores: Scores,
+    /// Send bytes inputs with Triton's binary tensor data extension instead of base64 JSON.
+    #[serde(default)]
+    pub binary_data: bool,
+    /// For `fp32`: the preprocessing (`size` required), as for local models.
+    #[serde(default)]
+    pub description: Option<Description>,
+    /// `imagenet` or a class-list file: what the output's indices mean.
+    #[serde(default = "imagenet")]
+    pub classes: String,
+    /// Extra request headers (authentication).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+    /// Requests in flight to this remote at once.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrent: usize,
+}
+
+fn imagenet() -> String {
+    IMAGENET.into()
+}
+fn default_timeout() -> u64 {
+    10_000
+}
+fn default_concurrency() -> usize {
+    8
+}
+
+/// Why a remote could not answer; `http::error` maps these to 502 / 504.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RemoteError {
+    #[error("unknown remote {0:?}")]
+    Unknown(String),
+    #[error("remote {remote}: no answer within {timeout_ms} ms")]
+    Timeout { remote: String, timeout_ms: u64 },
+    #[error("remote {remote}: cannot connect: {message}")]
+    Connect { remote: String, message: String },
+    #[error("remote {remote} answered {status}: {message}")]
+    Status { remote: String, status: u16, message: String },
+    #[error("remote {remote} answered something that is not an inference response: {message}")]
+    Malformed { remote: String, message: String },
+    /// The request failed after connecting (the connection closed without an answer, …).
+    #[error("remote {remote}: the request failed: {message}")]
+    Transport { remote: String, message: String },
+    #[error("remote {remote}: {message}")]
+    Input { remote: String, message: String },
+}
+
+impl RemoteError {
+    fn metric_outcome(&self) -> &'static str {
+        match self {
+            Self::Unknown(_) => "unknown",
+            Self::Timeout { .. } => "timeout",
+            Self::Connect { .. } => "connect",
+            Self::Status { .. } => "status",
+            Self::Malformed { .. } => "malformed",
+            Self::Transport { .. } => "transport",
+            Self::Input { .. } => "input",
+        }
+    }
+}
+
+/// A remote's answer for one image.
+#[derive(Debug, Clone)]
+pub struct RemoteScores {
+    pub probabilities: Vec<f32>,
+    pub elapsed: Duration,
+}
+
+/// A configured remote target.
+#[derive(Debug)]
+pub struct Remote {
+    pub config: RemoteConfig,
+    pub classes: ClassList,
+    /// For `fp32`: the preprocessing the tensor gets here.
+    pub spec: Option<InputSpec>,
+    http: reqwest::Client,
+    slots: tokio::sync::Semaphore,
+}
+
+/// Every configured remote, by name.
+#[derive(Debug, Default)]
+pub struct Remotes {
+    remotes: Vec<Arc<Remote>>,
+}
+
+/// Where `remote:<name>` is written, the name.
+pub fn remote_name(s: &str) -> Option<&str> {
+    s.strip_prefix("remote:")
+}
+
+impl Remotes {
+    pub fn from_configs(configs: &[RemoteConfig]) -> Result<Self, String> {
+        let mut remotes = Vec::new();
+        for c in configs {
+            if remotes.iter().any(|r: &Arc<Remote>| r.config.name == c.name) {
+                return Err(format!("remote {:?} is configured twice", c.name));
+            }
+            remotes.push(Arc::new(Remote::new(c.clone())?));
+        }
+        Ok(Self { remotes })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Remote>, RemoteError> {
+        self.remotes.iter().find(|r| r.config.name == name).cloned().ok_or_else(|| RemoteError::Unknown(name.into()))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Remote>> {
+        self.remotes.iter()
+    }
+}
+
+impl Remote {
+    pub fn new(config: RemoteConfig) -> Result<Self, String> {
+        let bad = |m: String| format!("remotes.{}: {m}", config.name);
+        let url = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("url {:?}: {e}", config.url)))?;
+        if url.scheme() != "http" {
+            return Err(bad(format!(
+                "url {:?}: only http endpoints are supported (this build has no TLS stack; put a sidecar in front)",
+                config.url
+            )));
+        }
+        if config.max_concurrent == 0 || config.timeout_ms == 0 {
+            return Err(bad("max_concurrent and timeout_ms must be ≥ 1".into()));
+        }
+        let classes = if config.classes == IMAGENET {
+            crate::model::bundle::imagenet_classes()
+        } else {
+            let path = crate::config::expand_path(&config.classes).map_err(|e| bad(e.to_string()))?;
+            Bundle::read_classes(std::path::Path::new("."), &path.to_string_lossy()).map_err(bad)?
+        };
+        let spec = match (config.input, &config.description) {
+            (RemoteInput::Fp32, Some(d)) => {
+                let size = d.size.ok_or_else(|| bad("fp32 input needs description.size".into()))?;
+                let meta = crate::model::ModelMeta::described(
+                    &config.name,
+                    String::new(),
+                    String::new(),
+                    size,
+                    classes.len(),
+                    config.classes.clone(),
+                    d,
+                    serde_json::Value::Null,
+                );
+                Some(meta.input)
+            }
+            (RemoteInput::Fp32, None) => return Err(bad("fp32 input needs description = { size = … }".into())),
+            (RemoteInput::Bytes, _) => None,
+        };
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &config.headers {
+            let name =
+                reqwest::header::HeaderName::try_from(k.as_str()).map_err(|e| bad(format!("header {k:?}: {e}")))?;
+            let value =
+                reqwest::header::HeaderValue::try_from(v.as_str()).map_err(|e| bad(format!("header {k:?}: {e}")))?;
+            headers.insert(name, value);
+        }
+        let http = reqwest::Client::builder()
+            .default_headers(headers)
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_millis(config.timeout_ms))
+            .build()
+            .map_err(|e| bad(e.to_string()))?;
+        let slots = tokio::sync::Semaphore::new(config.max_concurrent);
+        Ok(Self { config, classes, spec, http, slots })
+    }
+
+    fn model_path(&self) -> String {
+        let base = self.config.url.trim_end_matches('/');
+        match &self.config.version {
+            Some(v) => format!("{base}/v2/models/{}/versions/{v}", self.config.model),
+            None => format!("{base}/v2/models/{}", self.config.model),
+        }
+    }
+
+    fn error(&self, e: reqwest::Error) -> RemoteError {
+        let remote = self.config.name.clone();
+        // reqwest's own message names only the URL; the causes say what happened.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message = format!("{message}: {s}");
+            source = s.source();
+        }
+        if e.is_timeout() {
+            RemoteError::Timeout { remote, timeout_ms: self.config.timeout_ms }
+        } else if e.is_connect() {
+            RemoteError::Connect { remote, message }
+        } else {
+            RemoteError::Transport { remote, message }
+        }
+    }
+
+    /// Whether the remote says the model is ready (`GET …/ready`).
+    pub async fn health(&self) -> Result<(), RemoteError> {
+        let res = self.http.get(format!("{}/ready", self.model_path())).send().await.map_err(|e| self.error(e))?;
+        match res.status().as_u16() {
+            200 => Ok(()),
+            status => Err(RemoteError::Status {
+                remote: self.config.name.clone(),
+                status,
+                message: protocol_message(&res.bytes().await.unwrap_or_default()),
+            }),
+        }
+    }
+
+    /// The remote's class probabilities for an encoded image (`bytes`) or its preprocessed
+    /// tensor (`fp32`, `3×S×S` in [0,1] before the declared normalisation).
+    pub async fn classify(&self, image: Bytes, tensor: Option<Vec<f32>>) -> Result<RemoteScores, RemoteError> {
+        let started = Instant::now();
+        let result = self.infer(image, tensor).await;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.metric_outcome(),
+        };
+        metrics::counter!("labelfool_remote_requests_total", "remote" => self.config.name.clone(), "outcome" => outcome)
+            .increment(1);
+        result.map(|probabilities| RemoteScores { probabilities, elapsed: started.elapsed() })
+    }
+
+    async fn infer(&self, image: Bytes, tensor: Option<Vec<f32>>) -> Result<Vec<f32>, RemoteError> {
+        let _slot = self.slots.acquire().await.map_err(|_| RemoteError::Input {
+            remote: self.config.name.clone(),
+            message: "the server is shutting down".into(),
+        })?;
+        let url = format!("{}/infer", self.model_path());
+        let outputs =
+            self.config.output.as_ref().map(|o| serde_json::json!([{"name": o, "parameters": {"binary_data": false}}]));
+        let mut req = self.http.post(&url);
+        req = match (self.config.input, tensor) {
+            (RemoteInput::Bytes, _) if self.config.binary_data => {
+                let name = self.config.input_name.as_deref().unwrap_or("image");
+                let mut header = serde_json::json!({"inputs": [{"name": name, "shape": [1], "datatype": "BYTES",
+                    "parameters": {"binary_data_size": image.len() + 4}}]});
+                if let Some(o) = &outputs {
+                    header["outputs"] = o.clone();
+                }
+                let mut body = serde_json::to_vec(&header).unwrap_or_default();
+                let json_len = body.len();
+                body.extend_from_slice(&(image.len() as u32).to_le_bytes());
+                body.extend_from_slice(&image);
+                req.header("Inference-Header-Content-Length", json_len)
+                    .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body)
+            }
+            (RemoteInput::Bytes, _) => {
+                let name = self.config.input_name.as_deref().unwrap_or("image");
+                let mut body = serde_json::json!({"inputs": [{"name": name, "shape": [1], "datatype": "BYTES",
+                    "data": [base64::engine::general_purpose::STANDARD.encode(&image)]}]});
+                if let Some(o) = &outputs {
+                    body["outputs"] = o.clone();
+                }
+                req.json(&body)
+            }
+            (RemoteInput::Fp32, Some(t)) => {
+                let s = self.spec.as_ref().map_or(0, |s| s.size);
+                let name = self.config.input_name.as_deref().unwrap_or("input");
+                let t = normalise(t, self.spec.as_ref());
+                let mut body = serde_json::json!({"inputs": [{"name": name, "shape": [1, 3, s, s], "datatype": "FP32", "data": t}]});
+                if let Some(o) = &outputs {
+                    body["outputs"] = o.clone();
+                }
+                req.json(&body)
+            }
+            (RemoteInput::Fp32, None) => {
+                return Err(RemoteError::Input {
+                    remote: self.config.name.clone(),
+                    message: "fp32 input needs the preprocessed tensor".into(),
+                });
+            }
+        };
+        let res = req.send().await.map_err(|e| self.error(e))?;
+        let status = res.status().as_u16();
+        let body = res.bytes().await.map_err(|e| self.error(e))?;
+        if status != 200 {
+            return Err(RemoteError::Status {
+                remote: self.config.name.clone(),
+                status,
+                message: protocol_message(&body),
+            });
+        }
+        self.scores(&body)
+    }
+
+    /// The output's scores as probabilities, checked against the class list.
+    fn scores(&self, body: &[u8]) -> Result<Vec<f32>, RemoteError> {
+        let malformed = |message: String| RemoteError::Malformed { remote: self.config.name.clone(), message };
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|e| malformed(format!("not JSON ({e}): {}", snippet(body))))?;
+        let outputs = v["outputs"].as_array().ok_or_else(|| malformed(format!("no `outputs`: {}", snippet(body))))?;
+        let output = match &self.config.output {
+            Some(name) => outputs.iter().find(|o| o["name"] == name.as_str()),
+            None => outputs.first(),
+        }
+        .ok_or_else(|| malformed(format!("no output {:?}", self.config.output.as_deref().unwrap_or("(any)"))))?;
+        let mut values = Vec::new();
+        flatten_numbers(&output["data"], &mut values, 0).map_err(malformed)?;
+        let n = self.classes.len();
+        if values.len() != n {
+            return Err(malformed(format!(
+                "output {} has {} values (shape {}); the class list has {n}",
+                output["name"],
+                values.len(),
+                output["shape"]
+            )));
+        }
+        if values.iter().any(|x| !x.is_finite()) {
+            return Err(malformed("the scores are not all finite".into()));
+        }
+        Ok(match self.config.scores {
+            Scores::Probabilities => values,
+            Scores::Logits => softmax(&values),
+        })
+    }
+}
+
+/// `(x − mean) / std` per channel of a CHW tensor, when declared.
+fn normalise(mut t: Vec<f32>, spec: Option<&InputSpec>) -> Vec<f32> {
+    if let Some((mean, std)) = spec.and_then(|s| s.mean.zip(s.std)) {
+        let plane = t.len() / 3;
+        for (c, chunk) in t.chunks_mut(plane.max(1)).enumerate().take(3) {
+            chunk.iter_mut().for_each(|x| *x = (*x - mean[c]) / std[c]);
+        }
+    }
+    t
+}
+
+fn softmax(v: &[f32]) -> Vec<f32> {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = v.iter().map(|x| (x - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.iter().map(|e| e / sum).collect()
+}
+
+fn flatten_numbers(v: &serde_json::Value, out: &mut Vec<f32>, depth: usize) -> Result<(), String> {
+    match v {
+        serde_json::Value::Array(items) if depth < 8 => {
+            items.iter().try_for_each(|i| flatten_numbers(i, out, depth + 1))
+        }
+        serde_json::Value::Number(n) => {
+            out.push(n.as_f64().unwrap_or(f64::NAN) as f32);
+            Ok(())
+        }
+        other => Err(format!("output data holds {} where numbers belong", snippet(other.to_string().as_bytes()))),
+    }
+}
+
+/// The message of an error body: the protocol's `{"error": "…"}`, else the text.
+fn protocol_message(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| match &v["error"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Object(o) => o.get("message").and_then(|m| m.as_str()).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_else(|| snippet(body))
+}
+
+fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+    if body.len() > 200 { format!("{s}…") } else { s }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_scores() {
+        assert_eq!(protocol_message(br#"{"error": "no such model"}"#), "no such model");
+        assert_eq!(protocol_message(br#"{"error": {"message": "m"}}"#), "m");
+        assert_eq!(protocol_message(b"<html>bad gateway</html>"), "<html>bad gateway</html>");
+        let p = softmax(&[1.0, 1.0, 1.0 + 2f32.ln()]);
+        assert!((p[2] - 0.5).abs() < 1e-6 && (p[0] - 0.25).abs() < 1e-6);
+        let mut out = Vec::new();
+        flatten_numbers(&serde_json::json!([[0.1, 0.2], [0.7]]), &mut out, 0).unwrap();
+        assert_eq!(out, vec![0.1, 0.2, 0.7]);
+        assert!(flatten_numbers(&serde_json::json!(["a"]), &mut Vec::new(), 0).is_err());
+        let t = normalise(
+            vec![1.0, 0.5, 0.0],
+            Some(&InputSpec {
+                size: 1,
+                resize_short_side: 1,
+                crop: "center".into(),
+                interpolation: "bilinear-antialias".into(),
+                channels: "RGB".into(),
+                range: [0.0, 1.0],
+                mean: Some([0.5; 3]),
+                std: Some([0.5; 3]),
+            }),
+        );
+        assert_eq!(t, vec![1.0, 0.0, -1.0]);
+    }
+}

@@ -1,0 +1,179 @@
+//! Remote targets: a model behind another server's Open Inference Protocol endpoint, as a
+//! transfer check (`/attack?verify=remote:<name>`) in its three input modes, and every way an
+//! endpoint can misbehave (a fake endpoint, for faults no real server produces on demand).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn json(res: reqwest::Response) -> (u16, Value) {
+    let status = res.status().as_u16();
+    (status, res.json().await.unwrap_or(Value::Null))
+}
+
+fn remote(name: &str, url: &str, model: &str, extra: &str) -> String {
+    format!("[[remotes]]\nname = \"{name}\"\nurl = \"{url}\"\nmodel = \"{model}\"\n{extra}\n")
+}
+
+#[tokio::test]
+async fn verify_against_a_remote_in_every_input_mode() {
+    // The "production" server: another process, speaking the protocol on its /v2 routes.
+    let prod = Server::start(&tiny_config(""));
+    let classes = models_dir().join("tiny/classes.txt");
+    let classes = format!("classes = \"{}\"", classes.display());
+    let remotes = [
+        remote("b64", &prod.base, "tiny", &classes),
+        remote("binary", &prod.base, "tiny", &format!("{classes}\nbinary_data = true")),
+        remote(
+            "fp32",
+            &prod.base,
+            "tiny",
+            &format!("{classes}\ninput = \"fp32\"\ndescription = {{ size = 32, resize_short_side = 36 }}"),
+        ),
+    ]
+    .concat();
+    let s = Server::start(&tiny_config(&remotes));
+    let (status, list) = json(client().get(s.url("/remotes")).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 3);
+    assert!(list.as_array().unwrap().iter().all(|r| r["health"] == "ready"), "{list}");
+    let mut transferred = 0;
+    for path in sample_images().iter().take(3) {
+        let res = client()
+            .post(s.url("/attack?model=tiny&verify=remote:b64,remote:binary,remote:fp32,tiny"))
+            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
+            .send()
+            .await
+            .unwrap();
+        let (status, v) = json(res).await;
+        assert_eq!(status, 200, "{v}");
+        let t = v["transfer"].as_array().unwrap();
+        assert_eq!(t.len(), 4, "{v}");
+        // The remote serves the same network: every mode sees what the local copy sees.
+        let local = t.iter().find(|x| x["model"] == "tiny").unwrap();
+        for mode in ["remote:b64", "remote:binary", "remote:fp32"] {
+            let r = t.iter().find(|x| x["model"] == mode).unwrap_or_else(|| panic!("{mode} missing: {v}"));
+            assert_eq!(r["adversarial"]["index"], local["adversarial"]["index"], "{mode}: {v}");
+            assert_eq!(r["original"]["index"], local["original"]["index"], "{mode}: {v}");
+            assert_eq!(r["transferred"], v["success"], "{mode}: {v}");
+            assert!(
+                (r["adversarial"]["probability"].as_f64().unwrap()
+                    - local["adversarial"]["probability"].as_f64().unwrap())
+                .abs()
+                    < 1e-4
+            );
+        }
+        transferred += usize::from(local["transferred"] == true);
+    }
+    assert!(transferred > 0);
+    let res = client()
+        .post(s.url("/attack?model=tiny&verify=remote:nope"))
+        .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+}
+
+/// A fake endpoint that misbehaves in the way its model name says.
+async fn misbehaving_endpoint() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut got = Vec::new();
+                // Read the head (and whatever body arrives with it); the path is all that matters.
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&got).into_owned();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let reply = |status: &str, body: &str| {
+                    format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                };
+                let answer = if path.ends_with("/ready") {
+                    reply("200 OK", "{}")
+                } else if path.contains("/slow/") {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    return;
+                } else if path.contains("/err500/") {
+                    reply("500 Internal Server Error", r#"{"error": "model crashed"}"#)
+                } else if path.contains("/shape/") {
+                    reply(
+                        "200 OK",
+                        r#"{"model_name": "shape", "outputs": [{"name": "p", "datatype": "FP32", "shape": [1, 3], "data": [0.2, 0.3, 0.5]}]}"#,
+                    )
+                } else if path.contains("/notjson/") {
+                    reply("200 OK", "<html>hello</html>")
+                } else {
+                    return; // closed without an answer
+                };
+                let _ = sock.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
+    let fake = misbehaving_endpoint().await;
+    let classes = format!("classes = \"{}\"\ntimeout_ms = 800", models_dir().join("tiny/classes.txt").display());
+    let remotes: String = ["slow", "err500", "shape", "notjson", "closed"]
+        .iter()
+        .map(|m| remote(m, &fake, m, &classes))
+        .chain(std::iter::once(remote("refused", "http://127.0.0.1:9", "m", &classes)))
+        .collect();
+    let s = Server::start(&tiny_config(&format!("[server]\n\n{remotes}")));
+    let cases = [
+        ("slow", 504, "within 800 ms"),
+        ("err500", 502, "model crashed"),
+        ("shape", 502, "3 values"),
+        ("notjson", 502, "not JSON"),
+        ("closed", 502, "closed"),
+        ("refused", 502, "cannot connect"),
+    ];
+    for (name, status, expect) in cases {
+        let started = Instant::now();
+        let res = client()
+            .post(s.url(&format!("/attack?model=tiny&verify=remote:{name}")))
+            .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
+            .send()
+            .await
+            .unwrap();
+        let (got, v) = json(res).await;
+        assert_eq!(got, status, "{name}: {v}");
+        let message = v["error"]["message"].as_str().unwrap_or_default().to_lowercase();
+        assert!(message.contains(&expect.to_lowercase()), "{name}: {v}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{name} took {:?}", started.elapsed());
+    }
+    // The server is up and serves everything else.
+    let res = client()
+        .post(s.url("/classify?model=tiny"))
+        .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let (_, list) = json(client().get(s.url("/remotes")).send().await.unwrap()).await;
+    let refused = list.as_array().unwrap().iter().find(|r| r["name"] == "refused").unwrap();
+    assert!(refused["health"].as_str().unwrap().contains("cannot connect"), "{refused}");
+    let metrics = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("labelfool_remote_requests_total") && l.contains("outcome=\"timeout\"")),
+        "remote failures are counted:\n{metrics}"
+    );
+}

@@ -1,0 +1,150 @@
+//! A remote target behind a server nobody here wrote: MLServer (PyPI `mlserver`, installed by the
+//! setup) serving EfficientNet-Lite2 through a small custom runtime with its own preprocessing
+//! (`tests/partners/mlserver/lite2_runtime.py`), in `bytes` and `fp32` modes. LabelFool attacks
+//! Lite0 and checks the transfer to it; the delivered PNG, posted to MLServer, gives the label the
+//! answer reported.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use common::*;
+use serde_json::Value;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct MlServer {
+    child: Child,
+    url: String,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Drop for MlServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn mlserver_bin() -> PathBuf {
+    let version = std::env::var("LABELFOOL_MLSERVER_VERSION").unwrap_or_else(|_| "1.7.1".into());
+    let bin = models_dir().parent().unwrap().join(format!("mlserver-{version}/bin/mlserver"));
+    assert!(bin.is_file(), "no MLServer at {}: run scripts/setup", bin.display());
+    bin
+}
+
+fn start_mlserver() -> MlServer {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let runtime = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/partners/mlserver/lite2_runtime.py");
+    std::fs::copy(&runtime, d.join("lite2_runtime.py")).unwrap();
+    let (http, grpc, metrics) = (free_port(), free_port(), free_port());
+    std::fs::write(
+        d.join("settings.json"),
+        format!(r#"{{"http_port": {http}, "grpc_port": {grpc}, "metrics_port": {metrics}, "parallel_workers": 0, "host": "127.0.0.1"}}"#),
+    )
+    .unwrap();
+    for mode in ["bytes", "fp32"] {
+        let m = d.join(format!("lite2-{mode}"));
+        std::fs::create_dir(&m).unwrap();
+        std::fs::write(
+            m.join("model-settings.json"),
+            format!(r#"{{"name": "lite2-{mode}", "implementation": "lite2_runtime.Lite2", "parameters": {{"extra": {{"mode": "{mode}"}}}}}}"#),
+        )
+        .unwrap();
+    }
+    let log = d.join("mlserver.log");
+    let child = Command::new(mlserver_bin())
+        .arg("start")
+        .arg(d)
+        .current_dir(d)
+        .env("PYTHONPATH", d)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(d.join("mlserver.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{http}");
+    let server = MlServer { child, url, _dir: dir, log };
+    wait_ready(&server, Duration::from_secs(180));
+    server
+}
+
+fn wait_ready(m: &MlServer, limit: Duration) {
+    let started = Instant::now();
+    let ready = |path: &str| {
+        let addr = m.url.trim_start_matches("http://");
+        std::net::TcpStream::connect(addr).ok().and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+            let mut buf = String::new();
+            s.read_to_string(&mut buf).ok()?;
+            Some(buf.starts_with("HTTP/1.1 200"))
+        }) == Some(true)
+    };
+    while !(ready("/v2/models/lite2-bytes/ready") && ready("/v2/models/lite2-fp32/ready")) {
+        let err = std::fs::read_to_string(m.log.with_extension("err")).unwrap_or_default();
+        assert!(started.elapsed() < limit, "MLServer not ready after {limit:?}:\n{err}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+async fn post_png_to_mlserver(m: &MlServer, png: &[u8]) -> usize {
+    let body = serde_json::json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+        "data": [base64::engine::general_purpose::STANDARD.encode(png)]}]});
+    let res = client().post(format!("{}/v2/models/lite2-bytes/infer", m.url)).json(&body).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    let p: Vec<f64> = v["outputs"][0]["data"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+    (0..p.len()).max_by(|&a, &b| p[a].total_cmp(&p[b])).unwrap()
+}
+
+fn remotes(url: &str) -> String {
+    format!(
+        "[[remotes]]\nname = \"lite2-bytes\"\nurl = \"{url}\"\nmodel = \"lite2-bytes\"\n\n\
+         [[remotes]]\nname = \"lite2-fp32\"\nurl = \"{url}\"\nmodel = \"lite2-fp32\"\ninput = \"fp32\"\n\
+         description = {{ size = 260, resize_short_side = 297, mean = [0.5, 0.5, 0.5], std = [0.5, 0.5, 0.5] }}\n"
+    )
+}
+
+#[tokio::test]
+async fn verify_against_mlserver_in_both_modes() {
+    let m = start_mlserver();
+    let s = Server::start(&default_model_config(&remotes(&m.url)));
+    let (_, list) = {
+        let res = client().get(s.url("/remotes")).send().await.unwrap();
+        (res.status(), res.json::<Value>().await.unwrap())
+    };
+    assert!(list.as_array().unwrap().iter().all(|r| r["health"] == "ready"), "{list}");
+    let images: Vec<PathBuf> = sample_images().into_iter().take(4).collect();
+    for path in &images {
+        let res = client()
+            .post(s.url("/attack?verify=remote:lite2-bytes,remote:lite2-fp32"))
+            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let v: Value = res.json().await.unwrap();
+        assert_eq!(v["success"], true, "{}", path.display());
+        let t = v["transfer"].as_array().unwrap();
+        let bytes = t.iter().find(|x| x["model"] == "remote:lite2-bytes").unwrap();
+        let fp32 = t.iter().find(|x| x["model"] == "remote:lite2-fp32").unwrap();
+        // The delivered PNG, posted to MLServer, gives the label the answer reported.
+        let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();
+        let top1 = post_png_to_mlserver(&m, &png).await;
+        assert_eq!(bytes["adversarial"]["index"].as_u64(), Some(top1 as u64), "{}: {bytes}", path.display());
+        assert_eq!(bytes["transferred"].as_bool(), Some(Some(top1) == v["target"]["index"].as_u64().map(|i| i as usize)));
+        // The remote's verdict on the upload is its own: the fixtures' true classes for these
+        // clear images, in both modes (server-side PIL preprocessing, or ours as fp32).
+        let wnid = wnid_of(Path::new(path));
+        assert_eq!(bytes["original"]["wnid"].as_str(), Some(wnid.as_str()), "{bytes}");
+        assert_eq!(fp32["original"]["index"], bytes["original"]["index"], "{fp32} vs {bytes}");
+    }
+}

@@ -140,11 +140,42 @@ async fn verify_against_mlserver_in_both_modes() {
         let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();
         let top1 = post_png_to_mlserver(&m, &png).await;
         assert_eq!(bytes["adversarial"]["index"].as_u64(), Some(top1 as u64), "{}: {bytes}", path.display());
-        assert_eq!(bytes["transferred"].as_bool(), Some(Some(top1) == v["target"]["index"].as_u64().map(|i| i as usize)));
+        assert_eq!(
+            bytes["transferred"].as_bool(),
+            Some(Some(top1) == v["target"]["index"].as_u64().map(|i| i as usize))
+        );
         // The remote's verdict on the upload is its own: the fixtures' true classes for these
         // clear images, in both modes (server-side PIL preprocessing, or ours as fp32).
         let wnid = wnid_of(Path::new(path));
         assert_eq!(bytes["original"]["wnid"].as_str(), Some(wnid.as_str()), "{bytes}");
         assert_eq!(fp32["original"]["index"], bytes["original"]["index"], "{fp32} vs {bytes}");
+    }
+}
+
+/// Query-based LabelFool against MLServer's Lite2 with Lite0 as the surrogate: whatever happens,
+/// the budget holds, margins grow, and a success is a PNG that MLServer classifies as the target.
+#[tokio::test]
+async fn query_based_labelfool_against_mlserver() {
+    let m = start_mlserver();
+    let s = Server::start(&default_model_config(&remotes(&m.url)));
+    for path in sample_images().iter().take(3) {
+        let res = client()
+            .post(s.url("/attack?model=remote:lite2-bytes&surrogate=efficientnet-lite0&budget=6"))
+            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let v: Value = res.json().await.unwrap();
+        let queries = v["queries"].as_u64().unwrap();
+        assert!(queries <= 6, "{v}");
+        let candidates = v["candidates"].as_array().unwrap();
+        assert_eq!(candidates.len() as u64, queries - 1, "one query per candidate after the upload: {v}");
+        let margins: Vec<f64> = candidates.iter().map(|c| c["margin"].as_f64().unwrap()).collect();
+        assert!(margins.windows(2).all(|w| w[0] < w[1]), "{margins:?}");
+        if v["success"] == true {
+            let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();
+            assert_eq!(Some(post_png_to_mlserver(&m, &png).await as u64), v["target"]["index"].as_u64(), "{v}");
+        }
     }
 }

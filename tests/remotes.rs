@@ -177,3 +177,52 @@ async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
         "remote failures are counted:\n{metrics}"
     );
 }
+
+/// Query-based LabelFool against a remote known only by its endpoint: the target from the remote's
+/// probabilities, white-box LabelFool on a local surrogate, the remote asked after each candidate.
+#[tokio::test]
+async fn query_based_labelfool_spends_at_most_its_budget() {
+    let prod = Server::start(&tiny_config(""));
+    let classes = format!("classes = \"{}\"", models_dir().join("tiny/classes.txt").display());
+    let s = Server::start(&tiny_config(&remote("prod", &prod.base, "tiny", &classes)));
+    let zebra = read_fixture("images/n02391049_zebra.JPEG");
+    let attack = |query: &'static str| {
+        let (s, zebra) = (&s, zebra.clone());
+        async move {
+            let res = client().post(s.url(query)).multipart(multipart_image(zebra, "z.jpg")).send().await.unwrap();
+            json(res).await
+        }
+    };
+    // The remote is the surrogate's own network: the first candidate transfers, in 2 queries.
+    let (status, v) = attack("/attack?model=remote:prod&surrogate=tiny&budget=5").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["method"], "labelfool-transfer");
+    assert_eq!(v["success"], true, "{v}");
+    assert_eq!(v["queries"], 2, "the upload, then one candidate: {v}");
+    assert_eq!(v["final"]["index"], v["target"]["index"]);
+    assert_eq!(v["candidates"].as_array().unwrap().len(), 1);
+    // The delivered PNG, sent to the remote, is the target there.
+    let png =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v["png_base64"].as_str().unwrap()).unwrap();
+    let res = client()
+        .post(format!("{}/classify?model=tiny", prod.base))
+        .multipart(multipart_image(png, "adv.png"))
+        .send()
+        .await
+        .unwrap();
+    let (_, c) = json(res).await;
+    assert_eq!(c["top"][0]["index"], v["target"]["index"]);
+    // A budget of one query classifies the upload and stops: no candidate, no success.
+    let (status, v) = attack("/attack?model=remote:prod&surrogate=tiny&budget=1").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!((v["success"].as_bool(), v["queries"].as_u64()), (Some(false), Some(1)), "{v}");
+    assert!(v["candidates"].as_array().unwrap().is_empty() && v["png_base64"].is_null());
+    // Refused before any query: over the budget limit, a surrogate with other classes, budget
+    // without a remote.
+    let (status, v) = attack("/attack?model=remote:prod&surrogate=tiny&budget=5000").await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("budget")), "{v}");
+    let (status, v) = attack("/attack?model=remote:nope&surrogate=tiny").await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = attack("/attack?model=tiny&budget=3").await;
+    assert_eq!(status, 422, "{v}");
+}

@@ -149,6 +149,9 @@ pub struct AttackRequest {
     /// Also run the paper's float attack (no 8-bit rounding) on the same image and target, and
     /// report its perceptibility: what the 8-bit guarantee costs.
     pub float_reference: bool,
+    /// The logit margin the 8-bit image must keep, instead of the configured list (a query-based
+    /// attack asks for more and more margin so the image transfers); no refinement then.
+    pub margin: Option<f64>,
 }
 
 /// FGSM's default search: 0.5/255 … 32/255.
@@ -246,9 +249,13 @@ impl AttackRequest {
             lambda,
             max_outer,
             float_reference: false,
-            refine_rounds: d.refine_rounds,
+            refine_rounds: if req.margin.is_some() { 0 } else { d.refine_rounds },
             target_params: target_params(req.delta1, req.delta2, d)?,
-            margins: d.margins.clone(),
+            margins: match req.margin {
+                Some(m) if m.is_finite() && (0.0..=1000.0).contains(&m) => vec![m],
+                Some(m) => return Err(ParamError::invalid("margin", format!("{m} is not in [0, 1000]"))),
+                None => d.margins.clone(),
+            },
             target,
         };
         let cost = params.max_backward_passes();

@@ -66,6 +66,7 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         lambda: a.lambda,
         max_outer: a.max_outer,
         float_reference: a.float_reference,
+        margin: None,
     };
     let result = engine.attack(a.model.as_deref(), bytes.into(), req, OFFLINE_DEADLINE).await;
     super::stop_engine(engine).await;

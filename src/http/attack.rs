@@ -58,6 +58,56 @@ pub struct AttackParamsDoc {
     /// attacks: the target; untargeted: a changed label).
     #[param(example = "efficientnet-lite2")]
     pub verify: Option<String>,
+    /// The logit margin the 8-bit image must keep (LabelFool, DeepFool), instead of the
+    /// configured list; no refinement then.
+    pub margin: Option<f64>,
+    /// With `model=remote:<name>`: the local model LabelFool runs on (default: the default model);
+    /// it must have the remote's classes. The answer is a [`RemoteAttackResponse`].
+    pub surrogate: Option<String>,
+    /// With `model=remote:<name>`: most queries to the remote, the upload's included (default 10,
+    /// at most 1000).
+    pub budget: Option<u32>,
+}
+
+/// `POST /attack?model=remote:<name>`: LabelFool against a model known only by its endpoint.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RemoteAttackResponse {
+    /// `remote:<name>`.
+    pub model: String,
+    pub surrogate: String,
+    /// `labelfool-transfer`: white-box LabelFool on the surrogate with a growing margin, the remote
+    /// asked after each candidate.
+    pub method: String,
+    /// The remote classifies the delivered PNG as the target.
+    pub success: bool,
+    /// Queries spent (the upload's included; identical images are asked once) and the budget.
+    pub queries: u32,
+    pub budget: u32,
+    /// The remote's top-1 for the upload.
+    pub original: ClassPrediction,
+    /// Chosen from the remote's probabilities with the surrogate's distance matrix.
+    pub target: TargetInfo,
+    /// The remote's top-1 for the delivered PNG (absent when no candidate was asked).
+    #[serde(rename = "final")]
+    pub final_: Option<ClassPrediction>,
+    /// Every candidate asked about, in order.
+    pub candidates: Vec<CandidateInfo>,
+    /// The delivered PNG (the first that reached the target, else the last asked), base64.
+    #[schema(format = Byte)]
+    pub png_base64: Option<String>,
+    pub perturbation: Option<Perturbation>,
+    pub elapsed_ms: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CandidateInfo {
+    /// Logit margin demanded on the surrogate.
+    pub margin: f64,
+    pub surrogate_success: bool,
+    /// The remote's top-1 and its probability of the target.
+    pub remote: ClassPrediction,
+    pub remote_target_probability: Option<f64>,
+    pub perceptibility: f64,
 }
 
 /// Most models one request may verify against (each costs two classifications).
@@ -77,6 +127,9 @@ const PARAMS: &[&str] = &[
     "max_outer",
     "float_reference",
     "verify",
+    "margin",
+    "surrogate",
+    "budget",
 ];
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -204,7 +257,37 @@ pub async fn attack(
         lambda: p.finite("lambda")?,
         max_outer: p.parse::<u32>("max_outer")?,
         float_reference: p.parse::<bool>("float_reference")?.unwrap_or(false),
+        margin: p.finite("margin")?,
     };
+    if let Some(name) = p.get("model").and_then(crate::remote::remote_name) {
+        let remote = state.remotes.get(name)?;
+        let budget = p.parse::<u32>("budget")?.unwrap_or(crate::remote::attack::DEFAULT_BUDGET);
+        if budget > crate::remote::attack::MAX_BUDGET {
+            return Err(ApiError::invalid(
+                "budget",
+                format!("{budget} queries; at most {}", crate::remote::attack::MAX_BUDGET),
+            ));
+        }
+        let (_, surrogate) = state.engine.model(p.get("surrogate"))?;
+        let outcome = crate::remote::attack::run(
+            &state.engine,
+            &remote,
+            &surrogate.name,
+            req.bytes.clone(),
+            budget,
+            request,
+            state.deadlines.attack,
+        )
+        .await
+        .map_err(|e| match e {
+            crate::remote::attack::RemoteAttackError::Remote(r) => ApiError::from(r),
+            crate::remote::attack::RemoteAttackError::Engine(e) => ApiError::from(e),
+        })?;
+        return Ok(Json(remote_summary(&remote, &surrogate.name, &outcome)).into_response());
+    }
+    if p.get("surrogate").is_some() || p.get("budget").is_some() {
+        return Err(ApiError::invalid("surrogate", "`surrogate` and `budget` go with model=remote:<name>"));
+    }
     let verify = verify_models(p.get("verify"))?;
     // Unknown or unready models are refused before the attack spends anything.
     let (remotes, locals): (Vec<String>, Vec<String>) =
@@ -247,6 +330,54 @@ pub async fn attack(
         Ok(res)
     } else {
         Ok(Json(body).into_response())
+    }
+}
+
+fn remote_summary(
+    remote: &crate::remote::Remote,
+    surrogate: &str,
+    o: &crate::remote::attack::RemoteAttackOutcome,
+) -> RemoteAttackResponse {
+    let classes = &remote.classes;
+    let pred =
+        |t: &crate::remote::attack::RemoteTop| ClassPrediction::from_list(classes, t.index, f64::from(t.probability));
+    let d = &o.decision;
+    let last = o.candidates.last();
+    RemoteAttackResponse {
+        model: format!("remote:{}", remote.config.name),
+        surrogate: surrogate.to_string(),
+        method: "labelfool-transfer".into(),
+        success: o.success,
+        queries: o.queries,
+        budget: o.budget,
+        original: pred(&o.original),
+        target: TargetInfo {
+            class: ClassRef::from_list(classes, d.target),
+            chosen_by: "labelfool".into(),
+            branch: Some(d.branch),
+            p1: Some(d.p1),
+            probability: last.and_then(|c| c.remote.target_probability).map(f64::from),
+            ranking: d
+                .ranking
+                .iter()
+                .map(|&(i, s)| ClassDistance { class: ClassRef::from_list(classes, i), distance: s })
+                .collect(),
+        },
+        final_: last.map(|c| pred(&c.remote)),
+        candidates: o
+            .candidates
+            .iter()
+            .map(|c| CandidateInfo {
+                margin: c.margin,
+                surrogate_success: c.surrogate_success,
+                remote: pred(&c.remote),
+                remote_target_probability: c.remote.target_probability.map(f64::from),
+                perceptibility: c.perceptibility,
+            })
+            .collect(),
+        png_base64: o.delivered.as_ref().map(|r| base64::engine::general_purpose::STANDARD.encode(&r.png)),
+        perturbation: o.delivered.as_ref().map(|r| r.perturbation),
+        elapsed_ms: o.elapsed.as_secs_f64() * 1e3,
     }
 }
 

@@ -40,7 +40,7 @@ use super::{attack, classify, dto, error, ops, remotes, repository, target, v2};
         repository::v2_load,
         repository::v2_unload,
     ),
-    components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance)),
+    components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance, attack::RemoteAttackResponse)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     tags(

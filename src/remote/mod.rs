@@ -5,6 +5,8 @@
 //! preprocessed here as declared). Every way a remote can fail becomes a [`RemoteError`] for that
 //! request only.
 
+pub mod attack;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

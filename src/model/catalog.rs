@@ -91,6 +91,21 @@ struct Slot {
 }
 
 impl Slot {
+    /// A served TorchScript model, not loaded yet.
+    fn served(info: ModelInfo, source: ModelSource, batch: BatchPolicy) -> Self {
+        Self {
+            name: info.name.clone(),
+            source,
+            batch,
+            state: ModelState::Unloaded,
+            reason: None,
+            version: None,
+            platform: Some("pytorch_libtorch".into()),
+            info: Some(Arc::new(info)),
+            load_at_startup: true,
+        }
+    }
+
     fn unavailable(&self) -> Unavailable {
         Unavailable::NotReady { name: self.name.clone(), state: self.state, reason: self.reason.clone() }
     }
@@ -142,17 +157,7 @@ impl Catalog {
         for m in &config.models {
             let batch = BatchPolicy { max_size: config.batch_size(m), max_wait: config.batch_wait(m) };
             let info = open_configured(m, batch)?;
-            slots.push(Slot {
-                name: m.name.clone(),
-                source: ModelSource::Configured(Box::new(m.clone())),
-                batch,
-                state: ModelState::Unloaded,
-                reason: None,
-                version: None,
-                platform: Some("pytorch_libtorch".into()),
-                info: Some(Arc::new(info)),
-                load_at_startup: true,
-            });
+            slots.push(Slot::served(info, ModelSource::Configured(Box::new(m.clone())), batch));
         }
         let default_batch = BatchPolicy {
             max_size: config.engine.max_batch_size,
@@ -181,16 +186,9 @@ impl Catalog {
     pub fn from_models(models: Vec<ModelInfo>) -> Self {
         let slots = models
             .into_iter()
-            .map(|info| Slot {
-                name: info.name.clone(),
-                source: ModelSource::Opened,
-                batch: info.batch,
-                state: ModelState::Unloaded,
-                reason: None,
-                version: None,
-                platform: Some("pytorch_libtorch".into()),
-                info: Some(Arc::new(info)),
-                load_at_startup: true,
+            .map(|info| {
+                let batch = info.batch;
+                Slot::served(info, ModelSource::Opened, batch)
             })
             .collect();
         Self { slots: RwLock::new(slots), repositories: Vec::new(), default_batch: BatchPolicy::default() }

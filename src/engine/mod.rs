@@ -28,7 +28,8 @@ use crate::model::{Catalog, LoadTicket, ModelEntry, ModelError, ModelInfo};
 pub use error::EngineError;
 use queue::{AttackJob, ClassifyJob, ClassifyReply, Control, JobError, Queues};
 pub use results::{
-    AttackResult, Classification, FloatReference, ImageSummary, TargetLabel, Timings, TransferCheck, top_k,
+    AttackResult, Classification, FloatReference, ImageSummary, TargetLabel, Timings, TransferCheck, TransferVerdict,
+    top_k,
 };
 pub use stats::{EngineStats, StatsSnapshot};
 pub use worker::WorkerInfo;
@@ -199,8 +200,14 @@ impl Engine {
         Ok(self.inner.catalog.ready(name)?)
     }
 
-    /// Every model the server knows, with its state; repositories are read again first.
+    /// Every model the server knows, with its state.
     pub fn models(&self) -> Vec<ModelEntry> {
+        self.inner.catalog.entries()
+    }
+
+    /// The repository index (Triton's semantics): the repositories are read again first, so a
+    /// model directory added or fixed on disk shows up.
+    pub fn repository_index(&self) -> Vec<ModelEntry> {
         self.inner.catalog.rescan();
         self.inner.catalog.entries()
     }

@@ -103,10 +103,10 @@ pub struct FloatReference {
     pub perceptibility: Option<f64>,
 }
 
-/// An attack's delivered image classified by another model: did it transfer?
-#[derive(Debug, Clone)]
-pub struct TransferCheck {
-    pub model: Arc<ModelInfo>,
+/// What another model says of an attack: its top-1 before and after, and whether the attack
+/// transferred to it. Shared by models of this server and remote targets.
+#[derive(Debug, Clone, Copy)]
+pub struct TransferVerdict {
     /// The other model's top-1 for the upload and for the delivered PNG (index, probability).
     pub original: (usize, f32),
     pub adversarial: (usize, f32),
@@ -117,15 +117,31 @@ pub struct TransferCheck {
     pub transferred: Option<bool>,
 }
 
-impl TransferCheck {
-    pub fn new(result: &AttackResult, before: &Classification, after: &Classification) -> Self {
-        let top1 = |c: &Classification| c.top(1).first().copied().unwrap_or((0, 0.0));
+impl TransferVerdict {
+    /// `before` and `after`: the other model's probabilities for the upload and the delivered PNG;
+    /// `classes`: its class list.
+    pub fn new(result: &AttackResult, classes: &crate::model::ClassList, before: &[f32], after: &[f32]) -> Self {
+        let top1 = |p: &[f32]| top_k(p, 1).first().copied().unwrap_or((0, 0.0));
         let (original, adversarial) = (top1(before), top1(after));
-        let target = result.outcome.target.and_then(|t| result.model.classes().same_class_in(t, after.model.classes()));
+        let target = result.outcome.target.and_then(|t| result.model.classes().same_class_in(t, classes));
         let transferred = match result.outcome.target {
             Some(_) => target.map(|t| adversarial.0 == t),
             None => Some(adversarial.0 != original.0),
         };
-        Self { model: after.model.clone(), original, adversarial, target, transferred }
+        Self { original, adversarial, target, transferred }
+    }
+}
+
+/// An attack's delivered image classified by another model of this server.
+#[derive(Debug, Clone)]
+pub struct TransferCheck {
+    pub model: Arc<ModelInfo>,
+    pub verdict: TransferVerdict,
+}
+
+impl TransferCheck {
+    pub fn new(result: &AttackResult, before: &Classification, after: &Classification) -> Self {
+        let verdict = TransferVerdict::new(result, after.model.classes(), &before.probabilities, &after.probabilities);
+        Self { model: after.model.clone(), verdict }
     }
 }

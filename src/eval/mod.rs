@@ -129,9 +129,9 @@ impl TransferBrief {
     fn new(t: &crate::engine::TransferCheck) -> Self {
         Self {
             model: t.model.name.clone(),
-            original: ClassBrief::new(&t.model, t.original.0),
-            adversarial: ClassBrief::new(&t.model, t.adversarial.0),
-            transferred: t.transferred,
+            original: ClassBrief::new(&t.model, t.verdict.original.0),
+            adversarial: ClassBrief::new(&t.model, t.verdict.adversarial.0),
+            transferred: t.verdict.transferred,
         }
     }
 }

@@ -13,7 +13,7 @@ use super::dto::{ClassDistance, ClassPrediction, ClassRef};
 use super::error::{ApiError, ErrorBody};
 use super::input::ImageRequest;
 use crate::attack::Branch;
-use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings, TransferCheck};
+use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings, TransferVerdict};
 use crate::imaging::metrics::Perturbation;
 
 /// Parameters (query string, multipart fields or JSON keys).
@@ -278,11 +278,7 @@ pub async fn attack(
             request,
             state.deadlines.attack,
         )
-        .await
-        .map_err(|e| match e {
-            crate::remote::attack::RemoteAttackError::Remote(r) => ApiError::from(r),
-            crate::remote::attack::RemoteAttackError::Engine(e) => ApiError::from(e),
-        })?;
+        .await?;
         return Ok(Json(remote_summary(&remote, &surrogate.name, &outcome)).into_response());
     }
     if p.get("surrogate").is_some() || p.get("budget").is_some() {
@@ -312,7 +308,11 @@ pub async fn attack(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("image/png")));
     let mut body = summary(&result);
-    body.transfer = transfer.iter().map(transfer_result).chain(remote_transfer).collect();
+    body.transfer = transfer
+        .iter()
+        .map(|t| transfer_result(t.model.name.clone(), t.model.classes(), &t.verdict))
+        .chain(remote_transfer)
+        .collect();
     if wants_png {
         let mut res = (([(header::CONTENT_TYPE, "image/png")]), result.png).into_response();
         metadata_headers(res.headers_mut(), &body);
@@ -402,40 +402,21 @@ async fn remote_check(
     upload: &bytes::Bytes,
     result: &AttackResult,
 ) -> Result<TransferResult, ApiError> {
-    let png = bytes::Bytes::from(result.png.clone());
-    let ask = |image: bytes::Bytes| async move {
-        let tensor = match &remote.spec {
-            Some(spec) => Some(state.engine.preprocess(image.clone(), spec).await?),
-            None => None,
-        };
-        Ok::<_, ApiError>(remote.classify(image, tensor).await?)
-    };
-    let (before, after) = futures::try_join!(ask(upload.clone()), ask(png))?;
-    let top1 = |p: &[f32]| crate::engine::top_k(p, 1).first().copied().unwrap_or((0, 0.0));
-    let (original, adversarial) = (top1(&before.probabilities), top1(&after.probabilities));
-    let target = result.outcome.target.and_then(|t| result.model.classes().same_class_in(t, &remote.classes));
-    let transferred = match result.outcome.target {
-        Some(_) => target.map(|t| adversarial.0 == t),
-        None => Some(adversarial.0 != original.0),
-    };
-    let class = |(i, p): (usize, f32)| ClassPrediction::from_list(&remote.classes, i, f64::from(p));
-    Ok(TransferResult {
-        model: format!("remote:{}", remote.config.name),
-        original: class(original),
-        adversarial: class(adversarial),
-        target: target.map(|i| ClassRef::from_list(&remote.classes, i)),
-        transferred,
-    })
+    let ask = |image: bytes::Bytes| crate::remote::attack::ask(&state.engine, remote, image);
+    let (before, after) =
+        futures::try_join!(ask(upload.clone()), ask(bytes::Bytes::from(result.png.clone()))).map_err(ApiError::from)?;
+    let verdict = TransferVerdict::new(result, &remote.classes, &before.probabilities, &after.probabilities);
+    Ok(transfer_result(format!("remote:{}", remote.config.name), &remote.classes, &verdict))
 }
 
-fn transfer_result(t: &TransferCheck) -> TransferResult {
-    let m = &t.model;
+fn transfer_result(model: String, classes: &crate::model::ClassList, v: &TransferVerdict) -> TransferResult {
+    let class = |(i, p): (usize, f32)| ClassPrediction::from_list(classes, i, f64::from(p));
     TransferResult {
-        model: m.name.clone(),
-        original: ClassPrediction::new(m, t.original.0, f64::from(t.original.1)),
-        adversarial: ClassPrediction::new(m, t.adversarial.0, f64::from(t.adversarial.1)),
-        target: t.target.map(|i| ClassRef::new(m, i)),
-        transferred: t.transferred,
+        model,
+        original: class(v.original),
+        adversarial: class(v.adversarial),
+        target: v.target.map(|i| ClassRef::from_list(classes, i)),
+        transferred: v.transferred,
     }
 }
 

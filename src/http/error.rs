@@ -107,6 +107,15 @@ impl From<crate::remote::RemoteError> for ApiError {
     }
 }
 
+impl From<crate::remote::attack::RemoteAttackError> for ApiError {
+    fn from(e: crate::remote::attack::RemoteAttackError) -> Self {
+        match e {
+            crate::remote::attack::RemoteAttackError::Remote(r) => r.into(),
+            crate::remote::attack::RemoteAttackError::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let msg = e.to_string();

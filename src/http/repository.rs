@@ -47,7 +47,7 @@ pub async fn index(State(state): State<AppState>, body: axum::body::Bytes) -> Re
     };
     let entries = state
         .engine
-        .models()
+        .repository_index()
         .into_iter()
         .filter(|e| !req.ready || e.state == ModelState::Ready)
         .map(|e| IndexEntry {

@@ -68,6 +68,16 @@ fn top(probs: &[f32], target: Option<usize>) -> RemoteTop {
     RemoteTop { index, probability, target_probability: target.and_then(|t| probs.get(t).copied()) }
 }
 
+/// The remote's probabilities for an encoded image, preprocessed here first when the remote takes
+/// tensors (`fp32`).
+pub async fn ask(engine: &Engine, remote: &Remote, image: Bytes) -> Result<super::RemoteScores, RemoteAttackError> {
+    let tensor = match &remote.spec {
+        Some(spec) => Some(engine.preprocess(image.clone(), spec).await?),
+        None => None,
+    };
+    Ok(remote.classify(image, tensor).await?)
+}
+
 /// The remote, asked within the budget; an image already asked about is answered from the cache.
 struct Asker<'a> {
     engine: &'a Engine,
@@ -87,12 +97,8 @@ impl Asker<'_> {
         if self.queries >= self.budget {
             return Ok(None);
         }
-        let tensor = match &self.remote.spec {
-            Some(spec) => Some(self.engine.preprocess(image.clone(), spec).await?),
-            None => None,
-        };
         self.queries += 1;
-        let p = self.remote.classify(image, tensor).await?.probabilities;
+        let p = ask(self.engine, self.remote, image).await?.probabilities;
         self.cache.insert(key, p.clone());
         Ok(Some(p))
     }

@@ -118,6 +118,19 @@ async fn misbehaving_endpoint() -> String {
                     )
                 } else if path.contains("/notjson/") {
                     reply("200 OK", "<html>hello</html>")
+                } else if path.contains("/huge/") {
+                    // An endless answer with no length: the client must stop reading, not buffer it.
+                    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n";
+                    if sock.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let chunk = vec![b' '; 1 << 16];
+                    for _ in 0..(1 << 14) {
+                        if sock.write_all(&chunk).await.is_err() {
+                            return;
+                        }
+                    }
+                    return;
                 } else {
                     return; // closed without an answer
                 };
@@ -132,7 +145,7 @@ async fn misbehaving_endpoint() -> String {
 async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
     let fake = misbehaving_endpoint().await;
     let classes = format!("classes = \"{}\"\ntimeout_ms = 800", models_dir().join("tiny/classes.txt").display());
-    let remotes: String = ["slow", "err500", "shape", "notjson", "closed"]
+    let remotes: String = ["slow", "err500", "shape", "notjson", "closed", "huge"]
         .iter()
         .map(|m| remote(m, &fake, m, &classes))
         .chain(std::iter::once(remote("refused", "http://127.0.0.1:9", "m", &classes)))
@@ -144,6 +157,7 @@ async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
         ("shape", 502, "3 values"),
         ("notjson", 502, "not JSON"),
         ("closed", 502, "closed"),
+        ("huge", 502, "larger than 1048576 bytes"),
         ("refused", 502, "cannot connect"),
     ];
     for (name, status, expect) in cases {

@@ -254,6 +254,32 @@ impl Remote {
         }
     }
 
+    /// The largest answer read from the remote: its scores as JSON text (a few dozen bytes a
+    /// class) with room to spare; a larger answer is refused, not buffered.
+    fn response_limit(&self) -> usize {
+        (64 * self.classes.len()).max(1 << 20)
+    }
+
+    /// The answer's body, read up to [`Self::response_limit`].
+    async fn read_body(&self, mut res: reqwest::Response) -> Result<Vec<u8>, RemoteError> {
+        let limit = self.response_limit();
+        let too_large = || RemoteError::Malformed {
+            remote: self.config.name.clone(),
+            message: format!("the answer is larger than {limit} bytes"),
+        };
+        if res.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = res.chunk().await.map_err(|e| self.error(e))? {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
     /// Whether the remote says the model is ready (`GET …/ready`).
     pub async fn health(&self) -> Result<(), RemoteError> {
         let res = self.http.get(format!("{}/ready", self.model_path())).send().await.map_err(|e| self.error(e))?;
@@ -262,7 +288,7 @@ impl Remote {
             status => Err(RemoteError::Status {
                 remote: self.config.name.clone(),
                 status,
-                message: protocol_message(&res.bytes().await.unwrap_or_default()),
+                message: self.read_body(res).await.map(|b| protocol_message(&b)).unwrap_or_else(|e| e.to_string()),
             }),
         }
     }
@@ -334,7 +360,7 @@ impl Remote {
         };
         let res = req.send().await.map_err(|e| self.error(e))?;
         let status = res.status().as_u16();
-        let body = res.bytes().await.map_err(|e| self.error(e))?;
+        let body = self.read_body(res).await?;
         if status != 200 {
             return Err(RemoteError::Status {
                 remote: self.config.name.clone(),

@@ -64,6 +64,11 @@ pub struct StatsSnapshot {
 impl EngineStats {
     pub(crate) fn add_passes(&self, passes: Arc<PassCounts>) {
         self.passes.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(passes);
+    }
+
+    /// Start-up has loaded its models (a model loaded later does not touch readiness, so a
+    /// draining server stays not ready).
+    pub(crate) fn set_ready(&self) {
         self.ready.store(true, Ordering::SeqCst);
     }
 

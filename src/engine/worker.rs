@@ -171,16 +171,10 @@ impl Worker {
                 }
             }
         }
-        // A limit of 0 means "what suits this device".
-        let resolve = |n: usize| if n == 0 { crate::config::auto_batch(device) } else { n };
-        let batcher = Batcher::new(
-            (0..catalog.len())
-                .map(|i| catalog.batch_policy(i))
-                .map(|p| crate::model::BatchPolicy { max_size: resolve(p.max_size), ..p })
-                .collect(),
-        );
+        stats.set_ready();
+        let batcher = Batcher::new((0..catalog.len()).map(|i| batch_policy(&catalog, i, device)).collect());
         let mut settings = settings;
-        settings.max_attack_batch = resolve(settings.max_attack_batch);
+        settings.max_attack_batch = by_device(settings.max_attack_batch, device);
         let groups = models.iter().map(|_| Group::default()).collect();
         let info = WorkerInfo {
             device: device_name(device),
@@ -309,11 +303,9 @@ impl Worker {
 
     /// Makes room for catalog slots added since start-up (a repository model found later).
     fn grow_to(&mut self, n: usize) {
-        let resolve = |n: usize| if n == 0 { crate::config::auto_batch(self.device) } else { n };
         while self.models.len() < n {
             let i = self.models.len();
-            let p = self.catalog.batch_policy(i);
-            self.classify.batcher.add_model(crate::model::BatchPolicy { max_size: resolve(p.max_size), ..p });
+            self.classify.batcher.add_model(batch_policy(&self.catalog, i, self.device));
             self.models.push(None);
             self.groups.push(Group::default());
         }
@@ -542,6 +534,17 @@ impl Worker {
             }
         }
     }
+}
+
+/// A limit of 0 means "what suits this device".
+fn by_device(n: usize, device: Device) -> usize {
+    if n == 0 { crate::config::auto_batch(device) } else { n }
+}
+
+/// Model `i`'s batching policy, its size limit resolved for `device`.
+fn batch_policy(catalog: &Catalog, i: usize, device: Device) -> crate::model::BatchPolicy {
+    let p = catalog.batch_policy(i);
+    crate::model::BatchPolicy { max_size: by_device(p.max_size, device), ..p }
 }
 
 /// Runs one model's classify jobs (one pass; a failing batch is retried job by job).

@@ -126,6 +126,22 @@ pub struct Description {
     pub matrix: Option<String>,
 }
 
+impl Description {
+    /// The input geometry and normalisation it describes, for a network that sees `size`².
+    pub fn input_spec(&self, size: i64) -> InputSpec {
+        InputSpec {
+            size,
+            resize_short_side: self.resize_short_side.unwrap_or((size as f64 / 0.875).round() as i64),
+            crop: center(),
+            interpolation: bilinear_aa(),
+            channels: rgb(),
+            range: unit_range(),
+            mean: self.mean,
+            std: self.std,
+        }
+    }
+}
+
 impl ModelMeta {
     /// The metadata of a described model: `model_file` relative to its directory, `classes_file`
     /// as given (`imagenet` or a path relative to the directory).
@@ -148,16 +164,7 @@ impl ModelMeta {
             dataset: (classes_file == IMAGENET).then(|| IMAGENET.to_string()),
             classes_file,
             feature_dim: None,
-            input: InputSpec {
-                size,
-                resize_short_side: d.resize_short_side.unwrap_or((size as f64 / 0.875).round() as i64),
-                crop: center(),
-                interpolation: bilinear_aa(),
-                channels: rgb(),
-                range: unit_range(),
-                mean: d.mean,
-                std: d.std,
-            },
+            input: d.input_spec(size),
             classifier: d.classifier_weight.clone().map(|weight| ClassifierSpec { weight, bias: None }),
             model_file,
             max_batch_size: d.module_max_batch,

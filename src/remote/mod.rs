@@ -195,17 +195,7 @@ impl Remote {
         let spec = match (config.input, &config.description) {
             (RemoteInput::Fp32, Some(d)) => {
                 let size = d.size.ok_or_else(|| bad("fp32 input needs description.size".into()))?;
-                let meta = crate::model::ModelMeta::described(
-                    &config.name,
-                    String::new(),
-                    String::new(),
-                    size,
-                    classes.len(),
-                    config.classes.clone(),
-                    d,
-                    serde_json::Value::Null,
-                );
-                Some(meta.input)
+                Some(d.input_spec(size))
             }
             (RemoteInput::Fp32, None) => return Err(bad("fp32 input needs description = { size = … }".into())),
             (RemoteInput::Bytes, _) => None,

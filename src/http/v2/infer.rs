@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -200,7 +200,8 @@ enum Elements {
     Numbers(Vec<f32>),
 }
 
-/// Rows of one inference request waiting for the worker at once: a request of any size fits the
+/// Rows of one inference request waiting for the worker at once (the request stops at the first
+/// row that fails, so a batch of bad images costs one failure, not all of them): a request of any size fits the
 /// queue (it is not refused as full when nothing else is queued), and still fills batches.
 const ROWS_IN_FLIGHT: usize = 16;
 
@@ -242,13 +243,7 @@ pub async fn infer(
                 )));
             }
             let jobs = images.into_iter().map(|b| state.engine.classify(Some(&m.name), b, deadline));
-            futures::stream::iter(jobs)
-                .buffered(ROWS_IN_FLIGHT)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .map(|r| r.map(|c| c.probabilities))
-                .collect::<Result<_, _>>()?
+            futures::stream::iter(jobs).buffered(ROWS_IN_FLIGHT).map_ok(|c| c.probabilities).try_collect().await?
         }
         Elements::Numbers(numbers) => {
             let s = m.input().size;
@@ -268,12 +263,7 @@ pub async fn infer(
             }
             let rows: Vec<Vec<f32>> = numbers.chunks(per).map(<[f32]>::to_vec).collect();
             let jobs = rows.into_iter().map(|c| state.engine.classify_tensor(Some(&m.name), c, deadline));
-            futures::stream::iter(jobs)
-                .buffered(ROWS_IN_FLIGHT)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?
+            futures::stream::iter(jobs).buffered(ROWS_IN_FLIGHT).try_collect().await?
         }
     };
     if outputs.is_empty() {

@@ -7,7 +7,7 @@ set -euo pipefail
 url=$1 remote=$2 images=$3 out=$4 budget=${5:-9}
 tmp=$(mktemp -d)
 for f in "$images"/*; do
-  curl -s -F image=@"$f" "$url/attack?model=remote:$remote&budget=$budget" \
+  curl -s -F image=@"$f" "$url/attack?model=remote:$remote&budget=$budget&search=false" \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); d.pop("png_base64",None); print(json.dumps({"file": sys.argv[1], **d}))' "$(basename "$f")" \
     >> "$tmp/results.jsonl"
 done

@@ -84,3 +84,66 @@ fn eval_reports_bad_files_goes_on_and_renders_its_report() {
         assert!(distinct.len() > 20, "{r} looks blank ({} colours)", distinct.len());
     }
 }
+
+/// `eval --verify remote:<name>`: every upload and delivered image goes to the remote as well, and
+/// the report's transfer matrix gets its column. The remote serves the same tiny network as the
+/// local `tiny`, so both columns agree image by image.
+#[test]
+fn eval_verify_sends_every_delivered_image_to_a_remote() {
+    let prod = Server::start(&tiny_config(""));
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for f in ["n02391049_zebra.JPEG", "n01440764_tench.JPEG", "n02219486_ant.JPEG"] {
+        std::fs::copy(fixture(&format!("images/{f}")), images.join(f)).unwrap();
+    }
+    let remote = format!(
+        "[[remotes]]\nname = \"prod\"\nurl = \"{}\"\nmodel = \"tiny\"\nclasses = \"{}\"\n[engine]\ndevice = \"cpu\"\n",
+        prod.base,
+        models_dir().join("tiny/classes.txt").display()
+    );
+    let config = dir.path().join("c.toml");
+    std::fs::write(&config, tiny_config(&remote)).unwrap();
+    let eval = |verify: &str, out: &std::path::Path| {
+        Command::new(BIN)
+            .args(["eval", "--methods", "labelfool,fgsm", "--model", "tiny", "--verify", verify, "--config"])
+            .arg(&config)
+            .arg("--images")
+            .arg(&images)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("out");
+    let run = eval("remote:prod,tiny", &out);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let records: Vec<Value> = std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 3 * 2);
+    for r in &records {
+        assert!(r["error"].is_null(), "{r}");
+        let t = r["transfer"].as_array().unwrap();
+        let (remote, local) = (
+            t.iter().find(|x| x["model"] == "remote:prod").unwrap_or_else(|| panic!("no remote column: {r}")),
+            t.iter().find(|x| x["model"] == "tiny").unwrap(),
+        );
+        assert_eq!(remote["adversarial"]["index"], local["adversarial"]["index"], "{r}");
+        assert_eq!(remote["transferred"], local["transferred"], "{r}");
+        assert!(remote["transferred"].is_boolean(), "{r}");
+    }
+    let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for m in summary["methods"].as_array().unwrap() {
+        let cols: Vec<&str> = m["transfer"].as_array().unwrap().iter().map(|t| t["model"].as_str().unwrap()).collect();
+        assert!(cols.contains(&"remote:prod") && cols.contains(&"tiny"), "{m}");
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("remote:prod"), "the transfer matrix names the remote");
+    // An unknown remote is refused before any attack runs.
+    let run = eval("remote:nope", &dir.path().join("out2"));
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("nope"), "{}", String::from_utf8_lossy(&run.stderr));
+}

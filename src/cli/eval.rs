@@ -41,8 +41,8 @@ pub struct EvalArgs {
     /// target, and report delivered ÷ float perceptibility per method (attacks cost twice).
     #[arg(long)]
     pub float_reference: bool,
-    /// Other configured models that classify every delivered image: the report gets a transfer
-    /// matrix (comma-separated).
+    /// Other configured models that classify every delivered image, or remote targets as
+    /// `remote:<name>`: the report gets a transfer matrix (comma-separated).
     #[arg(long, value_delimiter = ',')]
     pub verify: Vec<String>,
 }
@@ -54,6 +54,13 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|m| Method::parse(m).ok_or_else(|| anyhow::anyhow!("unknown method {m:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let remotes = crate::remote::Remotes::from_configs(&config.remotes).map_err(anyhow::Error::msg)?;
+    let (remote_verify, verify): (Vec<String>, Vec<String>) =
+        a.verify.iter().cloned().partition(|v| crate::remote::remote_name(v).is_some());
+    let remote_verify = remote_verify
+        .iter()
+        .map(|v| remotes.get(crate::remote::remote_name(v).unwrap_or_default()))
+        .collect::<Result<Vec<_>, _>>()?;
     let (engine, _) = super::start_engine(&config).await?;
     let opts = EvalOptions {
         images: a.images.clone(),
@@ -63,7 +70,8 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
         limit: a.limit,
         concurrency: a.concurrency.unwrap_or(config.engine.max_inflight_attacks),
         gallery: a.gallery,
-        verify: a.verify.clone(),
+        verify,
+        remote_verify,
         request: AttackRequest {
             max_iter: a.max_iter,
             overshoot: a.overshoot,

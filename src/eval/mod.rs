@@ -35,6 +35,8 @@ pub struct EvalOptions {
     pub gallery: usize,
     /// Other models of the engine that classify every delivered image (transfer matrix).
     pub verify: Vec<String>,
+    /// Remote targets that classify every upload and delivered image (`remote:<name>` columns).
+    pub remote_verify: Vec<Arc<crate::remote::Remote>>,
 }
 
 /// A class as reports show it.
@@ -134,6 +136,36 @@ impl TransferBrief {
             transferred: t.verdict.transferred,
         }
     }
+}
+
+impl TransferBrief {
+    fn remote(remote: &crate::remote::Remote, v: &crate::engine::TransferVerdict) -> Self {
+        let c = &remote.classes;
+        let brief = |i: usize| ClassBrief {
+            index: i,
+            label: c.label(i).to_string(),
+            wnid: c.get(i).and_then(|c| c.wnid.clone()),
+        };
+        Self {
+            model: format!("remote:{}", remote.config.name),
+            original: brief(v.original.0),
+            adversarial: brief(v.adversarial.0),
+            transferred: v.transferred,
+        }
+    }
+}
+
+/// The upload and the delivered PNG sent to a remote target.
+async fn remote_transfer(
+    engine: &Engine,
+    remote: &crate::remote::Remote,
+    upload: &bytes::Bytes,
+    r: &AttackResult,
+) -> Result<TransferBrief, crate::remote::attack::RemoteAttackError> {
+    let ask = |image: bytes::Bytes| crate::remote::attack::ask(engine, remote, image);
+    let (before, after) = futures::try_join!(ask(upload.clone()), ask(bytes::Bytes::from(r.png.clone())))?;
+    let v = crate::engine::TransferVerdict::new(r, &remote.classes, &before.probabilities, &after.probabilities);
+    Ok(TransferBrief::remote(remote, &v))
 }
 
 impl ResultFields {
@@ -245,7 +277,7 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
         let gallery = opts.gallery;
         let jobs = futures::stream::iter(samples.iter().cloned().enumerate()).map(|(i, sample)| {
             let (engine, req, info, model) = (engine.clone(), req.clone(), info.clone(), opts.model.clone());
-            let verify = opts.verify.clone();
+            let verify = (opts.verify.clone(), opts.remote_verify.clone());
             async move { attack_one(&engine, &info, model.as_deref(), &sample, req, method, i < gallery, &verify).await }
         });
         let mut stream = std::pin::pin!(jobs.buffer_unordered(opts.concurrency.max(1)).take_until(stop.cancelled()));
@@ -280,7 +312,7 @@ async fn attack_one(
     req: AttackRequest,
     method: Method,
     keep_pixels: bool,
-    verify: &[String],
+    (verify, remotes): &(Vec<String>, Vec<Arc<crate::remote::Remote>>),
 ) -> Record {
     let file = sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let true_class = sample.label.map(|l| ClassBrief::new(info, l));
@@ -302,9 +334,20 @@ async fn attack_one(
     match engine.attack(model, bytes.clone(), req, crate::engine::OFFLINE_DEADLINE).await {
         Ok(r) => {
             let mut fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
-            match engine.transfer(bytes, &r, verify, crate::engine::OFFLINE_DEADLINE).await {
+            match engine.transfer(bytes.clone(), &r, verify, crate::engine::OFFLINE_DEADLINE).await {
                 Ok(checks) => fields.transfer = checks.iter().map(TransferBrief::new).collect(),
                 Err(e) => return record(Some(format!("transfer check failed: {e}")), None),
+            }
+            for remote in remotes {
+                match remote_transfer(engine, remote, &bytes, &r).await {
+                    Ok(t) => fields.transfer.push(t),
+                    Err(e) => {
+                        return record(
+                            Some(format!("transfer check on remote:{} failed: {e}", remote.config.name)),
+                            None,
+                        );
+                    }
+                }
             }
             let mut rec = record(None, Some(fields));
             if keep_pixels {

@@ -64,9 +64,13 @@ pub struct AttackParamsDoc {
     /// With `model=remote:<name>`: the local model LabelFool runs on (default: the default model);
     /// it must have the remote's classes. The answer is a [`RemoteAttackResponse`].
     pub surrogate: Option<String>,
-    /// With `model=remote:<name>`: most queries to the remote, the upload's included (default 10,
+    /// With `model=remote:<name>`: most queries to the remote, the upload's included (default 100,
     /// at most 1000).
     pub budget: Option<u32>,
+    /// With `model=remote:<name>`: run the score-based search (Square Attack on the remote's
+    /// scores) when the transfer prior has not reached the target (default true). The search's
+    /// L∞ radius is `epsilon` (one value on the [0,1] scale, default 0.05).
+    pub search: Option<bool>,
 }
 
 /// `POST /attack?model=remote:<name>`: LabelFool against a model known only by its endpoint.
@@ -76,7 +80,7 @@ pub struct RemoteAttackResponse {
     pub model: String,
     pub surrogate: String,
     /// `labelfool-transfer`: white-box LabelFool on the surrogate with a growing margin, the remote
-    /// asked after each candidate.
+    /// asked after each candidate; `labelfool-transfer+square` when the score-based search ran.
     pub method: String,
     /// The remote classifies the delivered PNG as the target.
     pub success: bool,
@@ -90,9 +94,12 @@ pub struct RemoteAttackResponse {
     /// The remote's top-1 for the delivered PNG (absent when no candidate was asked).
     #[serde(rename = "final")]
     pub final_: Option<ClassPrediction>,
-    /// Every candidate asked about, in order.
+    /// Every candidate of the transfer prior asked about, in order.
     pub candidates: Vec<CandidateInfo>,
-    /// The delivered PNG (the first that reached the target, else the last asked), base64.
+    /// The score-based search, when it ran.
+    pub search: Option<SearchInfo>,
+    /// The delivered PNG (the first image the remote classified as the target, else the one it
+    /// gave the target's highest probability), base64.
     #[schema(format = Byte)]
     pub png_base64: Option<String>,
     pub perturbation: Option<Perturbation>,
@@ -108,6 +115,21 @@ pub struct CandidateInfo {
     pub remote: ClassPrediction,
     pub remote_target_probability: Option<f64>,
     pub perceptibility: f64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SearchInfo {
+    /// Square Attack (L∞) on the remote's probabilities, started from the prior's best candidate.
+    pub method: String,
+    /// Images scored (answers from the cache included).
+    pub asked: u32,
+    /// Proposals that raised the target's probability.
+    pub accepted: u32,
+    /// L∞ radius on the [0,1] scale (a whole number of grey levels).
+    pub epsilon: f64,
+    pub success: bool,
+    /// The delivered PNG is the search's (false: the prior's best candidate stayed closer).
+    pub delivered: bool,
 }
 
 /// Most models one request may verify against (each costs two classifications).
@@ -130,6 +152,7 @@ const PARAMS: &[&str] = &[
     "margin",
     "surrogate",
     "budget",
+    "search",
 ];
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -268,21 +291,36 @@ pub async fn attack(
                 format!("{budget} queries; at most {}", crate::remote::attack::MAX_BUDGET),
             ));
         }
+        let epsilon = match request.epsilons.as_deref() {
+            None => crate::remote::search::DEFAULT_EPSILON,
+            Some(&[e]) if e > 0.0 && e <= 1.0 => e,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "epsilon",
+                    "with model=remote:<name>, one L∞ radius in (0, 1] for the search",
+                ));
+            }
+        };
+        let options = crate::remote::attack::RemoteAttackOptions {
+            budget,
+            search: p.parse::<bool>("search")?.unwrap_or(true),
+            epsilon,
+        };
         let (_, surrogate) = state.engine.model(p.get("surrogate"))?;
         let outcome = crate::remote::attack::run(
             &state.engine,
             &remote,
             &surrogate.name,
             req.bytes.clone(),
-            budget,
-            request,
+            options,
+            AttackRequest { epsilons: None, ..request },
             state.deadlines.attack,
         )
         .await?;
         return Ok(Json(remote_summary(&remote, &surrogate.name, &outcome)).into_response());
     }
-    if p.get("surrogate").is_some() || p.get("budget").is_some() {
-        return Err(ApiError::invalid("surrogate", "`surrogate` and `budget` go with model=remote:<name>"));
+    if let Some(param) = ["surrogate", "budget", "search"].into_iter().find(|k| p.get(k).is_some()) {
+        return Err(ApiError::invalid(param, "`surrogate`, `budget` and `search` go with model=remote:<name>"));
     }
     let verify = verify_models(p.get("verify"))?;
     // Unknown or unready models are refused before the attack spends anything.
@@ -342,11 +380,11 @@ fn remote_summary(
     let pred =
         |t: &crate::remote::attack::RemoteTop| ClassPrediction::from_list(classes, t.index, f64::from(t.probability));
     let d = &o.decision;
-    let last = o.candidates.last();
+    let last = o.delivered.as_ref().map(|d| &d.remote);
     RemoteAttackResponse {
         model: format!("remote:{}", remote.config.name),
         surrogate: surrogate.to_string(),
-        method: "labelfool-transfer".into(),
+        method: if o.search.is_some() { "labelfool-transfer+square" } else { "labelfool-transfer" }.into(),
         success: o.success,
         queries: o.queries,
         budget: o.budget,
@@ -356,14 +394,14 @@ fn remote_summary(
             chosen_by: "labelfool".into(),
             branch: Some(d.branch),
             p1: Some(d.p1),
-            probability: last.and_then(|c| c.remote.target_probability).map(f64::from),
+            probability: last.and_then(|r| r.target_probability).map(f64::from),
             ranking: d
                 .ranking
                 .iter()
                 .map(|&(i, s)| ClassDistance { class: ClassRef::from_list(classes, i), distance: s })
                 .collect(),
         },
-        final_: last.map(|c| pred(&c.remote)),
+        final_: last.map(pred),
         candidates: o
             .candidates
             .iter()
@@ -375,6 +413,14 @@ fn remote_summary(
                 perceptibility: c.perceptibility,
             })
             .collect(),
+        search: o.search.map(|s| SearchInfo {
+            method: "square-linf".into(),
+            asked: s.asked,
+            accepted: s.accepted,
+            epsilon: f64::from(s.epsilon) / 255.0,
+            success: s.success,
+            delivered: s.delivered,
+        }),
         png_base64: o.delivered.as_ref().map(|r| base64::engine::general_purpose::STANDARD.encode(&r.png)),
         perturbation: o.delivered.as_ref().map(|r| r.perturbation),
         elapsed_ms: o.elapsed.as_secs_f64() * 1e3,

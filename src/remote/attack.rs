@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha2::Digest;
 
-use super::{Remote, RemoteError};
+use super::{Remote, RemoteError, search};
 use crate::attack::target::{self, TargetDecision};
-use crate::engine::{AttackRequest, AttackResult, Engine, EngineError, top_k};
+use crate::engine::{AttackRequest, Engine, EngineError, top_k};
+use crate::imaging::metrics::Perturbation;
 
 /// The margins (logits) tried in turn on the surrogate: the first is LabelFool's own; each next
 /// one pushes the image further past the surrogate's boundary, so it is likelier to transfer.
@@ -21,7 +22,7 @@ pub const MARGINS: [f64; 8] = [0.25, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 /// Most queries one request may spend (`budget`), and its default.
 pub const MAX_BUDGET: u32 = 1000;
-pub const DEFAULT_BUDGET: u32 = 10;
+pub const DEFAULT_BUDGET: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteAttackError {
@@ -49,6 +50,30 @@ pub struct Candidate {
     pub perceptibility: f64,
 }
 
+/// What the score-based search did (absent when the transfer prior reached the target, or no
+/// query was left).
+#[derive(Debug, Clone, Copy)]
+pub struct SearchSummary {
+    /// Images it scored (cached answers included).
+    pub asked: u32,
+    /// Proposals that raised the target's probability.
+    pub accepted: u32,
+    /// L∞ radius in grey levels.
+    pub epsilon: u8,
+    pub success: bool,
+    /// The delivered image is the search's (else the prior's best candidate was closer).
+    pub delivered: bool,
+}
+
+/// The image handed back: the first the remote classifies as the target, else the one closest
+/// to it.
+pub struct Delivered {
+    pub png: Vec<u8>,
+    pub perturbation: Perturbation,
+    /// The remote's top-1 for it.
+    pub remote: RemoteTop,
+}
+
 pub struct RemoteAttackOutcome {
     pub decision: TargetDecision,
     pub original: RemoteTop,
@@ -57,10 +82,21 @@ pub struct RemoteAttackOutcome {
     pub queries: u32,
     pub budget: u32,
     pub candidates: Vec<Candidate>,
-    /// The delivered image: the first candidate the remote classifies as the target, else the
-    /// last one asked (None when the budget allowed no candidate).
-    pub delivered: Option<AttackResult>,
+    pub search: Option<SearchSummary>,
+    /// None when the budget allowed no candidate.
+    pub delivered: Option<Delivered>,
     pub elapsed: Duration,
+}
+
+/// Options of the query-based attack beyond LabelFool's own.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAttackOptions {
+    /// Most remote queries, the upload's included.
+    pub budget: u32,
+    /// Run the score-based search when the transfer prior has not reached the target.
+    pub search: bool,
+    /// The search's L∞ radius on the [0,1] scale.
+    pub epsilon: f64,
 }
 
 fn top(probs: &[f32], target: Option<usize>) -> RemoteTop {
@@ -85,16 +121,18 @@ struct Asker<'a> {
     budget: u32,
     queries: u32,
     cache: HashMap<[u8; 32], Vec<f32>>,
+    /// Past it no query is sent (as if the budget were spent).
+    deadline: Instant,
 }
 
 impl Asker<'_> {
-    /// The remote's probabilities, or None when the budget is spent.
+    /// The remote's probabilities, or None when the budget or the time is spent.
     async fn ask(&mut self, image: Bytes) -> Result<Option<Vec<f32>>, RemoteAttackError> {
         let key: [u8; 32] = sha2::Sha256::digest(&image).into();
         if let Some(p) = self.cache.get(&key) {
             return Ok(Some(p.clone()));
         }
-        if self.queries >= self.budget {
+        if self.queries >= self.budget || Instant::now() >= self.deadline {
             return Ok(None);
         }
         self.queries += 1;
@@ -104,17 +142,52 @@ impl Asker<'_> {
     }
 }
 
-/// Runs the transfer-prior attack. `budget` counts every remote query, the upload's included.
+/// The search's view of the remote: pixels at the upload's size, sent as a PNG.
+struct PixelAsker<'a, 'b> {
+    asker: &'b mut Asker<'a>,
+    width: u32,
+    height: u32,
+    alpha: Option<std::sync::Arc<Vec<u8>>>,
+}
+
+impl PixelAsker<'_, '_> {
+    async fn png(&self, rgb: &[u8]) -> Result<Vec<u8>, RemoteAttackError> {
+        let (w, h, rgb, alpha) = (self.width, self.height, rgb.to_vec(), self.alpha.clone());
+        // Encoding a large image takes milliseconds: off the async threads.
+        tokio::task::spawn_blocking(move || crate::imaging::encode_png(w, h, &rgb, alpha.as_deref().map(Vec::as_slice)))
+            .await
+            .map_err(|e| EngineError::Internal(format!("PNG encoder task: {e}")))?
+            .map_err(|e| EngineError::from(e).into())
+    }
+}
+
+impl search::Oracle for PixelAsker<'_, '_> {
+    type Error = RemoteAttackError;
+    async fn scores(&mut self, rgb: &[u8]) -> Result<Option<Vec<f32>>, RemoteAttackError> {
+        let png = self.png(rgb).await?;
+        self.asker.ask(Bytes::from(png)).await
+    }
+}
+
+/// The remote's loss for the target (cross-entropy): lower is closer.
+fn target_loss(p: &[f32], t: usize) -> f64 {
+    -(f64::from(p.get(t).copied().unwrap_or(0.0)).max(1e-30)).ln()
+}
+
+/// Runs query-based LabelFool: the transfer prior, then (unless it reached the target or
+/// `options.search` is off) the score-based search from its best candidate. `options.budget`
+/// counts every remote query, the upload's included.
 pub async fn run(
     engine: &Engine,
     remote: &Remote,
     surrogate: &str,
     upload: Bytes,
-    budget: u32,
+    options: RemoteAttackOptions,
     request: AttackRequest,
     deadline: Duration,
 ) -> Result<RemoteAttackOutcome, RemoteAttackError> {
     let started = Instant::now();
+    let budget = options.budget;
     let (_, info) = engine.model(Some(surrogate))?;
     let same_classes = info.num_classes() == remote.classes.len()
         && (0..info.num_classes()).all(|i| info.classes().same_class_in(i, &remote.classes) == Some(i));
@@ -131,7 +204,7 @@ pub async fn run(
     let matrix = info
         .matrix()
         .ok_or_else(|| EngineError::invalid("surrogate", format!("surrogate {} has no distance matrix", info.name)))?;
-    let mut asker = Asker { engine, remote, budget, queries: 0, cache: HashMap::new() };
+    let mut asker = Asker { engine, remote, budget, queries: 0, cache: HashMap::new(), deadline: started + deadline };
     let before = asker.ask(upload.clone()).await?.ok_or_else(|| {
         EngineError::invalid("budget", "a budget of 0 queries cannot even classify the upload on the remote")
     })?;
@@ -141,8 +214,10 @@ pub async fn run(
     let t = decision.target;
     let original = top(&before, Some(t));
     let mut candidates = Vec::new();
-    let mut delivered = None;
+    // The candidate the remote found closest to the target: (loss, PNG, probabilities).
+    let mut best: Option<(f64, Vec<u8>, Vec<f32>, Perturbation)> = None;
     let mut success = false;
+    let mut worse = 0;
     for margin in MARGINS {
         if asker.queries >= budget {
             break;
@@ -164,11 +239,80 @@ pub async fn run(
             remote: remote_top,
             perceptibility: result.perturbation.perceptibility,
         });
-        delivered = Some(result);
+        let l = target_loss(&after, t);
+        if hit || best.as_ref().is_none_or(|b| l < b.0) {
+            best = Some((l, result.png, after, result.perturbation));
+            worse = 0;
+        } else {
+            worse += 1;
+        }
         if hit {
             success = true;
             break;
         }
+        // Pushing further on the surrogate no longer brings the remote closer: leave the rest
+        // of the budget to the search.
+        if options.search && worse >= 2 {
+            break;
+        }
+    }
+    let mut delivered = best.map(|(_, png, p, perturbation)| Delivered { png, perturbation, remote: top(&p, Some(t)) });
+    let mut summary = None;
+    if !success && options.search && asker.queries < budget && Instant::now() < asker.deadline {
+        let limits = engine.settings().decode;
+        let x0 = crate::imaging::decode(&upload, &limits).map_err(EngineError::from)?;
+        let (start, start_scores, guide) = match &delivered {
+            Some(d) => {
+                let png = crate::imaging::decode(&d.png, &limits).map_err(EngineError::from)?;
+                let guide: Vec<i16> = png.rgb.iter().zip(&x0.rgb).map(|(&a, &o)| i16::from(a) - i16::from(o)).collect();
+                let scores = asker.ask(Bytes::from(d.png.clone())).await?.unwrap_or_default();
+                (png.rgb, scores, Some(guide))
+            }
+            None => (x0.rgb.clone(), before.clone(), None),
+        };
+        let epsilon = (options.epsilon * 255.0).round().clamp(1.0, 255.0) as u8;
+        let params = search::SearchParams {
+            epsilon,
+            p_init: search::P_INIT,
+            budget: budget - asker.queries,
+            // The same upload gets the same search.
+            seed: u64::from_le_bytes(sha2::Sha256::digest(&upload)[..8].try_into().unwrap_or_default()),
+        };
+        let mut pixels = PixelAsker {
+            asker: &mut asker,
+            width: x0.width,
+            height: x0.height,
+            alpha: x0.alpha.clone().map(Into::into),
+        };
+        let found = search::square(
+            &mut pixels,
+            x0.width,
+            x0.height,
+            &x0.rgb,
+            &start,
+            start_scores,
+            guide.as_deref(),
+            t,
+            params,
+        )
+        .await?;
+        let closer = |d: &Delivered| {
+            found.probabilities.get(t).copied().unwrap_or(0.0) > d.remote.target_probability.unwrap_or(0.0)
+        };
+        let from_search = found.success || delivered.as_ref().is_none_or(closer);
+        summary = Some(SearchSummary {
+            asked: found.asked,
+            accepted: found.accepted,
+            epsilon,
+            success: found.success,
+            delivered: from_search,
+        });
+        if from_search {
+            let png = pixels.png(&found.rgb).await?;
+            let perturbation = crate::imaging::metrics::perturbation(x0.width, x0.height, &x0.rgb, &found.rgb);
+            delivered = Some(Delivered { png, perturbation, remote: top(&found.probabilities, Some(t)) });
+        }
+        success = found.success;
     }
     Ok(RemoteAttackOutcome {
         decision,
@@ -177,6 +321,7 @@ pub async fn run(
         queries: asker.queries,
         budget,
         candidates,
+        search: summary,
         delivered,
         elapsed: started.elapsed(),
     })

@@ -6,6 +6,7 @@
 //! request only.
 
 pub mod attack;
+pub mod search;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

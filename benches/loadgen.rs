@@ -42,6 +42,8 @@ impl Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_labelfool"));
         cmd.args(["serve", "--bind", "127.0.0.1:0", "--config"])
             .arg(&config)
+            .env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
+            .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         if let Some(d) = arg("--device") {

@@ -41,9 +41,12 @@ async fn main() -> anyhow::Result<()> {
     let device: String = arg("--device", "cpu".to_string());
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
 
+    let jobs = tempfile::tempdir()?;
     let mut child = Command::new(env!("CARGO_BIN_EXE_labelfool"))
         .args(["serve", "--bind", "127.0.0.1:0", "--device", &device, "--config"])
         .arg(root.join("config/default.toml"))
+        .env("LABELFOOL_JOBS__DATABASE", jobs.path().join("jobs.sqlite3"))
+        .env("LABELFOOL_JOBS__DIR", jobs.path().join("jobs"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;

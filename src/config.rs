@@ -87,6 +87,39 @@ pub struct Config {
     pub repositories: Vec<RepositoryConfig>,
     /// Models behind other servers' Open Inference Protocol endpoints (`remote:<name>`).
     pub remotes: Vec<crate::remote::RemoteConfig>,
+    /// Durable jobs (`/jobs`): where they and their results live.
+    pub jobs: JobsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// The SQLite database of jobs and per-image results (`${LABELFOOL_CACHE}` is expanded).
+    pub database: String,
+    /// Where delivered PNGs and reports are written, a folder per job.
+    pub dir: String,
+    /// Folders a job may read images from (a job's folder must lie under one, after resolving
+    /// links). Empty: every job is refused (403), so a server never reads folders nobody named.
+    pub allowed_dirs: Vec<String>,
+    /// Attacks of one job in flight at once (interactive requests share the worker with them).
+    pub concurrency: usize,
+    /// After a restart, resume the jobs that were running (else mark them `interrupted`).
+    pub resume: bool,
+    /// Most images one job may hold (images × methods × models).
+    pub max_attacks: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            database: "${LABELFOOL_CACHE}/jobs/jobs.sqlite3".into(),
+            dir: "${LABELFOOL_CACHE}/jobs".into(),
+            allowed_dirs: Vec::new(),
+            concurrency: 2,
+            resume: true,
+            max_attacks: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod eval;
 pub mod http;
 pub mod imaging;
+pub mod jobs;
 pub mod matrix;
 pub mod model;
 pub mod remote;

@@ -397,6 +397,8 @@ async fn a_described_torchscript_file_needs_no_metadata_file() {
     let out = std::process::Command::new(BIN)
         .args(["serve", "--bind", "127.0.0.1:0", "--config"])
         .arg(&path)
+        .env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
+        .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"))
         .output()
         .unwrap();
     assert!(!out.status.success());

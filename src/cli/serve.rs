@@ -36,7 +36,9 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.bind))?;
     let addr = listener.local_addr()?;
-    let state = AppState::new(engine.clone(), config.clone(), metrics, remotes);
+    let jobs = crate::jobs::Jobs::start(engine.clone(), &config.jobs).await.context("cannot start the jobs store")?;
+    let mut state = AppState::new(engine.clone(), config.clone(), metrics, remotes);
+    state.jobs = Some(jobs);
     let device = state.device.clone();
     tokio::task::spawn_blocking(move || match startup.wait() {
         Ok(info) => {

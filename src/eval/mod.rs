@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::attack::Method;
 use crate::engine::{AttackRequest, AttackResult, Engine};
@@ -40,7 +40,7 @@ pub struct EvalOptions {
 }
 
 /// A class as reports show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClassBrief {
     pub index: usize,
     pub label: String,
@@ -56,7 +56,7 @@ impl ClassBrief {
 }
 
 /// One image under one method: a line of `results.jsonl`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Record {
     pub file: String,
     pub method: String,
@@ -72,7 +72,7 @@ pub struct Record {
     pub path: PathBuf,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResultFields {
     pub width: u32,
     pub height: u32,
@@ -112,12 +112,12 @@ pub struct ResultFields {
     pub compute_ms: f64,
     pub wall_ms: f64,
     /// With `--verify`: the delivered image classified by other models.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub transfer: Vec<TransferBrief>,
 }
 
 /// One other model's verdict on a delivered image.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TransferBrief {
     pub model: String,
     /// Its top-1 for the upload and for the delivered image.
@@ -216,7 +216,7 @@ impl ResultFields {
 }
 
 /// Per-method wall time, for seconds per image.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MethodRun {
     pub method: String,
     pub wall_seconds: f64,
@@ -278,7 +278,9 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
         let jobs = futures::stream::iter(samples.iter().cloned().enumerate()).map(|(i, sample)| {
             let (engine, req, info, model) = (engine.clone(), req.clone(), info.clone(), opts.model.clone());
             let verify = (opts.verify.clone(), opts.remote_verify.clone());
-            async move { attack_one(&engine, &info, model.as_deref(), &sample, req, method, i < gallery, &verify).await }
+            async move {
+                attack_one(&engine, &info, model.as_deref(), &sample, req, method, i < gallery, &verify).await.record
+            }
         });
         let mut stream = std::pin::pin!(jobs.buffer_unordered(opts.concurrency.max(1)).take_until(stop.cancelled()));
         let mut completed = 0;
@@ -303,8 +305,18 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
     Ok(EvalOutput { records, runs, interrupted: stop.is_cancelled() })
 }
 
+/// One image under one method: its record, and the delivered PNG when the attack ran.
+pub struct Attacked {
+    pub record: Record,
+    pub png: Option<Vec<u8>>,
+    /// The engine could not take the work (shutting down, queue full): nothing was decided
+    /// about this image, so a job leaves it for later instead of storing the error.
+    pub transient: bool,
+}
+
+/// Attacks one sample and measures what happened (with transfer checks when asked).
 #[allow(clippy::too_many_arguments)]
-async fn attack_one(
+pub async fn attack_one(
     engine: &Engine,
     info: &Arc<ModelInfo>,
     model: Option<&str>,
@@ -313,7 +325,7 @@ async fn attack_one(
     method: Method,
     keep_pixels: bool,
     (verify, remotes): &(Vec<String>, Vec<Arc<crate::remote::Remote>>),
-) -> Record {
+) -> Attacked {
     let file = sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let true_class = sample.label.map(|l| ClassBrief::new(info, l));
     let record = |error: Option<String>, result: Option<ResultFields>| Record {
@@ -325,9 +337,10 @@ async fn attack_one(
         adversarial: None,
         path: sample.path.clone(),
     };
+    let done = |record: Record| Attacked { record, png: None, transient: false };
     let bytes = match tokio::fs::read(&sample.path).await {
         Ok(b) => b,
-        Err(e) => return record(Some(format!("cannot read: {e}")), None),
+        Err(e) => return done(record(Some(format!("cannot read: {e}")), None)),
     };
     let started = Instant::now();
     let bytes = bytes::Bytes::from(bytes);
@@ -336,16 +349,14 @@ async fn attack_one(
             let mut fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
             match engine.transfer(bytes.clone(), &r, verify, crate::engine::OFFLINE_DEADLINE).await {
                 Ok(checks) => fields.transfer = checks.iter().map(TransferBrief::new).collect(),
-                Err(e) => return record(Some(format!("transfer check failed: {e}")), None),
+                Err(e) => return done(record(Some(format!("transfer check failed: {e}")), None)),
             }
             for remote in remotes {
                 match remote_transfer(engine, remote, &bytes, &r).await {
                     Ok(t) => fields.transfer.push(t),
                     Err(e) => {
-                        return record(
-                            Some(format!("transfer check on remote:{} failed: {e}", remote.config.name)),
-                            None,
-                        );
+                        let e = format!("transfer check on remote:{} failed: {e}", remote.config.name);
+                        return done(record(Some(e), None));
                     }
                 }
             }
@@ -353,8 +364,12 @@ async fn attack_one(
             if keep_pixels {
                 rec.adversarial = Some(r.outcome.rgb);
             }
-            rec
+            Attacked { record: rec, png: Some(r.png), transient: false }
         }
-        Err(e) => record(Some(e.to_string()), None),
+        Err(e) => {
+            let transient =
+                matches!(e, crate::engine::EngineError::ShuttingDown | crate::engine::EngineError::QueueFull { .. });
+            Attacked { record: record(Some(e.to_string()), None), png: None, transient }
+        }
     }
 }

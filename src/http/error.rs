@@ -107,6 +107,21 @@ impl From<crate::remote::RemoteError> for ApiError {
     }
 }
 
+impl From<crate::jobs::JobError> for ApiError {
+    fn from(e: crate::jobs::JobError) -> Self {
+        use crate::jobs::JobError as J;
+        let msg = e.to_string();
+        match e {
+            J::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "unknown_job", msg),
+            J::Invalid { param, message } => Self::invalid(param, message),
+            J::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", msg),
+            J::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", msg),
+            J::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "jobs_store", msg),
+            J::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::remote::attack::RemoteAttackError> for ApiError {
     fn from(e: crate::remote::attack::RemoteAttackError) -> Self {
         match e {

@@ -6,6 +6,7 @@ pub mod classify;
 pub mod dto;
 pub mod error;
 pub mod input;
+pub mod jobs;
 pub mod limits;
 pub mod middleware;
 pub mod openapi;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub body_budget: limits::BodyBudget,
     /// The `[[remotes]]`: models behind other servers' endpoints.
     pub remotes: Arc<crate::remote::Remotes>,
+    /// Durable background jobs (None where the server runs without them, e.g. in unit tests).
+    pub jobs: Option<crate::jobs::Jobs>,
 }
 
 impl AppState {
@@ -60,7 +63,7 @@ impl AppState {
             attack: Duration::from_millis(config.limits.attack_deadline_ms),
         };
         let body_budget = limits::BodyBudget::new(config.server.max_buffered_body_bytes);
-        Self { engine, config, deadlines, metrics, device: Arc::default(), body_budget, remotes }
+        Self { engine, config, deadlines, metrics, device: Arc::default(), body_budget, remotes, jobs: None }
     }
 
     /// Ready for work: the models are loaded *and* the start-up has recorded the device, so a
@@ -98,6 +101,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/index", post(repository::index))
         .route("/v2/repository/models/{name}/load", post(repository::v2_load))
         .route("/v2/repository/models/{name}/unload", post(repository::v2_unload))
+        .route("/jobs", get(jobs::list_jobs).post(jobs::create_job))
+        .route("/jobs/{id}", get(jobs::get_job).delete(jobs::cancel_job))
+        .route("/jobs/{id}/events", get(jobs::job_events))
+        .route("/jobs/{id}/results", get(jobs::job_results))
+        .route("/jobs/{id}/files/{*path}", get(jobs::job_file))
         .route("/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
         .route("/health", get(ops::health))

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{attack, classify, dto, error, ops, remotes, repository, target, v2};
+use super::{attack, classify, dto, error, jobs, ops, remotes, repository, target, v2};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -39,6 +39,13 @@ use super::{attack, classify, dto, error, ops, remotes, repository, target, v2};
         repository::index,
         repository::v2_load,
         repository::v2_unload,
+        jobs::create_job,
+        jobs::list_jobs,
+        jobs::get_job,
+        jobs::cancel_job,
+        jobs::job_events,
+        jobs::job_results,
+        jobs::job_file,
     ),
     components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance, attack::RemoteAttackResponse)),
     modifiers(&BearerAuth),
@@ -48,6 +55,7 @@ use super::{attack, classify, dto, error, ops, remotes, repository, target, v2};
         (name = "labelfool", description = "Target-label selection and adversarial generation"),
         (name = "operations", description = "Health, readiness, models, metrics"),
         (name = "kserve-v2", description = "Open Inference Protocol (KServe v2) for classification"),
+        (name = "jobs", description = "Durable background evals: create, follow (SSE), cancel, download results"),
         (name = "model-repository", description = "Open Inference Protocol model-repository extension (Triton's): index, load, unload"),
     )
 )]

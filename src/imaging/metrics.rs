@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Perturbation {
     /// The LabelFool paper's perceptibility: √(mean over pixels of ‖ΔRGB‖²).
     pub perceptibility: f64,

@@ -88,6 +88,9 @@ impl Server {
             .args(["--bind", "127.0.0.1:0"])
             .env_remove("LABELFOOL_BIND")
             .env_remove("LABELFOOL_API_KEY")
+            // Each test server keeps its jobs to itself.
+            .env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
+            .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -142,6 +145,12 @@ impl Server {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL, as a crash or the OOM killer would: no shutdown code runs.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the exit status.

@@ -1,0 +1,170 @@
+//! `/jobs`: durable background evals — create, list, follow (Server-Sent Events), cancel, and
+//! download what they produced (per-image records, delivered PNGs, the report and its charts).
+
+use std::convert::Infallible;
+use std::path::{Component, Path};
+
+use axum::Json;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::AppState;
+use super::error::{ApiError, ErrorBody};
+use crate::jobs::{JobEvent, JobInfo, JobSpec, Jobs};
+
+fn jobs(state: &AppState) -> Result<&Jobs, ApiError> {
+    state
+        .jobs
+        .as_ref()
+        .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "jobs_unavailable", "jobs are off"))
+}
+
+/// Queues an eval of a folder the server can read (under `jobs.allowed_dirs`) for the chosen
+/// methods and models. Jobs run one at a time, in the order they were created.
+#[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = JobSpec,
+    responses((status = 201, body = JobInfo), (status = 403, body = ErrorBody, description = "folder not allowed"),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_job(State(state): State<AppState>, Json(spec): Json<JobSpec>) -> Result<Response, ApiError> {
+    let job = jobs(&state)?.create(spec).await?;
+    Ok((StatusCode::CREATED, [(header::LOCATION, format!("/jobs/{}", job.id))], Json(job)).into_response())
+}
+
+/// Every job, newest first.
+#[utoipa::path(get, path = "/jobs", tag = "jobs", responses((status = 200, body = Vec<JobInfo>)))]
+pub async fn list_jobs(State(state): State<AppState>) -> Result<Json<Vec<JobInfo>>, ApiError> {
+    Ok(Json(jobs(&state)?.list().await?))
+}
+
+#[utoipa::path(get, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = JobInfo), (status = 404, body = ErrorBody)))]
+pub async fn get_job(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Json<JobInfo>, ApiError> {
+    Ok(Json(jobs(&state)?.get(&id).await?))
+}
+
+/// Cancels a queued or running job: it stops scheduling at once; finished images stay.
+#[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = JobInfo), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "already finished")))]
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<JobInfo>, ApiError> {
+    Ok(Json(jobs(&state)?.cancel(&id).await?))
+}
+
+/// Progress as Server-Sent Events (`event: progress`, data: a [`JobEvent`]): the job's state
+/// now, then one event per finished image and per change of state; the stream ends after the
+/// event of a finished job (done, failed, cancelled, interrupted).
+#[utoipa::path(get, path = "/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream", body = JobEvent), (status = 404, body = ErrorBody)))]
+pub async fn job_events(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let jobs = jobs(&state)?.clone();
+    // Subscribe first, then read the state: no event falls between the two.
+    let rx = jobs.subscribe(&id);
+    let job = jobs.get(&id).await?;
+    let first = JobEvent {
+        id: job.id.clone(),
+        state: job.state,
+        done: job.done,
+        total: job.total,
+        successes: job.successes,
+        last: None,
+        error: job.error.clone(),
+    };
+    let finished = job.state.is_terminal();
+    let stream = futures::stream::unfold((Some(first), rx, finished), |(first, mut rx, ended)| async move {
+        if let Some(ev) = first {
+            return Some((sse(&ev), (None, rx, ended)));
+        }
+        if ended {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) => {
+                    let end = ev.state.is_terminal();
+                    return Some((sse(&ev), (None, rx, end)));
+                }
+                // A slow reader missed events: the next one carries the current counts anyway.
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+fn sse(ev: &JobEvent) -> Result<Event, Infallible> {
+    Ok(Event::default().event("progress").data(serde_json::to_string(ev).unwrap_or_default()))
+}
+
+/// One line of `/jobs/{id}/results`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobResultLine {
+    pub model: String,
+    pub method: String,
+    /// The image's path within the job's folder.
+    pub file: String,
+    /// The delivered PNG, under `/jobs/{id}/files/…`.
+    pub png: Option<String>,
+    /// As `labelfool eval` writes it to `results.jsonl`.
+    #[schema(value_type = Object)]
+    pub record: serde_json::Value,
+}
+
+/// Every finished image (JSON lines, one per image and method and model), as stored.
+#[utoipa::path(get, path = "/jobs/{id}/results", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "application/x-ndjson", body = JobResultLine), (status = 404, body = ErrorBody)))]
+pub async fn job_results(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
+    let rows = jobs(&state)?.results(&id).await?;
+    let mut body = String::new();
+    for r in rows {
+        let line = JobResultLine {
+            png: r.png.map(|p| format!("/jobs/{id}/files/{p}")),
+            model: r.model,
+            method: r.method,
+            file: r.file,
+            record: serde_json::from_str(&r.record).unwrap_or(serde_json::Value::Null),
+        };
+        body.push_str(&serde_json::to_string(&line).unwrap_or_default());
+        body.push('\n');
+    }
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// A file the job produced: `images/<model>/<method>/<file>.png`, `report/<model>/report.md`,
+/// `report/<model>/summary.json` and the report's charts.
+#[utoipa::path(get, path = "/jobs/{id}/files/{path}", tag = "jobs",
+    params(("id" = String, Path), ("path" = String, Path, description = "path within the job's folder")),
+    responses((status = 200, description = "the file"), (status = 404, body = ErrorBody)))]
+pub async fn job_file(
+    State(state): State<AppState>,
+    UrlPath((id, path)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let jobs = jobs(&state)?;
+    jobs.get(&id).await?;
+    let rel = Path::new(&path);
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("job {id} has no file {path:?}"));
+    // Plain names only: no `..`, no absolute path, no way out of the job's folder.
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) || rel.as_os_str().is_empty() {
+        return Err(not_found());
+    }
+    let full = jobs.job_dir(&id).join(rel);
+    let bytes = tokio::fs::read(&full).await.map_err(|_| not_found())?;
+    let mime = match full.extension().and_then(|e| e.to_str()) {
+        Some("png") => "image/png",
+        Some("json") => "application/json",
+        Some("md") => "text/markdown; charset=utf-8",
+        Some("svg") => "image/svg+xml",
+        _ => "application/octet-stream",
+    };
+    Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
+}

@@ -1,0 +1,324 @@
+//! Jobs: work longer than a request — an `eval` of a folder for chosen methods and models — run
+//! in the background one at a time, every finished image stored at once in SQLite (and its PNG
+//! in the job's folder), progress published to subscribers (`/jobs/{id}/events`). A restart
+//! resumes the jobs that were running (or marks them `interrupted`, `jobs.resume = false`); no
+//! finished image is lost or done twice.
+
+pub mod runner;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+use crate::attack::Method;
+use crate::config::JobsConfig;
+use crate::engine::{Engine, EngineError};
+pub use store::{Store, StoreError, StoredResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    /// The server stopped while it ran and `jobs.resume` is off.
+    Interrupted,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Done => "done",
+            Self::Interrupted => "interrupted",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Queued, Self::Running, Self::Done, Self::Interrupted, Self::Failed, Self::Cancelled]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+}
+
+/// `POST /jobs`: what to run.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A folder the server can read, under one of `jobs.allowed_dirs`: flat `<wnid>_*.JPEG`
+    /// files or an ImageFolder tree, as for `labelfool eval`.
+    #[schema(example = "/data/red-team/batch-1")]
+    pub images: String,
+    /// Attack methods (default: labelfool, deepfool, fgsm, sparsefool).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Models of this server (default: the default model).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// Only the first N images (sorted by path).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Iteration budget of every attack (default: the server's).
+    #[serde(default)]
+    pub max_iter: Option<u32>,
+}
+
+/// A job as `/jobs` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobInfo {
+    pub id: String,
+    pub state: JobState,
+    pub spec: JobSpec,
+    /// Attacks in the job (images × methods × models) and those finished (stored).
+    pub total: u64,
+    pub done: u64,
+    /// Finished attacks that reached their goal.
+    pub successes: u64,
+    /// Unix milliseconds.
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    /// Times the job was resumed after a restart.
+    pub resumed: u32,
+}
+
+/// One progress message (`/jobs/{id}/events`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct JobEvent {
+    pub id: String,
+    pub state: JobState,
+    pub done: u64,
+    pub total: u64,
+    pub successes: u64,
+    /// The attack that just finished, if this event is for one.
+    pub last: Option<FinishedAttack>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct FinishedAttack {
+    pub model: String,
+    pub method: String,
+    pub file: String,
+    pub success: Option<bool>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("no job {0:?}")]
+    NotFound(String),
+    #[error("invalid parameter `{param}`: {message}")]
+    Invalid { param: &'static str, message: String },
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl JobError {
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid { param, message: message.into() }
+    }
+}
+
+/// The jobs service: the store, the queue of jobs to run and their live progress.
+#[derive(Clone)]
+pub struct Jobs {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    dir: PathBuf,
+    config: JobsConfig,
+    /// `allowed_dirs`, resolved.
+    allowed: Vec<PathBuf>,
+    engine: Engine,
+    queue: mpsc::UnboundedSender<String>,
+    events: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
+    cancel: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl Jobs {
+    /// Opens the store, recovers what a previous process left running and starts the runner.
+    pub async fn start(engine: Engine, config: &JobsConfig) -> anyhow::Result<Self> {
+        let db = crate::config::expand_path(&config.database)?;
+        let dir = crate::config::expand_path(&config.dir)?;
+        std::fs::create_dir_all(&dir)?;
+        let store = Store::open(&db)?;
+        let allowed = config
+            .allowed_dirs
+            .iter()
+            .filter_map(|d| crate::config::expand_path(d).ok())
+            .filter_map(|d| d.canonicalize().ok())
+            .collect();
+        let resume = config.resume;
+        let recovered = store.with(move |c| Store::recover(c, resume)).await?;
+        if !recovered.is_empty() {
+            tracing::info!(jobs = ?recovered, "resuming jobs left queued or running by the previous process");
+        }
+        let (queue, rx) = mpsc::unbounded_channel();
+        let jobs = Self {
+            inner: Arc::new(Inner {
+                store,
+                dir,
+                config: config.clone(),
+                allowed,
+                engine,
+                queue,
+                events: Mutex::default(),
+                cancel: Mutex::default(),
+            }),
+        };
+        for id in recovered {
+            let _ = jobs.inner.queue.send(id);
+        }
+        tokio::spawn(runner::run(jobs.clone(), rx));
+        Ok(jobs)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The job's folder (PNGs under `images/`, the report under `report/`).
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.inner.dir.join(id)
+    }
+
+    /// Validates the spec, counts its attacks and queues it.
+    pub async fn create(&self, mut spec: JobSpec) -> Result<JobInfo, JobError> {
+        let folder = Path::new(&spec.images)
+            .canonicalize()
+            .map_err(|e| JobError::invalid("images", format!("{}: {e}", spec.images)))?;
+        if !folder.is_dir() {
+            return Err(JobError::invalid("images", format!("{} is not a folder", spec.images)));
+        }
+        if !self.inner.allowed.iter().any(|a| folder.starts_with(a)) {
+            return Err(JobError::Forbidden(format!(
+                "{} is not under a folder jobs may read (jobs.allowed_dirs: {:?})",
+                spec.images, self.inner.config.allowed_dirs
+            )));
+        }
+        spec.images = folder.to_string_lossy().into_owned();
+        if spec.methods.is_empty() {
+            spec.methods = ["labelfool", "deepfool", "fgsm", "sparsefool"].map(String::from).to_vec();
+        }
+        for m in &spec.methods {
+            Method::parse(m).ok_or_else(|| JobError::invalid("methods", format!("unknown method {m:?}")))?;
+        }
+        spec.methods.dedup();
+        if spec.models.is_empty() {
+            spec.models = vec![self.inner.engine.model(None)?.1.name.clone()];
+        }
+        let mut total = 0;
+        for m in &spec.models {
+            let (_, info) = self.inner.engine.model(Some(m))?;
+            let mut samples = crate::eval::dataset::discover(&folder, info.classes())
+                .map_err(|e| JobError::invalid("images", e.to_string()))?;
+            if let Some(n) = spec.limit {
+                samples.truncate(n);
+            }
+            total += samples.len() * spec.methods.len();
+        }
+        if total == 0 {
+            return Err(JobError::invalid("images", format!("no files in {}", spec.images)));
+        }
+        if total > self.inner.config.max_attacks {
+            return Err(JobError::invalid(
+                "images",
+                format!("{total} attacks; at most {} per job (jobs.max_attacks)", self.inner.config.max_attacks),
+            ));
+        }
+        let id = new_id();
+        let (s, i) = (spec.clone(), id.clone());
+        self.inner.store.with(move |c| Store::insert_job(c, &i, &s, total)).await?;
+        let info = self.get(&id).await?;
+        let _ = self.inner.queue.send(id);
+        Ok(info)
+    }
+
+    pub async fn get(&self, id: &str) -> Result<JobInfo, JobError> {
+        let i = id.to_string();
+        self.inner.store.with(move |c| Store::job(c, &i)).await?.ok_or_else(|| JobError::NotFound(id.to_string()))
+    }
+
+    pub async fn list(&self) -> Result<Vec<JobInfo>, JobError> {
+        Ok(self.inner.store.with(|c| Store::jobs(c)).await?)
+    }
+
+    pub async fn results(&self, id: &str) -> Result<Vec<StoredResult>, JobError> {
+        self.get(id).await?;
+        let i = id.to_string();
+        Ok(self.inner.store.with(move |c| Store::results(c, &i)).await?)
+    }
+
+    /// Cancels a queued or running job (a running one stops scheduling at once; its finished
+    /// images stay).
+    pub async fn cancel(&self, id: &str) -> Result<JobInfo, JobError> {
+        let job = self.get(id).await?;
+        if job.state.is_terminal() {
+            return Err(JobError::Conflict(format!("job {id} is already {}", job.state.as_str())));
+        }
+        let token = self.inner.cancel.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        match token {
+            Some(t) => t.cancel(),
+            None => {
+                let i = id.to_string();
+                self.inner.store.with(move |c| Store::set_state(c, &i, JobState::Cancelled, None)).await?;
+            }
+        }
+        let job = self.get(id).await?;
+        self.publish(&job, None);
+        Ok(job)
+    }
+
+    /// Progress of a job from now on (None once it is finished and nobody publishes).
+    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<JobEvent> {
+        let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+        events.entry(id.to_string()).or_insert_with(|| broadcast::channel(256).0).subscribe()
+    }
+
+    fn publish(&self, job: &JobInfo, last: Option<FinishedAttack>) {
+        let event = JobEvent {
+            id: job.id.clone(),
+            state: job.state,
+            done: job.done,
+            total: job.total,
+            successes: job.successes,
+            last,
+            error: job.error.clone(),
+        };
+        let events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = events.get(&job.id) {
+            let _ = tx.send(event);
+        }
+    }
+}
+
+/// 16 hex digits from the OS's randomness.
+fn new_id() -> String {
+    use rand::Rng;
+    format!("{:016x}", rand::rng().random::<u64>())
+}

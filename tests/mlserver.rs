@@ -152,15 +152,30 @@ async fn verify_against_mlserver_in_both_modes() {
     }
 }
 
-/// Query-based LabelFool against MLServer's Lite2 with Lite0 as the surrogate: whatever happens,
-/// the budget holds, margins grow, and a success is a PNG that MLServer classifies as the target.
+/// Query-based LabelFool against MLServer's Lite2 with Lite0 as the surrogate, in both input
+/// modes: whatever happens, the budget holds, margins grow, and a success is a PNG that MLServer
+/// classifies as the target. The alligator's target is out of the transfer prior's reach within
+/// its margins, so the score-based search runs on MLServer's scores.
 #[tokio::test]
 async fn query_based_labelfool_against_mlserver() {
     let m = start_mlserver();
     let s = Server::start(&default_model_config(&remotes(&m.url)));
-    for path in sample_images().iter().take(3) {
+    let images = sample_images();
+    let alligator = fixture("images/n01698640_American_alligator.JPEG");
+    // The husky's target (Norwegian elkhound) is reached by the transfer prior at margin 64.
+    let husky = fixture("images/n02110185_Siberian_husky.JPEG");
+    let cases = [
+        ("lite2-bytes", &images[0], 6),
+        ("lite2-fp32", &images[1], 6),
+        ("lite2-bytes", &husky, 12),
+        ("lite2-fp32", &husky, 12),
+        ("lite2-bytes", &alligator, 100),
+    ];
+    let mut searched_runs = 0;
+    let mut bytes_successes = 0;
+    for (remote, path, budget) in cases {
         let res = client()
-            .post(s.url("/attack?model=remote:lite2-bytes&surrogate=efficientnet-lite0&budget=6"))
+            .post(s.url(&format!("/attack?model=remote:{remote}&surrogate=efficientnet-lite0&budget={budget}")))
             .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
             .send()
             .await
@@ -168,7 +183,7 @@ async fn query_based_labelfool_against_mlserver() {
         assert_eq!(res.status(), 200);
         let v: Value = res.json().await.unwrap();
         let queries = v["queries"].as_u64().unwrap();
-        assert!(queries <= 6, "{v}");
+        assert!(queries <= budget, "{v}");
         let candidates = v["candidates"].as_array().unwrap();
         // One query per candidate after the upload, then the search's (cached answers are free).
         let searched = v["search"]["asked"].as_u64().unwrap_or(0);
@@ -176,12 +191,21 @@ async fn query_based_labelfool_against_mlserver() {
         assert!(candidates.len() as u64 + 1 + searched >= queries, "{v}");
         if v["search"].is_null() {
             assert_eq!(candidates.len() as u64, queries - 1, "{v}");
+        } else {
+            searched_runs += 1;
+            assert_eq!(v["method"], "labelfool-transfer+square");
         }
         let margins: Vec<f64> = candidates.iter().map(|c| c["margin"].as_f64().unwrap()).collect();
         assert!(margins.windows(2).all(|w| w[0] < w[1]), "{margins:?}");
-        if v["success"] == true {
+        assert_eq!(v["success"].as_bool(), Some(v["final"]["index"] == v["target"]["index"]), "{v}");
+        // The delivered PNG, posted to MLServer as any client would, gets the label reported.
+        if remote == "lite2-bytes" && !v["png_base64"].is_null() {
             let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();
-            assert_eq!(Some(post_png_to_mlserver(&m, &png).await as u64), v["target"]["index"].as_u64(), "{v}");
+            assert_eq!(Some(post_png_to_mlserver(&m, &png).await as u64), v["final"]["index"].as_u64(), "{v}");
+            bytes_successes += usize::from(v["success"] == true);
         }
+        eprintln!("{remote} {}: success {} in {queries} queries", path.display(), v["success"]);
     }
+    assert!(searched_runs >= 1, "the score-based search never ran");
+    assert!(bytes_successes >= 1, "no target reached on MLServer");
 }

@@ -186,6 +186,8 @@ pub struct AttackResponse {
     /// FGSM: the step size of the delivered image.
     pub epsilon: Option<f64>,
     pub perturbation: Perturbation,
+    /// How far the delivered label is from the original in WordNet (ImageNet-style classes).
+    pub label_space: LabelSpace,
     /// With `float_reference=true`: the paper's float attack on the same image and target.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub float_reference: Option<FloatComparison>,
@@ -193,6 +195,16 @@ pub struct AttackResponse {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub transfer: Vec<TransferResult>,
     pub timings: Timings,
+}
+
+/// The original and the delivered class compared in WordNet (null when a class has no WordNet id).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct LabelSpace {
+    /// Wu-Palmer similarity (1 = the same class; as NLTK computes it).
+    pub wup: Option<f64>,
+    /// Mistake severity: the height of their lowest common ancestor (0 = the same class; lower
+    /// = a milder mistake; Bertinetto et al., CVPR 2020).
+    pub mistake_severity: Option<u32>,
 }
 
 /// Whether an attack transfers to another model.
@@ -498,6 +510,14 @@ pub fn summary(r: &AttackResult) -> AttackResponse {
         margin: o.margin,
         epsilon: o.epsilon,
         perturbation: r.perturbation,
+        label_space: {
+            let wnid = |i: usize| info.classes().get(i).and_then(|c| c.wnid.clone());
+            let wn = crate::eval::wordnet::WordNet::embedded();
+            match (wnid(o.original.index), wnid(o.final_.index)) {
+                (Some(a), Some(b)) => LabelSpace { wup: wn.wup(&a, &b), mistake_severity: wn.mistake_severity(&a, &b) },
+                _ => LabelSpace { wup: None, mistake_severity: None },
+            }
+        },
         transfer: Vec::new(),
         float_reference: r.float_reference.map(|f| FloatComparison {
             success: f.success,

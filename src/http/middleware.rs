@@ -76,9 +76,11 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
-/// Routes that never need the API key: probes must work for the orchestrator.
+/// Routes that never need the API key: probes must work for the orchestrator, and the studio's
+/// static page and bundled samples hold no data (the API calls the page makes carry the key).
 fn exempt(path: &str, metrics_require_key: bool) -> bool {
-    matches!(path, "/health" | "/ready" | "/v2/health/live" | "/v2/health/ready")
+    matches!(path, "/health" | "/ready" | "/v2/health/live" | "/v2/health/ready" | "/studio")
+        || path.starts_with("/studio/")
         || (path == "/metrics" && !metrics_require_key)
 }
 

@@ -14,6 +14,7 @@ pub mod ops;
 pub mod remotes;
 pub mod repository;
 pub mod server;
+pub mod studio;
 pub mod target;
 pub mod v2;
 
@@ -106,6 +107,11 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/events", get(jobs::job_events))
         .route("/jobs/{id}/results", get(jobs::job_results))
         .route("/jobs/{id}/files/{*path}", get(jobs::job_file))
+        .route("/", get(|| async { axum::response::Redirect::temporary("/studio") }))
+        .route("/studio", get(studio::page))
+        .route("/studio/studio.js", get(studio::script))
+        .route("/studio/studio.css", get(studio::style))
+        .route("/studio/samples/{name}", get(studio::sample))
         .route("/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))
         .route("/health", get(ops::health))

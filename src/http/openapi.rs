@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{attack, classify, dto, error, jobs, ops, remotes, repository, target, v2};
+use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studio, target, v2};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -46,6 +46,7 @@ use super::{attack, classify, dto, error, jobs, ops, remotes, repository, target
         jobs::job_events,
         jobs::job_results,
         jobs::job_file,
+        studio::page,
     ),
     components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance, attack::RemoteAttackResponse)),
     modifiers(&BearerAuth),
@@ -55,6 +56,7 @@ use super::{attack, classify, dto, error, jobs, ops, remotes, repository, target
         (name = "labelfool", description = "Target-label selection and adversarial generation"),
         (name = "operations", description = "Health, readiness, models, metrics"),
         (name = "kserve-v2", description = "Open Inference Protocol (KServe v2) for classification"),
+        (name = "studio", description = "The web page"),
         (name = "jobs", description = "Durable background evals: create, follow (SSE), cancel, download results"),
         (name = "model-repository", description = "Open Inference Protocol model-repository extension (Triton's): index, load, unload"),
     )

@@ -1,0 +1,305 @@
+// LabelFool studio: every number on this page comes from the server's public JSON API.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const state = { key: sessionStorage.getItem("labelfool-key") || "", image: null, imageName: "", decision: null, target: null };
+const SAMPLES = ["zebra", "tench", "siberian-husky"];
+
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") e.className = v; else if (k.startsWith("data-")) e.setAttribute(k, v); else e[k] = v;
+  }
+  for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message;
+  box.hidden = false;
+}
+
+function clearError() { $("#error").hidden = true; }
+
+// The API with the key; an error answer is shown as the API words it, then thrown.
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (state.key) headers["Authorization"] = "Bearer " + state.key;
+  const res = await fetch(path, Object.assign({}, options, { headers }));
+  if (!res.ok) {
+    let text = `${res.status} ${res.statusText}`;
+    try {
+      const body = await res.json();
+      if (body && body.error) text = `${res.status} ${body.error.code}: ${body.error.message}`;
+    } catch (_) { /* not JSON */ }
+    showError(text);
+    throw new Error(text);
+  }
+  return res;
+}
+
+function imageForm(extra = {}) {
+  const form = new FormData();
+  form.append("image", state.image, state.imageName);
+  form.append("model", $("#model").value);
+  for (const [k, v] of Object.entries(extra)) if (v !== undefined && v !== null && v !== "") form.append(k, v);
+  return form;
+}
+
+const pct = (p) => (p * 100).toFixed(1) + "%";
+const fmt = (x, d = 4) => (x === null || x === undefined ? "–" : typeof x === "number" ? Number(x.toPrecision(d)).toString() : x);
+const label = (c) => `${c.label} (${pct(c.probability)})`;
+
+async function loadModels() {
+  const res = await api("/models");
+  const body = await res.json();
+  const select = $("#model");
+  select.replaceChildren();
+  for (const m of body.models) {
+    const o = el("option", { value: m.name, disabled: m.state !== "ready" }, m.state === "ready" ? m.name : `${m.name} (${m.state})`);
+    select.append(o);
+  }
+}
+
+async function setImage(blob, name) {
+  clearError();
+  state.image = blob;
+  state.imageName = name;
+  const img = $("#original");
+  img.src = URL.createObjectURL(blob);
+  img.hidden = false;
+  $("#results").replaceChildren();
+  await classify();
+  await decide();
+  $("#run").disabled = false;
+}
+
+async function classify() {
+  const res = await api("/classify", { method: "POST", body: imageForm({ top_k: 5 }) });
+  const body = await res.json();
+  $("#classification").replaceChildren(...body.top.map((c) => el("li", { "data-index": c.index }, label(c))));
+}
+
+async function decide() {
+  const res = await api("/target-label", { method: "POST", body: imageForm({ alternatives: 6 }) });
+  const body = await res.json();
+  const d = body.decision;
+  state.decision = d;
+  state.target = d.target.index;
+  const s = d.candidates.map((c) => label(c)).join(", ");
+  $("#decision").replaceChildren(
+    el("p", {}, "Branch: ", el("strong", { id: "branch" }, d.branch), ` (p̂1 = ${pct(d.p1)}, δ1 = ${d.delta1}, δ2 = ${d.delta2})`),
+    el("p", {}, "Candidate set S: ", el("span", { id: "candidates" }, s)),
+    el("p", {}, "Target: ", el("strong", { id: "target" }, d.target.label)),
+  );
+  const rows = d.ranking.map((r, i) => {
+    const radio = el("input", { type: "radio", name: "target", value: r.index, checked: i === 0 });
+    radio.addEventListener("change", () => { state.target = r.index; $("#target").textContent = r.label; });
+    return el("tr", { "data-index": r.index }, el("td", {}, radio), el("td", {}, r.label), el("td", {}, fmt(r.distance)));
+  });
+  $("#ranking tbody").replaceChildren(...rows);
+}
+
+function b64ToBlob(b64, type) {
+  const bin = atob(b64);
+  const bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  return new Blob([bytes], { type });
+}
+
+function loadImage(src) {
+  return new Promise((resolve, reject) => {
+    const img = new Image();
+    img.onload = () => resolve(img);
+    img.onerror = reject;
+    img.src = src;
+  });
+}
+
+// |adversarial − original| × gain, drawn from the two images' pixels.
+async function drawDifference(canvas) {
+  const [a, b] = await Promise.all([loadImage(canvas.dataset.original), loadImage(canvas.dataset.adversarial)]);
+  canvas.width = a.naturalWidth;
+  canvas.height = a.naturalHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(a, 0, 0);
+  const pa = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(b, 0, 0);
+  const pb = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  const gain = Number($("#gain").value);
+  for (let i = 0; i < pa.data.length; i += 4) {
+    for (let c = 0; c < 3; c++) pb.data[i + c] = Math.min(255, Math.abs(pb.data[i + c] - pa.data[i + c]) * gain);
+    pb.data[i + 3] = 255;
+  }
+  ctx.putImageData(pb, 0, 0);
+}
+
+function resultCard(method) {
+  const card = el("div", { class: "result", "data-method": method },
+    el("h3", {}, method), el("p", { class: "status running" }, "running…"));
+  $("#results").append(card);
+  return card;
+}
+
+function fillCard(card, r) {
+  const png = b64ToBlob(r.png_base64, "image/png");
+  const advUrl = URL.createObjectURL(png);
+  const origUrl = $("#original").src;
+  const stem = state.imageName.replace(/\.[^.]*$/, "");
+  const canvas = el("canvas", { class: "difference" });
+  canvas.dataset.original = origUrl;
+  canvas.dataset.adversarial = advUrl;
+  const m = r.perturbation;
+  card.replaceChildren(
+    el("h3", {}, r.method),
+    el("p", { class: "status " + (r.success ? "success" : "failure") }, r.success ? "fooled" : "not fooled"),
+    el("div", { class: "images" },
+      el("figure", {}, el("img", { src: origUrl, alt: "original" }), el("figcaption", {}, "original: ", el("span", { class: "original-label" }, label(r.original)))),
+      el("figure", {}, el("img", { class: "adversarial", src: advUrl, alt: "adversarial" }), el("figcaption", {}, "adversarial: ", el("span", { class: "final-label" }, label(r.final)))),
+      el("figure", {}, canvas, el("figcaption", {}, "difference × gain"))),
+    el("dl", { class: "metrics" },
+      el("dt", {}, "target"), el("dd", {}, r.target ? r.target.label : "– (untargeted)"),
+      el("dt", {}, "Wu-Palmer"), el("dd", { class: "wup" }, fmt(r.label_space.wup, 3)),
+      el("dt", {}, "mistake severity"), el("dd", { class: "severity" }, fmt(r.label_space.mistake_severity)),
+      el("dt", {}, "perceptibility"), el("dd", { class: "perceptibility" }, fmt(m.perceptibility)),
+      el("dt", {}, "L2 / L∞ / L0"), el("dd", {}, `${fmt(m.l2)} / ${fmt(m.linf)} / ${m.l0}`),
+      el("dt", {}, "PSNR / SSIM"), el("dd", {}, `${fmt(m.psnr)} dB / ${fmt(m.ssim)}`),
+      el("dt", {}, "iterations / checks"), el("dd", {}, `${r.iterations} / ${r.checks}`)),
+    el("a", { class: "download", href: advUrl, download: `${stem}-${r.method}.png` }, "download PNG"));
+  drawDifference(canvas).catch((e) => showError("cannot draw the difference: " + e));
+}
+
+async function runAttacks() {
+  clearError();
+  $("#results").replaceChildren();
+  const methods = [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value);
+  await Promise.all(methods.map(async (method) => {
+    const card = resultCard(method);
+    const extra = { method };
+    if (method === "labelfool" && state.target !== null) extra.target = state.target;
+    try {
+      const res = await api("/attack", { method: "POST", body: imageForm(extra) });
+      fillCard(card, await res.json());
+    } catch (e) {
+      card.querySelector(".status").textContent = String(e.message || e);
+      card.querySelector(".status").className = "status failure";
+    }
+  }));
+}
+
+// ---- jobs ----------------------------------------------------------------------------------
+
+function jobRow(job) {
+  let row = document.querySelector(`tr.job[data-id="${job.id}"]`);
+  if (!row) {
+    row = el("tr", { class: "job", "data-id": job.id },
+      el("td", {}, job.id), el("td", { class: "job-state" }), el("td", {}, el("progress", { max: 1, value: 0 }), el("span", { class: "job-count" })),
+      el("td", { class: "job-links" }));
+    $("#jobs tbody").prepend(row);
+  }
+  row.querySelector(".job-state").textContent = job.state;
+  const p = row.querySelector("progress");
+  p.max = job.total; p.value = job.done;
+  row.querySelector(".job-count").textContent = ` ${job.done}/${job.total} (${job.successes} fooled)`;
+  if (job.state === "done") {
+    const links = row.querySelector(".job-links");
+    if (!links.childElementCount) {
+      for (const m of (job.spec ? job.spec.models : state.jobModels[job.id] || [])) {
+        links.append(el("a", { class: "report", href: "#", onclick: (e) => { e.preventDefault(); openFile(`/jobs/${job.id}/files/report/${m}/report.md`); } }, `report (${m})`), " ");
+      }
+      links.append(el("a", { class: "results", href: "#", onclick: (e) => { e.preventDefault(); openFile(`/jobs/${job.id}/results`); } }, "results"));
+    }
+  }
+}
+state.jobModels = {};
+
+async function openFile(path) {
+  const res = await api(path);
+  const url = URL.createObjectURL(await res.blob());
+  window.open(url, "_blank");
+}
+
+// Server-Sent Events read with fetch (EventSource cannot send the API key).
+async function follow(id) {
+  const res = await api(`/jobs/${id}/events`);
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const message = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of message.split("\n")) if (line.startsWith("data: ")) jobRow(JSON.parse(line.slice(6)));
+    }
+  }
+}
+
+async function createJob() {
+  clearError();
+  const body = { images: $("#job-folder").value, methods: [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value), models: [$("#model").value] };
+  const limit = Number($("#job-limit").value);
+  if (limit > 0) body.limit = limit;
+  const res = await api("/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  const job = await res.json();
+  state.jobModels[job.id] = job.spec.models;
+  jobRow(job);
+  follow(job.id).catch((e) => showError(String(e.message || e)));
+}
+
+async function loadJobs() {
+  const res = await api("/jobs");
+  for (const job of (await res.json()).reverse()) {
+    state.jobModels[job.id] = job.spec.models;
+    jobRow(job);
+    if (job.state === "queued" || job.state === "running") follow(job.id).catch(() => {});
+  }
+}
+
+// ---- wiring --------------------------------------------------------------------------------
+
+async function start() {
+  $("#api-key").value = state.key;
+  $("#save-key").addEventListener("click", () => {
+    state.key = $("#api-key").value;
+    sessionStorage.setItem("labelfool-key", state.key);
+    clearError();
+    loadModels().then(loadJobs).catch(() => {});
+  });
+  for (const name of SAMPLES) {
+    const b = el("button", { type: "button", class: "sample", "data-name": name }, name);
+    b.addEventListener("click", async () => {
+      const res = await fetch(`/studio/samples/${name}.jpg`);
+      setImage(await res.blob(), `${name}.jpg`).catch(() => {});
+    });
+    $("#samples").append(b);
+  }
+  $("#file").addEventListener("change", (e) => { const f = e.target.files[0]; if (f) setImage(f, f.name).catch(() => {}); });
+  const drop = $("#drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    const f = e.dataTransfer.files[0];
+    if (f) setImage(f, f.name).catch(() => {});
+  });
+  $("#model").addEventListener("change", () => { if (state.image) setImage(state.image, state.imageName).catch(() => {}); });
+  $("#run").addEventListener("click", () => runAttacks().catch(() => {}));
+  $("#gain").addEventListener("input", () => {
+    $("#gain-value").textContent = $("#gain").value + "×";
+    document.querySelectorAll("canvas.difference").forEach((c) => drawDifference(c).catch(() => {}));
+  });
+  $("#job-create").addEventListener("click", () => createJob().catch(() => {}));
+  try {
+    await loadModels();
+    await loadJobs();
+  } catch (_) { /* shown */ }
+  document.body.dataset.ready = "true";
+}
+
+start();

@@ -1,0 +1,55 @@
+//! The studio: a web page served by the binary itself (its HTML, script, style and three sample
+//! images are compiled in). It calls only the public JSON API — with the API key the user types
+//! in — so everything it shows is what the API returns.
+
+use axum::extract::Path;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+const INDEX: &str = include_str!("assets/index.html");
+const SCRIPT: &str = include_str!("assets/studio.js");
+const STYLE: &str = include_str!("assets/studio.css");
+
+/// The bundled sample images (name, JPEG bytes).
+pub const SAMPLES: &[(&str, &[u8])] = &[
+    ("zebra", include_bytes!("assets/samples/zebra.jpg")),
+    ("tench", include_bytes!("assets/samples/tench.jpg")),
+    ("siberian-husky", include_bytes!("assets/samples/siberian-husky.jpg")),
+];
+
+fn asset(mime: &'static str, body: &'static [u8]) -> Response {
+    let mut res = body.into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+    // The page talks to this origin only.
+    res.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; img-src 'self' data: blob:; connect-src 'self' blob:; style-src 'self'"),
+    );
+    res
+}
+
+/// The studio: a web page to classify, see LabelFool's decision, run the attacks side by side
+/// and follow jobs. Public, like `/health` (it holds no data; the API calls it makes carry the
+/// key the user types in).
+#[utoipa::path(get, path = "/studio", tag = "studio", security(()),
+    responses((status = 200, content_type = "text/html", description = "the page")))]
+pub async fn page() -> Response {
+    asset("text/html; charset=utf-8", INDEX.as_bytes())
+}
+
+pub async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT.as_bytes())
+}
+
+pub async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE.as_bytes())
+}
+
+/// `GET /studio/samples/{name}`: a bundled sample image.
+pub async fn sample(Path(name): Path<String>) -> Response {
+    let name = name.trim_end_matches(".jpg");
+    match SAMPLES.iter().find(|(n, _)| *n == name) {
+        Some((_, bytes)) => asset("image/jpeg", bytes),
+        None => (StatusCode::NOT_FOUND, "no such sample").into_response(),
+    }
+}

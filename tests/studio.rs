@@ -1,0 +1,173 @@
+//! The studio page driven as a person would, in a real headless Chromium through WebDriver
+//! (Debian `chromium` and `chromium-driver`, installed by scripts/setup): the API key asked for,
+//! the zebra uploaded and classified, LabelFool's decision shown, LabelFool and DeepFool run side
+//! by side, the delivered PNG downloaded, a job created and followed to the end.
+//! `LABELFOOL_SCREENSHOTS=<dir>` keeps screenshots of the main screens (the README's).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn browser() -> (Driver, Client) {
+    let bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .expect("no chromedriver: run scripts/setup (it installs Debian's chromium and chromium-driver)");
+    let port = free_port();
+    let child = Command::new(bin)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start chromedriver");
+    let driver = Driver(child);
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(30), "chromedriver did not listen");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let caps = json!({"goog:chromeOptions": {"binary": "/usr/bin/chromium",
+        "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"]}});
+    let caps = caps.as_object().unwrap().clone().into_iter().collect();
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{port}"))
+        .await
+        .expect("a WebDriver session");
+    (driver, client)
+}
+
+/// Polls a JavaScript expression until it is truthy; returns its value.
+async fn until(c: &Client, expr: &str, limit: Duration) -> Value {
+    let started = Instant::now();
+    loop {
+        let v = c.execute(&format!("return ({expr});"), vec![]).await.unwrap();
+        if !(v.is_null() || v == false || v == "" || v == 0) {
+            return v;
+        }
+        if started.elapsed() > limit {
+            let err = c.execute("return document.querySelector('#error').textContent", vec![]).await.unwrap();
+            panic!("{expr} still false after {limit:?}; error box: {err}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    if let Some(dir) = std::env::var_os("LABELFOOL_SCREENSHOTS") {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(name), c.screenshot().await.unwrap()).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for f in ["n02391049_zebra.JPEG", "n01440764_tench.JPEG"] {
+        std::fs::copy(fixture(&format!("images/{f}")), images.join(f)).unwrap();
+    }
+    let extra = format!("[server]\napi_key = \"s3cret\"\n[jobs]\nallowed_dirs = [\"{}\"]\n", root.path().display());
+    let s = Server::start(&default_model_config(&extra));
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+
+    // The page loads without the key; the API it calls does not, and says so.
+    c.goto(&s.url("/studio")).await.unwrap();
+    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    let err = until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute).await;
+    assert!(err.as_str().unwrap().contains("401 unauthorized"), "{err}");
+    c.find(Locator::Css("#api-key")).await.unwrap().send_keys("s3cret").await.unwrap();
+    c.find(Locator::Css("#save-key")).await.unwrap().click().await.unwrap();
+    until(&c, "document.querySelectorAll('#model option').length", minute).await;
+    assert_eq!(text(&c, "#model option").await, "efficientnet-lite0");
+
+    // Upload the zebra: its label, then LabelFool's decision.
+    let zebra = fixture("images/n02391049_zebra.JPEG");
+    c.find(Locator::Css("#file")).await.unwrap().send_keys(zebra.to_str().unwrap()).await.unwrap();
+    until(&c, "document.querySelectorAll('#classification li').length", minute).await;
+    assert!(text(&c, "#classification li").await.starts_with("zebra"), "{}", text(&c, "#classification").await);
+    until(&c, "document.querySelectorAll('#ranking tbody tr').length", minute).await;
+    let branch = text(&c, "#branch").await;
+    assert!(branch == "mle" || branch == "weighted", "{branch}");
+    let target = text(&c, "#target").await;
+    assert!(!target.is_empty() && target != "zebra");
+    screenshot(&c, "studio-decision.png").await;
+
+    // LabelFool and DeepFool side by side (checked by default).
+    c.find(Locator::Css("#run")).await.unwrap().click().await.unwrap();
+    for m in ["labelfool", "deepfool"] {
+        until(&c, &format!("document.querySelector('.result[data-method={m}] .final-label')"), Duration::from_secs(300)).await;
+        let original = text(&c, &format!(".result[data-method={m}] .original-label")).await;
+        let fin = text(&c, &format!(".result[data-method={m}] .final-label")).await;
+        assert!(original.starts_with("zebra"), "{m}: {original}");
+        assert!(!fin.starts_with("zebra "), "{m}: the adversarial image is still a zebra: {fin}");
+        assert_eq!(text(&c, &format!(".result[data-method={m}] .status")).await, "fooled");
+        let wup = text(&c, &format!(".result[data-method={m}] .wup")).await;
+        assert!(wup.parse::<f64>().is_ok(), "{m}: Wu-Palmer {wup:?}");
+    }
+    // LabelFool's adversarial label is the decision's target.
+    assert!(text(&c, ".result[data-method=labelfool] .final-label").await.starts_with(&format!("{target} (")));
+    c.execute("document.querySelector('#attack-section').scrollIntoView()", vec![]).await.unwrap();
+    screenshot(&c, "studio-attacks.png").await;
+
+    // Download the LabelFool PNG (the link's blob, read in the page): a PNG of the upload's size.
+    let b64 = c
+        .execute_async(
+            "const done = arguments[arguments.length - 1];
+             fetch(document.querySelector('.result[data-method=labelfool] a.download').href)
+               .then(r => r.blob())
+               .then(b => { const f = new FileReader(); f.onload = () => done(f.result.split(',')[1]); f.readAsDataURL(b); })
+               .catch(e => done('error: ' + e));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {b64}"));
+    let png = image::load_from_memory_with_format(&png, image::ImageFormat::Png).expect("a PNG");
+    let upload = image::open(&zebra).unwrap();
+    assert_eq!((png.width(), png.height()), (upload.width(), upload.height()));
+    let name = c.find(Locator::Css(".result[data-method=labelfool] a.download")).await.unwrap().attr("download").await.unwrap();
+    assert_eq!(name.as_deref(), Some("n02391049_zebra-labelfool.png"));
+
+    // A job on the two fixture images, followed to the end over its event stream.
+    c.find(Locator::Css("#job-folder")).await.unwrap().send_keys(images.to_str().unwrap()).await.unwrap();
+    c.find(Locator::Css("#job-create")).await.unwrap().click().await.unwrap();
+    until(&c, "document.querySelector('tr.job .job-state')", minute).await;
+    until(&c, "document.querySelector('tr.job .job-state').textContent === 'done'", Duration::from_secs(600)).await;
+    assert!(text(&c, "tr.job .job-count").await.contains("4/4"), "{}", text(&c, "tr.job").await);
+    until(&c, "document.querySelector('tr.job a.report')", minute).await;
+    c.execute("document.querySelector('#jobs-section').scrollIntoView()", vec![]).await.unwrap();
+    screenshot(&c, "studio-jobs.png").await;
+
+    // Errors as the API words them: a folder the server may not read.
+    c.find(Locator::Css("#job-folder")).await.unwrap().clear().await.unwrap();
+    c.find(Locator::Css("#job-folder")).await.unwrap().send_keys("/etc").await.unwrap();
+    c.find(Locator::Css("#job-create")).await.unwrap().click().await.unwrap();
+    let err = until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute).await;
+    assert!(err.as_str().unwrap().starts_with("403 forbidden"), "{err}");
+    c.close().await.unwrap();
+}

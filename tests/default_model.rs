@@ -117,13 +117,7 @@ fn start_up_fails_clearly_on_a_bad_config() {
     for (i, (toml, expect)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("c{i}.toml"));
         std::fs::write(&path, toml).unwrap();
-        let out = Command::new(BIN)
-            .args(["serve", "--bind", "127.0.0.1:0", "--config"])
-            .arg(&path)
-            .env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
-            .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"))
-            .output()
-            .unwrap();
+        let out = serve_until_exit(&path, dir.path());
         assert!(!out.status.success(), "case {i} must fail");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(expect), "case {i}: stderr lacks {expect:?}:\n{err}");
@@ -138,13 +132,7 @@ fn start_up_fails_clearly_on_a_bad_config() {
     std::fs::write(bad.join("classes.txt"), "a\nb\nc\n").unwrap();
     let path = dir.path().join("wrong-classes.toml");
     std::fs::write(&path, format!("[[models]]\nname = \"m\"\ndir = \"{}\"\n", bad.display())).unwrap();
-    let out = Command::new(BIN)
-        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
-        .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"))
-        .output()
-        .unwrap();
+    let out = serve_until_exit(&path, dir.path());
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("lists 3 classes"),

@@ -394,13 +394,7 @@ async fn a_described_torchscript_file_needs_no_metadata_file() {
         format!("[[models]]\nname = \"plain\"\ntorchscript = \"{}\"\n", m.join("tiny/model.pt").display()),
     )
     .unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
-        .arg(&path)
-        .env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
-        .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"))
-        .output()
-        .unwrap();
+    let out = serve_until_exit(&path, dir.path());
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("description = { size"),

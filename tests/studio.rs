@@ -98,7 +98,9 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
     // The page loads without the key; the API it calls does not, and says so.
     c.goto(&s.url("/studio")).await.unwrap();
     until(&c, "document.body.dataset.ready === 'true'", minute).await;
-    let err = until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute).await;
+    let err =
+        until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute)
+            .await;
     assert!(err.as_str().unwrap().contains("401 unauthorized"), "{err}");
     c.find(Locator::Css("#api-key")).await.unwrap().send_keys("s3cret").await.unwrap();
     c.find(Locator::Css("#save-key")).await.unwrap().click().await.unwrap();
@@ -120,7 +122,12 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
     // LabelFool and DeepFool side by side (checked by default).
     c.find(Locator::Css("#run")).await.unwrap().click().await.unwrap();
     for m in ["labelfool", "deepfool"] {
-        until(&c, &format!("document.querySelector('.result[data-method={m}] .final-label')"), Duration::from_secs(300)).await;
+        until(
+            &c,
+            &format!("document.querySelector('.result[data-method={m}] .final-label')"),
+            Duration::from_secs(300),
+        )
+        .await;
         let original = text(&c, &format!(".result[data-method={m}] .original-label")).await;
         let fin = text(&c, &format!(".result[data-method={m}] .final-label")).await;
         assert!(original.starts_with("zebra"), "{m}: {original}");
@@ -146,11 +153,18 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
         )
         .await
         .unwrap();
-    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.as_str().unwrap()).unwrap_or_else(|e| panic!("{e}: {b64}"));
+    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64.as_str().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {b64}"));
     let png = image::load_from_memory_with_format(&png, image::ImageFormat::Png).expect("a PNG");
     let upload = image::open(&zebra).unwrap();
     assert_eq!((png.width(), png.height()), (upload.width(), upload.height()));
-    let name = c.find(Locator::Css(".result[data-method=labelfool] a.download")).await.unwrap().attr("download").await.unwrap();
+    let name = c
+        .find(Locator::Css(".result[data-method=labelfool] a.download"))
+        .await
+        .unwrap()
+        .attr("download")
+        .await
+        .unwrap();
     assert_eq!(name.as_deref(), Some("n02391049_zebra-labelfool.png"));
 
     // A job on the two fixture images, followed to the end over its event stream.
@@ -167,7 +181,9 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
     c.find(Locator::Css("#job-folder")).await.unwrap().clear().await.unwrap();
     c.find(Locator::Css("#job-folder")).await.unwrap().send_keys("/etc").await.unwrap();
     c.find(Locator::Css("#job-create")).await.unwrap().click().await.unwrap();
-    let err = until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute).await;
+    let err =
+        until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute)
+            .await;
     assert!(err.as_str().unwrap().starts_with("403 forbidden"), "{err}");
     c.close().await.unwrap();
 }

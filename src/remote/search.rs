@@ -68,6 +68,7 @@ fn p_at(p_init: f64, i: u32, n: u32) -> f64 {
 
 /// Runs the search from `start` (scored `start_scores`) around `original` (`width × height`
 /// interleaved RGB). `guide` is the surrogate's perturbation (same layout), if any.
+#[allow(clippy::too_many_arguments)]
 pub async fn square<O: Oracle>(
     oracle: &mut O,
     width: u32,

@@ -58,6 +58,18 @@ pub fn default_model_config(extra: &str) -> String {
     )
 }
 
+/// Runs `labelfool serve` with `config` to its end (for configurations that must stop it),
+/// its jobs kept in `dir`.
+pub fn serve_until_exit(config: &std::path::Path, dir: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["serve", "--bind", "127.0.0.1:0", "--config"])
+        .arg(config)
+        .env("LABELFOOL_JOBS__DATABASE", dir.join("jobs.sqlite3"))
+        .env("LABELFOOL_JOBS__DIR", dir.join("jobs"))
+        .output()
+        .unwrap()
+}
+
 pub struct Server {
     child: Child,
     pub base: String,

@@ -23,7 +23,9 @@ fn asset(mime: &'static str, body: &'static [u8]) -> Response {
     // The page talks to this origin only.
     res.headers_mut().insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'self'; img-src 'self' data: blob:; connect-src 'self' blob:; style-src 'self'"),
+        HeaderValue::from_static(
+            "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' blob:; style-src 'self'",
+        ),
     );
     res
 }

@@ -198,6 +198,10 @@ async fn query_based_labelfool_against_mlserver() {
         let margins: Vec<f64> = candidates.iter().map(|c| c["margin"].as_f64().unwrap()).collect();
         assert!(margins.windows(2).all(|w| w[0] < w[1]), "{margins:?}");
         assert_eq!(v["success"].as_bool(), Some(v["final"]["index"] == v["target"]["index"]), "{v}");
+        // Label closeness of the remote's original and final classes (ImageNet ids).
+        if !v["final"].is_null() {
+            assert!(v["label_space"]["wup"].is_number(), "{v}");
+        }
         // The delivered PNG, posted to MLServer as any client would, gets the label reported.
         if remote == "lite2-bytes" && !v["png_base64"].is_null() {
             let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();

@@ -103,6 +103,8 @@ pub struct RemoteAttackResponse {
     #[schema(format = Byte)]
     pub png_base64: Option<String>,
     pub perturbation: Option<Perturbation>,
+    /// The remote's original and final classes compared in WordNet.
+    pub label_space: Option<LabelSpace>,
     pub elapsed_ms: f64,
 }
 
@@ -205,6 +207,15 @@ pub struct LabelSpace {
     /// Mistake severity: the height of their lowest common ancestor (0 = the same class; lower
     /// = a milder mistake; Bertinetto et al., CVPR 2020).
     pub mistake_severity: Option<u32>,
+}
+
+fn label_space(classes: &crate::model::ClassList, original: usize, fin: usize) -> LabelSpace {
+    let wnid = |i: usize| classes.get(i).and_then(|c| c.wnid.clone());
+    let wn = crate::eval::wordnet::WordNet::embedded();
+    match (wnid(original), wnid(fin)) {
+        (Some(a), Some(b)) => LabelSpace { wup: wn.wup(&a, &b), mistake_severity: wn.mistake_severity(&a, &b) },
+        _ => LabelSpace { wup: None, mistake_severity: None },
+    }
 }
 
 /// Whether an attack transfers to another model.
@@ -435,6 +446,7 @@ fn remote_summary(
         }),
         png_base64: o.delivered.as_ref().map(|r| base64::engine::general_purpose::STANDARD.encode(&r.png)),
         perturbation: o.delivered.as_ref().map(|r| r.perturbation),
+        label_space: last.map(|f| label_space(classes, o.original.index, f.index)),
         elapsed_ms: o.elapsed.as_secs_f64() * 1e3,
     }
 }
@@ -510,14 +522,7 @@ pub fn summary(r: &AttackResult) -> AttackResponse {
         margin: o.margin,
         epsilon: o.epsilon,
         perturbation: r.perturbation,
-        label_space: {
-            let wnid = |i: usize| info.classes().get(i).and_then(|c| c.wnid.clone());
-            let wn = crate::eval::wordnet::WordNet::embedded();
-            match (wnid(o.original.index), wnid(o.final_.index)) {
-                (Some(a), Some(b)) => LabelSpace { wup: wn.wup(&a, &b), mistake_severity: wn.mistake_severity(&a, &b) },
-                _ => LabelSpace { wup: None, mistake_severity: None },
-            }
-        },
+        label_space: label_space(info.classes(), o.original.index, o.final_.index),
         transfer: Vec::new(),
         float_reference: r.float_reference.map(|f| FloatComparison {
             success: f.success,

@@ -143,8 +143,29 @@ def run_hsja(infer, x_u8, start_u8, target, budget):
     return r, u8
 
 
+def wup_of(rows):
+    """Wu-Palmer of the remote's original class and the target, with NLTK on Debian's WordNet 3.0
+    (apt-get install wordnet-base; pip install nltk), as eval's figures; None without them."""
+    try:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from wordnet_reference import nltk_wordnet
+        wn = nltk_wordnet()
+    except Exception as e:  # noqa: BLE001
+        print(f"no Wu-Palmer figures: {e}", file=sys.stderr)
+        return
+    syn = lambda w: wn.synset_from_pos_and_offset("n", int(w[1:]))
+    wnids = [l.split()[0] for l in open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../data/imagenet_classes.txt"))]
+    for x in rows:
+        if not x.get("target_wnid") and x.get("target") is not None:
+            x["target_wnid"] = wnids[x["target"]]
+        o, t = (x.get("original") or {}).get("wnid"), x.get("target_wnid")
+        if o and t:
+            x["wup"] = syn(o).wup_similarity(syn(t))
+
+
 def summary(rows, key, budget):
     ok = [x for x in rows if x.get(key) and x[key].get("queries_to_success") is not None]
+    wups = [x["wup"] for x in ok if x.get("wup") is not None]
     within = {b: sum(1 for x in ok if x[key]["queries_to_success"] <= b) for b in (10, 100, 300, 1000) if b <= budget}
     q = [x[key]["queries_to_success"] for x in ok]
     return {
@@ -153,6 +174,7 @@ def summary(rows, key, budget):
         "success_rate_within_budget": len(ok) / max(1, len(rows)),
         "median_queries_to_success": statistics.median(q) if q else None,
         "mean_perceptibility_of_successes": statistics.mean(x[key]["perceptibility"] for x in ok) if ok else None,
+        "mean_wup_of_successes": statistics.mean(wups) if wups else None,
     }
 
 
@@ -168,7 +190,16 @@ def main():
     ap.add_argument("--anchors", default="square,hsja")
     ap.add_argument("--hsja-images", type=int, default=5, help="HSJA runs on the first N successes only")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--resummarise", help="recompute the summary of an earlier output file (no queries)")
     a = ap.parse_args()
+    if a.resummarise:
+        old = json.load(open(a.resummarise))
+        rows = old["results"]
+        wup_of(rows)
+        old["summary"].update({k: summary(rows, k, old["budget"]) for k in ("labelfool", "square")})
+        json.dump(old, open(a.out, "w"), indent=1)
+        print(json.dumps(old["summary"], indent=1))
+        return
     files = sorted(os.listdir(a.images))[:: a.every]
     rows = []
     started = time.time()
@@ -180,7 +211,7 @@ def main():
         t0 = time.time()
         v = post(q, body, ct)
         row = {"file": f, "target": v.get("target", {}).get("index"), "target_label": v.get("target", {}).get("label"),
-               "original": v.get("original")}
+               "target_wnid": v.get("target", {}).get("wnid"), "original": v.get("original")}
         if "error" in v:
             row["error"] = v["error"]
             rows.append(row)
@@ -215,6 +246,7 @@ def main():
                 row["hsja"] = {"start": None}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    wup_of(rows)
     out = {"command": " ".join(sys.argv), "seconds": time.time() - started, "budget": a.budget,
            "epsilon": a.epsilon, "summary": {k: summary(rows, k, a.budget) for k in ("labelfool", "square")},
            "results": rows}

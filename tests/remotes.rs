@@ -79,13 +79,18 @@ async fn verify_against_a_remote_in_every_input_mode() {
     assert_eq!(res.status(), 404);
 }
 
-/// A fake endpoint that misbehaves in the way its model name says.
-async fn misbehaving_endpoint() -> String {
+/// A fake endpoint that misbehaves in the way its model name says; the counter holds the
+/// inference requests it received for the models `count` and `flaky`.
+async fn misbehaving_endpoint() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let infers = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = infers.clone();
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else { return };
+            let infers = infers.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 1 << 20];
                 let mut got = Vec::new();
@@ -98,14 +103,44 @@ async fn misbehaving_endpoint() -> String {
                 }
                 let head = String::from_utf8_lossy(&got).into_owned();
                 let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                // The well-behaved models read the whole body before answering, as a server does.
+                if path.contains("/count/") || path.contains("/flaky/") {
+                    let end = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    while got.len() < end + length {
+                        match sock.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                }
                 let reply = |status: &str, body: &str| {
                     format!(
                         "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                         body.len()
                     )
                 };
+                // Ten probabilities that never favour LabelFool's target much: an attack on this
+                // model spends its whole budget.
+                let ten = r#"{"model_name": "m", "outputs": [{"name": "p", "datatype": "FP32", "shape": [1, 10], "data": [0.5, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]}]}"#;
                 let answer = if path.ends_with("/ready") {
                     reply("200 OK", "{}")
+                } else if path.contains("/count/") {
+                    infers.fetch_add(1, Ordering::SeqCst);
+                    reply("200 OK", ten)
+                } else if path.contains("/flaky/") {
+                    // The first answer is good, every later one a 500: a fault in mid-attack.
+                    if infers.fetch_add(1, Ordering::SeqCst) == 0 {
+                        reply("200 OK", ten)
+                    } else {
+                        reply("500 Internal Server Error", r#"{"error": "model crashed mid-attack"}"#)
+                    }
                 } else if path.contains("/slow/") {
                     tokio::time::sleep(Duration::from_secs(30)).await;
                     return;
@@ -138,12 +173,12 @@ async fn misbehaving_endpoint() -> String {
             });
         }
     });
-    format!("http://{addr}")
+    (format!("http://{addr}"), counter)
 }
 
 #[tokio::test]
 async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
-    let fake = misbehaving_endpoint().await;
+    let (fake, _) = misbehaving_endpoint().await;
     let classes = format!("classes = \"{}\"\ntimeout_ms = 800", models_dir().join("tiny/classes.txt").display());
     let remotes: String = ["slow", "err500", "shape", "notjson", "closed", "huge"]
         .iter()
@@ -161,18 +196,24 @@ async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
         ("refused", 502, "cannot connect"),
     ];
     for (name, status, expect) in cases {
-        let started = Instant::now();
-        let res = client()
-            .post(s.url(&format!("/attack?model=tiny&verify=remote:{name}")))
-            .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
-            .send()
-            .await
-            .unwrap();
-        let (got, v) = json(res).await;
-        assert_eq!(got, status, "{name}: {v}");
-        let message = v["error"]["message"].as_str().unwrap_or_default().to_lowercase();
-        assert!(message.contains(&expect.to_lowercase()), "{name}: {v}");
-        assert!(started.elapsed() < Duration::from_secs(10), "{name} took {:?}", started.elapsed());
+        // The transfer check and the query-based attack meet the same fault the same way.
+        for query in [
+            format!("/attack?model=tiny&verify=remote:{name}"),
+            format!("/attack?model=remote:{name}&surrogate=tiny&budget=5"),
+        ] {
+            let started = Instant::now();
+            let res = client()
+                .post(s.url(&query))
+                .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
+                .send()
+                .await
+                .unwrap();
+            let (got, v) = json(res).await;
+            assert_eq!(got, status, "{query}: {v}");
+            let message = v["error"]["message"].as_str().unwrap_or_default().to_lowercase();
+            assert!(message.contains(&expect.to_lowercase()), "{query}: {v}");
+            assert!(started.elapsed() < Duration::from_secs(10), "{query} took {:?}", started.elapsed());
+        }
     }
     // The server is up and serves everything else.
     let res = client()
@@ -190,6 +231,42 @@ async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
         metrics.lines().any(|l| l.starts_with("labelfool_remote_requests_total") && l.contains("outcome=\"timeout\"")),
         "remote failures are counted:\n{metrics}"
     );
+}
+
+/// The budget is counted where it matters, at the endpoint: an attack that never reaches its
+/// target sends at most `budget` inference requests; a fault in mid-attack ends it with a 502.
+#[tokio::test]
+async fn the_endpoint_never_sees_more_queries_than_the_budget() {
+    use std::sync::atomic::Ordering;
+    let classes = format!("classes = \"{}\"\ntimeout_ms = 2000", models_dir().join("tiny/classes.txt").display());
+    let (fake, infers) = misbehaving_endpoint().await;
+    let s = Server::start(&tiny_config(&remote("count", &fake, "count", &classes)));
+    for budget in [1u64, 4, 40] {
+        infers.store(0, Ordering::SeqCst);
+        let res = client()
+            .post(s.url(&format!("/attack?model=remote:count&surrogate=tiny&budget={budget}")))
+            .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
+            .send()
+            .await
+            .unwrap();
+        let (status, v) = json(res).await;
+        assert_eq!(status, 200, "{v}");
+        let seen = infers.load(Ordering::SeqCst) as u64;
+        assert!(seen <= budget, "budget {budget}, the endpoint saw {seen} queries: {v}");
+        assert_eq!(v["queries"].as_u64(), Some(seen), "the answer counts what the endpoint saw: {v}");
+        assert_eq!(v["success"], false, "{v}");
+    }
+    let (fake, _) = misbehaving_endpoint().await;
+    let s = Server::start(&tiny_config(&remote("flaky", &fake, "flaky", &classes)));
+    let res = client()
+        .post(s.url("/attack?model=remote:flaky&surrogate=tiny&budget=20"))
+        .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = json(res).await;
+    assert_eq!(status, 502, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("crashed mid-attack"), "{v}");
 }
 
 /// Query-based LabelFool against a remote known only by its endpoint: the target from the remote's

@@ -15,6 +15,12 @@ async fn json(res: reqwest::Response) -> (u16, Value) {
     (status, res.json().await.unwrap_or(Value::Null))
 }
 
+/// The zebra posted to `query`.
+async fn post_zebra(s: &Server, query: &str) -> (u16, Value) {
+    let image = multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg");
+    json(client().post(s.url(query)).multipart(image).send().await.unwrap()).await
+}
+
 fn remote(name: &str, url: &str, model: &str, extra: &str) -> String {
     format!("[[remotes]]\nname = \"{name}\"\nurl = \"{url}\"\nmodel = \"{model}\"\n{extra}\n")
 }
@@ -202,13 +208,7 @@ async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
             format!("/attack?model=remote:{name}&surrogate=tiny&budget=5"),
         ] {
             let started = Instant::now();
-            let res = client()
-                .post(s.url(&query))
-                .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
-                .send()
-                .await
-                .unwrap();
-            let (got, v) = json(res).await;
+            let (got, v) = post_zebra(&s, &query).await;
             assert_eq!(got, status, "{query}: {v}");
             let message = v["error"]["message"].as_str().unwrap_or_default().to_lowercase();
             assert!(message.contains(&expect.to_lowercase()), "{query}: {v}");
@@ -243,13 +243,7 @@ async fn the_endpoint_never_sees_more_queries_than_the_budget() {
     let s = Server::start(&tiny_config(&remote("count", &fake, "count", &classes)));
     for budget in [1u64, 4, 40] {
         infers.store(0, Ordering::SeqCst);
-        let res = client()
-            .post(s.url(&format!("/attack?model=remote:count&surrogate=tiny&budget={budget}")))
-            .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
-            .send()
-            .await
-            .unwrap();
-        let (status, v) = json(res).await;
+        let (status, v) = post_zebra(&s, &format!("/attack?model=remote:count&surrogate=tiny&budget={budget}")).await;
         assert_eq!(status, 200, "{v}");
         let seen = infers.load(Ordering::SeqCst) as u64;
         assert!(seen <= budget, "budget {budget}, the endpoint saw {seen} queries: {v}");
@@ -258,13 +252,7 @@ async fn the_endpoint_never_sees_more_queries_than_the_budget() {
     }
     let (fake, _) = misbehaving_endpoint().await;
     let s = Server::start(&tiny_config(&remote("flaky", &fake, "flaky", &classes)));
-    let res = client()
-        .post(s.url("/attack?model=remote:flaky&surrogate=tiny&budget=20"))
-        .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
-        .send()
-        .await
-        .unwrap();
-    let (status, v) = json(res).await;
+    let (status, v) = post_zebra(&s, "/attack?model=remote:flaky&surrogate=tiny&budget=20").await;
     assert_eq!(status, 502, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("crashed mid-attack"), "{v}");
 }

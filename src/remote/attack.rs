@@ -169,11 +169,6 @@ impl search::Oracle for PixelAsker<'_, '_> {
     }
 }
 
-/// The remote's loss for the target (cross-entropy): lower is closer.
-fn target_loss(p: &[f32], t: usize) -> f64 {
-    -(f64::from(p.get(t).copied().unwrap_or(0.0)).max(1e-30)).ln()
-}
-
 /// Runs query-based LabelFool: the transfer prior, then (unless it reached the target or
 /// `options.search` is off) the score-based search from its best candidate. `options.budget`
 /// counts every remote query, the upload's included.
@@ -239,7 +234,7 @@ pub async fn run(
             remote: remote_top,
             perceptibility: result.perturbation.perceptibility,
         });
-        let l = target_loss(&after, t);
+        let l = search::loss(&after, t);
         if hit || best.as_ref().is_none_or(|b| l < b.0) {
             best = Some((l, result.png, after, result.perturbation));
             worse = 0;
@@ -256,19 +251,22 @@ pub async fn run(
             break;
         }
     }
-    let mut delivered = best.map(|(_, png, p, perturbation)| Delivered { png, perturbation, remote: top(&p, Some(t)) });
+    // The best candidate's probabilities start the search (no second look-up).
+    let (mut delivered, best_scores) = match best {
+        Some((_, png, p, perturbation)) => (Some(Delivered { png, perturbation, remote: top(&p, Some(t)) }), Some(p)),
+        None => (None, None),
+    };
     let mut summary = None;
     if !success && options.search && asker.queries < budget && Instant::now() < asker.deadline {
         let limits = engine.settings().decode;
         let x0 = crate::imaging::decode(&upload, &limits).map_err(EngineError::from)?;
-        let (start, start_scores, guide) = match &delivered {
-            Some(d) => {
+        let (start, start_scores, guide) = match (&delivered, best_scores) {
+            (Some(d), Some(scores)) => {
                 let png = crate::imaging::decode(&d.png, &limits).map_err(EngineError::from)?;
                 let guide: Vec<i16> = png.rgb.iter().zip(&x0.rgb).map(|(&a, &o)| i16::from(a) - i16::from(o)).collect();
-                let scores = asker.ask(Bytes::from(d.png.clone())).await?.unwrap_or_default();
                 (png.rgb, scores, Some(guide))
             }
-            None => (x0.rgb.clone(), before.clone(), None),
+            _ => (x0.rgb.clone(), before.clone(), None),
         };
         let epsilon = (options.epsilon * 255.0).round().clamp(1.0, 255.0) as u8;
         let params = search::SearchParams {

@@ -51,7 +51,7 @@ pub struct SearchOutcome {
 }
 
 /// The targeted loss: cross-entropy of the target, as the paper uses for targeted attacks.
-fn loss(p: &[f32], target: usize) -> f64 {
+pub fn loss(p: &[f32], target: usize) -> f64 {
     -(f64::from(p.get(target).copied().unwrap_or(0.0)).max(1e-30)).ln()
 }
 
@@ -86,10 +86,9 @@ pub async fn square<O: Oracle>(
     // The start, projected onto the ε-ball around the original.
     let mut delta: Vec<i16> =
         start.iter().zip(original).map(|(&s, &o)| (i16::from(s) - i16::from(o)).clamp(-eps, eps)).collect();
-    let apply = |delta: &[i16]| -> Vec<u8> {
-        original.iter().zip(delta).map(|(&o, &d)| (i16::from(o) + d).clamp(0, 255) as u8).collect()
-    };
-    let mut best = apply(&delta);
+    let pixel = |k: usize, d: i16| (i16::from(original[k]) + d).clamp(0, 255) as u8;
+    // The best image so far: the original plus `delta`, on the lattice.
+    let mut best: Vec<u8> = (0..original.len()).map(|k| pixel(k, delta[k])).collect();
     let mut asked = 0;
     let mut best_scores = if best.as_slice() == start {
         start_scores
@@ -116,8 +115,8 @@ pub async fn square<O: Oracle>(
         i += 1;
         let p = p_at(params.p_init, i, params.budget);
         let side = ((p * (w * h) as f64).sqrt().round() as usize).clamp(1, w.min(h));
-        let mut proposal = delta.clone();
         // A square whose pixels all stay as they are is no proposal: draw again (bounded).
+        let mut window = None;
         for _ in 0..10 {
             let (r0, c0) = (rng.random_range(0..=h - side), rng.random_range(0..=w - side));
             let guided = guide.is_some() && rng.random_bool(0.5);
@@ -142,33 +141,53 @@ pub async fn square<O: Oracle>(
                     s => s as i16 * eps,
                 };
             }
-            let mut changed = false;
+            let changed = (r0..r0 + side).any(|r| {
+                (c0..c0 + side).any(|c| {
+                    (0..3).any(|ch| {
+                        pixel((r * w + c) * 3 + ch, delta[(r * w + c) * 3 + ch])
+                            != pixel((r * w + c) * 3 + ch, signs[ch])
+                    })
+                })
+            });
+            if changed {
+                window = Some((r0, c0, signs));
+                break;
+            }
+        }
+        // The proposal, applied in place (no copy of the image per query); what it replaced is
+        // kept to undo it when it is rejected.
+        let mut replaced = Vec::new();
+        if let Some((r0, c0, signs)) = window {
+            replaced.reserve(side * side * 3);
             for r in r0..r0 + side {
                 for c in c0..c0 + side {
                     for (ch, &s) in signs.iter().enumerate() {
                         let k = (r * w + c) * 3 + ch;
-                        let before = (i16::from(original[k]) + delta[k]).clamp(0, 255);
-                        let after = (i16::from(original[k]) + s).clamp(0, 255);
-                        changed |= before != after;
-                        proposal[k] = s;
+                        replaced.push((k, delta[k]));
+                        delta[k] = s;
+                        best[k] = pixel(k, s);
                     }
                 }
             }
-            if changed {
-                break;
-            }
-            proposal.clone_from(&delta);
         }
-        let candidate = apply(&proposal);
+        let undo = |delta: &mut [i16], best: &mut [u8]| {
+            for &(k, d) in &replaced {
+                delta[k] = d;
+                best[k] = pixel(k, d);
+            }
+        };
         asked += 1;
-        let Some(scores) = oracle.scores(&candidate).await? else {
+        let Some(scores) = oracle.scores(&best).await? else {
             asked -= 1;
+            undo(&mut delta, &mut best);
             break;
         };
         let l = loss(&scores, target);
         if l < best_loss {
-            (delta, best, best_scores, best_loss) = (proposal, candidate, scores, l);
+            (best_scores, best_loss) = (scores, l);
             accepted += 1;
+        } else {
+            undo(&mut delta, &mut best);
         }
     }
     Ok(SearchOutcome { success: reached(&best_scores, target), rgb: best, probabilities: best_scores, asked, accepted })

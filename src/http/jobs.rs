@@ -70,15 +70,7 @@ pub async fn job_events(
     // Subscribe first, then read the state: no event falls between the two.
     let rx = jobs.subscribe(&id);
     let job = jobs.get(&id).await?;
-    let first = JobEvent {
-        id: job.id.clone(),
-        state: job.state,
-        done: job.done,
-        total: job.total,
-        successes: job.successes,
-        last: None,
-        error: job.error.clone(),
-    };
+    let first = JobEvent::of(&job, None);
     let finished = job.state.is_terminal();
     let stream = futures::stream::unfold((Some(first), rx, finished), |(first, mut rx, ended)| async move {
         if let Some(ev) = first {

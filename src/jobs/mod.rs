@@ -111,6 +111,21 @@ pub struct JobEvent {
     pub error: Option<String>,
 }
 
+impl JobEvent {
+    /// The job as it stands, and the attack that just finished if any.
+    pub fn of(job: &JobInfo, last: Option<FinishedAttack>) -> Self {
+        Self {
+            id: job.id.clone(),
+            state: job.state,
+            done: job.done,
+            total: job.total,
+            successes: job.successes,
+            last,
+            error: job.error.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct FinishedAttack {
     pub model: String,
@@ -301,15 +316,7 @@ impl Jobs {
     }
 
     fn publish(&self, job: &JobInfo, last: Option<FinishedAttack>) {
-        let event = JobEvent {
-            id: job.id.clone(),
-            state: job.state,
-            done: job.done,
-            total: job.total,
-            successes: job.successes,
-            last,
-            error: job.error.clone(),
-        };
+        let event = JobEvent::of(job, last);
         let events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = events.get(&job.id) {
             let _ = tx.send(event);

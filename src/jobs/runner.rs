@@ -51,10 +51,14 @@ async fn run_job(jobs: &Jobs, id: &str) -> Result<(), JobError> {
     jobs.inner.cancel.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), token.clone());
     let i = id.to_string();
     jobs.store().with(move |c| Store::set_state(c, &i, JobState::Running, None)).await?;
-    jobs.publish(&jobs.get(id).await?, None);
+    // Progress is counted here from now on: one look-up per finished image would re-count
+    // every stored result each time.
+    let mut progress = jobs.get(id).await?;
+    jobs.publish(&progress, None);
     tracing::info!(images = %job.spec.images, methods = ?job.spec.methods, models = ?job.spec.models, "job started");
+    let i = id.to_string();
     let done: HashSet<(String, String, String)> =
-        jobs.results(id).await?.into_iter().map(|r| (r.model, r.method, r.file)).collect();
+        jobs.store().with(move |c| Store::result_keys(c, &i)).await?.into_iter().collect();
     let folder = PathBuf::from(&job.spec.images);
     let engine = &jobs.inner.engine;
     let mut ending = Ending::Finished;
@@ -93,7 +97,9 @@ async fn run_job(jobs: &Jobs, id: &str) -> Result<(), JobError> {
                 }
                 let file = key(&folder, &sample.path);
                 let last = store_one(jobs, id, model, method.name(), &file, attacked).await?;
-                jobs.publish(&jobs.get(id).await?, Some(last));
+                progress.done += 1;
+                progress.successes += u64::from(last.success == Some(true));
+                jobs.publish(&progress, Some(last));
             }
             if token.is_cancelled() {
                 ending = Ending::Cancelled;

@@ -176,6 +176,13 @@ impl Store {
         Ok(rows)
     }
 
+    /// The (model, method, file) of every stored result: what a resumed job skips.
+    pub fn result_keys(c: &Connection, job: &str) -> Result<Vec<(String, String, String)>, StoreError> {
+        let mut st = c.prepare("SELECT model, method, file FROM results WHERE job_id = ?1")?;
+        let rows = st.query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
     pub fn job(c: &Connection, id: &str) -> Result<Option<JobInfo>, StoreError> {
         let mut st = c.prepare(&format!("{SELECT_JOB} WHERE j.id = ?1"))?;
         let row = st.query_row([id], raw_job).optional()?;

@@ -76,13 +76,8 @@ async fn verify_against_a_remote_in_every_input_mode() {
         transferred += usize::from(local["transferred"] == true);
     }
     assert!(transferred > 0);
-    let res = client()
-        .post(s.url("/attack?model=tiny&verify=remote:nope"))
-        .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 404);
+    let (status, v) = post_zebra(&s, "/attack?model=tiny&verify=remote:nope").await;
+    assert_eq!(status, 404, "{v}");
 }
 
 /// A fake endpoint that misbehaves in the way its model name says; the counter holds the
@@ -216,13 +211,8 @@ async fn a_misbehaving_remote_is_a_clear_error_for_that_request_only() {
         }
     }
     // The server is up and serves everything else.
-    let res = client()
-        .post(s.url("/classify?model=tiny"))
-        .multipart(multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
+    let (status, v) = post_zebra(&s, "/classify?model=tiny").await;
+    assert_eq!(status, 200, "{v}");
     let (_, list) = json(client().get(s.url("/remotes")).send().await.unwrap()).await;
     let refused = list.as_array().unwrap().iter().find(|r| r["name"] == "refused").unwrap();
     assert!(refused["health"].as_str().unwrap().contains("cannot connect"), "{refused}");

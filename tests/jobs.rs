@@ -121,6 +121,20 @@ async fn a_job_runs_in_the_background_and_everything_it_made_can_be_downloaded()
         let res = client().get(s.url(&format!("/jobs/{id}/files/{bad}"))).send().await.unwrap();
         assert_eq!(res.status(), 404, "{bad}");
     }
+    // A method or model named twice runs once.
+    let (status, twice) = create(
+        &s,
+        json!({"images": images, "methods": ["fgsm", "labelfool", "fgsm"], "models": ["tiny", "tiny"], "limit": 1}),
+    )
+    .await;
+    assert_eq!(status, 201, "{twice}");
+    assert_eq!(
+        (twice["total"].as_u64(), twice["spec"]["methods"].as_array().map(Vec::len)),
+        (Some(2), Some(2)),
+        "{twice}"
+    );
+    let events = sse_events(&s, twice["id"].as_str().unwrap()).await;
+    assert_eq!(events.last().unwrap()["done"], 2, "{events:?}");
     // A finished job cannot be cancelled; an unknown one is 404.
     let (status, _) = json_of(client().delete(s.url(&format!("/jobs/{id}"))).send().await.unwrap()).await;
     assert_eq!(status, 409);

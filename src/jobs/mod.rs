@@ -243,10 +243,16 @@ impl Jobs {
         for m in &spec.methods {
             Method::parse(m).ok_or_else(|| JobError::invalid("methods", format!("unknown method {m:?}")))?;
         }
-        spec.methods.dedup();
+        // A method or model named twice runs once (a second pass would store its images again).
+        let once = |v: &mut Vec<String>| {
+            let mut seen = std::collections::HashSet::new();
+            v.retain(|x| seen.insert(x.clone()));
+        };
+        once(&mut spec.methods);
         if spec.models.is_empty() {
             spec.models = vec![self.inner.engine.model(None)?.1.name.clone()];
         }
+        once(&mut spec.models);
         let mut total = 0;
         for m in &spec.models {
             let (_, info) = self.inner.engine.model(Some(m))?;

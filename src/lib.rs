@@ -4,7 +4,8 @@
 //! Layers, outermost first: [`http`] (axum routes, one error type mapped to status codes) →
 //! [`engine`] (queue, batcher, the worker thread that owns the device) → [`model`], [`attack`],
 //! [`matrix`]. [`remote`] speaks to models behind other servers' Open Inference Protocol
-//! endpoints. [`cli`] drives the same engine offline; [`eval`] compares attacks.
+//! endpoints. [`cli`] drives the same engine offline; [`eval`] compares attacks. [`jobs`] runs
+//! evals in the background on SQLite; [`study`] turns a finished job into the paper's human study.
 
 pub mod attack;
 pub mod cli;
@@ -17,4 +18,5 @@ pub mod jobs;
 pub mod matrix;
 pub mod model;
 pub mod remote;
+pub mod study;
 pub mod telemetry;

@@ -1,7 +1,9 @@
 //! The studio page driven as a person would, in a real headless Chromium through WebDriver
 //! (Debian `chromium` and `chromium-driver`, installed by scripts/setup): the API key asked for,
 //! the zebra uploaded and classified, LabelFool's decision shown, LabelFool and DeepFool run side
-//! by side, the delivered PNG downloaded, a job created and followed to the end.
+//! by side, the delivered PNG downloaded, a job created and followed to the end, a human study
+//! made of it and answered by two observers through their links, its PG on the page checked
+//! against a hand computation.
 //! `LABELFOOL_SCREENSHOTS=<dir>` keeps screenshots of the main screens (the README's).
 
 mod common;
@@ -176,6 +178,99 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
     until(&c, "document.querySelector('tr.job a.report')", minute).await;
     c.execute("document.querySelector('#jobs-section').scrollIntoView()", vec![]).await.unwrap();
     screenshot(&c, "studio-jobs.png").await;
+
+    // A human study of the finished job, made on the page: two observer links.
+    c.find(Locator::Css("#study-observers")).await.unwrap().clear().await.unwrap();
+    c.find(Locator::Css("#study-observers")).await.unwrap().send_keys("2").await.unwrap();
+    c.find(Locator::Css("#study-create")).await.unwrap().click().await.unwrap();
+    until(&c, "document.querySelectorAll('.study a.observer-link').length === 2", minute).await;
+    let study_id = c.find(Locator::Css(".study")).await.unwrap().attr("data-id").await.unwrap().unwrap();
+    let links: Vec<String> = serde_json::from_value(
+        c.execute("return [...document.querySelectorAll('.study a.observer-link')].map(a => a.href)", vec![])
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    // What each puzzle is (the admin's view, with the key), to compute CR and PG by hand.
+    let puzzles: Value = reqwest::Client::new()
+        .get(s.url(&format!("/studies/{study_id}/puzzles")))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let truth = |id: i64| -> (String, bool) {
+        let p = puzzles.as_array().unwrap().iter().find(|p| p["id"] == id).unwrap();
+        (p["category"].as_str().unwrap().to_string(), p["truth"].as_bool().unwrap())
+    };
+    // Observer 1 answers "Incorrect" to everything; observer 2 alternates, starting with "Correct".
+    let mut given: Vec<(usize, String, bool, bool)> = Vec::new();
+    for (n, link) in links.iter().enumerate() {
+        c.goto(link).await.unwrap();
+        until(&c, "document.body.dataset.ready === 'true'", minute).await;
+        let mut k = 0;
+        while c.execute("return document.body.dataset.done !== 'true'", vec![]).await.unwrap() == true {
+            let id: i64 = c
+                .find(Locator::Css("#puzzle"))
+                .await
+                .unwrap()
+                .attr("data-puzzle")
+                .await
+                .unwrap()
+                .unwrap()
+                .parse()
+                .unwrap();
+            until(&c, "document.querySelector('#puzzle-image').complete && document.querySelector('#puzzle-image').naturalWidth > 0", minute).await;
+            if n == 0 && k == 0 {
+                screenshot(&c, "studio-observer.png").await;
+            }
+            let said_correct = n == 1 && k % 2 == 0;
+            let button = if said_correct { "#answer-correct" } else { "#answer-incorrect" };
+            c.find(Locator::Css(button)).await.unwrap().click().await.unwrap();
+            until(&c, &format!("document.body.dataset.answered === '{}'", k + 1), minute).await;
+            let (category, label_true) = truth(id);
+            given.push((n, category, label_true, said_correct));
+            k += 1;
+        }
+        assert!(k > 0, "observer {} had nothing to answer", n + 1);
+        assert!(text(&c, "#finished").await.contains("All done"));
+    }
+    // By hand: CR = misjudged / answered per category, PG = (CR − CR_clean) / CR_clean.
+    let rate = |who: Option<usize>, category: &str| -> Option<f64> {
+        let mine: Vec<_> = given.iter().filter(|g| who.is_none_or(|w| g.0 == w) && g.1 == category).collect();
+        (!mine.is_empty()).then(|| mine.iter().filter(|g| g.2 != g.3).count() as f64 / mine.len() as f64)
+    };
+    let gain = |who: Option<usize>, category: &str| -> String {
+        match (rate(who, category), rate(who, "clean")) {
+            (Some(cr), Some(base)) if base > 0.0 => format!("{:.3}", (cr - base) / base),
+            _ => "–".to_string(),
+        }
+    };
+    // The results on the studio page show the same numbers.
+    c.goto(&s.url("/studio")).await.unwrap();
+    until(&c, "document.querySelector('.study .study-refresh')", minute).await;
+    c.find(Locator::Css(".study .study-refresh")).await.unwrap().click().await.unwrap();
+    until(&c, "document.querySelector('.study').dataset.results === 'true'", minute).await;
+    for method in ["labelfool", "deepfool"] {
+        let shown =
+            text(&c, &format!("table[data-scope=all] tr[data-category={method}] td[data-stat=pooled_pg]")).await;
+        assert_eq!(shown, gain(None, method), "pooled PG of {method}: {given:?}");
+        for n in 0..2 {
+            let css = format!(
+                "table.observers tr[data-observer='observer {}'][data-category={method}] td[data-stat=pg]",
+                n + 1
+            );
+            assert_eq!(text(&c, &css).await, gain(Some(n), method), "observer {} PG of {method}: {given:?}", n + 1);
+        }
+    }
+    // Observer 1 misjudged the clean puzzle and no adversarial one.
+    let observer1 =
+        text(&c, "table.observers tr[data-observer='observer 1'][data-category=clean] td[data-stat=cr]").await;
+    assert_eq!(observer1, "1.000");
+    c.execute("document.querySelector('#studies-section').scrollIntoView()", vec![]).await.unwrap();
+    screenshot(&c, "studio-study.png").await;
 
     // Errors as the API words them: a folder the server may not read.
     c.find(Locator::Css("#job-folder")).await.unwrap().clear().await.unwrap();

@@ -38,6 +38,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let addr = listener.local_addr()?;
     let jobs = crate::jobs::Jobs::start(engine.clone(), &config.jobs).await.context("cannot start the jobs store")?;
     let mut state = AppState::new(engine.clone(), config.clone(), metrics, remotes);
+    state.studies = Some(crate::study::Studies::new(jobs.clone(), engine.clone()));
     state.jobs = Some(jobs);
     let device = state.device.clone();
     tokio::task::spawn_blocking(move || match startup.wait() {

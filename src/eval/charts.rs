@@ -220,3 +220,83 @@ pub fn panel(
     image::RgbImage::from_raw(cw, ch, buf).ok_or("canvas")?.save(path)?;
     Ok(())
 }
+
+/// Bars per category, one per series side by side, each with a whisker of ± its spread
+/// (values and spreads in [0, 1], drawn as %), returned as PNG bytes. The human study's chart
+/// (the paper's Figure 3: confusion rate per method, all images and animals).
+pub fn grouped_bars_png(
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[(&str, &[(f64, f64)])],
+) -> Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>> {
+    fonts();
+    let (w, h) = (760u32, 440u32);
+    let mut buf = vec![0u8; (w * h * 3) as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let n = categories.len().max(1) as f64;
+        let k = series.len().max(1) as f64;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(16)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..n, 0.0..100.0)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(categories.len().max(1) * 2 + 1)
+            .x_label_formatter(&|x| {
+                let i = x.floor() as usize;
+                if (x - i as f64 - 0.5).abs() < 1e-6 {
+                    categories.get(i).cloned().unwrap_or_default()
+                } else {
+                    String::new()
+                }
+            })
+            .y_desc(y_label)
+            .label_style(("sans-serif", 15))
+            .draw()?;
+        let slot = 0.8 / k;
+        for (s, (name, values)) in series.iter().enumerate() {
+            let c = color(s);
+            let bars = values.iter().enumerate().map(|(i, (v, _))| {
+                let x0 = i as f64 + 0.1 + s as f64 * slot;
+                Rectangle::new([(x0, 0.0), (x0 + slot * 0.9, v * 100.0)], c.filled())
+            });
+            chart
+                .draw_series(bars)?
+                .label(*name)
+                .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
+            for (i, (v, spread)) in values.iter().enumerate() {
+                let x = i as f64 + 0.1 + s as f64 * slot + slot * 0.45;
+                let (lo, hi) = (((v - spread) * 100.0).max(0.0), ((v + spread) * 100.0).min(100.0));
+                if *spread > 0.0 {
+                    chart.draw_series(std::iter::once(PathElement::new(
+                        vec![(x, lo), (x, hi)],
+                        BLACK.stroke_width(2),
+                    )))?;
+                }
+                chart.draw_series(std::iter::once(Text::new(
+                    format!("{:.0}%", v * 100.0),
+                    (x - slot * 0.3, (hi + 5.0).min(96.0)),
+                    ("sans-serif", 13).into_font().color(&BLACK),
+                )))?;
+            }
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .draw()?;
+        root.present()?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).ok_or("chart buffer")?;
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+    Ok(png)
+}

@@ -122,6 +122,22 @@ impl From<crate::jobs::JobError> for ApiError {
     }
 }
 
+impl From<crate::study::StudyError> for ApiError {
+    fn from(e: crate::study::StudyError) -> Self {
+        use crate::study::StudyError as S;
+        let msg = e.to_string();
+        match e {
+            S::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "unknown_study", msg),
+            S::UnknownObserver => Self::new(StatusCode::NOT_FOUND, "unknown_observer", msg),
+            S::Invalid { param, message } => Self::invalid(param, message),
+            S::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", msg),
+            S::Job(e) => e.into(),
+            S::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "jobs_store", msg),
+            S::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<crate::remote::attack::RemoteAttackError> for ApiError {
     fn from(e: crate::remote::attack::RemoteAttackError) -> Self {
         match e {

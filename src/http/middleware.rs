@@ -77,10 +77,12 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
 }
 
 /// Routes that never need the API key: probes must work for the orchestrator, and the studio's
-/// static page and bundled samples hold no data (the API calls the page makes carry the key).
+/// static page and bundled samples hold no data (the API calls the page makes carry the key), and
+/// a study's observers hold their link's token instead (checked by the study routes).
 fn exempt(path: &str, metrics_require_key: bool) -> bool {
     matches!(path, "/health" | "/ready" | "/v2/health/live" | "/v2/health/ready" | "/studio")
         || path.starts_with("/studio/")
+        || path.starts_with("/observe/")
         || (path == "/metrics" && !metrics_require_key)
 }
 

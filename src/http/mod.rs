@@ -14,6 +14,7 @@ pub mod ops;
 pub mod remotes;
 pub mod repository;
 pub mod server;
+pub mod studies;
 pub mod studio;
 pub mod target;
 pub mod v2;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub remotes: Arc<crate::remote::Remotes>,
     /// Durable background jobs (None where the server runs without them, e.g. in unit tests).
     pub jobs: Option<crate::jobs::Jobs>,
+    /// Human studies made from finished jobs (on the jobs' store; None with jobs off).
+    pub studies: Option<crate::study::Studies>,
 }
 
 impl AppState {
@@ -64,7 +67,17 @@ impl AppState {
             attack: Duration::from_millis(config.limits.attack_deadline_ms),
         };
         let body_budget = limits::BodyBudget::new(config.server.max_buffered_body_bytes);
-        Self { engine, config, deadlines, metrics, device: Arc::default(), body_budget, remotes, jobs: None }
+        Self {
+            engine,
+            config,
+            deadlines,
+            metrics,
+            device: Arc::default(),
+            body_budget,
+            remotes,
+            jobs: None,
+            studies: None,
+        }
     }
 
     /// Ready for work: the models are loaded *and* the start-up has recorded the device, so a
@@ -107,10 +120,23 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/events", get(jobs::job_events))
         .route("/jobs/{id}/results", get(jobs::job_results))
         .route("/jobs/{id}/files/{*path}", get(jobs::job_file))
+        .route("/studies", get(studies::list_studies).post(studies::create_study))
+        .route("/studies/{id}", get(studies::get_study))
+        .route("/studies/{id}/puzzles", get(studies::study_puzzles))
+        .route("/studies/{id}/observers", post(studies::add_observer))
+        .route("/studies/{id}/results", get(studies::study_results))
+        .route("/studies/{id}/answers.csv", get(studies::study_csv))
+        .route("/studies/{id}/chart.png", get(studies::study_chart))
+        .route("/observe/{token}", get(studies::observer_page))
+        .route("/observe/{token}/session", get(studies::session))
+        .route("/observe/{token}/answers", post(studies::answer))
+        .route("/observe/{token}/puzzles/{puzzle}/image", get(studies::puzzle_image))
+        .route("/observe/{token}/puzzles/{puzzle}/references/{n}", get(studies::puzzle_reference))
         .route("/", get(|| async { axum::response::Redirect::temporary("/studio") }))
         .route("/studio", get(studio::page))
         .route("/studio/studio.js", get(studio::script))
         .route("/studio/studio.css", get(studio::style))
+        .route("/studio/observe.js", get(studio::observer_script))
         .route("/studio/samples/{name}", get(studio::sample))
         .route("/openapi.json", get(ops::openapi))
         .route("/metrics", get(ops::metrics))

@@ -4,7 +4,7 @@
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studio, target, v2};
+use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studies, studio, target, v2};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -47,6 +47,19 @@ use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studio
         jobs::job_results,
         jobs::job_file,
         studio::page,
+        studies::create_study,
+        studies::list_studies,
+        studies::get_study,
+        studies::study_puzzles,
+        studies::add_observer,
+        studies::study_results,
+        studies::study_csv,
+        studies::study_chart,
+        studies::observer_page,
+        studies::session,
+        studies::answer,
+        studies::puzzle_image,
+        studies::puzzle_reference,
     ),
     components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance, attack::RemoteAttackResponse)),
     modifiers(&BearerAuth),
@@ -58,6 +71,7 @@ use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studio
         (name = "kserve-v2", description = "Open Inference Protocol (KServe v2) for classification"),
         (name = "studio", description = "The web page"),
         (name = "jobs", description = "Durable background evals: create, follow (SSE), cancel, download results"),
+        (name = "studies", description = "The paper's human study on a finished job: observers' links, answers, Confusion Rate and Performance Gain"),
         (name = "model-repository", description = "Open Inference Protocol model-repository extension (Triton's): index, load, unload"),
     )
 )]

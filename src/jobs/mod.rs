@@ -217,6 +217,11 @@ impl Jobs {
         &self.inner.store
     }
 
+    /// The folder of every job's files (and of the studies', under `studies/`).
+    pub fn root_dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
     /// The job's folder (PNGs under `images/`, the report under `report/`).
     pub fn job_dir(&self, id: &str) -> PathBuf {
         self.inner.dir.join(id)
@@ -331,7 +336,7 @@ impl Jobs {
 }
 
 /// 16 hex digits from the OS's randomness.
-fn new_id() -> String {
+pub fn new_id() -> String {
     use rand::Rng;
     format!("{:016x}", rand::rng().random::<u64>())
 }

@@ -1,4 +1,5 @@
-//! The jobs' durable state: one SQLite database (schema versioned with `rusqlite_migration`).
+//! The server's durable state: one SQLite database (jobs and their results here; the human
+//! studies' rows in `crate::study::store`) (schema versioned with `rusqlite_migration`).
 //! A result row is written only after its PNG is on disk, in one statement, so a crash at any
 //! moment leaves every finished image's result whole and nothing half-written.
 
@@ -12,8 +13,9 @@ use super::{JobInfo, JobSpec, JobState};
 
 /// Schema versions, oldest first; a new version is a new entry, never an edit.
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE jobs (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE jobs (
             id TEXT PRIMARY KEY,
             spec TEXT NOT NULL,
             state TEXT NOT NULL,
@@ -35,7 +37,57 @@ fn migrations() -> Migrations<'static> {
             created_ms INTEGER NOT NULL,
             PRIMARY KEY (job_id, model, method, file)
         );",
-    )])
+        ),
+        // v2: human studies (`crate::study`) made from finished jobs.
+        M::up(
+            "CREATE TABLE studies (
+            id TEXT PRIMARY KEY,
+            job_id TEXT NOT NULL REFERENCES jobs(id),
+            name TEXT NOT NULL,
+            model TEXT NOT NULL,
+            categories TEXT NOT NULL,
+            groups INTEGER NOT NULL,
+            refs INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL
+        );
+        CREATE TABLE puzzles (
+            study_id TEXT NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
+            id INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            category TEXT NOT NULL,
+            image TEXT NOT NULL,
+            label TEXT NOT NULL,
+            label_wnid TEXT,
+            truth INTEGER NOT NULL,
+            animal INTEGER NOT NULL,
+            grp INTEGER NOT NULL,
+            PRIMARY KEY (study_id, id)
+        );
+        CREATE TABLE study_references (
+            study_id TEXT NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
+            label_wnid TEXT NOT NULL,
+            image TEXT NOT NULL,
+            source TEXT NOT NULL,
+            PRIMARY KEY (study_id, label_wnid, image)
+        );
+        CREATE TABLE observers (
+            token TEXT PRIMARY KEY,
+            study_id TEXT NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
+            name TEXT NOT NULL,
+            grp INTEGER NOT NULL,
+            seed INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL,
+            UNIQUE (study_id, name)
+        );
+        CREATE TABLE answers (
+            token TEXT NOT NULL REFERENCES observers(token) ON DELETE CASCADE,
+            puzzle INTEGER NOT NULL,
+            correct INTEGER NOT NULL,
+            answered_ms INTEGER NOT NULL,
+            PRIMARY KEY (token, puzzle)
+        );",
+        ),
+    ])
 }
 
 #[derive(Debug, thiserror::Error)]

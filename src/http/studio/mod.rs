@@ -9,6 +9,8 @@ use axum::response::{IntoResponse, Response};
 const INDEX: &str = include_str!("assets/index.html");
 const SCRIPT: &str = include_str!("assets/studio.js");
 const STYLE: &str = include_str!("assets/studio.css");
+const OBSERVE: &str = include_str!("assets/observe.html");
+const OBSERVE_SCRIPT: &str = include_str!("assets/observe.js");
 
 /// The bundled sample images (name, JPEG bytes).
 pub const SAMPLES: &[(&str, &[u8])] = &[
@@ -41,6 +43,15 @@ pub async fn page() -> Response {
 
 pub async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT.as_bytes())
+}
+
+/// The page a study's observer opens from their link (`/observe/{token}`).
+pub fn observer_page() -> Response {
+    asset("text/html; charset=utf-8", OBSERVE.as_bytes())
+}
+
+pub async fn observer_script() -> Response {
+    asset("text/javascript; charset=utf-8", OBSERVE_SCRIPT.as_bytes())
 }
 
 pub async fn style() -> Response {

@@ -203,6 +203,8 @@ function jobRow(job) {
   p.max = job.total; p.value = job.done;
   row.querySelector(".job-count").textContent = ` ${job.done}/${job.total} (${job.successes} fooled)`;
   if (job.state === "done") {
+    if (!document.querySelector(`#study-job option[value="${job.id}"]`)) $("#study-job").prepend(el("option", { value: job.id }, job.id));
+    $("#study-job").value = job.id;
     const links = row.querySelector(".job-links");
     if (!links.childElementCount) {
       for (const m of (job.spec ? job.spec.models : state.jobModels[job.id] || [])) {
@@ -260,6 +262,83 @@ async function loadJobs() {
   }
 }
 
+// ---- human studies --------------------------------------------------------------------------
+
+const num = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
+const spread = (m, s) => (m === null || m === undefined ? "–" : s === null || s === undefined ? num(m) : `${num(m)} ± ${num(s)}`);
+
+function summaryTable(scope, rates) {
+  const head = el("tr", {}, ...["category", "answers", "observers", "CR mean ± sd", "PG mean ± sd", "pooled CR", "pooled PG"].map((h) => el("th", {}, h)));
+  const rows = rates.summary.map((s) => el("tr", { "data-category": s.category },
+    el("td", {}, s.category), el("td", { class: "num" }, s.pooled.answered), el("td", { class: "num" }, s.observers),
+    el("td", { class: "num", "data-scope": scope, "data-stat": "cr_mean" }, spread(s.cr_mean, s.cr_std)),
+    el("td", { class: "num", "data-scope": scope, "data-stat": "pg_mean" }, spread(s.pg_mean, s.pg_std)),
+    el("td", { class: "num", "data-scope": scope, "data-stat": "pooled_cr" }, num(s.pooled.cr)),
+    el("td", { class: "num", "data-scope": scope, "data-stat": "pooled_pg" }, num(s.pooled.pg))));
+  return el("table", { class: "study-results", "data-scope": scope }, el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+function observerTable(rates) {
+  const head = el("tr", {}, ...["observer", "category", "answers", "misjudged", "CR", "PG"].map((h) => el("th", {}, h)));
+  const rows = [];
+  for (const o of rates.per_observer) for (const r of o.rates) {
+    rows.push(el("tr", { "data-observer": o.observer, "data-category": r.category },
+      el("td", {}, o.observer), el("td", {}, r.category), el("td", { class: "num" }, r.answered), el("td", { class: "num" }, r.misjudged),
+      el("td", { class: "num", "data-stat": "cr" }, num(r.cr)), el("td", { class: "num", "data-stat": "pg" }, num(r.pg))));
+  }
+  return el("table", { class: "study-results observers" }, el("thead", {}, head), el("tbody", {}, ...rows));
+}
+
+async function showResults(card, id) {
+  const r = await (await api(`/studies/${id}/results`)).json();
+  const chart = await (await api(`/studies/${id}/chart.png`)).blob();
+  const out = card.querySelector(".study-output");
+  out.replaceChildren(
+    el("h3", {}, "All images"), summaryTable("all", r.all),
+    el("h3", {}, "Animals (WordNet)"), summaryTable("animals", r.animals),
+    el("h3", {}, "Per observer"), observerTable(r.all),
+    el("img", { id: "study-chart", src: URL.createObjectURL(chart), alt: "confusion rate per method" }),
+    el("p", { class: "definition" }, r.definition));
+  card.dataset.results = "true";
+}
+
+function studyCard(study) {
+  let card = document.querySelector(`.study[data-id="${study.id}"]`);
+  if (!card) {
+    card = el("div", { class: "result study", "data-id": study.id });
+    $("#studies").prepend(card);
+  }
+  const links = el("ul", { class: "observers" }, ...study.observers.map((o) => el("li", {},
+    el("a", { class: "observer-link", href: o.link, target: "_blank", "data-observer": o.name }, o.name),
+    ` — group ${o.group + 1}, ${o.answered}/${o.total} answered`)));
+  const refresh = el("button", { type: "button", class: "study-refresh" }, "Results");
+  refresh.addEventListener("click", () => refreshStudy(study.id).catch(() => {}));
+  const csv = el("a", { class: "study-csv", href: "#", onclick: (e) => { e.preventDefault(); openFile(`/studies/${study.id}/answers.csv`); } }, "answers (CSV)");
+  card.replaceChildren(
+    el("h3", {}, `${study.name} (${study.id})`),
+    el("p", {}, `${study.puzzles} puzzles in ${study.groups.length} groups (${study.groups.join(", ")}); categories: ${study.categories.join(", ")}; ${study.answers} answers`),
+    links, refresh, " ", csv, el("div", { class: "study-output" }));
+}
+
+async function refreshStudy(id) {
+  clearError();
+  const study = await (await api(`/studies/${id}`)).json();
+  studyCard(study);
+  await showResults(document.querySelector(`.study[data-id="${id}"]`), id);
+}
+
+async function createStudy() {
+  clearError();
+  const body = { job: $("#study-job").value, observers: Number($("#study-observers").value) || 0 };
+  const res = await api("/studies", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  studyCard(await res.json());
+}
+
+async function loadStudies() {
+  const res = await api("/studies");
+  for (const s of (await res.json()).reverse()) studyCard(s);
+}
+
 // ---- wiring --------------------------------------------------------------------------------
 
 async function start() {
@@ -268,7 +347,7 @@ async function start() {
     state.key = $("#api-key").value;
     sessionStorage.setItem("labelfool-key", state.key);
     clearError();
-    loadModels().then(loadJobs).catch(() => {});
+    loadModels().then(loadJobs).then(loadStudies).catch(() => {});
   });
   for (const name of SAMPLES) {
     const b = el("button", { type: "button", class: "sample", "data-name": name }, name);
@@ -295,9 +374,11 @@ async function start() {
     document.querySelectorAll("canvas.difference").forEach((c) => drawDifference(c).catch(() => {}));
   });
   $("#job-create").addEventListener("click", () => createJob().catch(() => {}));
+  $("#study-create").addEventListener("click", () => createStudy().catch(() => {}));
   try {
     await loadModels();
     await loadJobs();
+    await loadStudies();
   } catch (_) { /* shown */ }
   document.body.dataset.ready = "true";
 }

@@ -1,0 +1,86 @@
+// A study's observer page: one picture and one label at a time, "Correct" or "Incorrect".
+// The link's token is the only credential; every answer is stored by the server as it is given,
+// so closing the page and opening the link again continues where it stopped.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const token = decodeURIComponent(location.pathname.split("/").filter(Boolean)[1] || "");
+let current = null;
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message;
+  box.hidden = false;
+}
+
+async function call(path, options = {}) {
+  const res = await fetch(path, options);
+  if (!res.ok) {
+    let text = `${res.status} ${res.statusText}`;
+    try {
+      const body = await res.json();
+      if (body && body.error) text = `${res.status} ${body.error.code}: ${body.error.message}`;
+    } catch (_) { /* not JSON */ }
+    showError(text);
+    throw new Error(text);
+  }
+  return res.json();
+}
+
+function show(session) {
+  $("#study-name").textContent = session.study;
+  $("#observer-name").textContent = session.observer;
+  const p = $("#progress");
+  p.max = Math.max(session.total, 1);
+  p.value = session.answered;
+  $("#progress-text").textContent = `${session.answered} / ${session.total}`;
+  current = session.puzzle;
+  document.body.dataset.answered = String(session.answered);
+  if (!current) {
+    $("#puzzle").hidden = true;
+    $("#finished").hidden = false;
+    document.body.dataset.done = "true";
+    return;
+  }
+  $("#puzzle").hidden = false;
+  $("#puzzle").dataset.puzzle = String(current.id);
+  $("#label").textContent = current.label;
+  $("#reference-label").textContent = current.label;
+  $("#puzzle-image").src = current.image;
+  const refs = $("#references");
+  refs.replaceChildren();
+  for (const url of current.references) {
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = `a picture of ${current.label}`;
+    refs.append(img);
+  }
+  $("#references-section").hidden = current.references.length === 0;
+  for (const b of document.querySelectorAll(".answers button")) b.disabled = false;
+}
+
+async function answer(judgement) {
+  if (!current) return;
+  for (const b of document.querySelectorAll(".answers button")) b.disabled = true;
+  $("#error").hidden = true;
+  try {
+    const session = await call(`/observe/${encodeURIComponent(token)}/answers`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ puzzle: current.id, answer: judgement }),
+    });
+    show(session);
+  } catch (_) {
+    for (const b of document.querySelectorAll(".answers button")) b.disabled = false;
+  }
+}
+
+async function start() {
+  for (const b of document.querySelectorAll(".answers button")) b.addEventListener("click", () => answer(b.dataset.answer));
+  try {
+    show(await call(`/observe/${encodeURIComponent(token)}/session`));
+  } catch (_) { /* shown */ }
+  document.body.dataset.ready = "true";
+}
+
+start();

@@ -1,0 +1,688 @@
+//! Human studies: the paper's subjective experiment (Section 4.1, Appendix A) run on a finished
+//! job. Puzzles are each source image clean with its true label and each method's adversarial
+//! image with the label the model now gives it; observers (a link each, no account) answer
+//! "is this label correct?"; the answers give the Confusion Rate and Performance Gain per
+//! observer and method ([`results`]).
+//!
+//! A study copies what it shows into its own folder (`<jobs.dir>/studies/<id>/`), every puzzle
+//! image as a PNG named by an opaque id, so neither the file type nor its name tells a clean
+//! image from an adversarial one; its rows live in the jobs' SQLite database.
+
+pub mod design;
+pub mod results;
+pub mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::engine::{Engine, EngineError};
+use crate::eval::Record;
+use crate::eval::wordnet::WordNet;
+use crate::jobs::{JobState, Jobs, StoreError};
+pub use results::{CLEAN, Rates};
+
+/// `POST /studies`: which finished job to make a study of.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StudySpec {
+    /// A finished (`done`) job.
+    pub job: String,
+    /// A name for people (default: "study of job <id>").
+    #[serde(default)]
+    pub name: Option<String>,
+    /// One of the job's models (default: its first).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The job's methods to show (default: all of them).
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Observers to create at once, named "observer 1", "observer 2", … (more can be added).
+    #[serde(default)]
+    pub observers: u32,
+    /// Reference pictures per label, from the job's folder (other images of the label's class).
+    #[serde(default = "default_references")]
+    pub references: u32,
+}
+
+fn default_references() -> u32 {
+    3
+}
+
+/// The most observers and reference pictures a study takes.
+const MAX_OBSERVERS: u32 = 1000;
+const MAX_REFERENCES: u32 = 10;
+
+/// A study as `/studies` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StudyInfo {
+    pub id: String,
+    pub job: String,
+    pub name: String,
+    pub model: String,
+    /// `clean`, then the methods.
+    pub categories: Vec<String>,
+    /// Puzzles per group (an observer answers one group).
+    pub groups: Vec<u32>,
+    pub puzzles: u32,
+    pub observers: Vec<ObserverInfo>,
+    /// Answers given so far.
+    pub answers: u32,
+    pub created_ms: i64,
+}
+
+/// An observer: their link (the token is the only credential) and progress.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ObserverInfo {
+    pub name: String,
+    pub token: String,
+    /// The observer's page.
+    pub link: String,
+    pub group: u32,
+    pub answered: u32,
+    pub total: u32,
+}
+
+/// A puzzle as the study's admin sees it (the observer never sees `category` or `truth`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Puzzle {
+    pub id: i64,
+    /// The source image within the job's folder.
+    pub source: String,
+    /// `clean` or the method.
+    pub category: String,
+    /// Path within the study's folder.
+    #[serde(skip)]
+    pub image: String,
+    /// The label shown.
+    pub label: String,
+    pub label_wnid: Option<String>,
+    /// The label shown is the image's true class.
+    pub truth: bool,
+    /// The source's true class is an animal (WordNet).
+    pub animal: bool,
+    pub group: u32,
+}
+
+/// `POST /studies/{id}/observers`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewObserver {
+    /// Unique within the study (default: "observer N").
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// What the observer's page shows: progress and the next puzzle.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Session {
+    pub study: String,
+    pub observer: String,
+    pub answered: u32,
+    pub total: u32,
+    pub done: bool,
+    /// The next unanswered puzzle, None once all are answered.
+    pub puzzle: Option<PuzzleView>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct PuzzleView {
+    pub id: i64,
+    /// The image to judge.
+    pub image: String,
+    /// The label to judge.
+    pub label: String,
+    /// Pictures of the label's class, when the job's folder had some.
+    pub references: Vec<String>,
+}
+
+/// "Is this label correct?"
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Judgement {
+    Correct,
+    Incorrect,
+}
+
+/// `POST /observe/{token}/answers`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AnswerIn {
+    pub puzzle: i64,
+    pub answer: Judgement,
+}
+
+/// `GET /studies/{id}/results`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct StudyResults {
+    pub study: String,
+    /// How CR and PG are computed.
+    pub definition: &'static str,
+    pub categories: Vec<String>,
+    pub all: Rates,
+    /// The puzzles whose source's true class is an animal (WordNet).
+    pub animals: Rates,
+}
+
+const DEFINITION: &str = "A puzzle is misjudged when the answer disagrees with the truth of the label shown \
+    (\"Incorrect\" for a clean image with its true label, \"Correct\" for an adversarial image with the \
+    model's new label). CR = misjudged / answered, per observer and category; PG = (CR_method - CR_clean) \
+    / CR_clean (Eq. 5), undefined where CR_clean = 0. Means and sample standard deviations are over the \
+    observers where each is defined; pooled = all answers together.";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StudyError {
+    #[error("no study {0:?}")]
+    NotFound(String),
+    #[error("no observer with this link")]
+    UnknownObserver,
+    #[error("invalid parameter `{param}`: {message}")]
+    Invalid { param: &'static str, message: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+impl StudyError {
+    fn invalid(param: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid { param, message: message.into() }
+    }
+}
+
+/// A study's row.
+#[derive(Debug, Clone)]
+pub struct StudyRow {
+    pub id: String,
+    pub job: String,
+    pub name: String,
+    pub model: String,
+    pub categories: Vec<String>,
+    pub groups: u32,
+    /// Reference pictures shown per puzzle.
+    pub references: u32,
+    pub created_ms: i64,
+}
+
+/// The studies service: on the jobs' store and folder.
+#[derive(Clone)]
+pub struct Studies {
+    jobs: Jobs,
+    engine: Engine,
+}
+
+impl Studies {
+    pub fn new(jobs: Jobs, engine: Engine) -> Self {
+        Self { jobs, engine }
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.jobs.root_dir().join("studies").join(id)
+    }
+
+    /// Makes the puzzles of a finished job, copies their images and the reference pictures
+    /// into the study's folder, stores it, and adds `spec.observers` observers.
+    pub async fn create(&self, spec: StudySpec) -> Result<StudyInfo, StudyError> {
+        let job = self.jobs.get(&spec.job).await?;
+        if job.state != JobState::Done {
+            return Err(StudyError::Conflict(format!(
+                "job {} is {}; a study needs a finished (done) job",
+                job.id,
+                job.state.as_str()
+            )));
+        }
+        let model = match &spec.model {
+            Some(m) if job.spec.models.contains(m) => m.clone(),
+            Some(m) => return Err(StudyError::invalid("model", format!("job {} did not attack with {m:?}", job.id))),
+            None => job.spec.models.first().cloned().unwrap_or_default(),
+        };
+        let methods = if spec.methods.is_empty() { job.spec.methods.clone() } else { spec.methods.clone() };
+        if let Some(m) = methods.iter().find(|m| !job.spec.methods.contains(m)) {
+            return Err(StudyError::invalid("methods", format!("job {} did not run {m:?}", job.id)));
+        }
+        if spec.observers > MAX_OBSERVERS {
+            return Err(StudyError::invalid("observers", format!("at most {MAX_OBSERVERS}")));
+        }
+        if spec.references > MAX_REFERENCES {
+            return Err(StudyError::invalid("references", format!("at most {MAX_REFERENCES} per label")));
+        }
+        let (_, info) = self.engine.model(Some(&model))?;
+        let results = self.jobs.results(&job.id).await?;
+        let id = crate::jobs::new_id();
+        let mut categories = vec![CLEAN.to_string()];
+        categories.extend(methods.iter().cloned());
+        let row = StudyRow {
+            id: id.clone(),
+            job: job.id.clone(),
+            name: spec.name.clone().unwrap_or_else(|| format!("study of job {}", job.id)),
+            model: model.clone(),
+            groups: categories.len() as u32,
+            categories: categories.clone(),
+            references: spec.references,
+            created_ms: crate::jobs::store::now_ms(),
+        };
+        let folder = PathBuf::from(&job.spec.images);
+        let job_dir = self.jobs.job_dir(&job.id);
+        let dir = self.dir(&id);
+        let refs_per_label = spec.references as usize;
+        let built = tokio::task::spawn_blocking(move || -> Result<_, StudyError> {
+            let plan = plan(&results, &model, &categories)?;
+            if plan.is_empty() {
+                return Err(StudyError::invalid("job", "no image of the job has a true class (from its file name)"));
+            }
+            let samples = crate::eval::dataset::discover(&folder, info.classes())
+                .map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
+            materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+        let (puzzles, refs) = built;
+        let r = row.clone();
+        self.jobs.store().with(move |c| store::insert_study(c, &r, &puzzles, &refs)).await?;
+        for _ in 0..spec.observers {
+            self.add_observer(&id, NewObserver { name: None }).await?;
+        }
+        tracing::info!(study = %id, job = %row.job, "study created");
+        self.get(&id).await
+    }
+
+    pub async fn get(&self, id: &str) -> Result<StudyInfo, StudyError> {
+        let i = id.to_string();
+        let info =
+            self.jobs.store().with(move |c| store::study(c, &i)?.map(|row| store::info(c, row)).transpose()).await?;
+        info.ok_or_else(|| StudyError::NotFound(id.to_string()))
+    }
+
+    pub async fn list(&self) -> Result<Vec<StudyInfo>, StudyError> {
+        Ok(self
+            .jobs
+            .store()
+            .with(|c| {
+                store::study_ids(c)?
+                    .into_iter()
+                    .filter_map(|id| store::study(c, &id).transpose())
+                    .map(|row| store::info(c, row?))
+                    .collect()
+            })
+            .await?)
+    }
+
+    /// Every puzzle with its category and truth (the admin's view).
+    pub async fn puzzles(&self, id: &str) -> Result<Vec<Puzzle>, StudyError> {
+        self.get(id).await?;
+        let i = id.to_string();
+        Ok(self.jobs.store().with(move |c| store::puzzles(c, &i)).await?)
+    }
+
+    /// Adds an observer to the group with the fewest observers (the lowest on ties).
+    pub async fn add_observer(&self, id: &str, new: NewObserver) -> Result<ObserverInfo, StudyError> {
+        let study = self.get(id).await?;
+        if study.observers.len() as u32 >= MAX_OBSERVERS {
+            return Err(StudyError::Conflict(format!("study {id} has {MAX_OBSERVERS} observers already")));
+        }
+        let name = match new.name.map(|n| n.trim().to_string()) {
+            Some(n) if n.is_empty() || n.len() > 100 => {
+                return Err(StudyError::invalid("name", "1 to 100 characters"));
+            }
+            Some(n) => n,
+            None => {
+                let mut k = study.observers.len() + 1;
+                while study.observers.iter().any(|o| o.name == format!("observer {k}")) {
+                    k += 1;
+                }
+                format!("observer {k}")
+            }
+        };
+        if study.observers.iter().any(|o| o.name == name) {
+            return Err(StudyError::Conflict(format!("study {id} has an observer named {name:?}")));
+        }
+        let mut counts = vec![0usize; study.groups.len()];
+        for o in &study.observers {
+            if let Some(c) = counts.get_mut(o.group as usize) {
+                *c += 1;
+            }
+        }
+        let group = (0..counts.len()).min_by_key(|&g| (counts[g], g)).unwrap_or(0) as u32;
+        let token = format!("{}{}", crate::jobs::new_id(), crate::jobs::new_id());
+        let seed = {
+            use rand::Rng;
+            rand::rng().random::<i64>()
+        };
+        let row = (token.clone(), id.to_string(), name, group, seed);
+        self.jobs.store().with(move |c| store::insert_observer(c, &row)).await?;
+        let study = self.get(id).await?;
+        study.observers.into_iter().find(|o| o.token == token).ok_or_else(|| StudyError::NotFound(id.to_string()))
+    }
+
+    /// The observer's study, row and puzzles in their order, and their answers.
+    async fn observer(
+        &self,
+        token: &str,
+    ) -> Result<(StudyRow, store::ObserverRow, Vec<Puzzle>, HashMap<i64, bool>), StudyError> {
+        let t = token.to_string();
+        let found = self
+            .jobs
+            .store()
+            .with(move |c| {
+                let Some(o) = store::observer(c, &t)? else { return Ok(None) };
+                let Some(study) = store::study(c, &o.1)? else { return Ok(None) };
+                let puzzles = store::puzzles(c, &o.1)?;
+                let answers = store::answers_of(c, &t)?;
+                Ok(Some((study, o, puzzles, answers)))
+            })
+            .await?;
+        let (study, o, puzzles, answers) = found.ok_or(StudyError::UnknownObserver)?;
+        let mut mine: Vec<Puzzle> = puzzles.into_iter().filter(|p| p.group == o.3).collect();
+        let mut ids: Vec<i64> = mine.iter().map(|p| p.id).collect();
+        design::order(o.4 as u64, &mut ids);
+        let rank: HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+        mine.sort_by_key(|p| rank.get(&p.id).copied().unwrap_or(usize::MAX));
+        Ok((study, o, mine, answers.into_iter().collect()))
+    }
+
+    /// Progress and the next unanswered puzzle, in the observer's own order.
+    pub async fn session(&self, token: &str) -> Result<Session, StudyError> {
+        let (study, o, puzzles, answers) = self.observer(token).await?;
+        let next = puzzles.iter().find(|p| !answers.contains_key(&p.id));
+        let puzzle = match next {
+            Some(p) => {
+                let refs = self.references(&study, p).await?;
+                Some(PuzzleView {
+                    id: p.id,
+                    image: format!("/observe/{token}/puzzles/{}/image", p.id),
+                    label: p.label.clone(),
+                    references: (0..refs.len())
+                        .map(|n| format!("/observe/{token}/puzzles/{}/references/{n}", p.id))
+                        .collect(),
+                })
+            }
+            None => None,
+        };
+        Ok(Session {
+            study: study.name,
+            observer: o.2,
+            answered: answers.len() as u32,
+            total: puzzles.len() as u32,
+            done: puzzle.is_none(),
+            puzzle,
+        })
+    }
+
+    /// The puzzle's reference pictures (paths within the study's folder).
+    async fn references(&self, study: &StudyRow, p: &Puzzle) -> Result<Vec<String>, StudyError> {
+        let Some(w) = p.label_wnid.clone() else { return Ok(Vec::new()) };
+        let (s, source, n) = (study.id.clone(), p.source.clone(), study.references);
+        Ok(self.jobs.store().with(move |c| store::references(c, &s, &w, &source, n)).await?)
+    }
+
+    /// Stores an answer as it is given; the first answer to a puzzle stands (409 after it).
+    pub async fn answer(&self, token: &str, answer: AnswerIn) -> Result<Session, StudyError> {
+        let (_, _, puzzles, _) = self.observer(token).await?;
+        if !puzzles.iter().any(|p| p.id == answer.puzzle) {
+            return Err(StudyError::invalid(
+                "puzzle",
+                format!("{} is not one of this observer's puzzles", answer.puzzle),
+            ));
+        }
+        let t = token.to_string();
+        let said = answer.answer == Judgement::Correct;
+        let stored = self.jobs.store().with(move |c| store::insert_answer(c, &t, answer.puzzle, said)).await?;
+        if !stored {
+            return Err(StudyError::Conflict(format!("puzzle {} is already answered", answer.puzzle)));
+        }
+        self.session(token).await
+    }
+
+    /// The bytes of one of the observer's puzzle images (a PNG), or of its `n`th reference
+    /// picture (with its content type).
+    pub async fn observer_file(
+        &self,
+        token: &str,
+        puzzle: i64,
+        reference: Option<usize>,
+    ) -> Result<(Vec<u8>, &'static str), StudyError> {
+        let (study, _, puzzles, _) = self.observer(token).await?;
+        let p = puzzles
+            .into_iter()
+            .find(|p| p.id == puzzle)
+            .ok_or_else(|| StudyError::NotFound(format!("puzzle {puzzle}")))?;
+        let rel = match reference {
+            None => p.image,
+            Some(n) => {
+                let refs = self.references(&study, &p).await?;
+                refs.into_iter().nth(n).ok_or_else(|| StudyError::NotFound(format!("reference {n}")))?
+            }
+        };
+        let path = self.dir(&study.id).join(&rel);
+        let bytes = tokio::fs::read(&path).await.map_err(StoreError::Io)?;
+        Ok((bytes, mime(&path)))
+    }
+
+    pub async fn results(&self, id: &str) -> Result<StudyResults, StudyError> {
+        let study = self.get(id).await?;
+        let i = id.to_string();
+        let rows = self.jobs.store().with(move |c| store::answers(c, &i)).await?;
+        let answers: Vec<results::Answer> = rows
+            .iter()
+            .map(|r| results::Answer {
+                observer: r.observer.clone(),
+                category: r.puzzle.category.clone(),
+                animal: r.puzzle.animal,
+                truth: r.puzzle.truth,
+                said_correct: r.correct,
+            })
+            .collect();
+        Ok(StudyResults {
+            study: study.id,
+            definition: DEFINITION,
+            all: results::rates(&answers, &study.categories),
+            animals: results::rates(answers.iter().filter(|a| a.animal), &study.categories),
+            categories: study.categories,
+        })
+    }
+
+    /// Every answer as CSV (one row each, with its puzzle and whether it was misjudged).
+    pub async fn csv(&self, id: &str) -> Result<Vec<u8>, StudyError> {
+        let study = self.get(id).await?;
+        let i = id.to_string();
+        let rows = self.jobs.store().with(move |c| store::answers(c, &i)).await?;
+        let mut w = csv::Writer::from_writer(Vec::new());
+        let io = |e: csv::Error| StoreError::Io(std::io::Error::other(e.to_string()));
+        w.write_record([
+            "study",
+            "observer",
+            "group",
+            "puzzle",
+            "source",
+            "category",
+            "label",
+            "label_wnid",
+            "label_is_true",
+            "answer",
+            "misjudged",
+            "animal",
+            "answered_ms",
+        ])
+        .map_err(io)?;
+        for r in rows {
+            let p = &r.puzzle;
+            w.write_record([
+                study.id.clone(),
+                r.observer,
+                r.group.to_string(),
+                p.id.to_string(),
+                p.source.clone(),
+                p.category.clone(),
+                p.label.clone(),
+                p.label_wnid.clone().unwrap_or_default(),
+                p.truth.to_string(),
+                if r.correct { "correct" } else { "incorrect" }.to_string(),
+                (r.correct != p.truth).to_string(),
+                p.animal.to_string(),
+                r.answered_ms.to_string(),
+            ])
+            .map_err(io)?;
+        }
+        w.into_inner().map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
+    }
+
+    /// The paper's Figure 3 for this study: CR per category (mean over observers, whiskers one
+    /// standard deviation), all puzzles and the animal subset side by side, as a PNG.
+    pub async fn chart(&self, id: &str) -> Result<Vec<u8>, StudyError> {
+        let r = self.results(id).await?;
+        let series = |rates: &Rates| -> Vec<(f64, f64)> {
+            rates.summary.iter().map(|s| (s.cr_mean.unwrap_or(0.0), s.cr_std.unwrap_or(0.0))).collect()
+        };
+        let (all, animals) = (series(&r.all), series(&r.animals));
+        let categories = r.categories.clone();
+        let title = format!("Confusion rate, study {}", r.study);
+        tokio::task::spawn_blocking(move || {
+            crate::eval::charts::grouped_bars_png(
+                &title,
+                "confusion rate (%)",
+                &categories,
+                &[("all images", all.as_slice()), ("animals", animals.as_slice())],
+            )
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+        .map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
+    }
+}
+
+fn mime(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase()).as_deref() {
+        Some("png") => "image/png",
+        Some("jpg" | "jpeg") => "image/jpeg",
+        Some("webp") => "image/webp",
+        _ => "application/octet-stream",
+    }
+}
+
+/// One puzzle before its image is copied: where its image comes from.
+struct Planned {
+    source: String,
+    kind: usize,
+    category: String,
+    /// Path of the image: the source (relative to the job's folder) for clean puzzles, the
+    /// delivered PNG (relative to the job's own folder) for adversarial ones.
+    from: String,
+    label: String,
+    label_index: usize,
+    label_wnid: Option<String>,
+    truth: bool,
+    animal: bool,
+    source_index: usize,
+}
+
+/// The puzzles a job's records give: each source with a true class, clean, and each method's
+/// delivered image whose label is no longer the true class.
+fn plan(results: &[crate::jobs::StoredResult], model: &str, categories: &[String]) -> Result<Vec<Planned>, StudyError> {
+    let wn = WordNet::embedded();
+    let mut by_source: BTreeMap<String, HashMap<String, (Record, Option<String>)>> = BTreeMap::new();
+    for r in results.iter().filter(|r| r.model == model) {
+        let record: Record = serde_json::from_str(&r.record)
+            .map_err(|e| StoreError::Corrupt(r.file.clone(), format!("stored result: {e}")))?;
+        by_source.entry(r.file.clone()).or_default().insert(r.method.clone(), (record, r.png.clone()));
+    }
+    let mut out = Vec::new();
+    let mut source_index = 0;
+    for (source, methods) in by_source {
+        let Some(truth) = methods.values().find_map(|(r, _)| r.true_class.clone()) else { continue };
+        let animal = truth.wnid.as_deref().and_then(|w| wn.group(w)) == Some("animal");
+        out.push(Planned {
+            source: source.clone(),
+            kind: 0,
+            category: CLEAN.into(),
+            from: source.clone(),
+            label: truth.label.clone(),
+            label_index: truth.index,
+            label_wnid: truth.wnid.clone(),
+            truth: true,
+            animal,
+            source_index,
+        });
+        for (k, method) in categories.iter().enumerate().skip(1) {
+            let Some((record, Some(png))) = methods.get(method) else { continue };
+            let Some(result) = &record.result else { continue };
+            if result.final_.index == truth.index {
+                continue;
+            }
+            out.push(Planned {
+                source: source.clone(),
+                kind: k,
+                category: method.clone(),
+                from: png.clone(),
+                label: result.final_.label.clone(),
+                label_index: result.final_.index,
+                label_wnid: result.final_.wnid.clone(),
+                truth: false,
+                animal,
+                source_index,
+            });
+        }
+        source_index += 1;
+    }
+    Ok(out)
+}
+
+/// Copies the puzzle images (as PNGs, under shuffled ids) and up to `per_label` reference
+/// pictures per shown class into the study's folder.
+fn materialise(
+    mut plan: Vec<Planned>,
+    samples: &[crate::eval::dataset::Sample],
+    folder: &Path,
+    job_dir: &Path,
+    dir: &Path,
+    per_label: usize,
+) -> Result<(Vec<Puzzle>, Vec<store::Reference>), StudyError> {
+    use rand::seq::SliceRandom;
+    let io = |e: std::io::Error| StudyError::Store(StoreError::Io(e));
+    std::fs::create_dir_all(dir.join("images")).map_err(io)?;
+    // Ids in a random order, so an id tells nothing of its source or category.
+    plan.shuffle(&mut rand::rng());
+    let mut puzzles = Vec::with_capacity(plan.len());
+    let mut refs = Vec::new();
+    let mut labels_done = std::collections::HashSet::new();
+    let groups = plan.iter().map(|p| p.kind).max().map_or(1, |k| k + 1);
+    for (n, p) in plan.into_iter().enumerate() {
+        let id = n as i64 + 1;
+        let src = if p.kind == 0 { folder.join(&p.from) } else { job_dir.join(&p.from) };
+        let rel = format!("images/{id}.png");
+        let img = image::open(&src).map_err(|e| StudyError::invalid("job", format!("{}: {e}", src.display())))?;
+        img.to_rgb8().save(dir.join(&rel)).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+        if let Some(w) = &p.label_wnid
+            && per_label > 0
+            && labels_done.insert(w.clone())
+        {
+            // One more than shown: a puzzle never shows its own source as a reference.
+            let others = samples.iter().filter(|s| s.label == Some(p.label_index)).take(per_label + 1);
+            for (k, s) in others.enumerate() {
+                let ext = s.path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
+                let rel = format!("references/{w}-{k}.{ext}");
+                std::fs::create_dir_all(dir.join("references")).map_err(io)?;
+                std::fs::copy(&s.path, dir.join(&rel)).map_err(io)?;
+                let source = s.path.strip_prefix(folder).unwrap_or(&s.path).to_string_lossy().into_owned();
+                refs.push((w.clone(), rel, source));
+            }
+        }
+        puzzles.push(Puzzle {
+            id,
+            group: design::group_of(p.source_index, p.kind, groups) as u32,
+            source: p.source,
+            category: p.category,
+            image: rel,
+            label: p.label,
+            label_wnid: p.label_wnid,
+            truth: p.truth,
+            animal: p.animal,
+        });
+    }
+    Ok((puzzles, refs))
+}

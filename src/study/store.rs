@@ -1,0 +1,241 @@
+//! The studies' rows in the server's SQLite database (the schema is versioned with the jobs'
+//! tables, in `jobs::store`). Answers are written one statement each, as they are given.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{ObserverInfo, Puzzle, StudyInfo, StudyRow};
+use crate::jobs::StoreError;
+use crate::jobs::store::now_ms;
+
+/// A reference picture: (class wnid, path within the study's folder, the source image it was
+/// copied from, relative to the job's folder).
+pub type Reference = (String, String, String);
+
+pub fn insert_study(
+    c: &mut Connection,
+    s: &StudyRow,
+    puzzles: &[Puzzle],
+    refs: &[Reference],
+) -> Result<(), StoreError> {
+    let tx = c.transaction()?;
+    let categories = serde_json::to_string(&s.categories).unwrap_or_default();
+    tx.execute(
+        "INSERT INTO studies (id, job_id, name, model, categories, groups, refs, created_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![s.id, s.job, s.name, s.model, categories, s.groups, s.references, s.created_ms],
+    )?;
+    for p in puzzles {
+        tx.execute(
+            "INSERT INTO puzzles (study_id, id, source, category, image, label, label_wnid, truth, animal, grp) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![s.id, p.id, p.source, p.category, p.image, p.label, p.label_wnid, p.truth, p.animal, p.group],
+        )?;
+    }
+    for (wnid, image, source) in refs {
+        tx.execute(
+            "INSERT OR IGNORE INTO study_references (study_id, label_wnid, image, source) VALUES (?1, ?2, ?3, ?4)",
+            params![s.id, wnid, image, source],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+pub fn study(c: &Connection, id: &str) -> Result<Option<StudyRow>, StoreError> {
+    let row = c
+        .query_row(
+            "SELECT id, job_id, name, model, categories, groups, refs, created_ms FROM studies WHERE id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, u32>(5)?,
+                    r.get::<_, u32>(6)?,
+                    r.get::<_, i64>(7)?,
+                ))
+            },
+        )
+        .optional()?;
+    row.map(|(id, job, name, model, categories, groups, references, created_ms)| {
+        let categories =
+            serde_json::from_str(&categories).map_err(|e| StoreError::Corrupt(id.clone(), format!("study: {e}")))?;
+        Ok(StudyRow { id, job, name, model, categories, groups, references, created_ms })
+    })
+    .transpose()
+}
+
+pub fn study_ids(c: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut st = c.prepare("SELECT id FROM studies ORDER BY created_ms DESC, id")?;
+    let ids = st.query_map([], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(ids)
+}
+
+pub fn puzzles(c: &Connection, study: &str) -> Result<Vec<Puzzle>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT id, source, category, image, label, label_wnid, truth, animal, grp FROM puzzles \
+         WHERE study_id = ?1 ORDER BY id",
+    )?;
+    let rows = st
+        .query_map([study], |r| {
+            Ok(Puzzle {
+                id: r.get(0)?,
+                source: r.get(1)?,
+                category: r.get(2)?,
+                image: r.get(3)?,
+                label: r.get(4)?,
+                label_wnid: r.get(5)?,
+                truth: r.get(6)?,
+                animal: r.get(7)?,
+                group: r.get(8)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Reference pictures of a class for a puzzle (paths within the study's folder): never a copy
+/// of the puzzle's own source, which would give the answer away.
+pub fn references(
+    c: &Connection,
+    study: &str,
+    wnid: &str,
+    source: &str,
+    limit: u32,
+) -> Result<Vec<String>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT image FROM study_references WHERE study_id = ?1 AND label_wnid = ?2 AND source != ?3 \
+         ORDER BY image LIMIT ?4",
+    )?;
+    let rows = st.query_map(params![study, wnid, source, limit], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// An observer row: (token, study, name, group, seed).
+pub type ObserverRow = (String, String, String, u32, i64);
+
+pub fn insert_observer(c: &Connection, o: &ObserverRow) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO observers (token, study_id, name, grp, seed, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![o.0, o.1, o.2, o.3, o.4, now_ms()],
+    )?;
+    Ok(())
+}
+
+pub fn observer(c: &Connection, token: &str) -> Result<Option<ObserverRow>, StoreError> {
+    Ok(c.query_row("SELECT token, study_id, name, grp, seed FROM observers WHERE token = ?1", [token], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    })
+    .optional()?)
+}
+
+/// The study's observers in the order they were added, with their progress.
+pub fn observers(c: &Connection, study: &str) -> Result<Vec<ObserverInfo>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT o.token, o.name, o.grp, \
+           (SELECT COUNT(*) FROM answers a WHERE a.token = o.token), \
+           (SELECT COUNT(*) FROM puzzles p WHERE p.study_id = o.study_id AND p.grp = o.grp) \
+         FROM observers o WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid",
+    )?;
+    let rows = st
+        .query_map([study], |r| {
+            let token: String = r.get(0)?;
+            Ok(ObserverInfo {
+                link: format!("/observe/{token}"),
+                token,
+                name: r.get(1)?,
+                group: r.get(2)?,
+                answered: r.get(3)?,
+                total: r.get(4)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The observer's answers: puzzle id → said "Correct".
+pub fn answers_of(c: &Connection, token: &str) -> Result<Vec<(i64, bool)>, StoreError> {
+    let mut st = c.prepare("SELECT puzzle, correct FROM answers WHERE token = ?1")?;
+    let rows = st.query_map([token], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// Stores an answer; false when the puzzle was already answered (the first answer stands).
+pub fn insert_answer(c: &Connection, token: &str, puzzle: i64, correct: bool) -> Result<bool, StoreError> {
+    let n = c.execute(
+        "INSERT OR IGNORE INTO answers (token, puzzle, correct, answered_ms) VALUES (?1, ?2, ?3, ?4)",
+        params![token, puzzle, correct, now_ms()],
+    )?;
+    Ok(n == 1)
+}
+
+/// One stored answer, joined with its observer and puzzle.
+#[derive(Debug, Clone)]
+pub struct AnswerRow {
+    pub observer: String,
+    pub group: u32,
+    pub puzzle: Puzzle,
+    pub correct: bool,
+    pub answered_ms: i64,
+}
+
+/// Every answer of the study, observers in the order they were added, then by time.
+pub fn answers(c: &Connection, study: &str) -> Result<Vec<AnswerRow>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT o.name, o.grp, p.id, p.source, p.category, p.image, p.label, p.label_wnid, p.truth, p.animal, p.grp, \
+                a.correct, a.answered_ms \
+         FROM answers a JOIN observers o ON o.token = a.token \
+         JOIN puzzles p ON p.study_id = o.study_id AND p.id = a.puzzle \
+         WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid, a.answered_ms, p.id",
+    )?;
+    let rows = st
+        .query_map([study], |r| {
+            Ok(AnswerRow {
+                observer: r.get(0)?,
+                group: r.get(1)?,
+                puzzle: Puzzle {
+                    id: r.get(2)?,
+                    source: r.get(3)?,
+                    category: r.get(4)?,
+                    image: r.get(5)?,
+                    label: r.get(6)?,
+                    label_wnid: r.get(7)?,
+                    truth: r.get(8)?,
+                    animal: r.get(9)?,
+                    group: r.get(10)?,
+                },
+                correct: r.get(11)?,
+                answered_ms: r.get(12)?,
+            })
+        })?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// What `/studies` lists, read in one go.
+pub fn info(c: &Connection, row: StudyRow) -> Result<StudyInfo, StoreError> {
+    let mut st = c.prepare("SELECT grp, COUNT(*) FROM puzzles WHERE study_id = ?1 GROUP BY grp ORDER BY grp")?;
+    let sizes: Vec<(u32, u32)> = st.query_map([&row.id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    let mut groups = vec![0u32; row.groups as usize];
+    for (g, n) in sizes {
+        if let Some(slot) = groups.get_mut(g as usize) {
+            *slot = n;
+        }
+    }
+    let observers = observers(c, &row.id)?;
+    Ok(StudyInfo {
+        puzzles: groups.iter().sum(),
+        answers: observers.iter().map(|o| o.answered).sum(),
+        id: row.id,
+        job: row.job,
+        name: row.name,
+        model: row.model,
+        categories: row.categories,
+        groups,
+        observers,
+        created_ms: row.created_ms,
+    })
+}

@@ -1,0 +1,276 @@
+//! Human studies (`/studies`, `/observe/{token}`) over HTTP: a study made of a finished job,
+//! groups that never hold two puzzles of the same source, observers answering through their
+//! links without the API key, CR and PG equal to a hand computation from the stored answers,
+//! the CSV and chart, and everything still there after a restart.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const KEY: &str = "study-key";
+
+struct Api<'a> {
+    s: &'a Server,
+}
+
+impl Api<'_> {
+    async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        (status, res.json().await.unwrap_or(Value::Null))
+    }
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.send(client().get(self.s.url(path)).bearer_auth(KEY)).await
+    }
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.send(client().post(self.s.url(path)).bearer_auth(KEY).json(&body)).await
+    }
+    /// An observer's call: no API key.
+    async fn observe(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        match body {
+            Some(b) => self.send(client().post(self.s.url(path)).json(&b)).await,
+            None => self.send(client().get(self.s.url(path))).await,
+        }
+    }
+    async fn wait_done(&self, id: &str) {
+        let started = Instant::now();
+        loop {
+            let (_, job) = self.get(&format!("/jobs/{id}")).await;
+            if job["state"] == "done" {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(300), "{job}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+fn config(root: &Path) -> String {
+    tiny_config(&format!("[server]\napi_key = \"{KEY}\"\n[jobs]\nallowed_dirs = [\"{}\"]\n", root.display()))
+}
+
+/// CR = misjudged / answered; PG = (CR − CR_clean) / CR_clean, by hand.
+fn cr_pg(answers: &[(String, bool, bool)]) -> HashMap<String, (f64, Option<f64>)> {
+    let mut counts: HashMap<String, (f64, f64)> = HashMap::new();
+    for (category, truth, said_correct) in answers {
+        let c = counts.entry(category.clone()).or_default();
+        c.0 += 1.0;
+        if said_correct != truth {
+            c.1 += 1.0;
+        }
+    }
+    let clean = counts.get("clean").map(|(n, m)| m / n);
+    counts
+        .into_iter()
+        .map(|(k, (n, m))| {
+            let cr = m / n;
+            let pg = match clean {
+                Some(b) if b > 0.0 && k != "clean" => Some((cr - b) / b),
+                _ => None,
+            };
+            (k, (cr, pg))
+        })
+        .collect()
+}
+
+fn close(got: &Value, want: Option<f64>, what: &str) {
+    match want {
+        Some(w) => assert!((got.as_f64().unwrap_or(f64::NAN) - w).abs() < 1e-9, "{what}: {got} vs {w}"),
+        None => assert!(got.is_null(), "{what}: {got} vs none"),
+    }
+}
+
+#[tokio::test]
+async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_hand() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    // Four pictures named as four of the tiny model's classes (its first ten of ImageNet's), and
+    // a second, different picture of the first class: the reference shown with that label.
+    let classes = std::fs::read_to_string(models_dir().join("tiny/classes.txt")).unwrap();
+    let wnids: Vec<&str> = classes.lines().filter_map(|l| l.split_whitespace().next()).take(4).collect();
+    for (p, w) in sample_images().iter().zip(&wnids) {
+        std::fs::copy(p, images.join(format!("{w}_{}.JPEG", wnids.len()))).unwrap();
+    }
+    let first = images.join(format!("{}_4.JPEG", wnids[0]));
+    let wnid = wnids[0].to_string();
+    let twin = format!("{wnid}_second.JPEG");
+    image::open(&first).unwrap().fliph().to_rgb8().save(images.join(&twin)).unwrap();
+    let data = root.path().join("data");
+    let env = [("LABELFOOL_JOBS__DATABASE", data.join("jobs.sqlite3")), ("LABELFOOL_JOBS__DIR", data.join("jobs"))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
+    let s = Server::start_with_env(&config(root.path()), &env);
+    let api = Api { s: &s };
+
+    // A job still waiting cannot make a study; an unknown one is 404; the admin needs the key.
+    let (status, long) = api.post("/jobs", json!({"images": images, "methods": ["labelfool", "deepfool"]})).await;
+    assert_eq!(status, 201, "{long}");
+    let (_, waiting) = api.post("/jobs", json!({"images": images, "methods": ["fgsm"], "limit": 1})).await;
+    let (status, v) = api.post("/studies", json!({"job": waiting["id"]})).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+    let (status, v) = api.post("/studies", json!({"job": "0000000000000000"})).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_job")), "{v}");
+    let res = client().get(s.url("/studies")).send().await.unwrap();
+    assert_eq!(res.status(), 401);
+    let job = long["id"].as_str().unwrap().to_string();
+    api.wait_done(&job).await;
+    let (status, v) = api.post("/studies", json!({"job": job, "methods": ["fgsm"]})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("methods")), "{v}");
+
+    // The study: clean + two methods → three groups, no group with two puzzles of one source.
+    let (status, study) = api.post("/studies", json!({"job": job, "name": "tiny study", "observers": 2})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    assert_eq!(study["categories"], json!(["clean", "labelfool", "deepfool"]));
+    assert_eq!(study["groups"].as_array().unwrap().len(), 3);
+    let (_, puzzles) = api.get(&format!("/studies/{id}/puzzles")).await;
+    let puzzles = puzzles.as_array().unwrap().clone();
+    assert_eq!(puzzles.len() as u64, study["puzzles"].as_u64().unwrap());
+    let clean: Vec<&Value> = puzzles.iter().filter(|p| p["category"] == "clean").collect();
+    assert_eq!(clean.len(), 5, "every source has its clean puzzle: {puzzles:#?}");
+    assert!(clean.iter().all(|p| p["truth"] == true));
+    assert!(puzzles.iter().filter(|p| p["category"] != "clean").all(|p| p["truth"] == false));
+    assert!(puzzles.len() > 5, "some attack fooled the tiny model");
+    let mut seen = HashSet::new();
+    for p in &puzzles {
+        assert!(seen.insert((p["group"].as_u64(), p["source"].as_str())), "two puzzles of one source in a group: {p}");
+    }
+    let by_id: HashMap<i64, &Value> = puzzles.iter().map(|p| (p["id"].as_i64().unwrap(), p)).collect();
+
+    // A third observer by name; names are unique. Observers fill the groups in turn.
+    let (status, carol) = api.post(&format!("/studies/{id}/observers"), json!({"name": "carol"})).await;
+    assert_eq!(status, 201, "{carol}");
+    let (status, _) = api.post(&format!("/studies/{id}/observers"), json!({"name": "carol"})).await;
+    assert_eq!(status, 409);
+    let (_, study) = api.get(&format!("/studies/{id}")).await;
+    let observers = study["observers"].as_array().unwrap().clone();
+    let groups: Vec<u64> = observers.iter().map(|o| o["group"].as_u64().unwrap()).collect();
+    assert_eq!(groups, [0, 1, 2]);
+
+    // Observers answer through their links, without the key: the first answers "Incorrect" to
+    // everything, the second "Correct", the third alternates.
+    let (status, v) = api.observe("/observe/nobody/session", None).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_observer")), "{v}");
+    let mut given: Vec<(String, String, bool, bool)> = Vec::new();
+    let mut reference_checked = false;
+    for (n, o) in observers.iter().enumerate() {
+        let token = o["token"].as_str().unwrap();
+        let page = client().get(s.url(o["link"].as_str().unwrap())).send().await.unwrap();
+        assert_eq!(page.status(), 200);
+        assert!(page.text().await.unwrap().contains("Is this label correct"));
+        let (status, mut session) = api.observe(&format!("/observe/{token}/session"), None).await;
+        assert_eq!(status, 200, "{session}");
+        let total = session["total"].as_u64().unwrap();
+        assert_eq!(total, o["total"].as_u64().unwrap());
+        let mut k = 0;
+        while let Some(p) = session["puzzle"].as_object().cloned() {
+            let pid = p["id"].as_i64().unwrap();
+            let truth = by_id[&pid];
+            assert_eq!(truth["group"].as_u64(), o["group"].as_u64(), "a puzzle of another group");
+            assert_eq!(p["label"], truth["label"]);
+            assert!(p.get("category").is_none() && p.get("truth").is_none(), "the observer sees no answer: {p:?}");
+            let img = client().get(s.url(p["image"].as_str().unwrap())).send().await.unwrap();
+            assert_eq!(img.headers()["content-type"], "image/png");
+            image::load_from_memory_with_format(&img.bytes().await.unwrap(), image::ImageFormat::Png).unwrap();
+            // A reference picture of the label's class is never the puzzle's own source.
+            for r in p["references"].as_array().unwrap() {
+                let bytes = client().get(s.url(r.as_str().unwrap())).send().await.unwrap().bytes().await.unwrap();
+                let source = std::fs::read(images.join(truth["source"].as_str().unwrap())).unwrap();
+                assert_ne!(bytes.as_ref(), source.as_slice(), "the puzzle's own image as its reference");
+                reference_checked |= truth["label_wnid"] == wnid.as_str();
+            }
+            let said_correct = match n {
+                0 => false,
+                1 => true,
+                _ => k % 2 == 0,
+            };
+            let answer = if said_correct { "correct" } else { "incorrect" };
+            let (status, next) =
+                api.observe(&format!("/observe/{token}/answers"), Some(json!({"puzzle": pid, "answer": answer}))).await;
+            assert_eq!(status, 200, "{next}");
+            // The first answer stands.
+            let (status, _) = api
+                .observe(&format!("/observe/{token}/answers"), Some(json!({"puzzle": pid, "answer": "correct"})))
+                .await;
+            assert_eq!(status, 409);
+            given.push((
+                o["name"].as_str().unwrap().to_string(),
+                truth["category"].as_str().unwrap().to_string(),
+                truth["truth"].as_bool().unwrap(),
+                said_correct,
+            ));
+            k += 1;
+            session = next;
+        }
+        assert_eq!((session["done"].as_bool(), session["answered"].as_u64()), (Some(true), Some(total)));
+        // Another group's puzzle, or a malformed answer, is refused.
+        let other = puzzles.iter().find(|p| p["group"] != o["group"]).unwrap();
+        let (status, _) = api
+            .observe(&format!("/observe/{token}/answers"), Some(json!({"puzzle": other["id"], "answer": "correct"})))
+            .await;
+        assert_eq!(status, 422);
+        let (status, _) = api
+            .observe(&format!("/observe/{token}/answers"), Some(json!({"puzzle": other["id"], "answer": "maybe"})))
+            .await;
+        assert!(status == 400 || status == 422, "{status}");
+    }
+    assert!(reference_checked, "the twin picture was shown as a reference of its class");
+
+    // Results equal the hand computation, per observer and pooled.
+    let (status, results) = api.get(&format!("/studies/{id}/results")).await;
+    assert_eq!(status, 200, "{results}");
+    assert_eq!(results["all"]["answers"].as_u64(), Some(given.len() as u64));
+    for o in results["all"]["per_observer"].as_array().unwrap() {
+        let name = o["observer"].as_str().unwrap();
+        let mine: Vec<_> = given.iter().filter(|g| g.0 == name).map(|g| (g.1.clone(), g.2, g.3)).collect();
+        let hand = cr_pg(&mine);
+        for r in o["rates"].as_array().unwrap() {
+            let c = r["category"].as_str().unwrap();
+            let (cr, pg) = hand.get(c).map_or((None, None), |(cr, pg)| (Some(*cr), *pg));
+            close(&r["cr"], cr, &format!("{name} {c} CR"));
+            close(&r["pg"], pg, &format!("{name} {c} PG"));
+        }
+    }
+    let all: Vec<_> = given.iter().map(|g| (g.1.clone(), g.2, g.3)).collect();
+    let hand = cr_pg(&all);
+    for s in results["all"]["summary"].as_array().unwrap() {
+        let c = s["category"].as_str().unwrap();
+        let (cr, pg) = hand.get(c).map_or((None, None), |(cr, pg)| (Some(*cr), *pg));
+        close(&s["pooled"]["cr"], cr, &format!("pooled {c} CR"));
+        close(&s["pooled"]["pg"], pg, &format!("pooled {c} PG"));
+    }
+    // Observer 1 misjudged every clean puzzle and no adversarial one: PG = (0 − 1)/1 = −1.
+    let first = &results["all"]["per_observer"][0];
+    assert_eq!(first["observer"], "observer 1");
+    for r in first["rates"].as_array().unwrap().iter().filter(|r| r["category"] != "clean" && r["answered"] != 0) {
+        close(&r["pg"], Some(-1.0), "observer 1");
+    }
+
+    // The CSV has one row per answer; the chart is a PNG.
+    let res = client().get(s.url(&format!("/studies/{id}/answers.csv"))).bearer_auth(KEY).send().await.unwrap();
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    let text = res.text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    assert!(headers.iter().any(|h| h == "misjudged"));
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), given.len());
+    let chart = client().get(s.url(&format!("/studies/{id}/chart.png"))).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(chart.status(), 200);
+    image::load_from_memory_with_format(&chart.bytes().await.unwrap(), image::ImageFormat::Png).unwrap();
+
+    // After a restart on the same data, the study and every answer are still there.
+    drop(s);
+    let s = Server::start_with_env(&config(root.path()), &env);
+    let api = Api { s: &s };
+    let (_, again) = api.get(&format!("/studies/{id}/results")).await;
+    assert_eq!(again["all"], results["all"]);
+    let token = observers[2]["token"].as_str().unwrap();
+    let (_, session) = api.observe(&format!("/observe/{token}/session"), None).await;
+    assert_eq!(session["done"], true, "{session}");
+}

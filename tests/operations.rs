@@ -341,3 +341,68 @@ async fn open_inference_protocol_shapes_and_errors() {
             .await;
     assert_eq!((st, v["error"].is_string()), (404, true));
 }
+
+/// `event:`/`data:` pairs of a Server-Sent Events body.
+fn sse_pairs(text: &str) -> Vec<(String, Value)> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let event = block.lines().find_map(|l| l.strip_prefix("event: "))?;
+            let data = block.lines().find_map(|l| l.strip_prefix("data: "))?;
+            Some((event.to_string(), serde_json::from_str(data).unwrap()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_attack_streams_its_progress_then_its_result() {
+    let s = Server::start(&tiny_config(""));
+    let c = client();
+    let attack = |path: &str, accept: &str, body: Vec<u8>| {
+        c.post(s.url(path)).header("content-type", "image/jpeg").header("accept", accept).body(body).send()
+    };
+    let res = attack("/attack?method=deepfool", "text/event-stream", jpeg("n02219486_ant")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let events = sse_pairs(&res.text().await.unwrap());
+    let (last, result) = events.last().unwrap();
+    assert_eq!(last, "result", "{events:?}");
+    let progress: Vec<&Value> = events.iter().filter(|(e, _)| e == "progress").map(|(_, v)| v).collect();
+    assert!(!progress.is_empty(), "{events:?}");
+    assert_eq!(progress.len() + 1, events.len(), "only progress before the result: {events:?}");
+    let its: Vec<u64> = progress.iter().map(|p| p["iterations"].as_u64().unwrap()).collect();
+    assert!(its.windows(2).all(|w| w[0] <= w[1]), "{its:?}");
+    assert!(progress.iter().all(|p| p["label"]["label"].is_string()), "{progress:?}");
+    assert!(*its.last().unwrap() <= result["iterations"].as_u64().unwrap());
+    // The result is the JSON answer, the same as without streaming.
+    let png = base64::engine::general_purpose::STANDARD.decode(result["png_base64"].as_str().unwrap()).unwrap();
+    let (w, h, _) = decode_dims(&png);
+    let upload = image::load_from_memory(&jpeg("n02219486_ant")).unwrap();
+    assert_eq!((w, h), (upload.width(), upload.height()));
+    let (st, plain) =
+        json(attack("/attack?method=deepfool", "application/json", jpeg("n02219486_ant")).await.unwrap()).await;
+    assert_eq!(st, 200);
+    for k in ["success", "iterations", "checks"] {
+        assert_eq!(result[k], plain[k], "{k}");
+    }
+    assert_eq!(result["final"]["index"], plain["final"]["index"]);
+
+    // A bad parameter is refused before any stream starts; a failure inside the attack ends the
+    // stream with an `error` event carrying its status.
+    let res = attack("/attack?max_iter=0", "text/event-stream", jpeg("n02219486_ant")).await.unwrap();
+    assert_eq!(res.status(), 422);
+    assert_eq!(json(res).await.1["error"]["param"], "max_iter");
+    let res = c
+        .post(s.url("/attack?model=tiny-faulty"))
+        .header("content-type", "image/png")
+        .header("accept", "text/event-stream")
+        .body(white_png(40, 40))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let events = sse_pairs(&res.text().await.unwrap());
+    let (last, err) = events.last().unwrap();
+    assert_eq!(last, "error", "{events:?}");
+    assert_eq!(err["status"], 500, "{err}");
+    assert!(err["error"]["code"].is_string(), "{err}");
+}

@@ -1,7 +1,7 @@
 //! The studio page driven as a person would, in a real headless Chromium through WebDriver
 //! (Debian `chromium` and `chromium-driver`, installed by scripts/setup): the API key asked for,
 //! the zebra uploaded and classified, LabelFool's decision shown, LabelFool and DeepFool run side
-//! by side, the delivered PNG downloaded, a job created and followed to the end, a human study
+//! by side with their progress streamed, the delivered PNG downloaded, a job created and followed to the end, a human study
 //! made of it and answered by two observers through their links, its PG on the page checked
 //! against a hand computation.
 //! `LABELFOOL_SCREENSHOTS=<dir>` keeps screenshots of the main screens (the README's).
@@ -137,6 +137,16 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
         assert_eq!(text(&c, &format!(".result[data-method={m}] .status")).await, "fooled");
         let wup = text(&c, &format!(".result[data-method={m}] .wup")).await;
         assert!(wup.parse::<f64>().is_ok(), "{m}: Wu-Palmer {wup:?}");
+        // The attack was followed live: progress events arrived before its result.
+        let updates = c
+            .find(Locator::Css(&format!(".result[data-method={m}]")))
+            .await
+            .unwrap()
+            .attr("data-progress-events")
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        assert!(updates.parse::<u32>().is_ok_and(|n| n >= 1), "{m}: {updates:?} progress events");
     }
     // LabelFool's adversarial label is the decision's target.
     assert!(text(&c, ".result[data-method=labelfool] .final-label").await.starts_with(&format!("{target} (")));

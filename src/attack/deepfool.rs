@@ -7,7 +7,7 @@
 use tch::Tensor;
 
 use super::guard::{Phase, Stepper, mask_saturated};
-use super::record::Extras;
+use super::record::{Extras, Record};
 use super::target::{argmax, softmax};
 use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, best_other};
 
@@ -122,6 +122,18 @@ impl AttackRow for DeepFoolRow {
 
     fn is_done(&self) -> bool {
         self.s.phase == Phase::Done
+    }
+
+    fn record(&self) -> &Record {
+        &self.s.record
+    }
+
+    fn record_mut(&mut self) -> &mut Record {
+        &mut self.s.record
+    }
+
+    fn margin_now(&self) -> Option<f64> {
+        (!self.s.is_float()).then(|| self.s.guard.margin())
     }
 
     fn iterations(&self) -> u32 {

@@ -113,6 +113,14 @@ impl AttackRow for FgsmRow {
         self.phase == Phase::Done
     }
 
+    fn record(&self) -> &Record {
+        &self.record
+    }
+
+    fn record_mut(&mut self) -> &mut Record {
+        &mut self.record
+    }
+
     fn iterations(&self) -> u32 {
         self.record.iterations
     }

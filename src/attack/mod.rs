@@ -24,6 +24,7 @@ use tch::Tensor;
 
 use crate::model::ModelInfo;
 pub use params::{AttackParams, AttackRequest, Method};
+pub use record::Progress;
 pub use target::{Branch, TargetDecision, TargetParams};
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +111,17 @@ pub trait AttackRow: Send {
     }
     fn is_done(&self) -> bool;
     fn iterations(&self) -> u32;
+    /// The shared bookkeeping (original class, latest logits, last check, counts).
+    fn record(&self) -> &record::Record;
+    fn record_mut(&mut self) -> &mut record::Record;
+    /// The logit margin κ the row demands now (the methods with the 8-bit guard).
+    fn margin_now(&self) -> Option<f64> {
+        None
+    }
+    /// Where the attack stands, for live progress.
+    fn progress(&self) -> Progress {
+        self.record().progress(self.margin_now())
+    }
     fn outcome(self: Box<Self>) -> Result<AttackOutcome, AttackError>;
 }
 

@@ -2,6 +2,8 @@
 //! last 8-bit check (pixels and probabilities), the counts, whether it succeeded — and the one way
 //! that becomes an [`AttackOutcome`].
 
+use serde::Serialize;
+
 use super::target::argmax;
 use super::{AttackError, AttackOutcome, Method, Scored, TargetDecision, scored};
 
@@ -17,6 +19,20 @@ pub struct Record {
     /// 8-bit checks after success that tried to take back rounding (see `guard`).
     pub refinements: u32,
     pub success: bool,
+    /// The class and its probability at the latest logits (float image or 8-bit check).
+    pub current: Option<Scored>,
+}
+
+/// Where an attack stands: what `/attack` streams as it runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Progress {
+    pub iterations: u32,
+    pub checks: u32,
+    /// The class of the latest logits the attack saw, and its probability.
+    pub label: Option<usize>,
+    pub probability: Option<f64>,
+    /// The logit margin κ demanded now (methods with the 8-bit guard).
+    pub margin: Option<f64>,
 }
 
 /// What a method adds to the shared record in its outcome.
@@ -30,6 +46,25 @@ pub struct Extras {
 }
 
 impl Record {
+    /// Notes the latest logits' class (for progress only; the outcome uses the checks).
+    pub fn saw(&mut self, logits: &[f32]) {
+        if logits.iter().all(|v| v.is_finite()) && !logits.is_empty() {
+            let probs = super::target::softmax(logits);
+            let label = argmax(&probs);
+            self.current = Some(scored(&probs, label));
+        }
+    }
+
+    pub fn progress(&self, margin: Option<f64>) -> Progress {
+        Progress {
+            iterations: self.iterations,
+            checks: self.checks,
+            label: self.current.map(|c| c.index),
+            probability: self.current.map(|c| c.probability),
+            margin,
+        }
+    }
+
     /// Records the original image's probabilities; returns its class.
     pub fn classified(&mut self, probs: &[f32]) -> usize {
         let label = argmax(probs);

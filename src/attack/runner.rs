@@ -103,6 +103,7 @@ fn check_rows(
     let logits = tch::no_grad(|| model.forward(&batch))?;
     let logits = tensor_rows(&logits)?;
     for ((&i, l), rgb) in idx.iter().zip(logits).zip(rgbs) {
+        rows[i].record_mut().saw(&l);
         if let Err(e) = rows[i].on_check(&l, rgb) {
             errors[i] = Some(e);
         }
@@ -127,6 +128,7 @@ fn step_rows(
 
     let mut objectives: Vec<Vec<Vec<f32>>> = Vec::with_capacity(idx.len());
     for (&i, l) in idx.iter().zip(&values) {
+        rows[i].record_mut().saw(l);
         match rows[i].on_logits(l) {
             Ok(o) => objectives.push(o),
             Err(e) => {

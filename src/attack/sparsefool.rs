@@ -206,6 +206,14 @@ impl AttackRow for SparseFoolRow {
         self.phase == Phase::Done
     }
 
+    fn record(&self) -> &Record {
+        &self.record
+    }
+
+    fn record_mut(&mut self) -> &mut Record {
+        &mut self.record
+    }
+
     fn iterations(&self) -> u32 {
         self.record.iterations
     }

@@ -504,20 +504,19 @@ impl Engine {
         Ok(req.validate(info, &self.inner.settings.attack, &self.inner.settings.attack_limits)?)
     }
 
-    /// Runs an attack on the image at its original size and returns the 8-bit PNG it delivers,
-    /// with what happened.
-    pub async fn attack(
+    /// What can be refused before an attack starts, cheaply: the model, the parameters, and the
+    /// image's header (format, size against `max_attack_pixels`). Returns the model and the
+    /// validated parameters.
+    pub fn precheck_attack(
         &self,
         model: Option<&str>,
-        bytes: Bytes,
-        req: AttackRequest,
-        deadline: Duration,
-    ) -> Result<AttackResult, EngineError> {
-        let started = Instant::now();
+        bytes: &Bytes,
+        req: &AttackRequest,
+    ) -> Result<(usize, Arc<ModelInfo>, AttackParams), EngineError> {
         let (idx, info) = self.model(model)?;
-        let params = self.attack_params(&info, &req)?;
+        let params = self.attack_params(&info, req)?;
         // The attack's tensors live at the upload's size: refuse from the header, before decoding.
-        let (width, height) = self.check_header(&bytes, &info)?;
+        let (width, height) = self.check_header(bytes, &info)?;
         if u64::from(width) * u64::from(height) > self.inner.settings.max_attack_pixels {
             return Err(ImageError::TooManyPixels {
                 width,
@@ -527,17 +526,44 @@ impl Engine {
             }
             .into());
         }
+        Ok((idx, info, params))
+    }
+
+    /// Runs an attack on the image at its original size and returns the 8-bit PNG it delivers,
+    /// with what happened.
+    pub async fn attack(
+        &self,
+        model: Option<&str>,
+        bytes: Bytes,
+        req: AttackRequest,
+        deadline: Duration,
+    ) -> Result<AttackResult, EngineError> {
+        self.attack_observed(model, bytes, req, deadline, None).await
+    }
+
+    /// [`Self::attack`], publishing the attack's progress to `progress` after every tick.
+    pub async fn attack_observed(
+        &self,
+        model: Option<&str>,
+        bytes: Bytes,
+        req: AttackRequest,
+        deadline: Duration,
+        progress: Option<tokio::sync::watch::Sender<crate::attack::Progress>>,
+    ) -> Result<AttackResult, EngineError> {
+        let started = Instant::now();
+        let (idx, info, params) = self.precheck_attack(model, &bytes, &req)?;
         let (img, decode) = self.decode(bytes).await?;
         let img = Arc::new(img);
         let reference = req.float_reference.then(|| params.clone());
-        let (outcome, job_timings) = self.run_attack(idx, &info, img.clone(), params, deadline, started).await?;
+        let (outcome, job_timings) =
+            self.run_attack(idx, &info, img.clone(), params, deadline, started, progress).await?;
         // The paper's float attack on the same image and towards the same target, for the price
         // of the 8-bit guarantee (delivered ÷ float perceptibility).
         let float_reference = match reference {
             None => None,
             Some(p) => {
                 let p = p.float_reference(outcome.target);
-                let (o, _) = self.run_attack(idx, &info, img.clone(), p, deadline, started).await?;
+                let (o, _) = self.run_attack(idx, &info, img.clone(), p, deadline, started, None).await?;
                 Some(FloatReference { success: o.success, perceptibility: o.float_perceptibility })
             }
         };
@@ -594,6 +620,7 @@ impl Engine {
         params: AttackParams,
         deadline: Duration,
         started: Instant,
+        progress: Option<tokio::sync::watch::Sender<crate::attack::Progress>>,
     ) -> Result<(AttackOutcome, queue::JobTimings), EngineError> {
         let (tx, rx) = oneshot::channel();
         let job = AttackJob {
@@ -604,6 +631,7 @@ impl Engine {
             enqueued: Instant::now(),
             permit: None,
             span: tracing::Span::current(),
+            progress,
         };
         self.queues()?.push_attack(job).map_err(|r| EngineError::refused(r, "attack"))?;
         self.await_reply(rx, deadline, started).await?.map_err(|e| match e {

@@ -81,6 +81,9 @@ pub struct AttackJob {
     pub permit: Option<OwnedSemaphorePermit>,
     /// The submitting request's span (its `request_id`): the worker logs the attack inside it.
     pub span: tracing::Span,
+    /// Where the worker publishes the attack's progress after each tick (latest value only, so
+    /// a slow reader never holds the worker back).
+    pub progress: Option<tokio::sync::watch::Sender<crate::attack::Progress>>,
 }
 
 /// Model lifecycle requests to the worker, which owns the modules.

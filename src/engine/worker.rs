@@ -83,6 +83,7 @@ struct RowMeta {
     pixels: u64,
     /// The request's span: the row's log lines carry its `request_id`.
     span: tracing::Span,
+    progress: Option<tokio::sync::watch::Sender<attack::Progress>>,
 }
 
 /// In-flight attacks of one model: rows and their bookkeeping, index for index.
@@ -430,6 +431,7 @@ impl Worker {
                     first_batch: 0,
                     pixels: u64::from(img.width) * u64::from(img.height),
                     span: job.span,
+                    progress: job.progress,
                 });
                 self.stats.attack_admitted();
             }
@@ -494,6 +496,16 @@ impl Worker {
                     if meta.first_batch == 0 {
                         meta.first_batch = end - start;
                     }
+                }
+            }
+            for (row, meta) in group.rows.iter().zip(&group.meta) {
+                if let Some(tx) = &meta.progress {
+                    let p = row.progress();
+                    tx.send_if_modified(|v| {
+                        let changed = *v != p;
+                        *v = p;
+                        changed
+                    });
                 }
             }
             failed.sort_by_key(|(i, _)| std::cmp::Reverse(*i));

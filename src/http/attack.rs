@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
@@ -264,7 +265,10 @@ pub struct TargetInfo {
 /// The attack works on the image at its original size through the model's own preprocessing, so
 /// the PNG it returns (same width and height; alpha kept) is adversarial as delivered: it is
 /// quantised to 8 bits and re-checked, and `success` describes that PNG. Send
-/// `Accept: image/png` to receive the PNG itself, with the metadata in `x-labelfool-*` headers.
+/// `Accept: image/png` to receive the PNG itself, with the metadata in `x-labelfool-*` headers,
+/// or `Accept: text/event-stream` to follow it live: Server-Sent Events `progress` (iterations,
+/// checks, the current label and the guard's margin, after every step that changed them), then
+/// one `result` (this JSON answer) or `error` (the error body with its `status`).
 #[utoipa::path(post, path = "/attack", tag = "labelfool", params(AttackParamsDoc),
     request_body(description = "The image, in any of the forms `/classify` takes", content(
         (super::classify::ImageForm = "multipart/form-data"),
@@ -273,9 +277,10 @@ pub struct TargetInfo {
         (super::dto::ImageBytes = "image/jpeg"),
     )),
     responses(
-        (status = 200, description = "JSON result (or the PNG itself with `Accept: image/png`)", content(
+        (status = 200, description = "JSON result (or the PNG itself with `Accept: image/png`, or progress events then the result with `Accept: text/event-stream`)", content(
             (AttackResponse = "application/json"),
             (super::dto::ImageBytes = "image/png"),
+            (AttackProgressEvent = "text/event-stream"),
         )),
         (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
         (status = 415, body = ErrorBody),
@@ -330,17 +335,24 @@ pub async fn attack(
             epsilon,
         };
         let (_, surrogate) = state.engine.model(p.get("surrogate"))?;
-        let outcome = crate::remote::attack::run(
-            &state.engine,
-            &remote,
-            &surrogate.name,
-            req.bytes.clone(),
-            options,
-            AttackRequest { epsilons: None, ..request },
-            state.deadlines.attack,
-        )
-        .await?;
-        return Ok(Json(remote_summary(&remote, &surrogate.name, &outcome)).into_response());
+        let run = async move {
+            let outcome = crate::remote::attack::run(
+                &state.engine,
+                &remote,
+                &surrogate.name,
+                req.bytes.clone(),
+                options,
+                AttackRequest { epsilons: None, ..request },
+                state.deadlines.attack,
+            )
+            .await?;
+            Ok(remote_summary(&remote, &surrogate.name, &outcome))
+        };
+        if wants_events(&headers) {
+            // The remote attack reports no per-step progress: the stream carries its result.
+            return Ok(events(run, None, std::sync::Arc::from([])).into_response());
+        }
+        return Ok(Json(run.await?).into_response());
     }
     if let Some(param) = ["surrogate", "budget", "search"].into_iter().find(|k| p.get(k).is_some()) {
         return Err(ApiError::invalid(param, "`surrogate`, `budget` and `search` go with model=remote:<name>"));
@@ -356,26 +368,31 @@ pub async fn attack(
     for name in &locals {
         state.engine.model(Some(name))?;
     }
-    let started = std::time::Instant::now();
-    let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
-    let left = state.deadlines.attack.saturating_sub(started.elapsed());
-    let transfer = state.engine.transfer(req.bytes.clone(), &result, &locals, left).await?;
-    let mut remote_transfer = Vec::new();
-    for r in &remotes {
-        remote_transfer.push(remote_check(&state, r, &req.bytes, &result).await?);
+    if wants_events(&headers) {
+        // Everything that can be refused is refused with its status before the stream starts.
+        let (_, info, _) = state.engine.precheck_attack(p.get("model"), &req.bytes, &request)?;
+        let labels: std::sync::Arc<[ClassRef]> =
+            (0..info.classes().len()).map(|i| ClassRef::from_list(info.classes(), i)).collect();
+        let (tx, rx) = tokio::sync::watch::channel(crate::attack::Progress::default());
+        let model = p.get("model").map(str::to_string);
+        let run = async move {
+            let result = state
+                .engine
+                .attack_observed(model.as_deref(), req.bytes.clone(), request, state.deadlines.attack, Some(tx))
+                .await?;
+            let (body, _) = verified(&state, &req.bytes, result, &locals, &remotes).await?;
+            Ok(body)
+        };
+        return Ok(events(run, Some(rx), labels).into_response());
     }
+    let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
     let wants_png = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("image/png")));
-    let mut body = summary(&result);
-    body.transfer = transfer
-        .iter()
-        .map(|t| transfer_result(t.model.name.clone(), t.model.classes(), &t.verdict))
-        .chain(remote_transfer)
-        .collect();
+    let (body, png) = verified(&state, &req.bytes, result, &locals, &remotes).await?;
     if wants_png {
-        let mut res = (([(header::CONTENT_TYPE, "image/png")]), result.png).into_response();
+        let mut res = (([(header::CONTENT_TYPE, "image/png")]), png).into_response();
         metadata_headers(res.headers_mut(), &body);
         if !body.transfer.is_empty() {
             // `model=true|false|null`, comma-separated, in `verify` order.
@@ -392,6 +409,104 @@ pub async fn attack(
     } else {
         Ok(Json(body).into_response())
     }
+}
+
+/// `Accept: text/event-stream`: the attack's progress streamed, then its result.
+fn wants_events(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("text/event-stream")))
+}
+
+/// The attack's answer with its transfer checks (`verify`), and the delivered PNG.
+async fn verified(
+    state: &AppState,
+    upload: &axum::body::Bytes,
+    result: crate::engine::AttackResult,
+    locals: &[String],
+    remotes: &[std::sync::Arc<crate::remote::Remote>],
+) -> Result<(AttackResponse, Vec<u8>), ApiError> {
+    let started = std::time::Instant::now();
+    let left = state.deadlines.attack.saturating_sub(started.elapsed());
+    let transfer = state.engine.transfer(upload.clone(), &result, locals, left).await?;
+    let mut remote_transfer = Vec::new();
+    for r in remotes {
+        remote_transfer.push(remote_check(state, r, upload, &result).await?);
+    }
+    let mut body = summary(&result);
+    body.transfer = transfer
+        .iter()
+        .map(|t| transfer_result(t.model.name.clone(), t.model.classes(), &t.verdict))
+        .chain(remote_transfer)
+        .collect();
+    Ok((body, result.png))
+}
+
+/// One `event: progress` of a streamed attack.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttackProgressEvent {
+    /// Gradient steps so far.
+    pub iterations: u32,
+    /// 8-bit checks so far.
+    pub checks: u32,
+    /// The class of the latest logits the attack saw (its float image or an 8-bit check).
+    pub label: Option<ClassRef>,
+    pub probability: Option<f64>,
+    /// The logit margin κ the 8-bit guard demands now.
+    pub margin: Option<f64>,
+}
+
+/// Server-Sent Events for one attack: `progress` after each tick that changed something, then
+/// one `result` (the JSON answer) or `error` (the error body, with its `status`). The attack runs
+/// inside the stream: a client that goes away drops it, and the worker frees its row.
+fn events<T: Serialize + Send + 'static>(
+    run: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+    progress: Option<tokio::sync::watch::Receiver<crate::attack::Progress>>,
+    labels: std::sync::Arc<[ClassRef]>,
+) -> Sse<impl futures::Stream<Item = Result<Event, std::convert::Infallible>>> {
+    type Run<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ApiError>> + Send>>;
+    let final_event = |r: Result<T, ApiError>| match r {
+        Ok(body) => Event::default().event("result").data(serde_json::to_string(&body).unwrap_or_default()),
+        Err(e) => {
+            let status = e.status.as_u16();
+            let body = serde_json::json!({"status": status, "error": {"code": e.code, "message": e.message, "param": e.param}});
+            Event::default().event("error").data(body.to_string())
+        }
+    };
+    let run: Run<T> = Box::pin(run);
+    let stream = futures::stream::unfold(Some((run, progress)), move |st| {
+        let labels = labels.clone();
+        async move {
+            let (mut run, mut progress) = st?;
+            loop {
+                let Some(rx) = progress.as_mut() else {
+                    return Some((Ok(final_event(run.await)), None));
+                };
+                tokio::select! {
+                    biased;
+                    r = &mut run => return Some((Ok(final_event(r)), None)),
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            progress = None;
+                            continue;
+                        }
+                        let p = rx.borrow_and_update().clone();
+                        let ev = AttackProgressEvent {
+                            iterations: p.iterations,
+                            checks: p.checks,
+                            label: p.label.and_then(|i| labels.get(i).cloned()),
+                            probability: p.probability,
+                            margin: p.margin,
+                        };
+                        let ev = Event::default().event("progress").data(serde_json::to_string(&ev).unwrap_or_default());
+                        return Some((Ok(ev), Some((run, progress))));
+                    }
+                }
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 fn remote_summary(

@@ -179,8 +179,25 @@ async function runAttacks() {
     const extra = { method };
     if (method === "labelfool" && state.target !== null) extra.target = state.target;
     try {
-      const res = await api("/attack", { method: "POST", body: imageForm(extra) });
-      fillCard(card, await res.json());
+      // Followed live: progress events while the attack runs, then its result (or error).
+      const res = await api("/attack", { method: "POST", body: imageForm(extra), headers: { Accept: "text/event-stream" } });
+      let updates = 0;
+      await readEvents(res, (event, data) => {
+        if (event === "progress") {
+          updates += 1;
+          card.dataset.progressEvents = String(updates);
+          const where = data.label ? `${data.label.label} (${pct(data.probability)})` : "–";
+          const margin = data.margin === null || data.margin === undefined ? "" : ` · margin ${fmt(data.margin, 3)}`;
+          card.querySelector(".status").textContent = `iteration ${data.iterations} · checks ${data.checks} · now: ${where}${margin}`;
+        } else if (event === "result") {
+          fillCard(card, data);
+          card.dataset.progressEvents = String(updates);
+        } else if (event === "error") {
+          const text = `${data.status} ${data.error.code}: ${data.error.message}`;
+          showError(text);
+          throw new Error(text);
+        }
+      });
     } catch (e) {
       card.querySelector(".status").textContent = String(e.message || e);
       card.querySelector(".status").className = "status failure";
@@ -222,9 +239,9 @@ async function openFile(path) {
   window.open(url, "_blank");
 }
 
-// Server-Sent Events read with fetch (EventSource cannot send the API key).
-async function follow(id) {
-  const res = await api(`/jobs/${id}/events`);
+// Server-Sent Events read with fetch (EventSource cannot send the API key or POST an image):
+// calls onEvent(name, data) for each event.
+async function readEvents(res, onEvent) {
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -236,9 +253,20 @@ async function follow(id) {
     while ((end = buffer.indexOf("\n\n")) >= 0) {
       const message = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
-      for (const line of message.split("\n")) if (line.startsWith("data: ")) jobRow(JSON.parse(line.slice(6)));
+      let event = "message";
+      const data = [];
+      for (const line of message.split("\n")) {
+        if (line.startsWith("event: ")) event = line.slice(7);
+        else if (line.startsWith("data: ")) data.push(line.slice(6));
+      }
+      if (data.length) onEvent(event, JSON.parse(data.join("\n")));
     }
   }
+}
+
+async function follow(id) {
+  const res = await api(`/jobs/${id}/events`);
+  await readEvents(res, (event, data) => { if (event === "progress") jobRow(data); });
 }
 
 async function createJob() {

@@ -107,6 +107,11 @@ pub struct JobsConfig {
     pub resume: bool,
     /// Most images one job may hold (images × methods × models).
     pub max_attacks: usize,
+    /// Largest zip archive `POST /jobs` takes as an upload (bytes as sent).
+    pub max_archive_bytes: u64,
+    /// Most files and most bytes an uploaded archive may unpack to (zip bombs stop there).
+    pub max_archive_files: usize,
+    pub max_unpacked_bytes: u64,
 }
 
 impl Default for JobsConfig {
@@ -118,6 +123,9 @@ impl Default for JobsConfig {
             concurrency: 2,
             resume: true,
             max_attacks: 100_000,
+            max_archive_bytes: 512 << 20,
+            max_archive_files: 10_000,
+            max_unpacked_bytes: 2 << 30,
         }
     }
 }

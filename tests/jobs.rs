@@ -252,3 +252,74 @@ async fn a_job_survives_a_killed_server() {
     // The interrupted job stays as it was.
     assert_eq!(get(&s, &a).await["state"], "interrupted");
 }
+
+/// A zip of `files` (name, bytes), stored uncompressed.
+fn zip_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, data) in files {
+        z.start_file(name.as_str(), opts).unwrap();
+        z.write_all(data).unwrap();
+    }
+    z.finish().unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn a_job_runs_on_an_uploaded_zip_of_images() {
+    // No allowed_dirs: an upload needs none. A small archive limit, to see it enforced.
+    let s = Server::start(&tiny_config("[jobs]\nmax_archive_bytes = 400000\nmax_unpacked_bytes = 400000\n"));
+    let files: Vec<(String, Vec<u8>)> = sample_images()
+        .iter()
+        .take(2)
+        .map(|p| (format!("batch/{}", p.file_name().unwrap().to_string_lossy()), std::fs::read(p).unwrap()))
+        .collect();
+    let archive = zip_of(&files);
+    assert!(archive.len() < 400_000, "fixture too big for the test's limit: {}", archive.len());
+    let form = |bytes: Vec<u8>, spec: Option<&str>| {
+        let mut f = reqwest::multipart::Form::new()
+            .part("archive", reqwest::multipart::Part::bytes(bytes).file_name("images.zip"));
+        if let Some(s) = spec {
+            f = f.text("spec", s.to_string());
+        }
+        f
+    };
+    let post = |f: reqwest::multipart::Form| client().post(s.url("/jobs")).multipart(f).send();
+    let (status, job) =
+        json_of(post(form(archive.clone(), Some(r#"{"methods": ["fgsm"], "models": ["tiny"]}"#))).await.unwrap()).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(job["total"], 2, "{job}");
+    let events = sse_events(&s, &id).await;
+    assert_eq!(events.last().unwrap()["state"], "done", "{events:?}");
+    let text = client().get(s.url(&format!("/jobs/{id}/results"))).send().await.unwrap().text().await.unwrap();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    for (l, (name, bytes)) in lines.iter().zip(&files) {
+        assert_eq!(l["file"].as_str(), Some(name.as_str()), "{l}");
+        let upload = image::load_from_memory(bytes).unwrap();
+        let png = client().get(s.url(l["png"].as_str().unwrap())).send().await.unwrap().bytes().await.unwrap();
+        let png = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+        assert_eq!((png.width(), png.height()), (upload.width(), upload.height()));
+    }
+    // The unpacked images are the job's own files.
+    let res = client().get(s.url(&format!("/jobs/{id}/files/input/{}", files[0].0))).send().await.unwrap();
+    assert_eq!(res.bytes().await.unwrap().as_ref(), files[0].1.as_slice());
+
+    // Refused: not a zip, a name leaving the folder, too many bytes, a spec naming a folder, no archive.
+    let (status, v) = json_of(post(form(b"not a zip".to_vec(), None)).await.unwrap()).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("archive")), "{v}");
+    let (status, v) = json_of(post(form(zip_of(&[("../x.JPEG".into(), b"x".to_vec())]), None)).await.unwrap()).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("archive")), "{v}");
+    let big = zip_of(&[("big.JPEG".into(), vec![7u8; 500_000])]);
+    let res = post(form(big, None)).await.unwrap();
+    assert_eq!(res.status(), 413);
+    let (status, v) = json_of(post(form(archive.clone(), Some(r#"{"images": "/etc"}"#))).await.unwrap()).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("spec")), "{v}");
+    let only_spec = reqwest::multipart::Form::new().text("spec", "{}");
+    let (status, v) = json_of(post(only_spec).await.unwrap()).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("archive")), "{v}");
+    // Nothing refused is left behind, and the refused jobs were never created.
+    let list = json_of(client().get(s.url("/jobs")).send().await.unwrap()).await.1;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}

@@ -13,6 +13,8 @@ use futures::Stream;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use axum::extract::FromRequest;
+
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use crate::jobs::{JobEvent, JobInfo, JobSpec, Jobs};
@@ -24,14 +26,125 @@ fn jobs(state: &AppState) -> Result<&Jobs, ApiError> {
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "jobs_unavailable", "jobs are off"))
 }
 
-/// Queues an eval of a folder the server can read (under `jobs.allowed_dirs`) for the chosen
-/// methods and models. Jobs run one at a time, in the order they were created.
-#[utoipa::path(post, path = "/jobs", tag = "jobs", request_body = JobSpec,
+/// Queues an eval for the chosen methods and models: of a folder the server can read (JSON,
+/// under `jobs.allowed_dirs`), or of an uploaded zip of images (multipart: `archive`, and
+/// optionally `spec` with methods/models/limit/max_iter as JSON), unpacked into the job's own
+/// folder within `jobs.max_archive_bytes`, `max_archive_files` and `max_unpacked_bytes`. Jobs
+/// run one at a time, in the order they were created.
+#[utoipa::path(post, path = "/jobs", tag = "jobs",
+    request_body(content((JobSpec = "application/json"), (ArchiveUpload = "multipart/form-data"))),
     responses((status = 201, body = JobInfo), (status = 403, body = ErrorBody, description = "folder not allowed"),
-        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
-pub async fn create_job(State(state): State<AppState>, Json(spec): Json<JobSpec>) -> Result<Response, ApiError> {
-    let job = jobs(&state)?.create(spec).await?;
+        (status = 404, body = ErrorBody), (status = 408, body = ErrorBody, description = "the upload was too slow"),
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create_job(State(state): State<AppState>, req: axum::extract::Request) -> Result<Response, ApiError> {
+    let jobs = jobs(&state)?;
+    let multipart = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let job = if multipart {
+        let mp = axum::extract::Multipart::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::bad_request("bad_body", e.body_text()))?;
+        let timeout = std::time::Duration::from_millis(state.config.server.body_read_timeout_ms);
+        let (spec, archive) = tokio::time::timeout(timeout, receive_archive(mp, jobs)).await.map_err(|_| {
+            ApiError::timeout(format!(
+                "the archive did not arrive within {} ms (server.body_read_timeout_ms)",
+                timeout.as_millis()
+            ))
+        })??;
+        jobs.create_from_archive(spec, archive.keep()).await?
+    } else {
+        let Json(spec) = Json::<JobSpec>::from_request(req, &state).await.map_err(|e| {
+            ApiError::new(
+                e.status(),
+                if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE { "unsupported_media_type" } else { "bad_body" },
+                e.body_text(),
+            )
+        })?;
+        jobs.create(spec).await?
+    };
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/jobs/{}", job.id))], Json(job)).into_response())
+}
+
+/// The multipart form of `POST /jobs` with an archive (for the OpenAPI document).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct ArchiveUpload {
+    /// A zip of images (flat `<wnid>_*.JPEG` files or an ImageFolder tree).
+    #[schema(format = Binary, value_type = String)]
+    archive: Vec<u8>,
+    /// `{"methods": […], "models": […], "limit": N, "max_iter": N}` (all optional).
+    spec: Option<String>,
+}
+
+/// An upload being written: removed unless kept.
+struct PartFile(Option<std::path::PathBuf>);
+
+impl PartFile {
+    fn keep(mut self) -> std::path::PathBuf {
+        self.0.take().unwrap_or_default()
+    }
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Streams the `archive` field to a file under the jobs' folder (never more than
+/// `jobs.max_archive_bytes`) and parses the `spec` field.
+async fn receive_archive(
+    mut mp: axum::extract::Multipart,
+    jobs: &Jobs,
+) -> Result<(crate::jobs::ArchiveSpec, PartFile), ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let max = jobs.config().max_archive_bytes;
+    let (mut spec, mut archive) = (None, None);
+    let bad = |e: axum::extract::multipart::MultipartError| ApiError::bad_request("bad_body", e.body_text());
+    while let Some(mut field) = mp.next_field().await.map_err(bad)? {
+        match field.name() {
+            Some("spec") => {
+                let text = field.text().await.map_err(bad)?;
+                spec = Some(
+                    serde_json::from_str::<crate::jobs::ArchiveSpec>(&text)
+                        .map_err(|e| ApiError::invalid("spec", e.to_string()))?,
+                );
+            }
+            Some("archive") if archive.is_none() => {
+                let dir = jobs.root_dir().join(".uploads");
+                tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::internal(e.to_string()))?;
+                let path = dir.join(format!("{}.zip", crate::jobs::new_id()));
+                let part = PartFile(Some(path.clone()));
+                let mut file = tokio::fs::File::create(&path).await.map_err(|e| ApiError::internal(e.to_string()))?;
+                let mut written = 0u64;
+                while let Some(chunk) = field.chunk().await.map_err(bad)? {
+                    written += chunk.len() as u64;
+                    if written > max {
+                        return Err(ApiError::too_large(format!(
+                            "the archive is over {max} bytes (jobs.max_archive_bytes)"
+                        )));
+                    }
+                    file.write_all(&chunk).await.map_err(|e| ApiError::internal(e.to_string()))?;
+                }
+                file.flush().await.map_err(|e| ApiError::internal(e.to_string()))?;
+                archive = Some(part);
+            }
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "form",
+                    format!("unexpected field {other:?}: send `archive` (a zip) and optionally `spec` (JSON)"),
+                ));
+            }
+            None => return Err(ApiError::invalid("form", "a field without a name")),
+        }
+    }
+    let archive = archive.ok_or_else(|| ApiError::invalid("archive", "no `archive` field (a zip of images)"))?;
+    Ok((spec.unwrap_or_default(), archive))
 }
 
 /// Every job, newest first.

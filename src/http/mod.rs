@@ -115,7 +115,14 @@ pub fn router(state: AppState) -> Router {
         .route("/v2/repository/index", post(repository::index))
         .route("/v2/repository/models/{name}/load", post(repository::v2_load))
         .route("/v2/repository/models/{name}/unload", post(repository::v2_unload))
-        .route("/jobs", get(jobs::list_jobs).post(jobs::create_job))
+        .route(
+            "/jobs",
+            // An archive upload streams to disk within `jobs.max_archive_bytes` (plus the form's
+            // own bytes), not the buffered-body limit.
+            get(jobs::list_jobs).post(jobs::create_job).layer(DefaultBodyLimit::max(
+                usize::try_from(state.config.jobs.max_archive_bytes.saturating_add(1 << 20)).unwrap_or(usize::MAX),
+            )),
+        )
         .route("/jobs/{id}", get(jobs::get_job).delete(jobs::cancel_job))
         .route("/jobs/{id}/events", get(jobs::job_events))
         .route("/jobs/{id}/results", get(jobs::job_results))

@@ -61,7 +61,7 @@ use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studie
         studies::puzzle_image,
         studies::puzzle_reference,
     ),
-    components(schemas(error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance, attack::RemoteAttackResponse)),
+    components(schemas(jobs::ArchiveUpload, error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance, attack::RemoteAttackResponse)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
     tags(

@@ -4,6 +4,7 @@
 //! resumes the jobs that were running (or marks them `interrupted`, `jobs.resume = false`); no
 //! finished image is lost or done twice.
 
+pub mod archive;
 pub mod runner;
 pub mod store;
 
@@ -74,6 +75,21 @@ pub struct JobSpec {
     #[serde(default)]
     pub limit: Option<usize>,
     /// Iteration budget of every attack (default: the server's).
+    #[serde(default)]
+    pub max_iter: Option<u32>,
+}
+
+/// `POST /jobs` with a zip archive (multipart field `archive`): what to run on its images
+/// (multipart field `spec`, JSON; optional).
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSpec {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub limit: Option<usize>,
     #[serde(default)]
     pub max_iter: Option<u32>,
 }
@@ -227,6 +243,44 @@ impl Jobs {
         self.inner.dir.join(id)
     }
 
+    pub fn config(&self) -> &JobsConfig {
+        &self.inner.config
+    }
+
+    /// A job on the images of an uploaded zip archive (at `archive`, removed afterwards): it is
+    /// unpacked into the job's own folder (`<id>/input/`), within `jobs.max_archive_files` and
+    /// `jobs.max_unpacked_bytes`, and the job runs on that folder.
+    pub async fn create_from_archive(&self, spec: ArchiveSpec, archive: PathBuf) -> Result<JobInfo, JobError> {
+        let id = new_id();
+        let dest = self.job_dir(&id).join("input");
+        let limits = archive::Limits {
+            max_files: self.inner.config.max_archive_files,
+            max_bytes: self.inner.config.max_unpacked_bytes,
+        };
+        let d = dest.clone();
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let r = archive::unpack(&archive, &d, limits);
+            let _ = std::fs::remove_file(&archive);
+            r
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        let files = unpacked?;
+        tracing::info!(job = %id, files, "archive unpacked");
+        let spec = JobSpec {
+            images: dest.to_string_lossy().into_owned(),
+            methods: spec.methods,
+            models: spec.models,
+            limit: spec.limit,
+            max_iter: spec.max_iter,
+        };
+        let created = self.queue_new(id.clone(), spec).await;
+        if created.is_err() {
+            let _ = std::fs::remove_dir_all(self.job_dir(&id));
+        }
+        created
+    }
+
     /// Validates the spec, counts its attacks and queues it.
     pub async fn create(&self, mut spec: JobSpec) -> Result<JobInfo, JobError> {
         let folder = Path::new(&spec.images)
@@ -242,6 +296,12 @@ impl Jobs {
             )));
         }
         spec.images = folder.to_string_lossy().into_owned();
+        self.queue_new(new_id(), spec).await
+    }
+
+    /// Fills the spec's defaults, counts its attacks (refusing too many) and queues it as `id`.
+    async fn queue_new(&self, id: String, mut spec: JobSpec) -> Result<JobInfo, JobError> {
+        let folder = PathBuf::from(&spec.images);
         if spec.methods.is_empty() {
             spec.methods = ["labelfool", "deepfool", "fgsm", "sparsefool"].map(String::from).to_vec();
         }
@@ -277,7 +337,6 @@ impl Jobs {
                 format!("{total} attacks; at most {} per job (jobs.max_attacks)", self.inner.config.max_attacks),
             ));
         }
-        let id = new_id();
         let (s, i) = (spec.clone(), id.clone());
         self.inner.store.with(move |c| Store::insert_job(c, &i, &s, total)).await?;
         let info = self.get(&id).await?;

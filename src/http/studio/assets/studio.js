@@ -271,10 +271,21 @@ async function follow(id) {
 
 async function createJob() {
   clearError();
-  const body = { images: $("#job-folder").value, methods: [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value), models: [$("#model").value] };
+  const spec = { methods: [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value), models: [$("#model").value] };
   const limit = Number($("#job-limit").value);
-  if (limit > 0) body.limit = limit;
-  const res = await api("/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  if (limit > 0) spec.limit = limit;
+  const archive = $("#job-archive").files[0];
+  let res;
+  if (archive) {
+    const form = new FormData();
+    form.append("archive", archive, archive.name);
+    form.append("spec", JSON.stringify(spec));
+    res = await api("/jobs", { method: "POST", body: form });
+    $("#job-archive").value = "";
+  } else {
+    const body = Object.assign({ images: $("#job-folder").value }, spec);
+    res = await api("/jobs", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
+  }
   const job = await res.json();
   state.jobModels[job.id] = job.spec.models;
   jobRow(job);

@@ -39,7 +39,7 @@ pub struct AttackArgs {
     /// SparseFool's λ (default 3).
     #[arg(long)]
     pub lambda: Option<f64>,
-    /// SparseFool's cap on outer iterations (default 20).
+    /// SparseFool's cap on outer iterations (default 50).
     #[arg(long)]
     pub max_outer: Option<u32>,
     /// Also run the float attack (no 8-bit rounding) and report its perceptibility.

@@ -31,6 +31,12 @@ pub struct EvalArgs {
     pub max_iter: Option<u32>,
     #[arg(long)]
     pub overshoot: Option<f64>,
+    /// SparseFool: λ, how far past the boundary point the linear problem is set (default 3).
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// SparseFool: the outer-iteration cap (default 20).
+    #[arg(long)]
+    pub max_outer: Option<u32>,
     /// Images (the first, by path) that get a gallery panel per method.
     #[arg(long, default_value_t = 4)]
     pub gallery: usize,
@@ -75,6 +81,8 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
         request: AttackRequest {
             max_iter: a.max_iter,
             overshoot: a.overshoot,
+            lambda: a.lambda,
+            max_outer: a.max_outer,
             epsilons: a.epsilon.clone(),
             float_reference: a.float_reference,
             ..Default::default()

@@ -30,7 +30,8 @@ pub struct AttackParamsDoc {
     /// Target class (index, WordNet id or name) instead of LabelFool's choice.
     #[param(example = "n02389026")]
     pub target: Option<String>,
-    /// Iteration budget, 8-bit re-check steps included (default 50; at most limits.max_iter).
+    /// Iteration budget, 8-bit re-check steps included (default 50; SparseFool: steps of each inner
+    /// DeepFool, default 10; at most limits.max_iter).
     #[param(minimum = 1, example = 50)]
     pub max_iter: Option<u32>,
     /// DeepFool overshoot (default 0.02).
@@ -48,7 +49,7 @@ pub struct AttackParamsDoc {
     pub candidates: Option<usize>,
     /// SparseFool's λ (default 3, the authors' value for ImageNet).
     pub lambda: Option<f64>,
-    /// SparseFool's cap on outer iterations (default 20, the authors'; 1..=100).
+    /// SparseFool's cap on outer iterations (default 50, the authors' ImageNet demo; 1..=100).
     pub max_outer: Option<u32>,
     /// Also run the paper's float attack (no 8-bit rounding) on the same image and target and
     /// report its perceptibility (`float_reference` in the answer; the attack costs twice).

@@ -159,20 +159,27 @@ async fn read_bounded(
 
 /// Reads and drops a refused request's body, streaming (nothing is kept), stopping after `limit`
 /// bytes or `within`, so the client can read the answer instead of a reset connection.
-pub async fn discard_body(body: Body, limit: usize, within: Duration) {
+/// Returns true when the body was read to its end (the connection can serve another request).
+pub async fn discard_body(body: Body, limit: usize, within: Duration) -> bool {
     let mut body = body.into_data_stream();
     let mut seen = 0usize;
     let deadline = Instant::now() + within;
-    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut body)).await {
-        seen += chunk.len();
-        if seen > limit {
-            break;
+    loop {
+        match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut body)).await {
+            Ok(None) => return true,
+            Ok(Some(Ok(chunk))) => {
+                seen += chunk.len();
+                if seen > limit {
+                    return false;
+                }
+            }
+            Ok(Some(Err(_))) | Err(_) => return false,
         }
     }
 }
 
 /// Marks a response that is sent before the request was read whole: the connection closes after it.
-fn closing(mut res: Response) -> Response {
+pub fn closing(mut res: Response) -> Response {
     res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     res
 }
@@ -184,6 +191,14 @@ mod tests {
     fn stream(chunks: Vec<&'static [u8]>) -> Body {
         let s = futures::stream::iter(chunks.into_iter().map(|c| Ok::<_, std::io::Error>(Bytes::from_static(c))));
         Body::from_stream(s)
+    }
+
+    #[tokio::test]
+    async fn a_refused_body_says_whether_it_was_read_whole() {
+        let short = stream(vec![b"abc", b"def"]);
+        assert!(discard_body(short, 10, Duration::from_secs(1)).await);
+        let long = stream(vec![b"abcdef", b"ghijkl", b"mnopqr"]);
+        assert!(!discard_body(long, 10, Duration::from_secs(1)).await, "over the limit: left unread");
     }
 
     #[tokio::test]

@@ -98,8 +98,12 @@ async fn require_api_key(State(state): State<AppState>, req: Request, next: Next
         next.run(req).await
     } else {
         // Read a little of the refused body (so the client sees the answer, not a reset), never more.
-        super::limits::discard_body(req.into_body(), REFUSED_BODY_DRAIN, std::time::Duration::from_secs(1)).await;
-        ApiError::unauthorized().into_response()
+        let whole =
+            super::limits::discard_body(req.into_body(), REFUSED_BODY_DRAIN, std::time::Duration::from_secs(1)).await;
+        let res = ApiError::unauthorized().into_response();
+        // Unread bytes stay on the connection: say it closes, or a client that reuses it for its
+        // next request gets that request cut off.
+        if whole { res } else { super::limits::closing(res) }
     }
 }
 

@@ -79,22 +79,24 @@ pub fn puzzles(c: &Connection, study: &str) -> Result<Vec<Puzzle>, StoreError> {
         "SELECT id, source, category, image, label, label_wnid, truth, animal, grp FROM puzzles \
          WHERE study_id = ?1 ORDER BY id",
     )?;
-    let rows = st
-        .query_map([study], |r| {
-            Ok(Puzzle {
-                id: r.get(0)?,
-                source: r.get(1)?,
-                category: r.get(2)?,
-                image: r.get(3)?,
-                label: r.get(4)?,
-                label_wnid: r.get(5)?,
-                truth: r.get(6)?,
-                animal: r.get(7)?,
-                group: r.get(8)?,
-            })
-        })?
-        .collect::<Result<Vec<_>, _>>()?;
+    let rows = st.query_map([study], |r| puzzle_at(r, 0))?.collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
+}
+
+/// A puzzle from the nine columns `id, source, category, image, label, label_wnid, truth,
+/// animal, grp` starting at column `at`.
+fn puzzle_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Puzzle> {
+    Ok(Puzzle {
+        id: r.get(at)?,
+        source: r.get(at + 1)?,
+        category: r.get(at + 2)?,
+        image: r.get(at + 3)?,
+        label: r.get(at + 4)?,
+        label_wnid: r.get(at + 5)?,
+        truth: r.get(at + 6)?,
+        animal: r.get(at + 7)?,
+        group: r.get(at + 8)?,
+    })
 }
 
 /// Reference pictures of a class for a puzzle (paths within the study's folder): never a copy
@@ -196,17 +198,7 @@ pub fn answers(c: &Connection, study: &str) -> Result<Vec<AnswerRow>, StoreError
             Ok(AnswerRow {
                 observer: r.get(0)?,
                 group: r.get(1)?,
-                puzzle: Puzzle {
-                    id: r.get(2)?,
-                    source: r.get(3)?,
-                    category: r.get(4)?,
-                    image: r.get(5)?,
-                    label: r.get(6)?,
-                    label_wnid: r.get(7)?,
-                    truth: r.get(8)?,
-                    animal: r.get(9)?,
-                    group: r.get(10)?,
-                },
+                puzzle: puzzle_at(r, 2)?,
                 correct: r.get(11)?,
                 answered_ms: r.get(12)?,
             })

@@ -65,6 +65,8 @@ fn load_config(root: &Path) -> anyhow::Result<Config> {
 fn probe(root: &Path) -> anyhow::Result<()> {
     use std::io::{BufRead, Write};
     let config = load_config(root)?;
+    // The same TorchScript settings as the engine's worker.
+    labelfool::model::configure_jit(config.engine.jit_fuser, config.engine.jit_optimize)?;
     let catalog = Catalog::from_config(&config)?;
     let model = LoadedModel::load(
         catalog.get(None).ok_or_else(|| anyhow::anyhow!("no model"))?.1,

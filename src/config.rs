@@ -192,6 +192,11 @@ pub struct EngineConfig {
     /// gradient and step at full size on the device. An attack that would go past it waits in the
     /// queue (one attack is always admitted, so a single large image still runs).
     pub max_inflight_attack_pixels: u64,
+    /// TorchScript's tensor-expression fuser (fused kernels compiled per input shape). Off: on
+    /// CUDA each new batch size cost seconds of compilation on the worker; CPU never fuses.
+    pub jit_fuser: bool,
+    /// TorchScript's graph optimiser on the worker (profiling, specialisation per shape).
+    pub jit_optimize: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -317,6 +322,8 @@ impl Default for EngineConfig {
             max_attack_batch: 0,
             decode_threads: 0,
             max_inflight_attack_pixels: 24_000_000,
+            jit_fuser: false,
+            jit_optimize: true,
         }
     }
 }

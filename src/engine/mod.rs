@@ -113,6 +113,8 @@ impl Engine {
             max_inflight_attacks: config.engine.max_inflight_attacks,
             max_attack_batch: config.engine.max_attack_batch,
             max_inflight_attack_pixels: config.engine.max_inflight_attack_pixels,
+            jit_fuser: config.engine.jit_fuser,
+            jit_optimize: config.engine.jit_optimize,
         };
         let aborted = tokio::sync::watch::Sender::new(false);
         let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone(), aborted.subscribe())
@@ -567,16 +569,18 @@ impl Engine {
                 Some(FloatReference { success: o.success, perceptibility: o.float_perceptibility })
             }
         };
-        let (png, perturbation) = tokio::task::spawn_blocking({
-            let img = img.clone();
-            let rgb = outcome.rgb.clone();
-            move || -> Result<_, ImageError> {
-                let png = imaging::encode_png(img.width, img.height, &rgb, img.alpha.as_deref())?;
-                Ok((png, perturbation(img.width, img.height, &img.rgb, &rgb)))
-            }
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("encode task failed: {e}")))??;
+        // The PNG and the metrics side by side on the blocking pool: both read the whole image.
+        let encode = tokio::task::spawn_blocking({
+            let (img, rgb) = (img.clone(), outcome.rgb.clone());
+            move || imaging::encode_png(img.width, img.height, &rgb, img.alpha.as_deref())
+        });
+        let metrics = tokio::task::spawn_blocking({
+            let (img, rgb) = (img.clone(), outcome.rgb.clone());
+            move || perturbation(img.width, img.height, &img.rgb, &rgb)
+        });
+        let (png, perturbation) =
+            tokio::try_join!(encode, metrics).map_err(|e| EngineError::Internal(format!("encode task failed: {e}")))?;
+        let png = png?;
         Ok(AttackResult {
             model: info,
             image: ImageSummary::from(img.as_ref()),

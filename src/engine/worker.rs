@@ -35,6 +35,8 @@ pub struct WorkerSettings {
     pub max_inflight_attacks: usize,
     pub max_attack_batch: usize,
     pub max_inflight_attack_pixels: u64,
+    pub jit_fuser: bool,
+    pub jit_optimize: bool,
 }
 
 /// What the worker reports once its models are loaded.
@@ -153,6 +155,8 @@ impl Worker {
         if settings.threads > 0 {
             tch::set_num_threads(settings.threads as i32);
         }
+        crate::model::configure_jit(settings.jit_fuser, settings.jit_optimize)
+            .map_err(|e| ModelError::Bundle { model: "(jit)".into(), reason: e.to_string() })?;
         let device =
             settings.device.resolve().map_err(|reason| ModelError::Bundle { model: "(device)".into(), reason })?;
         let mut models: Vec<Option<LoadedModel>> = (0..catalog.len()).map(|_| None).collect();

@@ -75,29 +75,36 @@ pub fn ssim(width: u32, height: u32, a: &[u8], b: &[u8]) -> f64 {
     if a.len() != w * h * 3 || b.len() != a.len() || a.is_empty() {
         return f64::NAN;
     }
+    // The three channels are independent: one thread each (this runs after every attack, on
+    // the blocking pool, and at full size it is the largest part of the answer's post-processing).
+    let channels: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3).map(|c| s.spawn(move || channel_ssim(w, h, c, a, b))).collect();
+        handles.into_iter().map(|t| t.join().unwrap_or(f64::NAN)).collect()
+    });
+    channels.iter().sum::<f64>() / 3.0
+}
+
+/// Mean SSIM of channel `c` of two interleaved RGB images.
+fn channel_ssim(w: usize, h: usize, c: usize, a: &[u8], b: &[u8]) -> f64 {
     let (c1, c2) = (K1 * K1, K2 * K2);
     let k = gaussian_window();
-    let mut total = 0.0;
-    for c in 0..3 {
-        let x: Vec<f64> = a.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
-        let y: Vec<f64> = b.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
-        let products = |f: fn(f64, f64) -> f64| x.iter().zip(&y).map(|(&p, &q)| f(p, q)).collect::<Vec<f64>>();
-        let planes = [x.clone(), y.clone(), products(|p, _| p * p), products(|_, q| q * q), products(|p, q| p * q)];
-        let filtered: Vec<Vec<f64>> = if w > 2 * RADIUS && h > 2 * RADIUS {
-            planes.iter().map(|p| filter_valid(p, w, h, &k)).collect()
-        } else {
-            planes.iter().map(|p| vec![p.iter().sum::<f64>() / p.len() as f64]).collect()
-        };
-        let n = filtered[0].len();
-        let mut sum = 0.0;
-        for i in 0..n {
-            let (ux, uy) = (filtered[0][i], filtered[1][i]);
-            let (vx, vy, vxy) = (filtered[2][i] - ux * ux, filtered[3][i] - uy * uy, filtered[4][i] - ux * uy);
-            sum += ((2.0 * ux * uy + c1) * (2.0 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
-        }
-        total += sum / n as f64;
+    let x: Vec<f64> = a.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
+    let y: Vec<f64> = b.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
+    let products = |f: fn(f64, f64) -> f64| x.iter().zip(&y).map(|(&p, &q)| f(p, q)).collect::<Vec<f64>>();
+    let planes = [x.clone(), y.clone(), products(|p, _| p * p), products(|_, q| q * q), products(|p, q| p * q)];
+    let filtered: Vec<Vec<f64>> = if w > 2 * RADIUS && h > 2 * RADIUS {
+        planes.iter().map(|p| filter_valid(p, w, h, &k)).collect()
+    } else {
+        planes.iter().map(|p| vec![p.iter().sum::<f64>() / p.len() as f64]).collect()
+    };
+    let n = filtered[0].len();
+    let mut sum = 0.0;
+    for i in 0..n {
+        let (ux, uy) = (filtered[0][i], filtered[1][i]);
+        let (vx, vy, vxy) = (filtered[2][i] - ux * ux, filtered[3][i] - uy * uy, filtered[4][i] - ux * uy);
+        sum += ((2.0 * ux * uy + c1) * (2.0 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
     }
-    total / 3.0
+    sum / n as f64
 }
 
 fn pixel_metrics(original: &[u8], adversarial: &[u8]) -> Perturbation {

@@ -41,6 +41,20 @@ pub fn single_threaded_torch_here() {
     unsafe { omp_set_num_threads(1) }
 }
 
+/// How TorchScript runs the models on the calling thread (the worker): Triton's PyTorch backend
+/// has the same two switches (`ENABLE_TENSOR_FUSER`, `DISABLE_OPTIMIZED_EXECUTION`).
+///
+/// TorchScript's profiling executor specialises a graph for each new input shape it meets and,
+/// with the tensor-expression fuser on, compiles fused kernels for it (NVRTC on CUDA). Continuous
+/// batching changes the batch size from tick to tick, so each new size stalled the worker while
+/// it compiled: on an H200, /attack at 4 concurrent clients ran at 1.84 attacks/s against 4.92
+/// one at a time (benches/results.md). libtorch never fuses on CPU by default, so turning the
+/// fuser off changes nothing there. The fuser switch is process-wide, the optimiser's per thread.
+pub fn configure_jit(fuser: bool, optimize: bool) -> Result<(), tch::TchError> {
+    tch::jit::f_set_tensor_expr_fuser_enabled(fuser)?;
+    tch::jit::f_set_graph_executor_optimize(optimize)
+}
+
 pub fn device_name(d: tch::Device) -> String {
     match d {
         tch::Device::Cpu => "cpu".into(),
@@ -52,6 +66,13 @@ pub fn device_name(d: tch::Device) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jit_switches_take_effect() {
+        // The default (fuser off) is what every other test in this process runs with too.
+        configure_jit(false, true).unwrap();
+        assert!(!tch::jit::get_tensor_expr_fuser_enabled());
+    }
 
     #[test]
     fn parses_the_documented_forms() {

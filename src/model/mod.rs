@@ -21,7 +21,7 @@ pub use crate::config::DeviceSpec;
 pub use bundle::{Bundle, InputSpec, ModelMeta};
 pub use catalog::{Catalog, LoadTicket, ModelEntry, ModelState, Unavailable};
 pub use classes::{ClassInfo, ClassList};
-pub use device::{device_name, single_threaded_torch_here};
+pub use device::{configure_jit, device_name, single_threaded_torch_here};
 
 use matrix::{DistanceMatrix, MatrixMeta};
 

@@ -197,6 +197,37 @@ pub struct EngineConfig {
     pub jit_fuser: bool,
     /// TorchScript's graph optimiser on the worker (profiling, specialisation per shape).
     pub jit_optimize: bool,
+    /// Batch sizes the models are called with; see [`BatchPadding`].
+    pub batch_padding: BatchPadding,
+}
+
+/// Batch sizes a model is called with. Continuous batching changes the batch size from tick to
+/// tick, and on CUDA every size met for the first time pays for its kernels' set-up (cuDNN plans,
+/// TorchScript specialisations): on an H200, /attack at 8 concurrent clients ran at 1.18/s
+/// against 8.15 alone while they were new (benches/results.md). Padding to a few sizes, warmed
+/// up when the model loads, pays that once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchPadding {
+    /// `pow2` on CUDA, `off` on the CPU (where padded rows cost their full compute).
+    #[default]
+    Auto,
+    /// As they come.
+    Off,
+    /// Zero rows up to the next power of two (at most the batch limit); those sizes are run
+    /// once, forward and backward, when the model loads.
+    Pow2,
+}
+
+impl BatchPadding {
+    /// Whether batches are padded on `device`.
+    pub fn pads_on(self, device: tch::Device) -> bool {
+        match self {
+            Self::Auto => device.is_cuda(),
+            Self::Off => false,
+            Self::Pow2 => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -324,6 +355,7 @@ impl Default for EngineConfig {
             max_inflight_attack_pixels: 24_000_000,
             jit_fuser: false,
             jit_optimize: true,
+            batch_padding: BatchPadding::Auto,
         }
     }
 }

@@ -277,3 +277,28 @@ fn refinement_keeps_the_goal_and_only_lowers_perceptibility() {
         assert!(p(&refined.rgb) <= p(&plain.rgb) + 1e-12, "{name}: {} > {}", p(&refined.rgb), p(&plain.rgb));
     }
 }
+
+/// `engine.batch_padding = "pow2"`: zero rows up to a power of two change neither the real rows'
+/// logits nor their input gradients, and the warm-up runs exactly the padded sizes.
+#[test]
+fn padded_batches_give_the_rows_and_gradients_of_unpadded_ones() {
+    let (info, plain) = tiny();
+    let (_, mut padded) = tiny();
+    padded.set_batch_padding(true);
+    let s = info.input().size;
+    tch::manual_seed(7);
+    let x = Tensor::rand([3, 3, s, s], (Kind::Float, Device::Cpu));
+    let run = |m: &LoadedModel| {
+        let x = x.copy().set_requires_grad(true);
+        let logits = m.forward(&x).unwrap();
+        let loss = (logits.get(0).get(1) - logits.get(2).get(3)).sum(Kind::Float);
+        let g = m.backward(&loss, &[x], false).unwrap().remove(0);
+        (logits.detach(), g)
+    };
+    let ((la, ga), (lb, gb)) = (run(&plain), run(&padded));
+    assert_eq!(lb.size(), la.size(), "padded rows are cut off the output");
+    assert!(f64::try_from((la - lb).abs().max()).unwrap() < 1e-5);
+    assert!(f64::try_from((ga - gb).abs().max()).unwrap() < 1e-6);
+    assert_eq!(padded.warm_up(4).unwrap(), vec![1, 2, 4]);
+    assert_eq!(padded.warm_up(5).unwrap(), vec![1, 2, 4, 8]);
+}

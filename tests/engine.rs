@@ -122,3 +122,45 @@ async fn continuously_batched_attacks_equal_attacks_alone() {
     assert!(2 * ticks < sum, "{ticks} ticks for attacks that take {sum} one after the other");
     e.shutdown();
 }
+
+/// `engine.batch_padding = "pow2"` (the CUDA default) through the worker: the model is warmed up
+/// at load, and three attacks sharing ticks (batches of 3, padded to 4) end as they do unpadded.
+#[tokio::test]
+async fn padded_batches_end_attacks_as_unpadded_ones() {
+    use labelfool::config::BatchPadding;
+    let files: Vec<_> = sample_images().into_iter().take(3).collect();
+    let run = |padding: BatchPadding| {
+        let files = files.clone();
+        async move {
+            let e = engine(&config("efficientnet-lite0", |c| {
+                c.engine.max_attack_batch = 4;
+                c.engine.batch_padding = padding;
+            }))
+            .await;
+            let r = futures::future::join_all(
+                files
+                    .iter()
+                    .map(|p| e.attack(None, std::fs::read(p).unwrap().into(), AttackRequest::default(), DEADLINE)),
+            )
+            .await;
+            let passes = e.stats().snapshot().forward_passes;
+            e.shutdown();
+            (r.into_iter().map(Result::unwrap).collect::<Vec<_>>(), passes)
+        }
+    };
+    let (plain, plain_passes) = run(BatchPadding::Off).await;
+    let (padded, padded_passes) = run(BatchPadding::Pow2).await;
+    // Passes before any request: the warm-up runs sizes 1, 2 and 4, each a no-grad forward and a
+    // forward for the backward.
+    assert!(padded_passes >= plain_passes + 6, "no warm-up: {padded_passes} vs {plain_passes} forward passes at start");
+    let shared = padded.iter().map(|b| b.timings.batch_size).max().unwrap_or(0);
+    assert!(shared >= 2, "the attacks did not share a tick");
+    for ((p, a), b) in files.iter().zip(&plain).zip(&padded) {
+        let name = p.file_name().unwrap().to_string_lossy();
+        assert_eq!(b.outcome.target, a.outcome.target, "{name}: target");
+        assert_eq!(b.outcome.final_.index, a.outcome.final_.index, "{name}: final label");
+        assert_eq!(b.outcome.iterations, a.outcome.iterations, "{name}: iterations");
+        let (pa, pb) = (a.perturbation.perceptibility, b.perturbation.perceptibility);
+        assert!((pa - pb).abs() <= 0.01 * pa, "{name}: perceptibility {pb} padded vs {pa}");
+    }
+}

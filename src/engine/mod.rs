@@ -115,6 +115,7 @@ impl Engine {
             max_inflight_attack_pixels: config.engine.max_inflight_attack_pixels,
             jit_fuser: config.engine.jit_fuser,
             jit_optimize: config.engine.jit_optimize,
+            batch_padding: config.engine.batch_padding,
         };
         let aborted = tokio::sync::watch::Sender::new(false);
         let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone(), aborted.subscribe())

@@ -37,6 +37,7 @@ pub struct WorkerSettings {
     pub max_inflight_attack_pixels: u64,
     pub jit_fuser: bool,
     pub jit_optimize: bool,
+    pub batch_padding: crate::config::BatchPadding,
 }
 
 /// What the worker reports once its models are loaded.
@@ -159,10 +160,12 @@ impl Worker {
             .map_err(|e| ModelError::Bundle { model: "(jit)".into(), reason: e.to_string() })?;
         let device =
             settings.device.resolve().map_err(|reason| ModelError::Bundle { model: "(device)".into(), reason })?;
+        let mut settings = settings;
+        settings.max_attack_batch = by_device(settings.max_attack_batch, device);
         let mut models: Vec<Option<LoadedModel>> = (0..catalog.len()).map(|_| None).collect();
         for (i, info, fatal) in catalog.startup_loads() {
             let started = Instant::now();
-            match LoadedModel::load(info.clone(), device) {
+            match LoadedModel::load(info.clone(), device).and_then(|m| prepare(m, &settings, &catalog, i, device)) {
                 Ok(m) => {
                     tracing::info!(model = %info.name, device = %device_name(device), ms = started.elapsed().as_millis() as u64, "model loaded");
                     stats.add_passes(m.passes.clone());
@@ -178,8 +181,6 @@ impl Worker {
         }
         stats.set_ready();
         let batcher = Batcher::new((0..catalog.len()).map(|i| batch_policy(&catalog, i, device)).collect());
-        let mut settings = settings;
-        settings.max_attack_batch = by_device(settings.max_attack_batch, device);
         let groups = models.iter().map(|_| Group::default()).collect();
         let info = WorkerInfo {
             device: device_name(device),
@@ -337,9 +338,12 @@ impl Worker {
             Control::Read { model, info, module, started, reply } => {
                 let name = info.name.clone();
                 let loaded = module.and_then(|module| {
-                    guarded(|| Ok(LoadedModel::from_module(info, module, self.device)))
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()))
+                    guarded(|| {
+                        Ok(LoadedModel::from_module(info, module, self.device)
+                            .and_then(|m| prepare(m, &self.settings, &self.catalog, model, self.device)))
+                    })
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
                 });
                 match loaded {
                     Ok(m) => {
@@ -550,6 +554,26 @@ impl Worker {
             }
         }
     }
+}
+
+/// Sets model `i`'s batch padding and, when it pads, runs its padded batch sizes once (up to the
+/// larger of its classify batch and the attack batch).
+fn prepare(
+    mut m: LoadedModel,
+    settings: &WorkerSettings,
+    catalog: &Catalog,
+    i: usize,
+    device: Device,
+) -> Result<LoadedModel, ModelError> {
+    if !settings.batch_padding.pads_on(device) {
+        return Ok(m);
+    }
+    m.set_batch_padding(true);
+    let started = Instant::now();
+    let rows = batch_policy(catalog, i, device).max_size.max(settings.max_attack_batch);
+    let sizes = m.warm_up(rows)?;
+    tracing::info!(model = %m.info.name, ?sizes, ms = started.elapsed().as_millis() as u64, "padded batch sizes warmed up");
+    Ok(m)
 }
 
 /// A limit of 0 means "what suits this device".

@@ -136,7 +136,15 @@ pub struct LoadedModel {
     normalise: Option<(Tensor, Tensor)>,
     /// Rows per module call (the model's `max_batch_size`); larger batches are split.
     max_batch: Option<i64>,
+    /// Module calls padded with zero rows to a power of two (see `config::BatchPadding`).
+    pad_batches: bool,
     pub passes: Arc<PassCounts>,
+}
+
+/// The batch size a call of `rows` rows is padded to: the next power of two, at most `max`.
+fn padded_rows(rows: i64, max: Option<i64>) -> i64 {
+    let p = (rows.max(1) as u64).next_power_of_two() as i64;
+    max.map_or(p, |m| p.min(m.max(rows)))
 }
 
 /// Reads a TorchScript file onto the CPU: the slow part of a load (file I/O and unpickling),
@@ -174,7 +182,7 @@ impl LoadedModel {
             _ => None,
         };
         let max_batch = info.bundle.meta.max_batch_size.map(|n| n as i64);
-        let model = Self { info, module, device, normalise, max_batch, passes: Arc::default() };
+        let model = Self { info, module, device, normalise, max_batch, pad_batches: false, passes: Arc::default() };
         model.check_contract()?;
         if model.info.matrix().is_none() {
             let m = model.data_free_matrix()?;
@@ -245,13 +253,50 @@ impl LoadedModel {
             None => x.shallow_clone(),
         };
         let rows = x.size().first().copied().unwrap_or(0);
+        // Padded rows are zeros, and every row is independent of the others in eval mode, so
+        // the real rows' outputs (and their gradients) are what an unpadded call gives.
+        let run = |x: &Tensor| -> Result<Tensor, tch::TchError> {
+            let n = x.size().first().copied().unwrap_or(0);
+            let to = if self.pad_batches && n > 0 { padded_rows(n, self.max_batch) } else { n };
+            if to == n {
+                return f(x);
+            }
+            let mut shape = x.size();
+            shape[0] = to - n;
+            let zeros = Tensor::f_zeros(&shape, (x.kind(), x.device()))?;
+            f(&Tensor::f_cat(&[x, &zeros], 0)?)?.f_narrow(0, 0, n)
+        };
         match self.max_batch {
             Some(max) if rows > max => {
-                let parts = x.f_split(max, 0)?.iter().map(&f).collect::<Result<Vec<_>, _>>()?;
+                let parts = x.f_split(max, 0)?.iter().map(run).collect::<Result<Vec<_>, _>>()?;
                 Tensor::f_cat(&parts, 0)
             }
-            _ => f(&x),
+            _ => run(&x),
         }
+    }
+
+    /// Pads every module call's batch to a power of two (see `config::BatchPadding`).
+    pub fn set_batch_padding(&mut self, on: bool) {
+        self.pad_batches = on;
+    }
+
+    /// Runs each batch size that calls of up to `max_rows` rows are padded to once, no-grad
+    /// forward and forward + backward, so that the first requests do not pay for their kernels'
+    /// set-up. Returns the sizes run.
+    pub fn warm_up(&self, max_rows: usize) -> Result<Vec<i64>, tch::TchError> {
+        let s = self.info.input().size;
+        let mut sizes: Vec<i64> = (0..63).map(|k| 1i64 << k).take_while(|&b| b < max_rows as i64).collect();
+        sizes.push(max_rows.max(1) as i64);
+        sizes = sizes.into_iter().map(|b| padded_rows(b, self.max_batch)).collect();
+        sizes.dedup();
+        for &b in &sizes {
+            let x = Tensor::f_full([b, 3, s, s], 0.5, (Kind::Float, self.device))?;
+            let _ = tch::no_grad(|| self.forward(&x))?;
+            let x = x.f_set_requires_grad(true)?;
+            let loss = self.forward(&x)?.f_sum(Kind::Float)?;
+            self.backward(&loss, &[x], false)?;
+        }
+        Ok(sizes)
     }
 
     /// Logits for `[B,3,S,S]` inputs in [0,1] (the preprocessed size).

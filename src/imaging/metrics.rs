@@ -75,14 +75,23 @@ pub fn ssim(width: u32, height: u32, a: &[u8], b: &[u8]) -> f64 {
     if a.len() != w * h * 3 || b.len() != a.len() || a.is_empty() {
         return f64::NAN;
     }
-    // The three channels are independent: one thread each (this runs after every attack, on
-    // the blocking pool, and at full size it is the largest part of the answer's post-processing).
-    let channels: Vec<f64> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3).map(|c| s.spawn(move || channel_ssim(w, h, c, a, b))).collect();
-        handles.into_iter().map(|t| t.join().unwrap_or(f64::NAN)).collect()
-    });
+    // The three channels are independent: one thread each for photo-sized images (this runs
+    // after every attack, and is the largest part of its post-processing). A channel holds about
+    // twelve f64 planes at once (~100 bytes a pixel), so large images go one channel at a time:
+    // memory per request stays bounded (tests/bounds.rs).
+    let channels: Vec<f64> = if w * h <= PARALLEL_SSIM_MAX_PIXELS {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3).map(|c| s.spawn(move || channel_ssim(w, h, c, a, b))).collect();
+            handles.into_iter().map(|t| t.join().unwrap_or(f64::NAN)).collect()
+        })
+    } else {
+        (0..3).map(|c| channel_ssim(w, h, c, a, b)).collect()
+    };
     channels.iter().sum::<f64>() / 3.0
 }
+
+/// Images up to this size get their three SSIM channels computed at once.
+const PARALLEL_SSIM_MAX_PIXELS: usize = 1 << 20;
 
 /// Mean SSIM of channel `c` of two interleaved RGB images.
 fn channel_ssim(w: usize, h: usize, c: usize, a: &[u8], b: &[u8]) -> f64 {
@@ -91,7 +100,8 @@ fn channel_ssim(w: usize, h: usize, c: usize, a: &[u8], b: &[u8]) -> f64 {
     let x: Vec<f64> = a.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
     let y: Vec<f64> = b.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
     let products = |f: fn(f64, f64) -> f64| x.iter().zip(&y).map(|(&p, &q)| f(p, q)).collect::<Vec<f64>>();
-    let planes = [x.clone(), y.clone(), products(|p, _| p * p), products(|_, q| q * q), products(|p, q| p * q)];
+    let (xx, yy, xy) = (products(|p, _| p * p), products(|_, q| q * q), products(|p, q| p * q));
+    let planes = [x, y, xx, yy, xy];
     let filtered: Vec<Vec<f64>> = if w > 2 * RADIUS && h > 2 * RADIUS {
         planes.iter().map(|p| filter_valid(p, w, h, &k)).collect()
     } else {

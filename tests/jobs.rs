@@ -265,6 +265,24 @@ fn zip_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
     z.finish().unwrap().into_inner()
 }
 
+/// An upload that was being received when the server died is removed when it starts again.
+#[tokio::test]
+async fn uploads_left_by_a_dead_server_are_removed_at_start() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("jobs");
+    let leftover = dir.join(".uploads").join("0123456789abcdef.zip");
+    std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+    std::fs::write(&leftover, vec![7u8; 4096]).unwrap();
+    let _s = Server::start_with_env(
+        &tiny_config(""),
+        &[
+            ("LABELFOOL_JOBS__DATABASE", state.path().join("jobs.sqlite3").to_str().unwrap()),
+            ("LABELFOOL_JOBS__DIR", dir.to_str().unwrap()),
+        ],
+    );
+    assert!(!leftover.exists(), "the unfinished upload is still there");
+}
+
 #[tokio::test]
 async fn a_job_runs_on_an_uploaded_zip_of_images() {
     // No allowed_dirs: an upload needs none. A small archive limit, to see it enforced.

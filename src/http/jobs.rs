@@ -116,7 +116,7 @@ async fn receive_archive(
                 );
             }
             Some("archive") if archive.is_none() => {
-                let dir = jobs.root_dir().join(".uploads");
+                let dir = jobs.uploads_dir();
                 tokio::fs::create_dir_all(&dir).await.map_err(|e| ApiError::internal(e.to_string()))?;
                 let path = dir.join(format!("{}.zip", crate::jobs::new_id()));
                 let part = PartFile(Some(path.clone()));

@@ -197,6 +197,7 @@ impl Jobs {
         let db = crate::config::expand_path(&config.database)?;
         let dir = crate::config::expand_path(&config.dir)?;
         std::fs::create_dir_all(&dir)?;
+        remove_leftover_uploads(&dir.join(UPLOADS));
         let store = Store::open(&db)?;
         let allowed = config
             .allowed_dirs
@@ -236,6 +237,11 @@ impl Jobs {
     /// The folder of every job's files (and of the studies', under `studies/`).
     pub fn root_dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// Where uploaded archives are streamed before they are unpacked (each removed once used).
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.inner.dir.join(UPLOADS)
     }
 
     /// The job's folder (PNGs under `images/`, the report under `report/`).
@@ -395,6 +401,19 @@ impl Jobs {
 }
 
 /// 16 hex digits from the OS's randomness.
+/// The uploads' folder under the jobs' folder.
+const UPLOADS: &str = ".uploads";
+
+/// Removes what a previous process was receiving when it died: no upload survives a restart
+/// (one server per jobs folder), and nothing else would ever delete it.
+fn remove_leftover_uploads(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let removed = entries.flatten().filter(|e| std::fs::remove_file(e.path()).is_ok()).count();
+    if removed > 0 {
+        tracing::info!(removed, dir = %dir.display(), "removed uploads left unfinished by the previous process");
+    }
+}
+
 pub fn new_id() -> String {
     use rand::Rng;
     format!("{:016x}", rand::rng().random::<u64>())

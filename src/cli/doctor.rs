@@ -13,21 +13,38 @@ pub struct DoctorArgs {
     pub json: bool,
 }
 
-/// The libtorch version, read from the wheel this binary was linked against (`torch/version.py`).
-pub fn torch_version() -> Option<String> {
-    let lib = std::path::Path::new(env!("LABELFOOL_LIBTORCH_LIB"));
-    let text = std::fs::read_to_string(lib.parent()?.join("version.py")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix("__version__ = "))
-        .map(|v| v.trim().trim_matches(|c| c == '\'' || c == '"').to_string())
+/// The folder of the libtorch this process loaded (read from `/proc/self/maps`): the one linked
+/// at build time unless `LD_LIBRARY_PATH` chose another.
+pub fn libtorch_dir() -> std::path::PathBuf {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+    maps.lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libtorch_cpu.so"))
+        .and_then(|p| std::path::Path::new(p).parent().map(std::path::Path::to_path_buf))
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("LABELFOOL_LIBTORCH_LIB")))
+}
+
+/// The version of the libtorch in `lib`: a wheel's `torch/version.py`, or a libtorch archive's
+/// `build-version`.
+pub fn torch_version(lib: &std::path::Path) -> Option<String> {
+    let root = lib.parent()?;
+    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
+        return text
+            .lines()
+            .find_map(|l| l.strip_prefix("__version__ = "))
+            .map(|v| v.trim().trim_matches(|c| c == '\'' || c == '"').to_string());
+    }
+    std::fs::read_to_string(root.join("build-version")).ok().map(|v| v.trim().to_string())
 }
 
 pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let config = super::load_config(cli)?;
-    let torch = torch_version();
+    let lib = libtorch_dir();
+    let torch = torch_version(&lib);
     let cuda = tch::Cuda::is_available();
     let device = config.device().resolve();
-    let mut ok = device.is_ok() && torch.is_some();
+    // An unknown version is reported, not a problem: what matters is that the models run.
+    let mut ok = device.is_ok();
     let mut models = Vec::new();
     match Catalog::from_config(&config) {
         Err(e) => {
@@ -56,7 +73,7 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
     let report = serde_json::json!({
         "labelfool": env!("CARGO_PKG_VERSION"),
         "torch": torch,
-        "libtorch_dir": env!("LABELFOOL_LIBTORCH_LIB"),
+        "libtorch_dir": lib,
         "cuda_available": cuda,
         "cuda_devices": tch::Cuda::device_count(),
         "cudnn_available": tch::Cuda::cudnn_is_available(),
@@ -70,8 +87,8 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!("labelfool {}", env!("CARGO_PKG_VERSION"));
-        println!("torch           {}", torch.as_deref().unwrap_or("unknown (version.py not found)"));
-        println!("libtorch        {}", env!("LABELFOOL_LIBTORCH_LIB"));
+        println!("torch           {}", torch.as_deref().unwrap_or("unknown (no version.py or build-version)"));
+        println!("libtorch        {}", lib.display());
         println!(
             "CUDA available  {cuda} ({} device(s), cuDNN {})",
             tch::Cuda::device_count(),
@@ -98,4 +115,25 @@ pub async fn run(cli: &Cli, args: &DoctorArgs) -> anyhow::Result<ExitCode> {
         println!("{}", if ok { "ok" } else { "PROBLEMS FOUND" });
     }
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_loaded_libtorch_is_found() {
+        assert!(libtorch_dir().join("libtorch_cpu.so").is_file(), "{}", libtorch_dir().display());
+    }
+
+    #[test]
+    fn versions_of_a_wheel_and_of_a_libtorch_archive() {
+        let root = tempfile::tempdir().unwrap();
+        let lib = root.path().join("lib");
+        assert_eq!(torch_version(&lib), None);
+        std::fs::write(root.path().join("build-version"), "2.11.0+cu130\n").unwrap();
+        assert_eq!(torch_version(&lib).as_deref(), Some("2.11.0+cu130"));
+        std::fs::write(root.path().join("version.py"), "from x import y\n__version__ = '2.13.0+cpu'\n").unwrap();
+        assert_eq!(torch_version(&lib).as_deref(), Some("2.13.0+cpu"), "version.py first");
+    }
 }

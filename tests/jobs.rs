@@ -341,3 +341,30 @@ async fn a_job_runs_on_an_uploaded_zip_of_images() {
     let list = json_of(client().get(s.url("/jobs")).send().await.unwrap()).await.1;
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
+
+/// Following a missing job (404) or one that has finished leaves no progress channel behind:
+/// without pruning, every such request kept one for the life of the server.
+#[tokio::test]
+async fn progress_channels_nobody_follows_are_not_kept() {
+    use labelfool::config::{Config, ModelConfig};
+    let state = tempfile::tempdir().unwrap();
+    let mut c = Config::default();
+    c.engine.device = "cpu".into();
+    c.models.push(ModelConfig::bundle("tiny", &models_dir().join("tiny").to_string_lossy()));
+    c.jobs.database = state.path().join("jobs.sqlite3").to_string_lossy().into_owned();
+    c.jobs.dir = state.path().join("jobs").to_string_lossy().into_owned();
+    c.validate().unwrap();
+    let (engine, startup) =
+        labelfool::engine::Engine::start(&c, labelfool::model::Catalog::from_config(&c).unwrap()).unwrap();
+    tokio::task::spawn_blocking(move || startup.wait()).await.unwrap().unwrap();
+    let jobs = labelfool::jobs::Jobs::start(engine.clone(), &c.jobs).await.unwrap();
+    for i in 0..100 {
+        drop(jobs.subscribe(&format!("missing{i}")));
+    }
+    let followed = jobs.subscribe("followed");
+    assert_eq!(jobs.event_channels(), 1, "only the followed job keeps a channel");
+    drop(followed);
+    drop(jobs.subscribe("another"));
+    assert_eq!(jobs.event_channels(), 1, "the unfollowed channels went at the next subscription");
+    engine.shutdown();
+}

@@ -388,19 +388,30 @@ impl Jobs {
     /// Progress of a job from now on (None once it is finished and nobody publishes).
     pub fn subscribe(&self, id: &str) -> broadcast::Receiver<JobEvent> {
         let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+        // A channel nobody listens to carries nothing: a request for a missing or finished job
+        // leaves one behind, and without this every such request would keep one for good.
+        events.retain(|_, tx| tx.receiver_count() > 0);
         events.entry(id.to_string()).or_insert_with(|| broadcast::channel(256).0).subscribe()
+    }
+
+    /// Channels held for progress subscribers (one per job somebody follows).
+    pub fn event_channels(&self) -> usize {
+        self.inner.events.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn publish(&self, job: &JobInfo, last: Option<FinishedAttack>) {
         let event = JobEvent::of(job, last);
-        let events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+        let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(tx) = events.get(&job.id) {
             let _ = tx.send(event);
+            // After a job's last event its channel closes: subscribers still read what it holds.
+            if job.state.is_terminal() || tx.receiver_count() == 0 {
+                events.remove(&job.id);
+            }
         }
     }
 }
 
-/// 16 hex digits from the OS's randomness.
 /// The uploads' folder under the jobs' folder.
 const UPLOADS: &str = ".uploads";
 
@@ -414,6 +425,7 @@ fn remove_leftover_uploads(dir: &Path) {
     }
 }
 
+/// 16 hex digits from the OS's randomness.
 pub fn new_id() -> String {
     use rand::Rng;
     format!("{:016x}", rand::rng().random::<u64>())

@@ -571,12 +571,13 @@ impl Engine {
             }
         };
         // The PNG and the metrics side by side on the blocking pool: both read the whole image.
+        let rgb = Arc::new(outcome.rgb.clone());
         let encode = tokio::task::spawn_blocking({
-            let (img, rgb) = (img.clone(), outcome.rgb.clone());
+            let (img, rgb) = (img.clone(), rgb.clone());
             move || imaging::encode_png(img.width, img.height, &rgb, img.alpha.as_deref())
         });
         let metrics = tokio::task::spawn_blocking({
-            let (img, rgb) = (img.clone(), outcome.rgb.clone());
+            let img = img.clone();
             move || perturbation(img.width, img.height, &img.rgb, &rgb)
         });
         let (png, perturbation) =

@@ -285,9 +285,7 @@ impl LoadedModel {
     /// set-up. Returns the sizes run.
     pub fn warm_up(&self, max_rows: usize) -> Result<Vec<i64>, tch::TchError> {
         let s = self.info.input().size;
-        let mut sizes: Vec<i64> = (0..63).map(|k| 1i64 << k).take_while(|&b| b < max_rows as i64).collect();
-        sizes.push(max_rows.max(1) as i64);
-        sizes = sizes.into_iter().map(|b| padded_rows(b, self.max_batch)).collect();
+        let mut sizes: Vec<i64> = (1..=max_rows.max(1) as i64).map(|b| padded_rows(b, self.max_batch)).collect();
         sizes.dedup();
         for &b in &sizes {
             let x = Tensor::f_full([b, 3, s, s], 0.5, (Kind::Float, self.device))?;

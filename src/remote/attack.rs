@@ -18,6 +18,8 @@ use crate::imaging::metrics::Perturbation;
 
 /// The margins (logits) tried in turn on the surrogate: the first is LabelFool's own; each next
 /// one pushes the image further past the surrogate's boundary, so it is likelier to transfer.
+/// All are tried (at most 8 queries) before the search: the remote's target probability is not
+/// monotone in the margin — academic gown → mortarboard stalls from 0.25 to 4 and transfers at 64.
 pub const MARGINS: [f64; 8] = [0.25, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 /// Most queries one request may spend (`budget`), and its default.
@@ -212,7 +214,6 @@ pub async fn run(
     // The candidate the remote found closest to the target: (loss, PNG, probabilities).
     let mut best: Option<(f64, Vec<u8>, Vec<f32>, Perturbation)> = None;
     let mut success = false;
-    let mut worse = 0;
     for margin in MARGINS {
         if asker.queries >= budget {
             break;
@@ -237,17 +238,9 @@ pub async fn run(
         let l = search::loss(&after, t);
         if hit || best.as_ref().is_none_or(|b| l < b.0) {
             best = Some((l, result.png, after, result.perturbation));
-            worse = 0;
-        } else {
-            worse += 1;
         }
         if hit {
             success = true;
-            break;
-        }
-        // Pushing further on the surrogate no longer brings the remote closer: leave the rest
-        // of the budget to the search.
-        if options.search && worse >= 2 {
             break;
         }
     }

@@ -212,4 +212,22 @@ async fn query_based_labelfool_against_mlserver() {
     }
     assert!(searched_runs >= 1, "the score-based search never ran");
     assert!(bytes_successes >= 1, "no target reached on MLServer");
+
+    // Academic gown → mortarboard: the remote's probability of the target stalls over the first
+    // margins (0.25 to 4) and the candidate at 64 transfers. A prior that gave up after two margins
+    // without progress left 3 queries to the search and missed it.
+    let gown = fixture("remote/n02669723_academic_gown.JPEG");
+    let res = client()
+        .post(s.url("/attack?model=remote:lite2-bytes&surrogate=efficientnet-lite0&budget=9"))
+        .multipart(multipart_image(std::fs::read(gown).unwrap(), "x.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["success"], true, "{v}");
+    assert!(v["search"].is_null(), "{v}");
+    let candidates = v["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 8, "{v}");
+    assert_eq!(candidates[7]["margin"], 64.0, "{v}");
 }

@@ -95,6 +95,18 @@ fn wait_ready(m: &MlServer, limit: Duration) {
     }
 }
 
+/// `path` posted as the multipart `image` to `route` of `s`: the 200 answer's JSON.
+async fn post_image(s: &Server, route: &str, path: &Path) -> Value {
+    let res = client()
+        .post(s.url(route))
+        .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{route}");
+    res.json().await.unwrap()
+}
+
 async fn post_png_to_mlserver(m: &MlServer, png: &[u8]) -> usize {
     let body = serde_json::json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
         "data": [base64::engine::general_purpose::STANDARD.encode(png)]}]});
@@ -124,14 +136,7 @@ async fn verify_against_mlserver_in_both_modes() {
     assert!(list.as_array().unwrap().iter().all(|r| r["health"] == "ready"), "{list}");
     let images: Vec<PathBuf> = sample_images().into_iter().take(4).collect();
     for path in &images {
-        let res = client()
-            .post(s.url("/attack?verify=remote:lite2-bytes,remote:lite2-fp32"))
-            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
-        let v: Value = res.json().await.unwrap();
+        let v = post_image(&s, "/attack?verify=remote:lite2-bytes,remote:lite2-fp32", path).await;
         assert_eq!(v["success"], true, "{}", path.display());
         let t = v["transfer"].as_array().unwrap();
         let bytes = t.iter().find(|x| x["model"] == "remote:lite2-bytes").unwrap();
@@ -174,14 +179,12 @@ async fn query_based_labelfool_against_mlserver() {
     let mut searched_runs = 0;
     let mut bytes_successes = 0;
     for (remote, path, budget) in cases {
-        let res = client()
-            .post(s.url(&format!("/attack?model=remote:{remote}&surrogate=efficientnet-lite0&budget={budget}")))
-            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(res.status(), 200);
-        let v: Value = res.json().await.unwrap();
+        let v = post_image(
+            &s,
+            &format!("/attack?model=remote:{remote}&surrogate=efficientnet-lite0&budget={budget}"),
+            path,
+        )
+        .await;
         let queries = v["queries"].as_u64().unwrap();
         assert!(queries <= budget, "{v}");
         let candidates = v["candidates"].as_array().unwrap();
@@ -217,14 +220,7 @@ async fn query_based_labelfool_against_mlserver() {
     // margins (0.25 to 4) and the candidate at 64 transfers. A prior that gave up after two margins
     // without progress left 3 queries to the search and missed it.
     let gown = fixture("remote/n02669723_academic_gown.JPEG");
-    let res = client()
-        .post(s.url("/attack?model=remote:lite2-bytes&surrogate=efficientnet-lite0&budget=9"))
-        .multipart(multipart_image(std::fs::read(gown).unwrap(), "x.jpg"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    let v: Value = res.json().await.unwrap();
+    let v = post_image(&s, "/attack?model=remote:lite2-bytes&surrogate=efficientnet-lite0&budget=9", &gown).await;
     assert_eq!(v["success"], true, "{v}");
     assert!(v["search"].is_null(), "{v}");
     let candidates = v["candidates"].as_array().unwrap();

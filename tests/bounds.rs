@@ -16,12 +16,6 @@ use serde_json::Value;
 /// The README's bound: at default limits no single request takes more than this above idle.
 const PER_REQUEST_BOUND_KB: u64 = 1536 * 1024;
 
-async fn json(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    let body = res.text().await.unwrap();
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
-}
-
 /// `VmHWM` (peak resident set) or `VmRSS` of a process, in kB.
 fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

@@ -11,12 +11,6 @@ fn zebra() -> Vec<u8> {
     read_fixture("images/n02391049_zebra.JPEG")
 }
 
-async fn json(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    let body = res.text().await.unwrap();
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
-}
-
 fn top_indices(v: &Value) -> Vec<u64> {
     v["top"].as_array().unwrap().iter().map(|p| p["index"].as_u64().unwrap()).collect()
 }

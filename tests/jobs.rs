@@ -24,17 +24,12 @@ fn jobs_config(root: &Path) -> String {
     format!("[jobs]\nallowed_dirs = [\"{}\"]\n", root.display())
 }
 
-async fn json_of(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 async fn create(s: &Server, body: Value) -> (u16, Value) {
-    json_of(client().post(s.url("/jobs")).json(&body).send().await.unwrap()).await
+    json(client().post(s.url("/jobs")).json(&body).send().await.unwrap()).await
 }
 
 async fn get(s: &Server, id: &str) -> Value {
-    json_of(client().get(s.url(&format!("/jobs/{id}"))).send().await.unwrap()).await.1
+    json(client().get(s.url(&format!("/jobs/{id}"))).send().await.unwrap()).await.1
 }
 
 /// The `data:` payloads of an SSE stream, until it ends.
@@ -85,7 +80,7 @@ async fn a_job_runs_in_the_background_and_everything_it_made_can_be_downloaded()
 
     let job = get(&s, &id).await;
     assert_eq!((job["state"].as_str(), job["done"].as_u64()), (Some("done"), Some(6)), "{job}");
-    let list = json_of(client().get(s.url("/jobs")).send().await.unwrap()).await.1;
+    let list = json(client().get(s.url("/jobs")).send().await.unwrap()).await.1;
     assert!(list.as_array().unwrap().iter().any(|j| j["id"] == id.as_str()));
 
     // Every result, and each delivered PNG at the upload's size.
@@ -136,9 +131,9 @@ async fn a_job_runs_in_the_background_and_everything_it_made_can_be_downloaded()
     let events = sse_events(&s, twice["id"].as_str().unwrap()).await;
     assert_eq!(events.last().unwrap()["done"], 2, "{events:?}");
     // A finished job cannot be cancelled; an unknown one is 404.
-    let (status, _) = json_of(client().delete(s.url(&format!("/jobs/{id}"))).send().await.unwrap()).await;
+    let (status, _) = json(client().delete(s.url(&format!("/jobs/{id}"))).send().await.unwrap()).await;
     assert_eq!(status, 409);
-    let (status, v) = json_of(client().get(s.url("/jobs/0000000000000000")).send().await.unwrap()).await;
+    let (status, v) = json(client().get(s.url("/jobs/0000000000000000")).send().await.unwrap()).await;
     assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_job")));
 }
 
@@ -151,9 +146,9 @@ async fn a_cancelled_job_stops_and_keeps_what_it_finished() {
     let (_, long) = create(&s, json!({"images": images, "models": ["tiny"]})).await;
     let (_, queued) = create(&s, json!({"images": images, "models": ["tiny"], "methods": ["fgsm"]})).await;
     let (long, queued) = (long["id"].as_str().unwrap().to_string(), queued["id"].as_str().unwrap().to_string());
-    let (status, v) = json_of(client().delete(s.url(&format!("/jobs/{queued}"))).send().await.unwrap()).await;
+    let (status, v) = json(client().delete(s.url(&format!("/jobs/{queued}"))).send().await.unwrap()).await;
     assert_eq!((status, v["state"].as_str()), (200, Some("cancelled")), "{v}");
-    let (status, _) = json_of(client().delete(s.url(&format!("/jobs/{long}"))).send().await.unwrap()).await;
+    let (status, _) = json(client().delete(s.url(&format!("/jobs/{long}"))).send().await.unwrap()).await;
     assert_eq!(status, 200);
     let started = Instant::now();
     let job = loop {
@@ -304,7 +299,7 @@ async fn a_job_runs_on_an_uploaded_zip_of_images() {
     };
     let post = |f: reqwest::multipart::Form| client().post(s.url("/jobs")).multipart(f).send();
     let (status, job) =
-        json_of(post(form(archive.clone(), Some(r#"{"methods": ["fgsm"], "models": ["tiny"]}"#))).await.unwrap()).await;
+        json(post(form(archive.clone(), Some(r#"{"methods": ["fgsm"], "models": ["tiny"]}"#))).await.unwrap()).await;
     assert_eq!(status, 201, "{job}");
     let id = job["id"].as_str().unwrap().to_string();
     assert_eq!(job["total"], 2, "{job}");
@@ -325,20 +320,20 @@ async fn a_job_runs_on_an_uploaded_zip_of_images() {
     assert_eq!(res.bytes().await.unwrap().as_ref(), files[0].1.as_slice());
 
     // Refused: not a zip, a name leaving the folder, too many bytes, a spec naming a folder, no archive.
-    let (status, v) = json_of(post(form(b"not a zip".to_vec(), None)).await.unwrap()).await;
+    let (status, v) = json(post(form(b"not a zip".to_vec(), None)).await.unwrap()).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("archive")), "{v}");
-    let (status, v) = json_of(post(form(zip_of(&[("../x.JPEG".into(), b"x".to_vec())]), None)).await.unwrap()).await;
+    let (status, v) = json(post(form(zip_of(&[("../x.JPEG".into(), b"x".to_vec())]), None)).await.unwrap()).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("archive")), "{v}");
     let big = zip_of(&[("big.JPEG".into(), vec![7u8; 500_000])]);
     let res = post(form(big, None)).await.unwrap();
     assert_eq!(res.status(), 413);
-    let (status, v) = json_of(post(form(archive.clone(), Some(r#"{"images": "/etc"}"#))).await.unwrap()).await;
+    let (status, v) = json(post(form(archive.clone(), Some(r#"{"images": "/etc"}"#))).await.unwrap()).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("spec")), "{v}");
     let only_spec = reqwest::multipart::Form::new().text("spec", "{}");
-    let (status, v) = json_of(post(only_spec).await.unwrap()).await;
+    let (status, v) = json(post(only_spec).await.unwrap()).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("archive")), "{v}");
     // Nothing refused is left behind, and the refused jobs were never created.
-    let list = json_of(client().get(s.url("/jobs")).send().await.unwrap()).await.1;
+    let list = json(client().get(s.url("/jobs")).send().await.unwrap()).await.1;
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
 }
 

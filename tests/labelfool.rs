@@ -7,12 +7,6 @@ use base64::Engine as _;
 use common::*;
 use serde_json::Value;
 
-async fn json(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    let body = res.text().await.unwrap();
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
-}
-
 /// Attacks `bytes`, then classifies the returned PNG; checks what the issue promises.
 async fn round_trip(s: &Server, c: &reqwest::Client, name: &str, bytes: Vec<u8>, content_type: &str) -> (bool, Value) {
     let dims = decode_dims(&bytes);

@@ -9,12 +9,6 @@ use base64::Engine as _;
 use common::*;
 use serde_json::Value;
 
-async fn json(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    let body = res.text().await.unwrap();
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
-}
-
 fn jpeg(name: &str) -> Vec<u8> {
     read_fixture(&format!("images/{name}.JPEG"))
 }

@@ -10,11 +10,6 @@ use common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn json(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 /// The zebra posted to `query`.
 async fn post_zebra(s: &Server, query: &str) -> (u16, Value) {
     let image = multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg");

@@ -69,11 +69,6 @@ output [
     std::fs::write(dir.join("labelfool.toml"), "resize_short_side = 36\n").unwrap();
 }
 
-async fn json(res: reqwest::Response) -> (u16, Value) {
-    let status = res.status().as_u16();
-    (status, res.json().await.unwrap_or(Value::Null))
-}
-
 async fn classify(s: &Server, model: &str, bytes: Vec<u8>) -> (u16, Value) {
     json(
         client()

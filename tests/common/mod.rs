@@ -190,6 +190,17 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::builder().timeout(Duration::from_secs(300)).build().unwrap()
 }
 
+/// A response's status and JSON body. A 204's empty body reads as `Null`; any other body that
+/// is not JSON fails the test, showing the body.
+pub async fn json(res: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = res.status().as_u16();
+    let body = res.text().await.unwrap();
+    if status == 204 && body.is_empty() {
+        return (status, serde_json::Value::Null);
+    }
+    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
+}
+
 pub fn multipart_image(bytes: Vec<u8>, name: &str) -> reqwest::multipart::Form {
     reqwest::multipart::Form::new().part("image", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()))
 }

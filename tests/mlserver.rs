@@ -157,6 +157,127 @@ async fn verify_against_mlserver_in_both_modes() {
     }
 }
 
+/// MLServer behind a TLS front (`tests/partners/tls_front.py`: Python's ssl, i.e. OpenSSL), its
+/// certificate issued by a CA of the test's own (made with the `openssl` command).
+struct TlsFront {
+    child: Child,
+    url: String,
+    ca: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out =
+        Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (scripts/setup installs it)");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn start_tls_front(m: &MlServer) -> TlsFront {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let days = ["-days", "2"];
+    openssl(
+        d,
+        &[
+            &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem"][..],
+            &days,
+            &["-subj", "/CN=labelfool test CA"],
+        ]
+        .concat(),
+    );
+    openssl(
+        d,
+        &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=localhost"],
+    );
+    std::fs::write(d.join("leaf.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+        .unwrap();
+    openssl(
+        d,
+        &[
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "leaf.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "leaf.pem",
+            ][..],
+            &days,
+            &["-extfile", "leaf.ext"],
+        ]
+        .concat(),
+    );
+    let port = free_port();
+    let python = mlserver_bin().with_file_name("python");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/partners/tls_front.py");
+    let upstream = m.url.trim_start_matches("http://").to_string();
+    let mut child = Command::new(python)
+        .arg(script)
+        .args(["--port", &port.to_string(), "--cert", "leaf.pem", "--key", "leaf.key", "--upstream", &upstream])
+        .current_dir(d)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(d.join("front.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "ready", "TLS front: {}", std::fs::read_to_string(d.join("front.err")).unwrap_or_default());
+    TlsFront { child, url: format!("https://localhost:{port}"), ca: d.join("ca.pem"), _dir: dir }
+}
+
+/// An `https` remote: MLServer behind a TLS front whose certificate a CA of the test's own
+/// issued. Trusted through the remote's `ca_file` it serves like the plain one; without it, its
+/// health and a verify say why (the certificate), and the server stays up.
+#[tokio::test]
+async fn an_https_remote_is_trusted_through_its_ca_file() {
+    let m = start_mlserver();
+    let tls = start_tls_front(&m);
+    let config = format!(
+        "[[remotes]]\nname = \"tls\"\nurl = \"{url}\"\nmodel = \"lite2-bytes\"\nca_file = \"{ca}\"\n\n\
+         [[remotes]]\nname = \"untrusted\"\nurl = \"{url}\"\nmodel = \"lite2-bytes\"\n",
+        url = tls.url,
+        ca = tls.ca.display()
+    );
+    let s = Server::start(&default_model_config(&config));
+    let list: Value = client().get(s.url("/remotes")).send().await.unwrap().json().await.unwrap();
+    let health = |name: &str| list.as_array().unwrap().iter().find(|r| r["name"] == name).unwrap()["health"].clone();
+    assert_eq!(health("tls"), "ready", "{list}");
+    let refused = health("untrusted").as_str().unwrap().to_lowercase();
+    assert!(refused.contains("certificate"), "{list}");
+
+    let image = &sample_images()[0];
+    let v = post_image(&s, "/attack?verify=remote:tls", image).await;
+    let t = &v["transfer"][0];
+    assert_eq!(t["model"], "remote:tls", "{v}");
+    assert_eq!(t["original"]["wnid"].as_str(), Some(wnid_of(image).as_str()), "{t}");
+    let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();
+    assert_eq!(t["adversarial"]["index"].as_u64(), Some(post_png_to_mlserver(&m, &png).await as u64), "{t}");
+
+    let res = client()
+        .post(s.url("/attack?verify=remote:untrusted"))
+        .multipart(multipart_image(std::fs::read(image).unwrap(), "x.jpg"))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = json(res).await;
+    assert_eq!(status, 502, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().to_lowercase().contains("certificate"), "{v}");
+    assert_eq!(client().get(s.url("/health")).send().await.unwrap().status(), 200);
+}
+
 /// Query-based LabelFool against MLServer's Lite2 with Lite0 as the surrogate, in both input
 /// modes: whatever happens, the budget holds, margins grow, and a success is a PNG that MLServer
 /// classifies as the target. The alligator's target is out of the transfer prior's reach within

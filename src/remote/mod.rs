@@ -78,6 +78,10 @@ pub struct RemoteConfig {
     /// Requests in flight to this remote at once.
     #[serde(default = "default_concurrency")]
     pub max_concurrent: usize,
+    /// For an `https` url: a PEM file of CA certificates to trust besides the system's (a
+    /// cluster's own CA).
+    #[serde(default)]
+    pub ca_file: Option<String>,
 }
 
 fn imagenet() -> String {
@@ -174,15 +178,24 @@ impl Remotes {
     }
 }
 
+/// An error with its causes: reqwest's own message names only the URL (or "builder error"); the
+/// causes say what happened (a refused connection, an unknown certificate issuer, …).
+fn causes(e: &reqwest::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        message = format!("{message}: {s}");
+        source = s.source();
+    }
+    message
+}
+
 impl Remote {
     pub fn new(config: RemoteConfig) -> Result<Self, String> {
         let bad = |m: String| format!("remotes.{}: {m}", config.name);
         let url = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("url {:?}: {e}", config.url)))?;
-        if url.scheme() != "http" {
-            return Err(bad(format!(
-                "url {:?}: only http endpoints are supported (this build has no TLS stack; put a sidecar in front)",
-                config.url
-            )));
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(bad(format!("url {:?}: the scheme must be http or https", config.url)));
         }
         if config.max_concurrent == 0 || config.timeout_ms == 0 {
             return Err(bad("max_concurrent and timeout_ms must be ≥ 1".into()));
@@ -209,12 +222,30 @@ impl Remote {
                 reqwest::header::HeaderValue::try_from(v.as_str()).map_err(|e| bad(format!("header {k:?}: {e}")))?;
             headers.insert(name, value);
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if url.scheme() == "http" {
+            if config.ca_file.is_some() {
+                return Err(bad("ca_file is for an https url".into()));
+            }
+            // No TLS: no need for the system's CA certificates (a host may have none).
+            builder = builder.tls_certs_only([]);
+        }
+        if let Some(file) = &config.ca_file {
+            let path = crate::config::expand_path(file).map_err(|e| bad(e.to_string()))?;
+            let pem = std::fs::read(&path).map_err(|e| bad(format!("ca_file {}: {e}", path.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| bad(format!("ca_file {}: {e}", path.display())))?;
+            if certs.is_empty() {
+                return Err(bad(format!("ca_file {}: no PEM certificate in it", path.display())));
+            }
+            builder = builder.tls_certs_merge(certs);
+        }
+        let http = builder
             .default_headers(headers)
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms))
             .build()
-            .map_err(|e| bad(e.to_string()))?;
+            .map_err(|e| bad(causes(&e)))?;
         let slots = tokio::sync::Semaphore::new(config.max_concurrent);
         Ok(Self { config, classes, spec, http, slots })
     }
@@ -229,13 +260,7 @@ impl Remote {
 
     fn error(&self, e: reqwest::Error) -> RemoteError {
         let remote = self.config.name.clone();
-        // reqwest's own message names only the URL; the causes say what happened.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message = format!("{message}: {s}");
-            source = s.source();
-        }
+        let message = causes(&e);
         if e.is_timeout() {
             RemoteError::Timeout { remote, timeout_ms: self.config.timeout_ms }
         } else if e.is_connect() {
@@ -471,5 +496,26 @@ mod tests {
             }),
         );
         assert_eq!(t, vec![1.0, 0.0, -1.0]);
+    }
+
+    fn remote(entry: &str) -> Result<Remote, String> {
+        Remote::new(toml::from_str(&format!("name = \"r\"\nmodel = \"m\"\n{entry}")).unwrap())
+    }
+
+    #[test]
+    fn http_and_https_urls_and_ca_files() {
+        assert!(remote("url = \"http://triton:8000\"").is_ok());
+        assert!(remote("url = \"https://triton:8443\"").is_ok());
+        let refused = |entry: &str, says: &str| {
+            let e = remote(entry).err().unwrap_or_else(|| panic!("{entry} accepted"));
+            assert!(e.contains(says), "{entry}: {e}");
+        };
+        refused("url = \"ftp://triton\"", "http or https");
+        refused("url = \"http://triton\"\nca_file = \"/etc/ca.pem\"", "ca_file is for an https url");
+        refused("url = \"https://triton\"\nca_file = \"/nonexistent/ca.pem\"", "ca_file /nonexistent/ca.pem");
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        refused(&format!("url = \"https://triton\"\nca_file = \"{}\"", junk.display()), "ca_file");
     }
 }

@@ -1,7 +1,7 @@
 //! Human studies (`/studies`, `/observe/{token}`) over HTTP: a study made of a finished job,
 //! groups that never hold two puzzles of the same source, observers answering through their
 //! links without the API key, CR and PG equal to a hand computation from the stored answers,
-//! the CSV and chart, and everything still there after a restart.
+//! the CSV and chart, everything still there after a restart, and deleted with its folder.
 
 mod common;
 
@@ -273,4 +273,22 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
     let token = observers[2]["token"].as_str().unwrap();
     let (_, session) = api.observe(&format!("/observe/{token}/session"), None).await;
     assert_eq!(session["done"], true, "{session}");
+
+    // Deleted: the study, its observers' links and its folder go; the job stays.
+    let folder = data.join("jobs/studies").join(&id);
+    assert!(folder.is_dir(), "{}", folder.display());
+    let delete = || client().delete(s.url(&format!("/studies/{id}"))).bearer_auth(KEY).send();
+    assert_eq!(delete().await.unwrap().status(), 204);
+    assert!(!folder.exists());
+    let (status, v) = api.get(&format!("/studies/{id}")).await;
+    assert_eq!(status, 404, "{v}");
+    let (status, v) = api.observe(&format!("/observe/{token}/session"), None).await;
+    assert_eq!(status, 404, "{v}");
+    let (_, list) = api.get("/studies").await;
+    assert_eq!(list, json!([]));
+    let (status, v) = api.get(&format!("/jobs/{job}")).await;
+    assert_eq!((status, v["state"].as_str()), (200, Some("done")), "{v}");
+    let res = delete().await.unwrap();
+    assert_eq!(res.status(), 404);
+    assert_eq!(client().delete(s.url(&format!("/studies/{id}"))).send().await.unwrap().status(), 401);
 }

@@ -128,7 +128,7 @@ pub fn router(state: AppState) -> Router {
         .route("/jobs/{id}/results", get(jobs::job_results))
         .route("/jobs/{id}/files/{*path}", get(jobs::job_file))
         .route("/studies", get(studies::list_studies).post(studies::create_study))
-        .route("/studies/{id}", get(studies::get_study))
+        .route("/studies/{id}", get(studies::get_study).delete(studies::delete_study))
         .route("/studies/{id}/puzzles", get(studies::study_puzzles))
         .route("/studies/{id}/observers", post(studies::add_observer))
         .route("/studies/{id}/results", get(studies::study_results))

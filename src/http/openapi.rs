@@ -50,6 +50,7 @@ use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studie
         studies::create_study,
         studies::list_studies,
         studies::get_study,
+        studies::delete_study,
         studies::study_puzzles,
         studies::add_observer,
         studies::study_results,

@@ -45,6 +45,15 @@ pub async fn get_study(
     Ok(Json(studies(&state)?.get(&id).await?))
 }
 
+/// Deletes a study: its puzzles, references, observers and their answers, and its folder of
+/// images; the observers' links stop working. The job it was made from stays.
+#[utoipa::path(delete, path = "/studies/{id}", tag = "studies", params(("id" = String, Path)),
+    responses((status = 204, description = "deleted"), (status = 404, body = ErrorBody)))]
+pub async fn delete_study(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<StatusCode, ApiError> {
+    studies(&state)?.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Every puzzle with its category, group and whether its label is true (for the admin only).
 #[utoipa::path(get, path = "/studies/{id}/puzzles", tag = "studies", params(("id" = String, Path)),
     responses((status = 200, body = Vec<Puzzle>), (status = 404, body = ErrorBody)))]

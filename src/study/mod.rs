@@ -313,6 +313,22 @@ impl Studies {
             .await?)
     }
 
+    /// Deletes a study: its rows (the observers' links stop working, their answers go) and then
+    /// its folder, so a folder is never left behind by a row still in use.
+    pub async fn delete(&self, id: &str) -> Result<(), StudyError> {
+        let i = id.to_string();
+        if !self.jobs.store().with(move |c| store::delete_study(c, &i)).await? {
+            return Err(StudyError::NotFound(id.to_string()));
+        }
+        // The id named a stored study, so the path is one this service made.
+        match tokio::fs::remove_dir_all(self.dir(id)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(StoreError::Io(e).into()),
+            _ => {}
+        }
+        tracing::info!(study = %id, "study deleted");
+        Ok(())
+    }
+
     /// Every puzzle with its category and truth (the admin's view).
     pub async fn puzzles(&self, id: &str) -> Result<Vec<Puzzle>, StudyError> {
         self.get(id).await?;

@@ -165,6 +165,12 @@ pub fn answers_of(c: &Connection, token: &str) -> Result<Vec<(i64, bool)>, Store
     Ok(rows)
 }
 
+/// Deletes a study's row; its puzzles, references, observers and their answers go with it
+/// (`ON DELETE CASCADE`). False when there was none.
+pub fn delete_study(c: &Connection, id: &str) -> Result<bool, StoreError> {
+    Ok(c.execute("DELETE FROM studies WHERE id = ?1", [id])? == 1)
+}
+
 /// Stores an answer; false when the puzzle was already answered (the first answer stands).
 pub fn insert_answer(c: &Connection, token: &str, puzzle: i64, correct: bool) -> Result<bool, StoreError> {
     let n = c.execute(

@@ -1,9 +1,12 @@
 //! The score-based half of query-based LabelFool: a targeted Square Attack (Andriushchenko et
 //! al., ECCV 2020, L∞ version) on the remote's probabilities, run on the 8-bit lattice at the
-//! upload's size, so every image it asks about is a deliverable PNG. Two departures from the
-//! paper, both from the surrogate: it starts from the transfer prior's best candidate (projected
-//! onto the ε-ball) instead of vertical stripes, and half of its squares take the sign of the
-//! surrogate's perturbation over the square instead of a random one.
+//! upload's size, so every image it asks about is a deliverable PNG. Three departures from the
+//! paper, all from the surrogate: it starts from the transfer prior's best candidate (projected
+//! onto the ε-ball) instead of vertical stripes; half of its squares take the sign of the
+//! surrogate's perturbation over the square instead of a random one; and the squares lie inside
+//! the box the surrogate's perturbation spans — the part of the upload its preprocessing keeps
+//! (the centre crop), which a remote's similar crop keeps too: a square on the cropped-away
+//! border would be a query wasted.
 //!
 //! Pure pixel search: no model, no tensor. The remote is behind [`Oracle`], so the search is
 //! tested on a synthetic classifier and run on a real endpoint alike.
@@ -66,6 +69,24 @@ fn p_at(p_init: f64, i: u32, n: u32) -> f64 {
     p_init / f64::from(1u32 << halvings)
 }
 
+/// Rows `r0..r1` and columns `c0..c1` where the squares go: the bounding box of the guide's
+/// non-zero pixels, or the whole image without a guide, with an empty one, or when the box is
+/// under a quarter of the image (a sparse guide says where the surrogate changed pixels, not
+/// what its crop keeps; a centre crop keeps half the image or more).
+fn region(guide: Option<&[i16]>, w: usize, h: usize) -> (usize, usize, usize, usize) {
+    let mut b: Option<(usize, usize, usize, usize)> = None;
+    for (i, px) in guide.unwrap_or(&[]).chunks_exact(3).enumerate() {
+        if px.iter().any(|&d| d != 0) {
+            let (r, c) = (i / w, i % w);
+            b = Some(match b {
+                None => (r, r + 1, c, c + 1),
+                Some((r0, r1, c0, c1)) => (r0.min(r), r1.max(r + 1), c0.min(c), c1.max(c + 1)),
+            });
+        }
+    }
+    b.filter(|&(r0, r1, c0, c1)| 4 * (r1 - r0) * (c1 - c0) >= w * h).unwrap_or((0, h, 0, w))
+}
+
 /// Runs the search from `start` (scored `start_scores`) around `original` (`width × height`
 /// interleaved RGB). `guide` is the surrogate's perturbation (same layout), if any.
 #[allow(clippy::too_many_arguments)]
@@ -110,15 +131,17 @@ pub async fn square<O: Oracle>(
     };
     let mut best_loss = loss(&best_scores, target);
     let mut accepted = 0;
+    let (top, bottom, left, right) = region(guide, w, h);
+    let (rh, rw) = (bottom - top, right - left);
     let mut i = 0;
     while !reached(&best_scores, target) && i < params.budget {
         i += 1;
         let p = p_at(params.p_init, i, params.budget);
-        let side = ((p * (w * h) as f64).sqrt().round() as usize).clamp(1, w.min(h));
+        let side = ((p * (rw * rh) as f64).sqrt().round() as usize).clamp(1, rw.min(rh));
         // A square whose pixels all stay as they are is no proposal: draw again (bounded).
         let mut window = None;
         for _ in 0..10 {
-            let (r0, c0) = (rng.random_range(0..=h - side), rng.random_range(0..=w - side));
+            let (r0, c0) = (rng.random_range(top..=bottom - side), rng.random_range(left..=right - side));
             let guided = guide.is_some() && rng.random_bool(0.5);
             let mut signs = [0i16; 3];
             for (ch, s) in signs.iter_mut().enumerate() {
@@ -265,6 +288,30 @@ mod tests {
             }
         }
         assert!(spent[1] < spent[0], "guided {} vs random {} queries", spent[1], spent[0]);
+    }
+
+    #[tokio::test]
+    async fn squares_stay_inside_the_box_the_guide_spans() {
+        let (w, h) = (32usize, 24usize);
+        let x0 = grey(w, h);
+        // The surrogate changed rows 6..18, columns 8..24 (its centre crop), red up.
+        let inside = |k: usize| (6..18).contains(&(k / 3 / w)) && (8..24).contains(&(k / 3 % w));
+        let guide: Vec<i16> = (0..w * h * 3).map(|k| if k % 3 == 0 && inside(k) { 2 } else { 0 }).collect();
+        assert_eq!(region(Some(&guide), w, h), (6, 18, 8, 24));
+        assert_eq!(region(None, w, h), (0, h, 0, w));
+        assert_eq!(region(Some(&vec![0; w * h * 3]), w, h), (0, h, 0, w));
+        // One changed pixel is no crop.
+        let mut speck = vec![0i16; w * h * 3];
+        speck[(5 * w + 5) * 3] = 1;
+        assert_eq!(region(Some(&speck), w, h), (0, h, 0, w));
+        let mut oracle = Linear { width: w, queries: 0, budget: 400 };
+        let s = oracle.scores(&x0).await.unwrap().unwrap();
+        let params = SearchParams { epsilon: 8, p_init: 0.1, budget: 399, seed: 3 };
+        let out = square(&mut oracle, w as u32, h as u32, &x0, &x0, s, Some(&guide), 1, params).await.unwrap();
+        assert!(out.accepted > 0);
+        let changed: Vec<usize> = (0..x0.len()).filter(|&k| out.rgb[k] != x0[k]).collect();
+        assert!(!changed.is_empty());
+        assert!(changed.iter().all(|&k| inside(k)), "a square left the guide's box");
     }
 
     #[tokio::test]

@@ -20,9 +20,7 @@ struct Api<'a> {
 
 impl Api<'_> {
     async fn send(&self, req: reqwest::RequestBuilder) -> (u16, Value) {
-        let res = req.send().await.unwrap();
-        let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
+        json(req.send().await.unwrap()).await
     }
     async fn get(&self, path: &str) -> (u16, Value) {
         self.send(client().get(self.s.url(path)).bearer_auth(KEY)).await

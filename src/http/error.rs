@@ -84,6 +84,15 @@ impl ApiError {
     }
 }
 
+/// A JSON body that could not be read (wrong content type, not JSON, wrong fields): axum's
+/// own answer is plain text, so it is re-worded here in the documented shape.
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        let code = if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE { "unsupported_media_type" } else { "bad_body" };
+        ApiError::new(e.status(), code, e.body_text())
+    }
+}
+
 impl From<ImageError> for ApiError {
     fn from(e: ImageError) -> Self {
         match e {

@@ -56,13 +56,7 @@ pub async fn create_job(State(state): State<AppState>, req: axum::extract::Reque
         })??;
         jobs.create_from_archive(spec, archive.keep()).await?
     } else {
-        let Json(spec) = Json::<JobSpec>::from_request(req, &state).await.map_err(|e| {
-            ApiError::new(
-                e.status(),
-                if e.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE { "unsupported_media_type" } else { "bad_body" },
-                e.body_text(),
-            )
-        })?;
+        let Json(spec) = Json::<JobSpec>::from_request(req, &state).await?;
         jobs.create(spec).await?
     };
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/jobs/{}", job.id))], Json(job)).into_response())

@@ -3,6 +3,7 @@
 //! need no account and never see the API key).
 
 use axum::Json;
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -24,7 +25,11 @@ fn studies(state: &AppState) -> Result<&Studies, ApiError> {
 #[utoipa::path(post, path = "/studies", tag = "studies", request_body = StudySpec,
     responses((status = 201, body = StudyInfo), (status = 404, body = ErrorBody, description = "no such job"),
         (status = 409, body = ErrorBody, description = "the job is not done"), (status = 422, body = ErrorBody)))]
-pub async fn create_study(State(state): State<AppState>, Json(spec): Json<StudySpec>) -> Result<Response, ApiError> {
+pub async fn create_study(
+    State(state): State<AppState>,
+    body: Result<Json<StudySpec>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(spec) = body?;
     let study = studies(&state)?.create(spec).await?;
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/studies/{}", study.id))], Json(study)).into_response())
 }
@@ -72,8 +77,9 @@ pub async fn study_puzzles(
 pub async fn add_observer(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    Json(new): Json<NewObserver>,
+    body: Result<Json<NewObserver>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    let Json(new) = body?;
     let o = studies(&state)?.add_observer(&id, new).await?;
     Ok((StatusCode::CREATED, Json(o)).into_response())
 }
@@ -137,8 +143,9 @@ pub async fn session(
 pub async fn answer(
     State(state): State<AppState>,
     UrlPath(token): UrlPath<String>,
-    Json(a): Json<AnswerIn>,
+    body: Result<Json<AnswerIn>, JsonRejection>,
 ) -> Result<Json<Session>, ApiError> {
+    let Json(a) = body?;
     Ok(Json(studies(&state)?.answer(&token, a).await?))
 }
 

@@ -45,25 +45,6 @@ fn gaussian_window() -> [f64; 2 * RADIUS + 1] {
     w
 }
 
-/// Separable Gaussian filter of an `h×w` plane, kept where the whole window fits (the border of
-/// `RADIUS` that scikit-image crops before averaging): `(h − 10)×(w − 10)` values.
-fn filter_valid(plane: &[f64], w: usize, h: usize, k: &[f64]) -> Vec<f64> {
-    let (ow, oh) = (w - 2 * RADIUS, h - 2 * RADIUS);
-    let mut rows = vec![0.0; h * ow];
-    for y in 0..h {
-        for x in 0..ow {
-            rows[y * ow + x] = k.iter().enumerate().map(|(i, kv)| kv * plane[y * w + x + i]).sum();
-        }
-    }
-    let mut out = vec![0.0; oh * ow];
-    for y in 0..oh {
-        for x in 0..ow {
-            out[y * ow + x] = k.iter().enumerate().map(|(i, kv)| kv * rows[(y + i) * ow + x]).sum();
-        }
-    }
-    out
-}
-
 /// Standard SSIM of two `width × height` interleaved RGB images: per channel, the mean of the
 /// SSIM map over every position where the 11×11 window fits, then the mean over R, G, B — what
 /// scikit-image's `structural_similarity(gaussian_weights=True, sigma=1.5,
@@ -75,46 +56,83 @@ pub fn ssim(width: u32, height: u32, a: &[u8], b: &[u8]) -> f64 {
     if a.len() != w * h * 3 || b.len() != a.len() || a.is_empty() {
         return f64::NAN;
     }
-    // The three channels are independent: one thread each for photo-sized images (this runs
-    // after every attack, and is the largest part of its post-processing). A channel holds about
-    // twelve f64 planes at once (~100 bytes a pixel), so large images go one channel at a time:
-    // memory per request stays bounded (tests/bounds.rs).
-    let channels: Vec<f64> = if w * h <= PARALLEL_SSIM_MAX_PIXELS {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = (0..3).map(|c| s.spawn(move || channel_ssim(w, h, c, a, b))).collect();
-            handles.into_iter().map(|t| t.join().unwrap_or(f64::NAN)).collect()
-        })
-    } else {
-        (0..3).map(|c| channel_ssim(w, h, c, a, b)).collect()
-    };
+    // The three channels are independent: one thread each (this runs after every attack, and is
+    // the largest part of its post-processing). Each holds 11 filtered rows, not whole planes,
+    // so memory stays a few hundred bytes per column whatever the height (tests/bounds.rs).
+    let channels: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..3).map(|c| s.spawn(move || channel_ssim(w, h, c, a, b))).collect();
+        handles.into_iter().map(|t| t.join().unwrap_or(f64::NAN)).collect()
+    });
     channels.iter().sum::<f64>() / 3.0
 }
 
-/// Images up to this size get their three SSIM channels computed at once.
-const PARALLEL_SSIM_MAX_PIXELS: usize = 1 << 20;
+/// The five local statistics SSIM filters: x, y, x², y², xy.
+const STATS: usize = 5;
+/// The window's height: the rows a vertical pass reads.
+const TAPS: usize = 2 * RADIUS + 1;
 
 /// Mean SSIM of channel `c` of two interleaved RGB images.
+///
+/// The separable Gaussian filter, streamed: each input row is filtered horizontally into a ring
+/// of the last 11, and each output row sums those 11 tap by tap, so the filtered planes are never
+/// held whole. The sums are those of filtering whole planes, in the same order.
 fn channel_ssim(w: usize, h: usize, c: usize, a: &[u8], b: &[u8]) -> f64 {
     let (c1, c2) = (K1 * K1, K2 * K2);
     let k = gaussian_window();
-    let x: Vec<f64> = a.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
-    let y: Vec<f64> = b.iter().skip(c).step_by(3).map(|&v| f64::from(v) / 255.0).collect();
-    let products = |f: fn(f64, f64) -> f64| x.iter().zip(&y).map(|(&p, &q)| f(p, q)).collect::<Vec<f64>>();
-    let (xx, yy, xy) = (products(|p, _| p * p), products(|_, q| q * q), products(|p, q| p * q));
-    let planes = [x, y, xx, yy, xy];
-    let filtered: Vec<Vec<f64>> = if w > 2 * RADIUS && h > 2 * RADIUS {
-        planes.iter().map(|p| filter_valid(p, w, h, &k)).collect()
-    } else {
-        planes.iter().map(|p| vec![p.iter().sum::<f64>() / p.len() as f64]).collect()
-    };
-    let n = filtered[0].len();
-    let mut sum = 0.0;
-    for i in 0..n {
-        let (ux, uy) = (filtered[0][i], filtered[1][i]);
-        let (vx, vy, vxy) = (filtered[2][i] - ux * ux, filtered[3][i] - uy * uy, filtered[4][i] - ux * uy);
-        sum += ((2.0 * ux * uy + c1) * (2.0 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
+    let grey: [f64; 256] = std::array::from_fn(|v| v as f64 / 255.0);
+    let value = |img: &[u8], i: usize| grey[usize::from(img[i * 3 + c])];
+    if w <= 2 * RADIUS || h <= 2 * RADIUS {
+        let n = (w * h) as f64;
+        let mean = |f: &dyn Fn(usize) -> f64| (0..w * h).map(f).sum::<f64>() / n;
+        let (ux, uy) = (mean(&|i| value(a, i)), mean(&|i| value(b, i)));
+        let vx = mean(&|i| value(a, i) * value(a, i)) - ux * ux;
+        let vy = mean(&|i| value(b, i) * value(b, i)) - uy * uy;
+        let vxy = mean(&|i| value(a, i) * value(b, i)) - ux * uy;
+        return ((2.0 * ux * uy + c1) * (2.0 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
     }
-    sum / n as f64
+    let ow = w - 2 * RADIUS;
+    // One input row's five statistics, and the ring of horizontally filtered rows.
+    let mut src = vec![0.0; STATS * w];
+    let mut ring = vec![0.0; TAPS * STATS * ow];
+    let mut acc = vec![0.0; STATS * ow];
+    let mut sum = 0.0;
+    for y in 0..h {
+        let (xs, rest) = src.split_at_mut(w);
+        let (ys, rest) = rest.split_at_mut(w);
+        let (xx, rest) = rest.split_at_mut(w);
+        let (yy, xy) = rest.split_at_mut(w);
+        for j in 0..w {
+            let (p, q) = (value(a, y * w + j), value(b, y * w + j));
+            (xs[j], ys[j], xx[j], yy[j], xy[j]) = (p, q, p * p, q * q, p * q);
+        }
+        let slot = &mut ring[(y % TAPS) * STATS * ow..(y % TAPS + 1) * STATS * ow];
+        for (plane, dst) in src.chunks_exact(w).zip(slot.chunks_exact_mut(ow)) {
+            dst.fill(0.0);
+            for (i, &kv) in k.iter().enumerate() {
+                dst.iter_mut().zip(&plane[i..i + ow]).for_each(|(d, &s)| *d += kv * s);
+            }
+        }
+        if y + 1 < TAPS {
+            continue;
+        }
+        // Output row y − 10: its window's rows y − 10 ..= y, in that order.
+        acc.fill(0.0);
+        for (i, &kv) in k.iter().enumerate() {
+            let r = (y + 1 + i) % TAPS;
+            let row = &ring[r * STATS * ow..(r + 1) * STATS * ow];
+            acc.iter_mut().zip(row).for_each(|(d, &s)| *d += kv * s);
+        }
+        let (mx, rest) = acc.split_at(ow);
+        let (my, rest) = rest.split_at(ow);
+        let (mxx, rest) = rest.split_at(ow);
+        let (myy, mxy) = rest.split_at(ow);
+        for j in 0..ow {
+            let (ux, uy) = (mx[j], my[j]);
+            let (vx, vy, vxy) = (mxx[j] - ux * ux, myy[j] - uy * uy, mxy[j] - ux * uy);
+            sum += ((2.0 * ux * uy + c1) * (2.0 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2));
+        }
+    }
+    sum / (ow * (h - 2 * RADIUS)) as f64
 }
 
 fn pixel_metrics(original: &[u8], adversarial: &[u8]) -> Perturbation {

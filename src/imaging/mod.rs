@@ -138,9 +138,14 @@ fn from_dynamic(img: DynamicImage, format: &'static str) -> Rgb8 {
 }
 
 /// PNG (8-bit RGB, or RGBA when `alpha` is given) of `rgb`.
+///
+/// Fast deflate with adaptive row filters: on photos about ten times faster than the default
+/// compression for files 1–8% larger (`benches/results.md`). Every delivered image and every
+/// query a remote attack sends is encoded here, so encoding time is attack time.
 pub fn encode_png(width: u32, height: u32, rgb: &[u8], alpha: Option<&[u8]>) -> Result<Vec<u8>, ImageError> {
+    use image::codecs::png::{CompressionType, FilterType, PngEncoder};
     let mut out = Vec::new();
-    let enc = image::codecs::png::PngEncoder::new(&mut out);
+    let enc = PngEncoder::new_with_quality(&mut out, CompressionType::Fast, FilterType::Adaptive);
     let res = match alpha {
         Some(a) => {
             let mut rgba = Vec::with_capacity(a.len() * 4);

@@ -220,6 +220,16 @@ async fn cors_is_off_by_default_and_configurable() {
         r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap()),
         Some("https://dash.example")
     );
+    // A dashboard on another origin cancels jobs and removes studies: DELETE passes its preflight.
+    let r = c
+        .request(reqwest::Method::OPTIONS, on.url("/jobs/0123"))
+        .header("origin", "https://dash.example")
+        .header("access-control-request-method", "DELETE")
+        .send()
+        .await
+        .unwrap();
+    let methods = r.headers().get("access-control-allow-methods").map(|v| v.to_str().unwrap().to_string());
+    assert!(methods.as_deref().is_some_and(|m| m.split(',').any(|m| m.trim() == "DELETE")), "{methods:?}");
 }
 
 #[tokio::test]

@@ -6,7 +6,10 @@
 //! surrogate's perturbation over the square instead of a random one; and the squares lie inside
 //! the box the surrogate's perturbation spans — the part of the upload its preprocessing keeps
 //! (the centre crop), which a remote's similar crop keeps too: a square on the cropped-away
-//! border would be a query wasted.
+//! border would be a query wasted. And it minimises the margin of the strongest other class over
+//! the target (log-probabilities) where the paper's targeted attack minimises the target's
+//! cross-entropy: the margin is what success means, and the cross-entropy also accepts squares
+//! that lift a competitor along with the target.
 //!
 //! Pure pixel search: no model, no tensor. The remote is behind [`Oracle`], so the search is
 //! tested on a synthetic classifier and run on a real endpoint alike.
@@ -53,9 +56,13 @@ pub struct SearchOutcome {
     pub accepted: u32,
 }
 
-/// The targeted loss: cross-entropy of the target, as the paper uses for targeted attacks.
+/// The targeted loss: the log-probability margin of the strongest other class over the target
+/// (the logit margin, read from probabilities); below zero once the target is the top class.
 pub fn loss(p: &[f32], target: usize) -> f64 {
-    -(f64::from(p.get(target).copied().unwrap_or(0.0)).max(1e-30)).ln()
+    let log = |v: f32| f64::from(v).max(1e-30).ln();
+    let other =
+        p.iter().enumerate().filter(|&(j, _)| j != target).map(|(_, &v)| log(v)).fold(f64::NEG_INFINITY, f64::max);
+    other - log(p.get(target).copied().unwrap_or(0.0))
 }
 
 fn reached(p: &[f32], target: usize) -> bool {

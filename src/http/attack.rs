@@ -127,12 +127,14 @@ pub struct SearchInfo {
     pub method: String,
     /// Images scored (answers from the cache included).
     pub asked: u32,
-    /// Proposals that raised the target's probability.
+    /// Proposals that lowered the search's loss (the margin of the strongest other class over the
+    /// target, in log-probabilities).
     pub accepted: u32,
     /// L∞ radius on the [0,1] scale (a whole number of grey levels).
     pub epsilon: f64,
     pub success: bool,
-    /// The delivered PNG is the search's (false: the prior's best candidate stayed closer).
+    /// The delivered PNG is the search's (false: the prior's best candidate stayed closer by the
+    /// search's loss).
     pub delivered: bool,
 }
 

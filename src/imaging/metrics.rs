@@ -58,7 +58,7 @@ pub fn ssim(width: u32, height: u32, a: &[u8], b: &[u8]) -> f64 {
     }
     // The three channels are independent: one thread each (this runs after every attack, and is
     // the largest part of its post-processing). Each holds 11 filtered rows, not whole planes,
-    // so memory stays a few hundred bytes per column whatever the height (tests/bounds.rs).
+    // so memory stays about half a kilobyte per column and channel whatever the height.
     let channels: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..3).map(|c| s.spawn(move || channel_ssim(w, h, c, a, b))).collect();
         handles.into_iter().map(|t| t.join().unwrap_or(f64::NAN)).collect()

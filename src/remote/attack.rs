@@ -58,12 +58,13 @@ pub struct Candidate {
 pub struct SearchSummary {
     /// Images it scored (cached answers included).
     pub asked: u32,
-    /// Proposals that raised the target's probability.
+    /// Proposals that lowered the loss (the margin of the strongest other class over the target).
     pub accepted: u32,
     /// L∞ radius in grey levels.
     pub epsilon: u8,
     pub success: bool,
-    /// The delivered image is the search's (else the prior's best candidate was closer).
+    /// The delivered image is the search's (else the prior's best candidate was closer by the
+    /// search's loss).
     pub delivered: bool,
 }
 
@@ -249,6 +250,9 @@ pub async fn run(
         Some((_, png, p, perturbation)) => (Some(Delivered { png, perturbation, remote: top(&p, Some(t)) }), Some(p)),
         None => (None, None),
     };
+    // Without success, the search's image replaces the prior's only if it is closer by the loss
+    // the search and the prior both rank by.
+    let prior_loss = best_scores.as_ref().map(|p| search::loss(p, t));
     let mut summary = None;
     if !success && options.search && asker.queries < budget && Instant::now() < asker.deadline {
         let limits = engine.settings().decode;
@@ -287,10 +291,8 @@ pub async fn run(
             params,
         )
         .await?;
-        let closer = |d: &Delivered| {
-            found.probabilities.get(t).copied().unwrap_or(0.0) > d.remote.target_probability.unwrap_or(0.0)
-        };
-        let from_search = found.success || delivered.as_ref().is_none_or(closer);
+        let closer = search::loss(&found.probabilities, t) < prior_loss.unwrap_or(f64::INFINITY);
+        let from_search = found.success || delivered.is_none() || closer;
         summary = Some(SearchSummary {
             asked: found.asked,
             accepted: found.accepted,

@@ -246,13 +246,14 @@ pub async fn run(
         }
     }
     // The best candidate's probabilities start the search (no second look-up).
-    let (mut delivered, best_scores) = match best {
-        Some((_, png, p, perturbation)) => (Some(Delivered { png, perturbation, remote: top(&p, Some(t)) }), Some(p)),
-        None => (None, None),
+    // Its loss too: without success, the search's image replaces the prior's only if it is closer
+    // by the loss the search and the prior both rank by.
+    let (mut delivered, best_scores, prior_loss) = match best {
+        Some((l, png, p, perturbation)) => {
+            (Some(Delivered { png, perturbation, remote: top(&p, Some(t)) }), Some(p), Some(l))
+        }
+        None => (None, None, None),
     };
-    // Without success, the search's image replaces the prior's only if it is closer by the loss
-    // the search and the prior both rank by.
-    let prior_loss = best_scores.as_ref().map(|p| search::loss(p, t));
     let mut summary = None;
     if !success && options.search && asker.queries < budget && Instant::now() < asker.deadline {
         let limits = engine.settings().decode;

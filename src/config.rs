@@ -272,6 +272,9 @@ pub struct AttackDefaults {
     /// 8-bit checks spent after success to take back rounding the goal does not need (see
     /// `attack::guard`); 0 delivers the first image that succeeds.
     pub refine_rounds: u32,
+    /// 8-bit checks spent after refinement to take back the grey levels the goal needs least
+    /// (see `attack::prune`); 0 turns pruning off.
+    pub prune_rounds: u32,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -387,6 +390,7 @@ impl Default for AttackDefaults {
             delta2: 0.01,
             margins: vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
             refine_rounds: 3,
+            prune_rounds: 0,
         }
     }
 }
@@ -470,8 +474,8 @@ impl Config {
         {
             return bad("attack.margins must be a non-empty, strictly increasing list of finite numbers ≥ 0".into());
         }
-        if a.refine_rounds > 10 {
-            return bad("attack.refine_rounds must be in 0..=10".into());
+        if a.refine_rounds > 10 || a.prune_rounds > 10 {
+            return bad("attack.refine_rounds and attack.prune_rounds must be in 0..=10".into());
         }
         let sv = &self.server;
         if sv.shutdown_grace_secs == 0 || sv.max_concurrent_requests == 0 || sv.max_connections == 0 {

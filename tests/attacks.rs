@@ -40,6 +40,7 @@ fn params(method: Method) -> AttackParams {
         max_outer: 20,
         float_reference: false,
         refine_rounds: 0,
+        prune_rounds: 0,
     }
 }
 
@@ -275,6 +276,40 @@ fn refinement_keeps_the_goal_and_only_lowers_perceptibility() {
         assert_eq!((plain.iterations, plain.checks), (refined.iterations, refined.checks), "{name}: same attack");
         let p = |rgb: &[u8]| labelfool::imaging::metrics::perturbation(w, h, &orig, rgb).perceptibility;
         assert!(p(&refined.rgb) <= p(&plain.rgb) + 1e-12, "{name}: {} > {}", p(&refined.rgb), p(&plain.rgb));
+    }
+}
+
+#[test]
+fn pruning_keeps_the_goal_and_only_lowers_perceptibility() {
+    // After refinement, up to `prune_rounds` checks take back grey levels (no more gradients);
+    // the delivered image is the last that still succeeds.
+    let (info, model) = tiny();
+    for (name, method) in [
+        ("n02391049_zebra.JPEG", Method::Deepfool),
+        ("n02219486_ant.JPEG", Method::Labelfool),
+        ("n01440764_tench.JPEG", Method::Deepfool),
+    ] {
+        let x0 = photo(name);
+        let orig = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
+        let (h, w) = (x0.size()[2] as u32, x0.size()[3] as u32);
+        let run = |rounds: u32| {
+            let p =
+                AttackParams { refine_rounds: 2, prune_rounds: rounds, margins: vec![0.0, 0.5, 1.0], ..params(method) };
+            run_to_end(&model, attack::new_row(info.clone(), x0.shallow_clone(), p).unwrap())
+        };
+        let (plain, pruned) = (run(0), run(4));
+        assert!(plain.success && pruned.success, "{name}");
+        assert!(pruned.refinements <= plain.refinements + 4, "{name}: {} refinements", pruned.refinements);
+        assert_eq!((plain.iterations, plain.checks), (pruned.iterations, pruned.checks), "{name}: same attack");
+        let input = labelfool::model::preprocess::prepare_rgb8(&pruned.rgb, w, h, model.info.input()).unwrap();
+        let logits: Vec<f32> = tch::no_grad(|| Vec::try_from(&model.forward(&input).unwrap().get(0)).unwrap());
+        assert_eq!(
+            labelfool::attack::target::argmax(&logits),
+            pruned.final_.index,
+            "{name}: the delivered pixels give the reported class"
+        );
+        let p = |rgb: &[u8]| labelfool::imaging::metrics::perturbation(w, h, &orig, rgb).perceptibility;
+        assert!(p(&pruned.rgb) <= p(&plain.rgb) + 1e-12, "{name}: {} > {}", p(&pruned.rgb), p(&plain.rgb));
     }
 }
 

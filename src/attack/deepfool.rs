@@ -116,8 +116,8 @@ impl AttackRow for DeepFoolRow {
         }
         let probs = softmax(logits);
         let success = argmax(&probs) != self.label;
-        self.s.checked(rgb, probs, success, self.gap(logits));
-        Ok(())
+        let gap = self.gap(logits);
+        self.s.checked(rgb, probs, success, gap)
     }
 
     fn is_done(&self) -> bool {

@@ -22,6 +22,8 @@
 //!   scale α ∈ [0.8, 1] of the successful float perturbation, x0 + α·(x − x0), rounded; the
 //!   delivered image is the smallest scale that succeeded, so the guarantee holds and
 //!   perceptibility only falls.
+//! * **Pruning on the lattice.** Then up to `prune_rounds` checks take back the grey levels the
+//!   last step's gradient says the goal needs least (see [`super::prune`]).
 
 use tch::{Kind, Tensor};
 
@@ -151,6 +153,8 @@ pub enum Phase {
     FinalCheck,
     /// Succeeded: check an image with some rounding taken back.
     Refining,
+    /// Check an image with the least useful grey levels taken back.
+    Pruning,
     Done,
 }
 
@@ -167,6 +171,10 @@ pub struct Stepper {
     /// Original class, last check, counts, success.
     pub record: super::record::Record,
     refine_left: u32,
+    prune_left: u32,
+    prune: Option<super::prune::Prune>,
+    /// The image of the last successful check (on the lattice): what is delivered.
+    delivered: Tensor,
     /// The float image whose rounding first succeeded, and the bisection of its scale: the
     /// largest scale known to fail, the smallest known to succeed.
     x_float: Tensor,
@@ -185,6 +193,9 @@ impl Stepper {
             overshoot: params.overshoot,
             record: Default::default(),
             refine_left: if params.float_reference { 0 } else { params.refine_rounds },
+            prune_left: if params.float_reference { 0 } else { params.prune_rounds },
+            prune: None,
+            delivered: Tensor::new(),
             x_float: Tensor::new(),
             refine_lo: REFINE_FLOOR,
             refine_hi: 1.0,
@@ -194,7 +205,7 @@ impl Stepper {
     pub fn need(&self) -> super::Need {
         match self.phase {
             Phase::Initial | Phase::Stepping => super::Need::Forward,
-            Phase::Checking | Phase::FinalCheck | Phase::Refining | Phase::Done => super::Need::Check,
+            Phase::Checking | Phase::FinalCheck | Phase::Refining | Phase::Pruning | Phase::Done => super::Need::Check,
         }
     }
 
@@ -227,46 +238,81 @@ impl Stepper {
         Ok(())
     }
 
+    fn next_prune(&mut self) -> Result<(), AttackError> {
+        self.phase = Phase::Done;
+        if self.prune_left == 0 {
+            return Ok(());
+        }
+        if let Some(x) = self.prune.as_ref().map(|p| p.next()).transpose()?.flatten() {
+            self.prune_left -= 1;
+            self.x = x;
+            self.phase = Phase::Pruning;
+        }
+        Ok(())
+    }
+
     /// Records an 8-bit check: whether it reached the goal, and the goal's gap on it.
-    pub fn checked(&mut self, rgb: Vec<u8>, probs: Vec<f32>, success: bool, gap: f64) {
+    pub fn checked(&mut self, rgb: Vec<u8>, probs: Vec<f32>, success: bool, gap: f64) -> Result<(), AttackError> {
+        if self.phase == Phase::Pruning {
+            self.record.refinements += 1;
+            if success {
+                self.record.last = Some((rgb, probs));
+                self.delivered = self.x.shallow_clone();
+            }
+            if let Some(p) = self.prune.as_mut() {
+                p.checked(success);
+            }
+            return self.next_prune();
+        }
         if self.phase == Phase::Refining {
             // The best image stays the delivered one unless this one succeeds too.
             self.record.refinements += 1;
             let alpha = (self.refine_lo + self.refine_hi) / 2.0;
             if success {
                 self.record.last = Some((rgb, probs));
+                self.delivered = quantize(&self.x)?;
                 self.refine_hi = alpha;
             } else {
                 self.refine_lo = alpha;
             }
-            self.refine();
-            return;
+            return self.refine();
         }
         self.record.checked(rgb, probs, success);
         let last_chance = self.phase == Phase::FinalCheck || self.record.iterations >= self.max_iter;
         if success {
             self.x_float = self.x.shallow_clone();
-            self.refine();
+            self.delivered = if self.is_float() { self.x.shallow_clone() } else { quantize(&self.x)? };
+            return self.refine();
         } else if last_chance {
             self.phase = Phase::Done;
         } else {
             self.guard.missed(gap);
             self.phase = Phase::Stepping;
         }
+        Ok(())
     }
 
-    /// The next refinement to check, or done.
-    fn refine(&mut self) {
+    /// The next refinement to check; when there is none, the first pruning (or done).
+    fn refine(&mut self) -> Result<(), AttackError> {
         self.phase = Phase::Done;
-        if self.refine_left == 0 {
-            return;
+        if self.refine_left > 0 {
+            self.refine_left -= 1;
+            // A failed refinement only ends refining: the delivered image is already a success.
+            if let Some(x) = self.refinement()? {
+                self.x = x;
+                self.phase = Phase::Refining;
+                return Ok(());
+            }
         }
-        self.refine_left -= 1;
-        // A failed refinement only ends refining: the delivered image is already a success.
-        if let Ok(Some(x)) = self.refinement() {
-            self.x = x;
-            self.phase = Phase::Refining;
+        if self.prune_left > 0
+            && self.prune.is_none()
+            && self.delivered.defined()
+            && let Some(w) = self.guard.direction()
+        {
+            self.prune = super::prune::Prune::new(&self.x0, &self.delivered, w)?;
+            return self.next_prune();
         }
+        Ok(())
     }
 
     /// The next scale to try: the successful float perturbation shrunk by α, bisected between

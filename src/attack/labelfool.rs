@@ -105,8 +105,8 @@ impl AttackRow for LabelFoolRow {
         }
         let probs = softmax(logits);
         let success = argmax(&probs) == self.target;
-        self.s.checked(rgb, probs, success, self.gap(logits).0);
-        Ok(())
+        let gap = self.gap(logits).0;
+        self.s.checked(rgb, probs, success, gap)
     }
 
     fn is_done(&self) -> bool {

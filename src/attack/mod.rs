@@ -12,6 +12,7 @@ pub mod fgsm;
 pub mod guard;
 pub mod labelfool;
 pub mod params;
+pub mod prune;
 pub mod record;
 pub mod runner;
 pub mod sparsefool;

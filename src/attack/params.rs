@@ -105,6 +105,8 @@ pub struct AttackParams {
     pub float_reference: bool,
     /// 8-bit checks spent after success to take back rounding the goal does not need.
     pub refine_rounds: u32,
+    /// 8-bit checks spent after refinement to take back the grey levels the goal needs least.
+    pub prune_rounds: u32,
 }
 
 impl AttackParams {
@@ -115,6 +117,7 @@ impl AttackParams {
             float_reference: true,
             margins: vec![0.0],
             refine_rounds: 0,
+            prune_rounds: 0,
             target: target.or(self.target),
             ..self.clone()
         }
@@ -260,6 +263,7 @@ impl AttackRequest {
             max_outer,
             float_reference: false,
             refine_rounds: if req.margin.is_some() { 0 } else { d.refine_rounds },
+            prune_rounds: if req.margin.is_some() { 0 } else { d.prune_rounds },
             target_params: target_params(req.delta1, req.delta2, d)?,
             margins: match req.margin {
                 Some(m) if m.is_finite() && (0.0..=1000.0).contains(&m) => vec![m],

@@ -28,7 +28,7 @@
 use tch::{Kind, Tensor};
 
 use super::AttackError;
-use crate::model::preprocess::quantize;
+use crate::model::preprocess::{quantize, rgb8_to_tensor};
 
 /// The smallest scale refinement considers: it shrinks the perturbation by at most a fifth.
 const REFINE_FLOOR: f64 = 0.8;
@@ -173,8 +173,6 @@ pub struct Stepper {
     refine_left: u32,
     prune_left: u32,
     prune: Option<super::prune::Prune>,
-    /// The image of the last successful check (on the lattice): what is delivered.
-    delivered: Tensor,
     /// The float image whose rounding first succeeded, and the bisection of its scale: the
     /// largest scale known to fail, the smallest known to succeed.
     x_float: Tensor,
@@ -195,7 +193,6 @@ impl Stepper {
             refine_left: if params.float_reference { 0 } else { params.refine_rounds },
             prune_left: if params.float_reference { 0 } else { params.prune_rounds },
             prune: None,
-            delivered: Tensor::new(),
             x_float: Tensor::new(),
             refine_lo: REFINE_FLOOR,
             refine_hi: 1.0,
@@ -253,24 +250,20 @@ impl Stepper {
 
     /// Records an 8-bit check: whether it reached the goal, and the goal's gap on it.
     pub fn checked(&mut self, rgb: Vec<u8>, probs: Vec<f32>, success: bool, gap: f64) -> Result<(), AttackError> {
-        if self.phase == Phase::Pruning {
-            self.record.refinements += 1;
-            if success {
-                self.record.last = Some((rgb, probs));
-                self.delivered = self.x.shallow_clone();
-            }
-            if let Some(p) = self.prune.as_mut() {
-                p.checked(success);
-            }
-            return self.next_prune();
-        }
-        if self.phase == Phase::Refining {
+        if let phase @ (Phase::Refining | Phase::Pruning) = self.phase {
             // The best image stays the delivered one unless this one succeeds too.
             self.record.refinements += 1;
-            let alpha = (self.refine_lo + self.refine_hi) / 2.0;
             if success {
                 self.record.last = Some((rgb, probs));
-                self.delivered = quantize(&self.x)?;
+            }
+            if phase == Phase::Pruning {
+                if let Some(p) = self.prune.as_mut() {
+                    p.checked(success);
+                }
+                return self.next_prune();
+            }
+            let alpha = (self.refine_lo + self.refine_hi) / 2.0;
+            if success {
                 self.refine_hi = alpha;
             } else {
                 self.refine_lo = alpha;
@@ -281,7 +274,6 @@ impl Stepper {
         let last_chance = self.phase == Phase::FinalCheck || self.record.iterations >= self.max_iter;
         if success {
             self.x_float = self.x.shallow_clone();
-            self.delivered = if self.is_float() { self.x.shallow_clone() } else { quantize(&self.x)? };
             return self.refine();
         } else if last_chance {
             self.phase = Phase::Done;
@@ -304,12 +296,14 @@ impl Stepper {
                 return Ok(());
             }
         }
+        // Pruning starts from the delivered pixels: the last successful check's.
         if self.prune_left > 0
-            && self.prune.is_none()
-            && self.delivered.defined()
             && let Some(w) = self.guard.direction()
+            && let Some((rgb, _)) = &self.record.last
         {
-            self.prune = super::prune::Prune::new(&self.x0, &self.delivered, w)?;
+            let (h, width) = (self.x0.size()[2] as u32, self.x0.size()[3] as u32);
+            let delivered = rgb8_to_tensor(rgb, width, h)?.f_to_device(self.x0.device())?;
+            self.prune = super::prune::Prune::new(&self.x0, &delivered, w)?;
             return self.next_prune();
         }
         Ok(())

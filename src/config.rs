@@ -273,7 +273,7 @@ pub struct AttackDefaults {
     /// `attack::guard`); 0 delivers the first image that succeeds.
     pub refine_rounds: u32,
     /// 8-bit checks spent after refinement to take back the grey levels the goal needs least
-    /// (see `attack::prune`); 0 turns pruning off.
+    /// (see `attack::prune`); 0 turns pruning off, and its bisection never uses more than 5.
     pub prune_rounds: u32,
 }
 
@@ -390,7 +390,7 @@ impl Default for AttackDefaults {
             delta2: 0.01,
             margins: vec![0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
             refine_rounds: 3,
-            prune_rounds: 0,
+            prune_rounds: 5,
         }
     }
 }

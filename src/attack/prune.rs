@@ -130,6 +130,24 @@ mod tests {
     }
 
     #[test]
+    fn the_bisection_spends_at_most_five_checks() {
+        // The configuration documents that `prune_rounds` past 5 are never used.
+        let x0 = Tensor::full([1000], 0.5, (Kind::Float, tch::Device::Cpu));
+        let delivered = x0.f_add_scalar(1.0 / 255.0).unwrap();
+        let grad = Tensor::arange(1000, (Kind::Float, tch::Device::Cpu));
+        for outcome in [true, false] {
+            let mut p = Prune::new(&x0, &delivered, &grad).unwrap().unwrap();
+            let mut checks = 0;
+            while p.next().unwrap().is_some() {
+                p.checked(outcome);
+                checks += 1;
+                assert!(checks <= 5, "more than five checks (all {outcome})");
+            }
+            assert_eq!(checks, 5, "all {outcome}");
+        }
+    }
+
+    #[test]
     fn nothing_changed_means_nothing_to_prune() {
         let x0 = Tensor::from_slice(&[0.5f32, 0.25]);
         assert!(Prune::new(&x0, &x0, &Tensor::from_slice(&[1.0f32, 1.0])).unwrap().is_none());

@@ -33,6 +33,36 @@ use crate::model::preprocess::{quantize, rgb8_to_tensor};
 /// The smallest scale refinement considers: it shrinks the perturbation by at most a fifth.
 const REFINE_FLOOR: f64 = 0.8;
 
+/// A bisection driven by 8-bit checks between a value known to succeed and one known (or
+/// assumed) to fail; the refinement's scale and pruning's fraction both search this way.
+#[derive(Debug, Clone, Copy)]
+pub struct Bracket {
+    good: f64,
+    bad: f64,
+    resolution: f64,
+}
+
+impl Bracket {
+    pub fn new(good: f64, bad: f64, resolution: f64) -> Self {
+        Self { good, bad, resolution }
+    }
+
+    /// The value to check next, or None once the bracket is narrower than its resolution.
+    pub fn next(&self) -> Option<f64> {
+        ((self.good - self.bad).abs() >= self.resolution).then(|| (self.good + self.bad) / 2.0)
+    }
+
+    /// The check of [`Bracket::next`]'s value: it becomes the new good or bad end.
+    pub fn checked(&mut self, success: bool) {
+        let mid = (self.good + self.bad) / 2.0;
+        if success {
+            self.good = mid;
+        } else {
+            self.bad = mid;
+        }
+    }
+}
+
 /// `w` with the pixels that cannot move in its direction zeroed (already at 0 with w < 0, or at
 /// 1 with w > 0: the step would be clipped away there, so they must not count in ‖w‖), and ‖w‖².
 pub fn mask_saturated(x: &Tensor, w: &Tensor) -> Result<(Tensor, f64), AttackError> {
@@ -173,11 +203,9 @@ pub struct Stepper {
     refine_left: u32,
     prune_left: u32,
     prune: Option<super::prune::Prune>,
-    /// The float image whose rounding first succeeded, and the bisection of its scale: the
-    /// largest scale known to fail, the smallest known to succeed.
+    /// The float image whose rounding first succeeded, and the bisection of its scale.
     x_float: Tensor,
-    refine_lo: f64,
-    refine_hi: f64,
+    scale: Bracket,
 }
 
 impl Stepper {
@@ -194,8 +222,7 @@ impl Stepper {
             prune_left: if params.float_reference { 0 } else { params.prune_rounds },
             prune: None,
             x_float: Tensor::new(),
-            refine_lo: REFINE_FLOOR,
-            refine_hi: 1.0,
+            scale: Bracket::new(1.0, REFINE_FLOOR, 0.02),
         }
     }
 
@@ -262,12 +289,7 @@ impl Stepper {
                 }
                 return self.next_prune();
             }
-            let alpha = (self.refine_lo + self.refine_hi) / 2.0;
-            if success {
-                self.refine_hi = alpha;
-            } else {
-                self.refine_lo = alpha;
-            }
+            self.scale.checked(success);
             return self.refine();
         }
         self.record.checked(rgb, probs, success);
@@ -312,10 +334,9 @@ impl Stepper {
     /// The next scale to try: the successful float perturbation shrunk by α, bisected between
     /// the last failing and the last succeeding scale (None when they are close enough).
     fn refinement(&self) -> Result<Option<Tensor>, AttackError> {
-        if self.refine_hi - self.refine_lo < 0.02 || !self.x_float.defined() {
+        let Some(alpha) = self.scale.next().filter(|_| self.x_float.defined()) else {
             return Ok(None);
-        }
-        let alpha = (self.refine_lo + self.refine_hi) / 2.0;
+        };
         let x = self.x0.f_add(&self.x_float.f_sub(&self.x0)?.f_mul_scalar(alpha)?)?;
         Ok(Some(x.f_clamp(0.0, 1.0)?))
     }

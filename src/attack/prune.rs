@@ -13,6 +13,7 @@
 use tch::{Kind, Tensor};
 
 use super::AttackError;
+use super::guard::Bracket;
 
 /// The largest fraction of the changed values pruning may revert.
 const MAX_FRACTION: f64 = 0.5;
@@ -27,9 +28,8 @@ pub struct Prune {
     score: Tensor,
     /// The finite scores, ascending.
     sorted: Vec<f32>,
-    /// Largest fraction known to succeed, smallest known (or assumed) to fail.
-    lo: f64,
-    hi: f64,
+    /// The fraction reverted: 0 is the delivered image (a success), MAX_FRACTION assumed to fail.
+    fraction: Bracket,
 }
 
 impl Prune {
@@ -52,20 +52,22 @@ impl Prune {
         }
         sorted.sort_by(f32::total_cmp);
         let score = score.f_masked_fill(&changed.f_logical_not()?, f64::INFINITY)?;
-        Ok(Some(Self { x0: x0.shallow_clone(), levels, score, sorted, lo: 0.0, hi: MAX_FRACTION }))
-    }
-
-    fn fraction(&self) -> f64 {
-        (self.lo + self.hi) / 2.0
+        Ok(Some(Self {
+            x0: x0.shallow_clone(),
+            levels,
+            score,
+            sorted,
+            fraction: Bracket::new(0.0, MAX_FRACTION, RESOLUTION),
+        }))
     }
 
     /// The next image to check (the original plus the pruned levels), or None when the
     /// bisection has converged.
     pub fn next(&self) -> Result<Option<Tensor>, AttackError> {
-        if self.hi - self.lo < RESOLUTION {
+        let Some(fraction) = self.fraction.next() else {
             return Ok(None);
-        }
-        let k = (self.fraction() * self.sorted.len() as f64).floor() as usize;
+        };
+        let k = (fraction * self.sorted.len() as f64).floor() as usize;
         if k == 0 {
             return Ok(None);
         }
@@ -77,12 +79,7 @@ impl Prune {
 
     /// The 8-bit check of the last [`Prune::next`] image.
     pub fn checked(&mut self, success: bool) {
-        let f = self.fraction();
-        if success {
-            self.lo = f;
-        } else {
-            self.hi = f;
-        }
+        self.fraction.checked(success);
     }
 }
 

@@ -25,6 +25,7 @@ import os
 import statistics
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -214,7 +215,11 @@ def main():
         body, ct = multipart(path)
         q = f"{a.labelfool}/attack?model=remote:{a.remote}&budget={a.budget}&epsilon={a.epsilon}"
         t0 = time.time()
-        v = post(q, body, ct)
+        try:
+            v = post(q, body, ct)
+        except urllib.error.HTTPError as e:
+            # A clear JSON error (a remote timeout: 504): recorded for this image, the run goes on.
+            v = {"error": json.load(e)}
         row = {"file": f, "target": v.get("target", {}).get("index"), "target_label": v.get("target", {}).get("label"),
                "target_wnid": v.get("target", {}).get("wnid"), "original": v.get("original")}
         if "error" in v:
@@ -224,7 +229,10 @@ def main():
         lf = {"success": v["success"], "queries": v["queries"], "seconds": time.time() - t0,
               "transfer_prior_success": v["search"] is None and v["success"],
               "perceptibility": v["perturbation"]["perceptibility"] if v.get("perturbation") else None}
-        lf["queries_to_success"] = v["queries"] if v["success"] else None
+        # Queries when the target was first reached (the refinement's probes come after it).
+        lf["queries_to_success"] = v.get("queries_to_success", v["queries"]) if v["success"] else None
+        lf["refinement"] = v.get("refinement")
+        lf["last_candidate"] = (v.get("candidates") or [{}])[-1].get("method")
         row["labelfool"] = lf
         t = row["target"]
         reused = earlier.get((f, t))

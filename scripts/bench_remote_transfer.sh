@@ -16,6 +16,8 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 ok = [r for r in rows if "error" not in r]
 succ = [r for r in ok if r["success"]]
+key = lambda r: "pgd" if r["candidates"][-1].get("margin") is None else str(r["candidates"][-1]["margin"])
+order = lambda k: (k == "pgd", float(k) if k != "pgd" else 0.0)
 within = {q: sum(1 for r in succ if r["queries"] <= q) for q in range(2, int(sys.argv[3]) + 1)}
 summary = {
     "images": len(rows), "errors": len(rows) - len(ok), "budget": int(sys.argv[3]),
@@ -23,7 +25,8 @@ summary = {
     "success_within_queries": within,
     "median_queries_to_success": statistics.median([r["queries"] for r in succ]) if succ else None,
     "mean_perceptibility_of_successes": statistics.mean([r["perturbation"]["perceptibility"] for r in succ]) if succ else None,
-    "margin_of_successes": {str(m): sum(1 for r in succ if r["candidates"][-1]["margin"] == m) for m in sorted({r["candidates"][-1]["margin"] for r in succ})},
+    # The successful candidate: LabelFool's margin, or "pgd" (the last candidate, no margin).
+    "margin_of_successes": {k: sum(1 for r in succ if key(r) == k) for k in sorted({key(r) for r in succ}, key=order)},
     "remote_top1_correct_on_upload": sum(1 for r in ok if r["file"].split("_")[0] == r["original"].get("wnid")),
 }
 json.dump({"summary": summary, "results": rows}, open(sys.argv[2], "w"), indent=1)

@@ -140,6 +140,67 @@ fn fgsm_moves_every_pixel_by_epsilon_before_quantisation() {
     assert_eq!(o.iterations, 1);
 }
 
+/// `f_t − max_{j≠t} f_j` of the 8-bit image `rgb` through the classify pipeline.
+fn margin_of(model: &LoadedModel, rgb: &[u8], w: u32, h: u32, t: usize) -> f32 {
+    let x = labelfool::model::preprocess::prepare_rgb8(rgb, w, h, model.info.input()).unwrap();
+    let l: Vec<f32> = tch::no_grad(|| Vec::try_from(&model.forward(&x).unwrap().get(0)).unwrap());
+    let other = l.iter().enumerate().filter(|&(j, _)| j != t).map(|(_, &v)| v).fold(f32::NEG_INFINITY, f32::max);
+    l[t] - other
+}
+
+#[test]
+fn pgd_stays_in_its_ball_and_widens_the_targets_margin_through_random_resizes() {
+    let (info, model) = tiny();
+    let x0 = photo("n02391049_zebra.JPEG");
+    let (h, w) = (x0.size()[2] as u32, x0.size()[3] as u32);
+    let rgb0 = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
+    let clean: Vec<f32> = tch::no_grad(|| {
+        Vec::try_from(&model.forward(&resize_crop(&x0, model.info.input()).unwrap()).unwrap().get(0)).unwrap()
+    });
+    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let argmin = |v: &[f32]| v.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    // Towards the least likely class, and towards the predicted one (pushed further, not refused).
+    for t in [argmin(&clean), argmax(&clean)] {
+        let p = AttackParams { max_iter: 10, epsilons: vec![0.06], target: Some(t), ..params(Method::Pgd) };
+        let mut row = attack::new_row(info.clone(), x0.shallow_clone(), p).unwrap();
+        // The first step sees the model's own resize (its logits classify the original) …
+        assert_eq!(row.step_resize(), None);
+        let mut rows = vec![row];
+        let (errors, stats) = runner::tick(&model, &mut rows);
+        assert!(errors[0].is_none(), "{:?}", errors[0]);
+        assert_eq!(stats.backward_passes, 1);
+        // … every later one a short side drawn from [size, 1.17 × resize] = [32, 42].
+        let sides: Vec<i64> = (0..40).map(|_| rows[0].step_resize().unwrap()).collect();
+        assert!(sides.iter().all(|s| (32..=42).contains(s)), "{sides:?}");
+        assert!(sides.iter().collect::<std::collections::BTreeSet<_>>().len() >= 5, "{sides:?}");
+        let o = run_to_end(&model, rows.pop().unwrap());
+        assert_eq!((o.iterations, o.checks), (10, 1));
+        assert_eq!(o.epsilon, Some(0.06));
+        assert_eq!(o.original.index, argmax(&clean));
+        let linf = o.rgb.iter().zip(&rgb0).map(|(&a, &b)| (i16::from(a) - i16::from(b)).abs()).max().unwrap();
+        assert!(linf <= 16, "L∞ {linf} grey levels > ε = 0.06 (15.3, rounded)");
+        let (before, after) = (margin_of(&model, &rgb0, w, h, t), margin_of(&model, &o.rgb, w, h, t));
+        // The tiny model moves little within ε (measured: −1.36 → −1.08 and 0.21 → 0.34).
+        let gain = if t == argmax(&clean) { 0.05 } else { 0.2 };
+        assert!(after > before + gain, "target {t}: margin {before} → {after}");
+    }
+}
+
+#[test]
+fn pgd_takes_one_radius_defaulting_to_the_searchs() {
+    use labelfool::attack::params::{AttackLimits, AttackRequest};
+    let (info, _) = tiny();
+    let d = labelfool::config::AttackDefaults::default();
+    let s = AttackLimits { max_iter: 1000, max_candidates: 20, max_backward_passes: 10_000 };
+    let req = |eps: Option<Vec<f64>>| AttackRequest { method: Some("pgd".into()), epsilons: eps, ..Default::default() };
+    let p = req(None).validate(&info, &d, &s).unwrap();
+    assert_eq!((p.method, p.max_iter, p.epsilons.clone()), (Method::Pgd, 20, vec![13.0 / 255.0]));
+    assert_eq!(p.max_backward_passes(), 20);
+    assert_eq!(req(Some(vec![0.1])).validate(&info, &d, &s).unwrap().epsilons, vec![0.1]);
+    let e = req(Some(vec![0.01, 0.02])).validate(&info, &d, &s).unwrap_err().to_string();
+    assert!(e.contains("`epsilon`") && e.contains("one radius"), "{e}");
+}
+
 #[test]
 fn sparsefool_changes_few_pixels_where_deepfool_changes_most() {
     let (info, model) = tiny();

@@ -276,7 +276,8 @@ async fn an_https_remote_is_trusted_through_its_ca_file() {
 /// Query-based LabelFool against MLServer's Lite2 with Lite0 as the surrogate, in both input
 /// modes: whatever happens, the budget holds, margins grow, and a success is a PNG that MLServer
 /// classifies as the target. The alligator's target is out of the transfer prior's reach within
-/// its margins, so the score-based search runs on MLServer's scores.
+/// its margins and, at a radius of 5/255, of PGD's, so the score-based search runs on MLServer's
+/// scores (at the default 13/255 PGD reaches it: 10 queries).
 #[tokio::test]
 async fn query_based_labelfool_against_mlserver() {
     let m = start_mlserver();
@@ -286,18 +287,18 @@ async fn query_based_labelfool_against_mlserver() {
     // The husky's target (Norwegian elkhound) is reached by the transfer prior at margin 64.
     let husky = fixture("images/n02110185_Siberian_husky.JPEG");
     let cases = [
-        ("lite2-bytes", &images[0], 6),
-        ("lite2-fp32", &images[1], 6),
-        ("lite2-bytes", &husky, 12),
-        ("lite2-fp32", &husky, 12),
-        ("lite2-bytes", &alligator, 100),
+        ("lite2-bytes", &images[0], 6, ""),
+        ("lite2-fp32", &images[1], 6, ""),
+        ("lite2-bytes", &husky, 12, ""),
+        ("lite2-fp32", &husky, 12, ""),
+        ("lite2-bytes", &alligator, 100, "&epsilon=0.02"),
     ];
     let mut searched_runs = 0;
     let mut bytes_successes = 0;
-    for (remote, path, budget) in cases {
+    for (remote, path, budget, radius) in cases {
         let v = post_image(
             &s,
-            &format!("/attack?model=remote:{remote}&surrogate=efficientnet-lite0&budget={budget}"),
+            &format!("/attack?model=remote:{remote}&surrogate=efficientnet-lite0&budget={budget}{radius}"),
             path,
         )
         .await;
@@ -306,16 +307,29 @@ async fn query_based_labelfool_against_mlserver() {
         let candidates = v["candidates"].as_array().unwrap();
         // One query per candidate after the upload, then the search's (cached answers are free).
         let searched = v["search"]["asked"].as_u64().unwrap_or(0);
+        // After success, at most 5 probes of a smaller perturbation.
+        let refined = v["refinement"]["asked"].as_u64().unwrap_or(0);
+        assert!(refined <= 5 && (refined == 0 || v["success"] == true), "{v}");
+        let before_refinement = v["queries_to_success"].as_u64().unwrap_or(queries);
         assert!(candidates.len() as u64 + 1 <= queries, "{v}");
-        assert!(candidates.len() as u64 + 1 + searched >= queries, "{v}");
+        assert!(candidates.len() as u64 + 1 + searched + refined >= queries, "{v}");
         if v["search"].is_null() {
-            assert_eq!(candidates.len() as u64, queries - 1, "{v}");
+            assert_eq!(candidates.len() as u64, before_refinement - 1, "{v}");
         } else {
             searched_runs += 1;
             assert_eq!(v["method"], "labelfool-transfer+square");
         }
-        let margins: Vec<f64> = candidates.iter().map(|c| c["margin"].as_f64().unwrap()).collect();
+        let (labelfool, pgd): (Vec<_>, Vec<_>) = candidates.iter().partition(|c| c["method"] == "labelfool");
+        let margins: Vec<f64> = labelfool.iter().map(|c| c["margin"].as_f64().unwrap()).collect();
         assert!(margins.windows(2).all(|w| w[0] < w[1]), "{margins:?}");
+        // PGD, when asked, is the one candidate after all eight margins, at the search's radius.
+        if let [p] = pgd.as_slice() {
+            assert_eq!((p["method"].as_str(), labelfool.len()), (Some("pgd"), 8), "{v}");
+            assert!(p["margin"].is_null() && candidates.last() == Some(*p), "{v}");
+            assert!(p["perceptibility"].as_f64().unwrap() <= 13.0 / 255.0 * 3f64.sqrt(), "{v}");
+        } else {
+            assert!(pgd.is_empty(), "{v}");
+        }
         assert_eq!(v["success"].as_bool(), Some(v["final"]["index"] == v["target"]["index"]), "{v}");
         // Label closeness of the remote's original and final classes (ImageNet ids).
         if !v["final"].is_null() {

@@ -264,9 +264,19 @@ async fn query_based_labelfool_spends_at_most_its_budget() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["method"], "labelfool-transfer");
     assert_eq!(v["success"], true, "{v}");
-    assert_eq!(v["queries"], 2, "the upload, then one candidate: {v}");
+    assert_eq!(v["queries_to_success"], 2, "the upload, then one candidate: {v}");
     assert_eq!(v["final"]["index"], v["target"]["index"]);
     assert_eq!(v["candidates"].as_array().unwrap().len(), 1);
+    // The 3 queries left probe smaller copies of the candidate's perturbation (bisection on its
+    // scale; a probe that rounds to an image already asked about is answered from the cache);
+    // the delivered image is the smallest the remote still put in the target class.
+    let (asked, scale) = (v["refinement"]["asked"].as_u64().unwrap(), v["refinement"]["scale"].as_f64().unwrap());
+    let queries = v["queries"].as_u64().unwrap();
+    assert!(queries <= 5 && asked <= 5 && asked + 2 >= queries, "{v}");
+    assert!(scale > 0.0 && scale <= 1.0, "{v}");
+    let candidate = v["candidates"][0]["perceptibility"].as_f64().unwrap();
+    let delivered = v["perturbation"]["perceptibility"].as_f64().unwrap();
+    assert!(if scale < 1.0 { delivered < candidate } else { delivered == candidate }, "{v}");
     // The delivered PNG, sent to the remote, is the target there.
     let png =
         base64::Engine::decode(&base64::engine::general_purpose::STANDARD, v["png_base64"].as_str().unwrap()).unwrap();

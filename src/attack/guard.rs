@@ -52,6 +52,11 @@ impl Bracket {
         ((self.good - self.bad).abs() >= self.resolution).then(|| (self.good + self.bad) / 2.0)
     }
 
+    /// The end known to succeed.
+    pub fn good(&self) -> f64 {
+        self.good
+    }
+
     /// The check of [`Bracket::next`]'s value: it becomes the new good or bad end.
     pub fn checked(&mut self, success: bool) {
         let mid = (self.good + self.bad) / 2.0;

@@ -12,6 +12,7 @@ pub mod fgsm;
 pub mod guard;
 pub mod labelfool;
 pub mod params;
+pub mod pgd;
 pub mod prune;
 pub mod record;
 pub mod runner;
@@ -119,6 +120,11 @@ pub trait AttackRow: Send {
     fn margin_now(&self) -> Option<f64> {
         None
     }
+    /// The short side the model's resize takes for this row's next forward pass with gradients;
+    /// None: the model's own (every method but PGD's input diversity).
+    fn step_resize(&mut self) -> Option<i64> {
+        None
+    }
     /// Where the attack stands, for live progress.
     fn progress(&self) -> Progress {
         self.record().progress(self.margin_now())
@@ -136,6 +142,10 @@ pub fn new_row(info: Arc<ModelInfo>, x0: Tensor, params: AttackParams) -> Result
         (Method::Deepfool, None) => Ok(Box::new(deepfool::DeepFoolRow::new(x0, params))),
         (Method::Fgsm, _) => Ok(Box::new(fgsm::FgsmRow::new(x0, params))),
         (Method::Sparsefool, _) => Ok(Box::new(sparsefool::SparseFoolRow::new(x0, params))),
+        (Method::Pgd, _) => {
+            let spec = info.input();
+            Ok(Box::new(pgd::PgdRow::new(x0, params, spec.size, spec.resize_short_side)))
+        }
     }
 }
 

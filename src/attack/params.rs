@@ -60,10 +60,14 @@ pub enum Method {
     Fgsm,
     /// SparseFool: few pixels changed, via DeepFool's boundary and a linear solver.
     Sparsefool,
+    /// PGD with momentum and input diversity: a fixed number of sign steps inside the L∞ ball of
+    /// radius ε, made to transfer to other models.
+    Pgd,
 }
 
 impl Method {
-    pub const ALL: &'static [Method] = &[Method::Labelfool, Method::Deepfool, Method::Fgsm, Method::Sparsefool];
+    pub const ALL: &'static [Method] =
+        &[Method::Labelfool, Method::Deepfool, Method::Fgsm, Method::Sparsefool, Method::Pgd];
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.iter().copied().find(|m| m.name() == s.trim().to_ascii_lowercase())
@@ -75,6 +79,7 @@ impl Method {
             Method::Deepfool => "deepfool",
             Method::Fgsm => "fgsm",
             Method::Sparsefool => "sparsefool",
+            Method::Pgd => "pgd",
         }
     }
 }
@@ -132,6 +137,7 @@ impl AttackParams {
             (Method::Labelfool, _) | (Method::Deepfool, Some(_)) => steps,
             (Method::Deepfool, None) => steps * per_step,
             (Method::Fgsm, _) => 1,
+            (Method::Pgd, _) => steps,
             // Each outer iteration: an inner DeepFool of at most `max_iter` steps, then the normal.
             (Method::Sparsefool, _) => u64::from(self.max_outer) * (steps * per_step + 1),
         }
@@ -194,6 +200,7 @@ impl AttackRequest {
         let max_iter = match (req.max_iter, method) {
             (Some(m), _) => m,
             (None, Method::Sparsefool) => SPARSEFOOL_MAX_INNER.min(d.max_iter),
+            (None, Method::Pgd) => super::pgd::DEFAULT_STEPS.min(d.max_iter),
             (None, _) => d.max_iter,
         };
         if max_iter == 0 || max_iter > s.max_iter {
@@ -215,9 +222,13 @@ impl AttackRequest {
         if req.target.is_some() && method == Method::Sparsefool {
             return Err(ParamError::invalid("target", "sparsefool is untargeted"));
         }
-        let epsilons = match &req.epsilons {
-            None => DEFAULT_EPSILONS.iter().map(|e| e / 255.0).collect(),
-            Some(list) => {
+        let epsilons = match (&req.epsilons, method) {
+            (None, Method::Pgd) => vec![super::pgd::DEFAULT_EPSILON],
+            (Some(list), Method::Pgd) if list.len() != 1 => {
+                return Err(ParamError::invalid("epsilon", "pgd takes one radius (pixel scale)"));
+            }
+            (None, _) => DEFAULT_EPSILONS.iter().map(|e| e / 255.0).collect(),
+            (Some(list), _) => {
                 let mut list = list.clone();
                 if list.is_empty() || list.len() > 64 || list.iter().any(|e| !(e.is_finite() && *e > 0.0 && *e <= 1.0))
                 {

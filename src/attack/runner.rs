@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 
 use super::{AttackError, AttackRow, Need};
 use crate::model::preprocess::{prepare_rgb8, resize_crop, tensor_to_rgb8};
-use crate::model::{LoadedModel, tensor_rows};
+use crate::model::{InputSpec, LoadedModel, tensor_rows};
 
 /// Work done by one tick, for metrics and benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
@@ -122,7 +122,13 @@ fn step_rows(
     let spec = model.info.input();
     let xs: Vec<Tensor> =
         idx.iter().map(|&i| rows[i].image().f_detach().map(|x| x.set_requires_grad(true))).collect::<Result<_, _>>()?;
-    let inputs: Vec<Tensor> = xs.iter().map(|x| resize_crop(x, spec)).collect::<Result<_, _>>()?;
+    let mut inputs = Vec::with_capacity(idx.len());
+    for (&i, x) in idx.iter().zip(&xs) {
+        inputs.push(match rows[i].step_resize() {
+            Some(side) => resize_crop(x, &InputSpec { resize_short_side: side, ..spec.clone() })?,
+            None => resize_crop(x, spec)?,
+        });
+    }
     let logits = model.forward(&Tensor::f_cat(&inputs, 0)?)?;
     let values = tensor_rows(&logits)?;
 

@@ -13,7 +13,7 @@ pub struct EvalArgs {
     /// A flat folder of `<wnid>_*.JPEG` files or an ImageFolder tree (`DIR/<class>/*`).
     #[arg(long)]
     pub images: PathBuf,
-    /// Comma-separated attack methods: labelfool, deepfool, fgsm, sparsefool.
+    /// Comma-separated attack methods: labelfool, deepfool, fgsm, sparsefool (and pgd).
     #[arg(long, value_delimiter = ',', default_value = "labelfool,deepfool,fgsm,sparsefool")]
     pub methods: Vec<String>,
     #[arg(long)]

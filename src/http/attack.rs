@@ -24,14 +24,15 @@ use crate::imaging::metrics::Perturbation;
 pub struct AttackParamsDoc {
     /// Model name (default: the first configured model).
     pub model: Option<String>,
-    /// Attack method (default `labelfool`).
+    /// Attack method: `labelfool` (default), `deepfool`, `fgsm`, `sparsefool`, or `pgd` (PGD with
+    /// momentum and input diversity inside the L∞ ball `epsilon`, made to transfer to other models).
     #[param(example = "labelfool")]
     pub method: Option<String>,
     /// Target class (index, WordNet id or name) instead of LabelFool's choice.
     #[param(example = "n02389026")]
     pub target: Option<String>,
     /// Iteration budget, 8-bit re-check steps included (default 50; SparseFool: steps of each inner
-    /// DeepFool, default 10; at most limits.max_iter).
+    /// DeepFool, default 10; PGD: its steps, default 20; at most limits.max_iter).
     #[param(minimum = 1, example = 50)]
     pub max_iter: Option<u32>,
     /// DeepFool overshoot (default 0.02).
@@ -42,7 +43,7 @@ pub struct AttackParamsDoc {
     /// LabelFool δ2 (default 0.01).
     pub delta2: Option<f64>,
     /// FGSM step size on the [0,1] pixel scale, or a comma-separated list: the smallest that
-    /// fools is delivered (default 0.5/255 … 32/255).
+    /// fools is delivered (default 0.5/255 … 32/255). PGD: its one L∞ radius (default 13/255).
     #[param(value_type = Option<String>, example = "0.0078,0.0157,0.0314")]
     pub epsilon: Option<String>,
     /// DeepFool / SparseFool: classes considered, the original included (default 10).
@@ -89,6 +90,9 @@ pub struct RemoteAttackResponse {
     /// Queries spent (the upload's included; identical images are asked once) and the budget.
     pub queries: u32,
     pub budget: u32,
+    /// Queries spent when the remote first classified an image as the target (the rest went to
+    /// the refinement).
+    pub queries_to_success: Option<u32>,
     /// The remote's top-1 for the upload.
     pub original: ClassPrediction,
     /// Chosen from the remote's probabilities with the surrogate's distance matrix.
@@ -100,6 +104,8 @@ pub struct RemoteAttackResponse {
     pub candidates: Vec<CandidateInfo>,
     /// The score-based search, when it ran.
     pub search: Option<SearchInfo>,
+    /// After success, the delivered perturbation scaled down by bisection on the remote.
+    pub refinement: Option<RefinementInfo>,
     /// The delivered PNG (the first image the remote classified as the target, else the one it
     /// gave the target's highest probability), base64.
     #[schema(format = Byte)]
@@ -112,8 +118,11 @@ pub struct RemoteAttackResponse {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CandidateInfo {
-    /// Logit margin demanded on the surrogate.
-    pub margin: f64,
+    /// `labelfool` (white-box LabelFool with `margin`) or `pgd` (PGD with input diversity at the
+    /// search's radius, the last candidate).
+    pub method: String,
+    /// Logit margin demanded of LabelFool on the surrogate.
+    pub margin: Option<f64>,
     pub surrogate_success: bool,
     /// The remote's top-1 and its probability of the target.
     pub remote: ClassPrediction,
@@ -136,6 +145,14 @@ pub struct SearchInfo {
     /// The delivered PNG is the search's (false: the prior's best candidate stayed closer by the
     /// search's loss).
     pub delivered: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RefinementInfo {
+    /// Scaled-down images probed (at most 5; answers from the cache included).
+    pub asked: u32,
+    /// The delivered perturbation's scale against the first success's (1: no smaller one held).
+    pub scale: f64,
 }
 
 /// Most models one request may verify against (each costs two classifications).
@@ -529,6 +546,7 @@ fn remote_summary(
         success: o.success,
         queries: o.queries,
         budget: o.budget,
+        queries_to_success: o.queries_to_success,
         original: pred(&o.original),
         target: TargetInfo {
             class: ClassRef::from_list(classes, d.target),
@@ -547,6 +565,7 @@ fn remote_summary(
             .candidates
             .iter()
             .map(|c| CandidateInfo {
+                method: c.method.into(),
                 margin: c.margin,
                 surrogate_success: c.surrogate_success,
                 remote: pred(&c.remote),
@@ -562,6 +581,7 @@ fn remote_summary(
             success: s.success,
             delivered: s.delivered,
         }),
+        refinement: o.refinement.map(|r| RefinementInfo { asked: r.asked, scale: r.scale }),
         png_base64: o.delivered.as_ref().map(|r| base64::engine::general_purpose::STANDARD.encode(&r.png)),
         perturbation: o.delivered.as_ref().map(|r| r.perturbation),
         label_space: last.map(|f| label_space(classes, o.original.index, f.index)),

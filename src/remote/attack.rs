@@ -239,24 +239,39 @@ pub async fn run(
     // The candidate the remote found closest to the target: (loss, PNG, probabilities).
     let mut best: Option<(f64, Vec<u8>, Vec<f32>, Perturbation)> = None;
     let mut success = false;
-    for margin in MARGINS {
-        if asker.queries >= budget {
-            break;
-        }
+    // LabelFool with each margin, then the attack made to transfer: PGD with momentum and input
+    // diversity on the surrogate, at the search's radius. Where LabelFool's least perturbations
+    // do not reach the remote, it is usually the search's best start (benches/results.md, issue 13).
+    let epsilon = (options.epsilon * 255.0).round().clamp(1.0, 255.0) as u8;
+    let labelfool = MARGINS.into_iter().map(|margin| {
         let req = AttackRequest {
             method: Some("labelfool".into()),
             target: Some(t.to_string()),
             margin: Some(margin),
             ..request.clone()
         };
+        ("labelfool", Some(margin), req)
+    });
+    let pgd = AttackRequest {
+        method: Some("pgd".into()),
+        target: Some(t.to_string()),
+        epsilons: Some(vec![f64::from(epsilon) / 255.0]),
+        max_iter: None,
+        margin: None,
+        ..request.clone()
+    };
+    for (method, margin, req) in labelfool.chain(std::iter::once(("pgd", None, pgd))) {
+        if asker.queries >= budget {
+            break;
+        }
         let left = deadline.saturating_sub(started.elapsed());
         let result = engine.attack(Some(surrogate), upload.clone(), req, left).await?;
         let Some(after) = asker.ask(Bytes::from(result.png.clone())).await? else { break };
         let remote_top = top(&after, Some(t));
         let hit = remote_top.index == t;
         candidates.push(Candidate {
-            method: "labelfool",
-            margin: Some(margin),
+            method,
+            margin,
             surrogate_success: result.outcome.success,
             remote: remote_top,
             perceptibility: result.perturbation.perceptibility,
@@ -268,38 +283,6 @@ pub async fn run(
         if hit {
             success = true;
             break;
-        }
-    }
-    // Last, the attack made to transfer: PGD with momentum and input diversity on the surrogate,
-    // at the search's radius. Where LabelFool's least perturbations do not reach the remote, it
-    // is usually the search's best start (benches/results.md, issue 13).
-    let epsilon = (options.epsilon * 255.0).round().clamp(1.0, 255.0) as u8;
-    if !success && asker.queries < budget {
-        let req = AttackRequest {
-            method: Some("pgd".into()),
-            target: Some(t.to_string()),
-            epsilons: Some(vec![f64::from(epsilon) / 255.0]),
-            max_iter: None,
-            margin: None,
-            ..request.clone()
-        };
-        let left = deadline.saturating_sub(started.elapsed());
-        let result = engine.attack(Some(surrogate), upload.clone(), req, left).await?;
-        if let Some(after) = asker.ask(Bytes::from(result.png.clone())).await? {
-            let remote_top = top(&after, Some(t));
-            let hit = remote_top.index == t;
-            candidates.push(Candidate {
-                method: "pgd",
-                margin: None,
-                surrogate_success: result.outcome.success,
-                remote: remote_top,
-                perceptibility: result.perturbation.perceptibility,
-            });
-            let l = search::loss(&after, t);
-            if hit || best.as_ref().is_none_or(|b| l < b.0) {
-                best = Some((l, result.png, after, result.perturbation));
-            }
-            success = hit;
         }
     }
     // The best candidate's probabilities start the search (no second look-up).

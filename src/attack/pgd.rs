@@ -17,8 +17,8 @@ use super::target::{argmax, softmax};
 use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, best_other};
 
 /// Input diversity: the short side of each step's resize is drawn from
-/// `[model size, DIVERSITY × model resize]` (224..=300 for a 256 → 224 model, as in the paper's
-/// 299 → 330 range). The resized image is at most this factor larger than the model's own, which
+/// `[model size, DIVERSITY × model resize]` (224..=300 for a 256 → 224 model; the paper resizes a
+/// 299 input to 299..330 and pads). The resized image is at most this factor larger than the model's own, which
 /// `limits.max_resized_side` bounds.
 pub const DIVERSITY: f64 = 1.17;
 /// The default radius: the query-based search's (13/255, the Square Attack paper's 0.05).

@@ -114,7 +114,7 @@ async fn bad_attack_parameters_are_422_naming_the_parameter_while_others_are_ser
         ("delta1=0".to_string(), "delta1"),
         ("delta2=-0.01".to_string(), "delta2"),
         ("delta2=1".to_string(), "delta2"),
-        ("method=pgd".to_string(), "method"),
+        ("method=carlini-wagner".to_string(), "method"),
         ("maxiter=5".to_string(), "maxiter"),
     ];
     // Fire all the bad requests and one good attack and classify at once: the bad ones must not

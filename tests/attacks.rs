@@ -38,6 +38,7 @@ fn params(method: Method) -> AttackParams {
         candidates: 10,
         lambda: 3.0,
         max_outer: 20,
+        step: None,
         float_reference: false,
         refine_rounds: 0,
         prune_rounds: 0,
@@ -199,6 +200,44 @@ fn pgd_takes_one_radius_defaulting_to_the_searchs() {
     assert_eq!(req(Some(vec![0.1])).validate(&info, &d, &s).unwrap().epsilons, vec![0.1]);
     let e = req(Some(vec![0.01, 0.02])).validate(&info, &d, &s).unwrap_err().to_string();
     assert!(e.contains("`epsilon`") && e.contains("one radius"), "{e}");
+    // A step size is PGD's alone, on the pixel scale.
+    assert_eq!(p.step, None);
+    let stepped = |method: &str, step: f64| {
+        AttackRequest { method: Some(method.into()), step: Some(step), ..Default::default() }.validate(&info, &d, &s)
+    };
+    assert_eq!(stepped("pgd", 2.0 / 255.0).unwrap().step, Some(2.0 / 255.0));
+    for (method, step, says) in [("pgd", 0.0, "(0, 1]"), ("pgd", 1.5, "(0, 1]"), ("fgsm", 0.01, "no step size")] {
+        let e = stepped(method, step).unwrap_err().to_string();
+        assert!(e.contains("`step`") && e.contains(says), "{method} {step}: {e}");
+    }
+}
+
+#[test]
+fn pgd_moves_by_the_callers_step_else_by_two_and_a_half_radii_over_its_steps() {
+    let (info, model) = tiny();
+    let x0 = photo("n02391049_zebra.JPEG");
+    let rgb0 = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
+    // After one step every value the gradient's sign moved (away from 0 and 255) is off by the
+    // step exactly; those the model's crop throws away have no gradient and stay.
+    for (step, levels) in [(Some(3.0 / 255.0), 3), (None, 5)] {
+        // Default: 2.5 × 20/255 / 10 steps = 5 grey levels; the 10 steps are cut to 1 below.
+        let p =
+            AttackParams { max_iter: 10, epsilons: vec![20.0 / 255.0], target: Some(1), step, ..params(Method::Pgd) };
+        let mut rows = vec![attack::new_row(info.clone(), x0.shallow_clone(), p).unwrap()];
+        let (errors, _) = runner::tick(&model, &mut rows);
+        assert!(errors[0].is_none(), "{:?}", errors[0]);
+        let rgb = labelfool::model::preprocess::tensor_to_rgb8(rows[0].image()).unwrap();
+        let moved: Vec<i16> = rgb
+            .iter()
+            .zip(&rgb0)
+            .filter(|&(_, &o)| (levels..=255 - levels).contains(&o))
+            .map(|(&a, &o)| (i16::from(a) - i16::from(o)).abs())
+            .filter(|&d| d != 0)
+            .collect();
+        assert!(moved.len() > 1000);
+        let exact = moved.iter().filter(|&&d| d == i16::from(levels)).count();
+        assert!(exact * 100 >= moved.len() * 99, "{exact} of {} values moved by {levels}", moved.len());
+    }
 }
 
 #[test]

@@ -104,6 +104,8 @@ pub struct AttackParams {
     pub lambda: f64,
     /// SparseFool's cap on outer iterations.
     pub max_outer: u32,
+    /// PGD's step α (pixel scale); None: 2.5·ε/steps.
+    pub step: Option<f64>,
     /// The paper's float attack, as a reference: success is judged on the float image (no 8-bit
     /// rounding, no margin), and the outcome reports that image's perceptibility. What the
     /// 8-bit guarantee costs is delivered ÷ float perceptibility.
@@ -161,6 +163,8 @@ pub struct AttackRequest {
     pub lambda: Option<f64>,
     /// SparseFool's cap on outer iterations.
     pub max_outer: Option<u32>,
+    /// PGD's step size on the [0,1] pixel scale.
+    pub step: Option<f64>,
     /// Also run the paper's float attack (no 8-bit rounding) on the same image and target, and
     /// report its perceptibility: what the 8-bit guarantee costs.
     pub float_reference: bool,
@@ -264,6 +268,12 @@ impl AttackRequest {
         if !(lambda.is_finite() && lambda > 0.0 && lambda <= 100.0) {
             return Err(ParamError::invalid("lambda", format!("{lambda} is not in (0, 100]")));
         }
+        let step = match (req.step, method) {
+            (None, _) => None,
+            (Some(s), Method::Pgd) if s.is_finite() && s > 0.0 && s <= 1.0 => Some(s),
+            (Some(s), Method::Pgd) => return Err(ParamError::invalid("step", format!("{s} is not in (0, 1]"))),
+            (Some(_), m) => return Err(ParamError::invalid("step", format!("{} takes no step size", m.name()))),
+        };
         let params = AttackParams {
             method,
             max_iter,
@@ -272,6 +282,7 @@ impl AttackRequest {
             candidates,
             lambda,
             max_outer,
+            step,
             float_reference: false,
             refine_rounds: if req.margin.is_some() { 0 } else { d.refine_rounds },
             prune_rounds: if req.margin.is_some() { 0 } else { d.prune_rounds },

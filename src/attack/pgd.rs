@@ -2,7 +2,8 @@
 //! (Dong et al., CVPR 2018) and input diversity (Xie et al., CVPR 2019) — MI-DI-FGSM: `max_iter`
 //! steps `g ← μ·g + ∇m/mean|∇m|`, `x ← Π_ε(x + α·sign(g))`, where m is `f_t − max_{j≠t} f_j`
 //! towards a target (else `max_{j≠l} f_j − f_l` away from the original class l), μ = 1 and
-//! α = 2.5·ε/steps; at every step but the first the image is resized to a random short side
+//! α = 2.5·ε/steps unless the caller gives `step` (many small-enough steps transfer better to
+//! another model's target: Zhao et al., NeurIPS 2021); at every step but the first the image is resized to a random short side
 //! before the model's centre crop. The steps never stop early and a target the model already
 //! predicts is pushed further: this is the attack made to transfer to *another* model (the
 //! query-based attack's start on a remote), not to fool this one by as little as possible.
@@ -105,7 +106,7 @@ impl AttackRow for PgdRow {
     fn on_gradients(&mut self, grads: Vec<Tensor>) -> Result<(), AttackError> {
         let g = grads.into_iter().next().ok_or(AttackError::NonFinite)?;
         let eps = self.epsilon();
-        let alpha = 2.5 * eps / f64::from(self.params.max_iter.max(1));
+        let alpha = self.params.step.unwrap_or(2.5 * eps / f64::from(self.params.max_iter.max(1)));
         // Each step's gradient enters with unit mean magnitude, so an early large one does not
         // fix the direction for good.
         let scale = g.f_abs()?.f_mean(tch::Kind::Double)?.f_double_value(&[])?.max(1e-12);

@@ -42,6 +42,9 @@ pub struct AttackArgs {
     /// SparseFool's cap on outer iterations (default 50).
     #[arg(long)]
     pub max_outer: Option<u32>,
+    /// PGD's step size on the [0,1] pixel scale (default 2.5·epsilon/max_iter).
+    #[arg(long)]
+    pub step: Option<f64>,
     /// Also run the float attack (no 8-bit rounding) and report its perceptibility.
     #[arg(long)]
     pub float_reference: bool,
@@ -65,6 +68,7 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         candidates: a.candidates,
         lambda: a.lambda,
         max_outer: a.max_outer,
+        step: a.step,
         float_reference: a.float_reference,
         margin: None,
     };

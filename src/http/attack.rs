@@ -52,6 +52,9 @@ pub struct AttackParamsDoc {
     pub lambda: Option<f64>,
     /// SparseFool's cap on outer iterations (default 50, the authors' ImageNet demo; 1..=100).
     pub max_outer: Option<u32>,
+    /// PGD's step size on the [0,1] pixel scale (default 2.5·epsilon/max_iter).
+    #[param(example = 0.0078)]
+    pub step: Option<f64>,
     /// Also run the paper's float attack (no 8-bit rounding) on the same image and target and
     /// report its perceptibility (`float_reference` in the answer; the attack costs twice).
     pub float_reference: Option<bool>,
@@ -118,11 +121,13 @@ pub struct RemoteAttackResponse {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CandidateInfo {
-    /// `labelfool` (white-box LabelFool with `margin`) or `pgd` (PGD with input diversity at the
-    /// search's radius, the last candidate).
+    /// `labelfool` (white-box LabelFool with `margin`) or `pgd` (PGD with momentum and input
+    /// diversity at the search's radius, with `steps`: the last candidates).
     pub method: String,
     /// Logit margin demanded of LabelFool on the surrogate.
     pub margin: Option<f64>,
+    /// PGD's steps.
+    pub steps: Option<u32>,
     pub surrogate_success: bool,
     /// The remote's top-1 and its probability of the target.
     pub remote: ClassPrediction,
@@ -170,6 +175,7 @@ const PARAMS: &[&str] = &[
     "candidates",
     "lambda",
     "max_outer",
+    "step",
     "float_reference",
     "verify",
     "margin",
@@ -327,6 +333,7 @@ pub async fn attack(
         candidates: p.parse::<usize>("candidates")?,
         lambda: p.finite("lambda")?,
         max_outer: p.parse::<u32>("max_outer")?,
+        step: p.finite("step")?,
         float_reference: p.parse::<bool>("float_reference")?.unwrap_or(false),
         margin: p.finite("margin")?,
     };
@@ -567,6 +574,7 @@ fn remote_summary(
             .map(|c| CandidateInfo {
                 method: c.method.into(),
                 margin: c.margin,
+                steps: c.steps,
                 surrogate_success: c.surrogate_success,
                 remote: pred(&c.remote),
                 remote_target_probability: c.remote.target_probability.map(f64::from),

@@ -2,8 +2,8 @@
 //! &surrogate=<local model>`): the target comes from the *remote's* probabilities (Eq. 2–4 with
 //! the surrogate's distance matrix, the classes being the same), then white-box LabelFool on the
 //! surrogate towards that target with a growing logit margin, the remote asked after each
-//! candidate, and last PGD with momentum and input diversity at the search's radius (together the
-//! transfer prior); then the score-based search from the best of them. Every queried image is a
+//! candidate, and last PGD with momentum and input diversity at the search's radius, twice
+//! (together the transfer prior); then the score-based search from the best of them. Every queried image is a
 //! deliverable 8-bit PNG at the upload's size; identical candidates are asked once; the query
 //! budget is never exceeded.
 
@@ -24,6 +24,12 @@ use crate::imaging::metrics::Perturbation;
 /// probability is not monotone in the margin — academic gown → mortarboard stalls from 0.25 to 4
 /// and transfers at 64.
 pub const MARGINS: [f64; 8] = [0.25, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
+/// The PGD runs tried in turn after LabelFool's margins, at the search's radius: (steps, step on
+/// the pixel scale; None: PGD's default 2.5·ε/steps). The first is PGD's default; the second
+/// takes many steps of 2 grey levels, which moves the remote towards the target where the first
+/// stalls (Zhao et al., NeurIPS 2021: targeted transfer needs many iterations). One query each.
+pub const PGD_RUNS: [(u32, Option<f64>); 2] = [(crate::attack::pgd::DEFAULT_STEPS, None), (100, Some(2.0 / 255.0))];
 
 /// Most queries one request may spend (`budget`), and its default.
 pub const MAX_BUDGET: u32 = 1000;
@@ -52,6 +58,8 @@ pub struct Candidate {
     pub method: &'static str,
     /// The logit margin demanded of LabelFool on the surrogate.
     pub margin: Option<f64>,
+    /// PGD's steps.
+    pub steps: Option<u32>,
     /// The surrogate classifies its delivered PNG as the target.
     pub surrogate_success: bool,
     pub remote: RemoteTop,
@@ -196,6 +204,31 @@ impl search::Oracle for PixelAsker<'_, '_> {
     }
 }
 
+/// The candidate the search starts from: the closest to the target (lowest loss) among those
+/// inside its ball, else the closest of all. A candidate outside (LabelFool at margin 64, say) is
+/// projected onto the ball first, which makes another image, one the remote may score far worse
+/// (Appenzeller: loss 0.03 before the projection, and the search from it missed; from PGD's 0.23
+/// inside the ball it reached the target).
+#[derive(Default)]
+struct Start {
+    /// (loss, inside the ball, PNG, probabilities).
+    chosen: Option<(f64, bool, Vec<u8>, Vec<f32>)>,
+}
+
+impl Start {
+    /// A candidate of loss `l`, kept when it is inside the ball and the one so far is not, or
+    /// both are on the same side and it is closer.
+    fn offer(&mut self, l: f64, inside: bool, png: &[u8], probabilities: &[f32]) {
+        let better = match &self.chosen {
+            None => true,
+            Some((best, was_inside, _, _)) => (inside, -l) > (*was_inside, -best),
+        };
+        if better {
+            self.chosen = Some((l, inside, png.to_vec(), probabilities.to_vec()));
+        }
+    }
+}
+
 /// Runs query-based LabelFool: the transfer prior, then (unless it reached the target or
 /// `options.search` is off) the score-based search from its best candidate. `options.budget`
 /// counts every remote query, the upload's included.
@@ -238,6 +271,8 @@ pub async fn run(
     let mut candidates = Vec::new();
     // The candidate the remote found closest to the target: (loss, PNG, probabilities).
     let mut best: Option<(f64, Vec<u8>, Vec<f32>, Perturbation)> = None;
+    // Where the search starts (see [`Start`]).
+    let mut start = Start::default();
     let mut success = false;
     // LabelFool with each margin, then the attack made to transfer: PGD with momentum and input
     // diversity on the surrogate, at the search's radius. Where LabelFool's least perturbations
@@ -248,19 +283,24 @@ pub async fn run(
             method: Some("labelfool".into()),
             target: Some(t.to_string()),
             margin: Some(margin),
+            step: None,
             ..request.clone()
         };
-        ("labelfool", Some(margin), req)
+        ("labelfool", Some(margin), None, req)
     });
-    let pgd = AttackRequest {
-        method: Some("pgd".into()),
-        target: Some(t.to_string()),
-        epsilons: Some(vec![f64::from(epsilon) / 255.0]),
-        max_iter: None,
-        margin: None,
-        ..request.clone()
-    };
-    for (method, margin, req) in labelfool.chain(std::iter::once(("pgd", None, pgd))) {
+    let pgd = PGD_RUNS.into_iter().map(|(steps, step)| {
+        let req = AttackRequest {
+            method: Some("pgd".into()),
+            target: Some(t.to_string()),
+            epsilons: Some(vec![f64::from(epsilon) / 255.0]),
+            max_iter: Some(steps),
+            step,
+            margin: None,
+            ..request.clone()
+        };
+        ("pgd", None, Some(steps), req)
+    });
+    for (method, margin, steps, req) in labelfool.chain(pgd) {
         if asker.queries >= budget {
             break;
         }
@@ -272,11 +312,14 @@ pub async fn run(
         candidates.push(Candidate {
             method,
             margin,
+            steps,
             surrogate_success: result.outcome.success,
             remote: remote_top,
             perceptibility: result.perturbation.perceptibility,
         });
         let l = search::loss(&after, t);
+        let inside = (result.perturbation.linf * 255.0).round() <= f64::from(epsilon);
+        start.offer(l, inside, &result.png, &after);
         if hit || best.as_ref().is_none_or(|b| l < b.0) {
             best = Some((l, result.png, after, result.perturbation));
         }
@@ -285,26 +328,25 @@ pub async fn run(
             break;
         }
     }
-    // The best candidate's probabilities start the search (no second look-up).
-    // Its loss too: without success, the search's image replaces the prior's only if it is closer
-    // by the loss the search and the prior both rank by.
-    let (mut delivered, best_scores, prior_loss) = match best {
-        Some((l, png, p, perturbation)) => {
-            (Some(Delivered { png, perturbation, remote: top(&p, Some(t)) }), Some(p), Some(l))
-        }
-        None => (None, None, None),
+    // The start's probabilities start the search (no second look-up). Without success, the
+    // search's image replaces the prior's best only if it is closer by the loss the search and the
+    // prior both rank by.
+    let start = start.chosen;
+    let (mut delivered, prior_loss) = match best {
+        Some((l, png, p, perturbation)) => (Some(Delivered { png, perturbation, remote: top(&p, Some(t)) }), Some(l)),
+        None => (None, None),
     };
     let mut summary = None;
     if !success && options.search && asker.queries < budget && Instant::now() < asker.deadline {
         let limits = engine.settings().decode;
         let x0 = crate::imaging::decode(&upload, &limits).map_err(EngineError::from)?;
-        let (start, start_scores, guide) = match (&delivered, best_scores) {
-            (Some(d), Some(scores)) => {
-                let png = crate::imaging::decode(&d.png, &limits).map_err(EngineError::from)?;
+        let (start, start_scores, guide) = match start {
+            Some((_, _, png, scores)) => {
+                let png = crate::imaging::decode(&png, &limits).map_err(EngineError::from)?;
                 let guide: Vec<i16> = png.rgb.iter().zip(&x0.rgb).map(|(&a, &o)| i16::from(a) - i16::from(o)).collect();
                 (png.rgb, scores, Some(guide))
             }
-            _ => (x0.rgb.clone(), before.clone(), None),
+            None => (x0.rgb.clone(), before.clone(), None),
         };
         let params = search::SearchParams {
             epsilon,
@@ -405,4 +447,29 @@ async fn refine(
         *delivered = Delivered { png, perturbation, remote: top(&p, Some(target)) };
     }
     Ok(Refinement { asked, scale })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start_of(offers: &[(f64, bool)]) -> Option<u8> {
+        let mut s = Start::default();
+        for (tag, &(l, inside)) in offers.iter().enumerate() {
+            s.offer(l, inside, &[tag as u8], &[]);
+        }
+        s.chosen.map(|c| c.2[0])
+    }
+
+    #[test]
+    fn the_search_starts_from_the_closest_candidate_inside_its_ball() {
+        // Appenzeller's: LabelFool's margins outside the ball from 64 on, PGD's runs inside.
+        assert_eq!(start_of(&[(4.42, true), (0.03, false), (0.23, true), (1.26, true)]), Some(2));
+        // None inside: the closest of all; one inside, however far, wins over those outside.
+        assert_eq!(start_of(&[(4.0, false), (1.0, false), (2.0, false)]), Some(1));
+        assert_eq!(start_of(&[(0.5, false), (6.0, true), (0.1, false)]), Some(1));
+        // Ties keep the first.
+        assert_eq!(start_of(&[(1.0, true), (1.0, true)]), Some(0));
+        assert_eq!(start_of(&[]), None);
+    }
 }

@@ -232,7 +232,8 @@ def main():
         # Queries when the target was first reached (the refinement's probes come after it).
         lf["queries_to_success"] = v.get("queries_to_success", v["queries"]) if v["success"] else None
         lf["refinement"] = v.get("refinement")
-        lf["last_candidate"] = (v.get("candidates") or [{}])[-1].get("method")
+        last = (v.get("candidates") or [{}])[-1]
+        lf["last_candidate"] = last.get("method") and last["method"] + (f"-{last['steps']}" if last.get("steps") else "")
         row["labelfool"] = lf
         t = row["target"]
         reused = earlier.get((f, t))

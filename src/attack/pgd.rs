@@ -3,10 +3,11 @@
 //! steps `g ← μ·g + ∇m/mean|∇m|`, `x ← Π_ε(x + α·sign(g))`, where m is `f_t − max_{j≠t} f_j`
 //! towards a target (else `max_{j≠l} f_j − f_l` away from the original class l), μ = 1 and
 //! α = 2.5·ε/steps unless the caller gives `step` (many small-enough steps transfer better to
-//! another model's target: Zhao et al., NeurIPS 2021); at every step but the first the image is resized to a random short side
-//! before the model's centre crop. The steps never stop early and a target the model already
-//! predicts is pushed further: this is the attack made to transfer to *another* model (the
-//! query-based attack's start on a remote), not to fool this one by as little as possible.
+//! another model's target: Zhao et al., NeurIPS 2021); at every step but the first the image is
+//! resized to a random short side before the model's centre crop. The steps never stop early and
+//! a target the model already predicts is pushed further: this is the attack made to transfer to
+//! *another* model (the query-based attack's start on a remote), not to fool this one by as little
+//! as possible.
 //! One 8-bit check at the end.
 
 use rand::rngs::StdRng;

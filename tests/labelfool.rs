@@ -115,6 +115,9 @@ async fn bad_attack_parameters_are_422_naming_the_parameter_while_others_are_ser
         ("delta2=-0.01".to_string(), "delta2"),
         ("delta2=1".to_string(), "delta2"),
         ("method=carlini-wagner".to_string(), "method"),
+        ("method=pgd&step=0".to_string(), "step"),
+        ("method=pgd&step=inf".to_string(), "step"),
+        ("method=fgsm&step=0.01".to_string(), "step"),
         ("maxiter=5".to_string(), "maxiter"),
     ];
     // Fire all the bad requests and one good attack and classify at once: the bad ones must not

@@ -27,6 +27,11 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(bind) = args.bind {
         config.server.bind = bind;
     }
+    config.check_exposure()?;
+    if config.server.api_key.is_none() && !config.server.bind.ip().is_loopback() {
+        tracing::warn!(bind = %config.server.bind, "serving WITHOUT an API key on a non-loopback address (server.allow_unauthenticated = true)");
+    }
+    fit_connections(&mut config.server);
     let config = Arc::new(config);
     let metrics = crate::telemetry::init_metrics();
     let remotes = Arc::new(crate::remote::Remotes::from_configs(&config.remotes).map_err(anyhow::Error::msg)?);
@@ -36,10 +41,30 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.bind))?;
     let addr = listener.local_addr()?;
-    let jobs = crate::jobs::Jobs::start(engine.clone(), &config.jobs).await.context("cannot start the jobs store")?;
     let mut state = AppState::new(engine.clone(), config.clone(), metrics, remotes);
-    state.studies = Some(crate::study::Studies::new(jobs.clone(), engine.clone()));
-    state.jobs = Some(jobs);
+    if config.jobs.enabled {
+        let jobs =
+            crate::jobs::Jobs::start(engine.clone(), &config.jobs).await.context("cannot start the jobs store")?;
+        if config.jobs.studies {
+            state.studies = Some(crate::study::Studies::new(jobs.clone(), engine.clone()));
+        }
+        state.jobs = Some(jobs);
+    }
+    if let Some(probe_bind) = config.server.probe_bind {
+        let probes = tokio::net::TcpListener::bind(probe_bind)
+            .await
+            .with_context(|| format!("cannot listen on {probe_bind} (server.probe_bind)"))?;
+        // On stderr: stdout's first line is the main address, which scripts wait for.
+        eprintln!("labelfool probes listening on http://{}", probes.local_addr()?);
+        let app = crate::http::probe_router(state.clone());
+        let probe_config = crate::config::ServerConfig {
+            max_connections: PROBE_CONNECTIONS,
+            header_read_timeout_ms: config.server.header_read_timeout_ms.min(PROBE_HEADER_TIMEOUT_MS),
+            ..config.server.clone()
+        };
+        // Answers until the process exits: `/ready` says 503 while the main listener drains.
+        tokio::spawn(async move { serve(probes, app, &probe_config, std::future::pending()).await });
+    }
     let device = state.device.clone();
     tokio::task::spawn_blocking(move || match startup.wait() {
         Ok(info) => {
@@ -107,6 +132,37 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     tracing::info!("bye");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The probe listener's connections, and how long each may take to send its request.
+const PROBE_CONNECTIONS: usize = 64;
+const PROBE_HEADER_TIMEOUT_MS: u64 = 2_000;
+
+/// Raises the open-files limit to its hard ceiling and keeps `max_connections` within it (a
+/// container's `nofile` may be lower than the configured connections), leaving room for the
+/// models, the jobs store and the probe listener.
+fn fit_connections(server: &mut crate::config::ServerConfig) {
+    const OTHER_FILES: u64 = 256;
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    };
+    let room = usize::try_from(soft.saturating_sub(OTHER_FILES + PROBE_CONNECTIONS as u64)).unwrap_or(usize::MAX).max(16);
+    if server.max_connections > room {
+        tracing::warn!(configured = server.max_connections, open_files = soft, using = room,
+            "server.max_connections is over the open-files limit; using what fits");
+        server.max_connections = room;
+    }
 }
 
 /// After the grace: how long the 503 answers may take to be written, and the worker to stop.

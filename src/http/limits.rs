@@ -1,8 +1,7 @@
-//! Request-level bounds, applied before any handler: the request target and header section
-//! (414 / 431), and the body — refused by its declared length before a byte is read (413),
-//! read whole within `server.body_read_timeout_ms` (else 408) and within a shared byte budget,
-//! *outside* the concurrency limit, so a client that stalls mid-upload holds a connection but
-//! never a work slot. Handlers then see a body that has fully arrived.
+//! Request-level bounds: the request target and header section (414 / 431), and the body —
+//! refused by its declared length before a byte is read (413), read whole within
+//! `server.body_read_timeout_ms` (else 408) and within a shared byte budget. Which limit a route
+//! gets is its class's ([`super::routes`]); handlers then see a body that has fully arrived.
 //!
 //! The budget never makes a reader wait while it holds part of it (readers that wait for each
 //! other's bytes would stall together): each chunk takes its share at once or the request is
@@ -68,35 +67,63 @@ pub async fn check_head(State(state): State<AppState>, req: Request, next: Next)
     next.run(req).await
 }
 
-/// Reads the whole body (bounded in size, time and shared bytes) before the request goes on.
-pub async fn buffer_body(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let limit = state.config.limits.max_body_bytes;
+/// Refuses at once a body whose declared length is over `limit` (413, the connection closes).
+pub fn declared_over(headers: &axum::http::HeaderMap, limit: u64) -> Option<Response> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())?;
+    (declared > limit).then(|| closing(too_large(limit).into_response()))
+}
+
+/// Reads the whole body (at most `limit` bytes, within `within`, inside the shared byte budget)
+/// and hands back the request with the body in memory, and the budget it holds until answered.
+pub async fn buffer(
+    state: &AppState,
+    req: Request,
+    limit: u64,
+    within: Duration,
+) -> Result<(Request, Option<tokio::sync::OwnedSemaphorePermit>), Response> {
+    if let Some(refused) = declared_over(req.headers(), limit) {
+        return Err(refused);
+    }
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let Some(len) = declared
-        && len > limit as u64
-    {
-        return closing(too_large(limit).into_response());
-    }
-    let timeout = Duration::from_millis(state.config.server.body_read_timeout_ms);
+        .and_then(|v| v.trim().parse::<usize>().ok());
     let (parts, body) = req.into_parts();
-    let declared = declared.map(|d| d as usize);
-    match read_bounded(body, limit, declared, timeout, &state.body_budget).await {
-        Ok((bytes, permit)) => {
-            let res = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-            // The request's bytes count against the budget until its answer is ready.
-            drop(permit);
-            res
-        }
-        Err(e) => closing(e.into_response()),
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    match read_bounded(body, limit, declared, within, &state.body_budget).await {
+        Ok((bytes, permit)) => Ok((Request::from_parts(parts, Body::from(bytes)), permit)),
+        Err(e) => Err(closing(e.into_response())),
     }
 }
 
-fn too_large(limit: usize) -> ApiError {
-    ApiError::too_large(format!("the request body is over the size limit of {limit} bytes (limits.max_body_bytes)"))
+/// A streamed body that fails with a 408's error once `within` has passed (an upload streamed to
+/// disk cannot be buffered first, but is bounded in time all the same).
+pub fn with_deadline(body: Body, within: Duration) -> Body {
+    let deadline = Instant::now() + within;
+    let stream = body.into_data_stream();
+    let timed = futures::stream::unfold(Some(stream), move |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout_at(deadline, futures::StreamExt::next(&mut stream)).await {
+            Ok(Some(item)) => Some((item, Some(stream))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(axum::Error::new(format!(
+                    "the request body did not arrive within {} ms (server.body_read_timeout_ms)",
+                    within.as_millis()
+                ))),
+                None,
+            )),
+        }
+    });
+    Body::from_stream(timed)
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::too_large(format!("the request body is over this route's size limit of {limit} bytes"))
 }
 
 /// Reads `body` frame by frame: at most `limit` bytes, all before `deadline`, each chunk taking
@@ -129,7 +156,7 @@ async fn read_bounded(
             Ok(Some(Ok(chunk))) => chunk,
         };
         if len + chunk.len() > limit {
-            return Err(too_large(limit));
+            return Err(too_large(limit as u64));
         }
         len += chunk.len();
         let want = len.div_ceil(UNIT) as u32;

@@ -1,12 +1,13 @@
 //! Cross-cutting layers: request ids (accepted or generated, echoed, in every log line), tracing,
-//! per-route Prometheus metrics, the optional API key, CORS and panic containment.
+//! per-route Prometheus metrics, CORS and panic containment; and the API key check that the route
+//! gate ([`super::routes`]) applies to the classes that need it.
 
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::middleware::{Next, from_fn};
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 use tower_http::LatencyUnit;
@@ -29,11 +30,12 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router<AppState> {
         .make_span_with(|req: &Request| {
             let request_id =
                 req.extensions().get::<RequestId>().and_then(|id| id.header_value().to_str().ok()).unwrap_or("-");
-            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %request_id)
+            // The route's template, never the path itself: observers' links carry their token in it.
+            let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str()).unwrap_or("unmatched");
+            tracing::info_span!("request", method = %req.method(), route = %route, request_id = %request_id)
         })
         .on_response(DefaultOnResponse::new().level(tracing::Level::INFO).latency_unit(LatencyUnit::Millis));
     let router = router
-        .layer(from_fn_with_state(state.clone(), require_api_key))
         .layer(from_fn(record_metrics))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(trace)
@@ -45,8 +47,8 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     }
 }
 
-/// What the load-shedding concurrency limit answers past `server.max_concurrent_requests`.
-pub async fn overloaded(_: tower::BoxError) -> ApiError {
+/// What the work pool answers past `server.max_concurrent_requests`.
+pub fn overloaded_error() -> ApiError {
     let mut e =
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry later");
     e.retry_after = Some(1);
@@ -77,35 +79,21 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     )
 }
 
-/// Routes that never need the API key: probes must work for the orchestrator, and the studio's
-/// static page and bundled samples hold no data (the API calls the page makes carry the key), and
-/// a study's observers hold their link's token instead (checked by the study routes).
-fn exempt(path: &str, metrics_require_key: bool) -> bool {
-    matches!(path, "/health" | "/ready" | "/v2/health/live" | "/v2/health/ready" | "/studio")
-        || path.starts_with("/studio/")
-        || path.starts_with("/observe/")
-        || (path == "/metrics" && !metrics_require_key)
+/// Whether `headers` carry the configured key; `Some(401)` when a key is set and they do not.
+pub fn check_key(state: &AppState, headers: &axum::http::HeaderMap) -> Option<ApiError> {
+    let key = state.config.server.api_key.as_deref()?;
+    let presented = headers.get(header::AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()));
+    if presented.is_some_and(|p| key_matches(p, key.as_bytes())) { None } else { Some(ApiError::unauthorized()) }
 }
 
-async fn require_api_key(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(key) = state.config.server.api_key.as_deref() else {
-        return next.run(req).await;
-    };
-    if exempt(req.uri().path(), state.config.server.metrics_require_key) || req.method() == Method::OPTIONS {
-        return next.run(req).await;
-    }
-    let presented = req.headers().get(header::AUTHORIZATION).and_then(|v| bearer_token(v.as_bytes()));
-    if presented.is_some_and(|p| key_matches(p, key.as_bytes())) {
-        next.run(req).await
-    } else {
-        // Read a little of the refused body (so the client sees the answer, not a reset), never more.
-        let whole =
-            super::limits::discard_body(req.into_body(), REFUSED_BODY_DRAIN, std::time::Duration::from_secs(1)).await;
-        let res = ApiError::unauthorized().into_response();
-        // Unread bytes stay on the connection: say it closes, or a client that reuses it for its
-        // next request gets that request cut off.
-        if whole { res } else { super::limits::closing(res) }
-    }
+/// Answers a refused request, reading a little of its body first (so the client sees the answer,
+/// not a reset), never more.
+pub async fn refuse(e: ApiError, body: axum::body::Body) -> Response {
+    let whole = super::limits::discard_body(body, REFUSED_BODY_DRAIN, std::time::Duration::from_secs(1)).await;
+    let res = e.into_response();
+    // Unread bytes stay on the connection: say it closes, or a client that reuses it for its
+    // next request gets that request cut off.
+    if whole { res } else { super::limits::closing(res) }
 }
 
 /// The credentials of `Authorization: Bearer <token>`: the scheme is case-insensitive (RFC 9110

@@ -1,10 +1,11 @@
-//! The OpenAPI document, generated from the handlers' annotations. `openapi/openapi.json` is this
-//! document, checked in; a test fails when the two drift.
+//! The OpenAPI document: this module's title, tags and security scheme, with the paths of the
+//! route table ([`super::routes`]) and their handlers' annotations. `openapi/openapi.json` is the
+//! document at the default configuration, checked in; a test fails when the two drift.
 
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studies, studio, target, v2};
+use super::{attack, dto, error, jobs};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -12,55 +13,6 @@ use super::{attack, classify, dto, error, jobs, ops, remotes, repository, studie
         title = "LabelFool server",
         description = "Image classification and LabelFool adversarial images (wrong labels that are hard for a person to notice), served next to your model-serving stack for red-teaming.",
         license(name = "MIT OR Apache-2.0"),
-    ),
-    paths(
-        classify::classify,
-        target::preview,
-        target::decide,
-        attack::attack,
-        ops::health,
-        ops::ready,
-        ops::models,
-        ops::classes,
-        repository::load,
-        repository::unload,
-        remotes::list,
-        ops::openapi,
-        ops::metrics,
-        v2::server_metadata,
-        v2::live,
-        v2::ready,
-        v2::model_metadata,
-        v2::model_ready,
-        v2::infer::infer,
-        v2::model_config,
-        v2::model_stats,
-        v2::all_stats,
-        repository::index,
-        repository::v2_load,
-        repository::v2_unload,
-        jobs::create_job,
-        jobs::list_jobs,
-        jobs::get_job,
-        jobs::cancel_job,
-        jobs::job_events,
-        jobs::job_results,
-        jobs::job_file,
-        studio::page,
-        studies::create_study,
-        studies::list_studies,
-        studies::get_study,
-        studies::delete_study,
-        studies::study_puzzles,
-        studies::add_observer,
-        studies::study_results,
-        studies::study_csv,
-        studies::study_chart,
-        studies::observer_page,
-        studies::session,
-        studies::answer,
-        studies::puzzle_image,
-        studies::puzzle_reference,
     ),
     components(schemas(jobs::ArchiveUpload, error::ErrorBody, dto::ClassRef, dto::ClassPrediction, dto::ClassDistance, attack::RemoteAttackResponse)),
     modifiers(&BearerAuth),
@@ -96,15 +48,25 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-pub fn document() -> utoipa::openapi::OpenApi {
+/// The document without its paths (the route table adds them).
+pub fn base() -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
     doc
 }
 
-/// The document as the checked-in file holds it: pretty JSON with a trailing newline.
-pub fn document_json() -> String {
-    let mut s = serde_json::to_string_pretty(&document()).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
+/// The document at the default configuration (what `openapi/openapi.json` holds).
+pub fn document() -> utoipa::openapi::OpenApi {
+    super::routes::document(&crate::config::Config::default())
+}
+
+/// A document as the checked-in file holds it: pretty JSON with a trailing newline.
+pub fn to_json(doc: &utoipa::openapi::OpenApi) -> String {
+    let mut s = serde_json::to_string_pretty(doc).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"));
     s.push('\n');
     s
+}
+
+pub fn document_json() -> String {
+    to_json(&document())
 }

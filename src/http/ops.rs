@@ -18,13 +18,13 @@ pub struct Health {
 }
 
 /// Liveness: the process answers.
-#[utoipa::path(get, path = "/health", tag = "operations", security(()), responses((status = 200, body = Health)))]
+#[utoipa::path(get, path = "/health", tag = "operations", responses((status = 200, body = Health)))]
 pub async fn health() -> Json<Health> {
     Json(Health { status: "ok" })
 }
 
 /// Readiness: 200 once every model is loaded on its device; 503 before that and while draining.
-#[utoipa::path(get, path = "/ready", tag = "operations", security(()), responses(
+#[utoipa::path(get, path = "/ready", tag = "operations", responses(
     (status = 200, body = Health),
     (status = 503, body = Health, description = "Loading the start-up models, or shutting down"),
 ))]
@@ -126,10 +126,17 @@ pub async fn classes(
     Ok(Json((0..m.num_classes()).map(|c| ClassRef::new(&m, c)).collect()))
 }
 
-/// This API's OpenAPI 3.1 document.
+/// This API's OpenAPI 3.1 document, with each operation's bounds (`x-labelfool`) as this
+/// server is configured.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
-pub async fn openapi() -> impl IntoResponse {
-    Json(super::openapi::document())
+pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
+    Json(super::routes::document(&state.config))
+}
+
+/// The studio.
+#[utoipa::path(get, path = "/", tag = "studio", responses((status = 307, description = "to `/studio`")))]
+pub async fn root() -> axum::response::Redirect {
+    axum::response::Redirect::temporary("/studio")
 }
 
 /// Prometheus metrics (text exposition format).

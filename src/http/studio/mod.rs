@@ -35,12 +35,15 @@ fn asset(mime: &'static str, body: &'static [u8]) -> Response {
 /// The studio: a web page to classify, see LabelFool's decision, run the attacks side by side
 /// and follow jobs. Public, like `/health` (it holds no data; the API calls it makes carry the
 /// key the user types in).
-#[utoipa::path(get, path = "/studio", tag = "studio", security(()),
+#[utoipa::path(get, path = "/studio", tag = "studio",
     responses((status = 200, content_type = "text/html", description = "the page")))]
 pub async fn page() -> Response {
     asset("text/html; charset=utf-8", INDEX.as_bytes())
 }
 
+/// The studio's script.
+#[utoipa::path(get, path = "/studio/studio.js", tag = "studio",
+    responses((status = 200, content_type = "text/javascript", description = "the script")))]
 pub async fn script() -> Response {
     asset("text/javascript; charset=utf-8", SCRIPT.as_bytes())
 }
@@ -50,15 +53,23 @@ pub fn observer_page() -> Response {
     asset("text/html; charset=utf-8", OBSERVE.as_bytes())
 }
 
+/// The observer page's script.
+#[utoipa::path(get, path = "/studio/observe.js", tag = "studio",
+    responses((status = 200, content_type = "text/javascript", description = "the script")))]
 pub async fn observer_script() -> Response {
     asset("text/javascript; charset=utf-8", OBSERVE_SCRIPT.as_bytes())
 }
 
+/// The studio's style sheet.
+#[utoipa::path(get, path = "/studio/studio.css", tag = "studio",
+    responses((status = 200, content_type = "text/css", description = "the style sheet")))]
 pub async fn style() -> Response {
     asset("text/css; charset=utf-8", STYLE.as_bytes())
 }
 
-/// `GET /studio/samples/{name}`: a bundled sample image.
+/// A bundled sample image (`zebra.jpg`, `tench.jpg`, `siberian-husky.jpg`).
+#[utoipa::path(get, path = "/studio/samples/{name}", tag = "studio", params(("name" = String, Path)),
+    responses((status = 200, content_type = "image/jpeg", description = "the image"), (status = 404, description = "no such sample")))]
 pub async fn sample(Path(name): Path<String>) -> Response {
     let name = name.trim_end_matches(".jpg");
     match SAMPLES.iter().find(|(n, _)| *n == name) {

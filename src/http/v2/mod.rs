@@ -57,13 +57,13 @@ pub struct Ready {
 }
 
 /// Server liveness (OIP).
-#[utoipa::path(get, path = "/v2/health/live", operation_id = "v2_live", tag = "kserve-v2", security(()), responses((status = 200, body = Live)))]
+#[utoipa::path(get, path = "/v2/health/live", operation_id = "v2_live", tag = "kserve-v2", responses((status = 200, body = Live)))]
 pub async fn live() -> Json<Live> {
     Json(Live { live: true })
 }
 
 /// Server readiness (OIP): 200 once models are loaded.
-#[utoipa::path(get, path = "/v2/health/ready", operation_id = "v2_ready", tag = "kserve-v2", security(()), responses((status = 200, body = Ready), (status = 503, body = Ready)))]
+#[utoipa::path(get, path = "/v2/health/ready", operation_id = "v2_ready", tag = "kserve-v2", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let ready = state.is_ready();
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Ready { ready }))

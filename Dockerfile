@@ -3,8 +3,10 @@
 #
 #   docker build -t labelfool .                          # CPU (torch CPU wheel, ~1 GB image)
 #   docker build --build-arg VARIANT=cuda -t labelfool:cuda .   # CUDA (torch's CUDA wheels)
-#   docker run -p 8080:8080 labelfool
-#   docker run --gpus all -p 8080:8080 labelfool:cuda    # needs the NVIDIA container toolkit
+#   docker run -p 8080:8080 -e LABELFOOL_API_KEY=$(openssl rand -hex 24) -v labelfool-data:/var/lib/labelfool labelfool
+#   docker run --gpus all -p 8080:8080 -e LABELFOOL_API_KEY=… labelfool:cuda    # needs the NVIDIA container toolkit
+# It binds 0.0.0.0, so it refuses to start without an API key (LABELFOOL_API_KEY); probes answer on
+# 8081 too. Jobs and studies live in the volume /var/lib/labelfool, owned by the runtime user.
 ARG VARIANT=cpu
 
 # ---- build: libtorch from the pinned torch wheel, models, binary, matrices -------------------------
@@ -33,15 +35,21 @@ FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libgomp1 \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 labelfool
+ && useradd --system --uid 10001 labelfool \
+ && mkdir -p /var/lib/labelfool \
+ && chown labelfool /var/lib/labelfool
 COPY --from=build /opt/runtime/ /
 COPY --from=build /src/target/release/labelfool /usr/local/bin/labelfool
 COPY config/default.toml /etc/labelfool/default.toml
 ENV LABELFOOL_CACHE=/opt/labelfool \
     LABELFOOL_CONFIG=/etc/labelfool/default.toml \
     LABELFOOL_BIND=0.0.0.0:8080 \
+    LABELFOOL_SERVER__PROBE_BIND=0.0.0.0:8081 \
+    LABELFOOL_JOBS__DATABASE=/var/lib/labelfool/jobs.sqlite3 \
+    LABELFOOL_JOBS__DIR=/var/lib/labelfool/jobs \
     LABELFOOL_LOG_FORMAT=json
+VOLUME /var/lib/labelfool
 USER labelfool
-EXPOSE 8080
+EXPOSE 8080 8081
 ENTRYPOINT ["/usr/local/bin/labelfool"]
 CMD ["serve"]

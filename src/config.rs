@@ -89,11 +89,17 @@ pub struct Config {
     pub remotes: Vec<crate::remote::RemoteConfig>,
     /// Durable jobs (`/jobs`): where they and their results live.
     pub jobs: JobsConfig,
+    /// Human studies (`/studies`): how long observer links live.
+    pub studies: crate::study::StudiesConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
+    /// Durable jobs (`/jobs`) at all; off, their routes answer 503 `jobs_unavailable`.
+    pub enabled: bool,
+    /// Human studies on finished jobs (`/studies`, observers' links); they need jobs.
+    pub studies: bool,
     /// The SQLite database of jobs and per-image results (`${LABELFOOL_CACHE}` is expanded).
     pub database: String,
     /// Where delivered PNGs and reports are written, a folder per job.
@@ -112,11 +118,20 @@ pub struct JobsConfig {
     /// Most files and most bytes an uploaded archive may unpack to (zip bombs stop there).
     pub max_archive_files: usize,
     pub max_unpacked_bytes: u64,
+    /// Most bytes the jobs' folder may hold (inputs, PNGs, reports, uploads): a new job or an
+    /// upload that would take it past this is refused (507). 0: no quota.
+    pub max_total_bytes: u64,
+    /// Finished jobs (done, failed, cancelled, interrupted) older than this are deleted with
+    /// their files, at start-up and then hourly; a job a study uses is kept. 0: kept forever.
+    /// A float, so that a fraction of a day (or a test's second) can be said.
+    pub retention_days: f64,
 }
 
 impl Default for JobsConfig {
     fn default() -> Self {
         Self {
+            enabled: true,
+            studies: true,
             database: "${LABELFOOL_CACHE}/jobs/jobs.sqlite3".into(),
             dir: "${LABELFOOL_CACHE}/jobs".into(),
             allowed_dirs: Vec::new(),
@@ -126,6 +141,8 @@ impl Default for JobsConfig {
             max_archive_bytes: 512 << 20,
             max_archive_files: 10_000,
             max_unpacked_bytes: 2 << 30,
+            max_total_bytes: 10 << 30,
+            retention_days: 30.0,
         }
     }
 }
@@ -134,9 +151,20 @@ impl Default for JobsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub bind: SocketAddr,
-    /// Bearer token required on every route but `/health`, `/ready` (and `/metrics` unless
-    /// `metrics_require_key`). `LABELFOOL_API_KEY` sets it too. None: no authentication.
+    /// Bearer token required on every route but the probes, the studio's page and assets and the
+    /// observers' links (and `/metrics` unless `metrics_require_key`). `LABELFOOL_API_KEY` sets it
+    /// too. None: no authentication, which the server accepts only on a loopback address unless
+    /// `allow_unauthenticated` says so.
     pub api_key: Option<String>,
+    /// Serve without a key on a non-loopback address (logged as a warning at start).
+    pub allow_unauthenticated: bool,
+    /// A second listener that answers only the probes (`/health`, `/ready`, `/v2/health/*`), so
+    /// that they stay answerable whatever holds the main listener's connections. None: off.
+    pub probe_bind: Option<SocketAddr>,
+    /// Public requests (studio assets, observers' links) handled at once, and their rate; past
+    /// either, 503 at once.
+    pub max_public_requests: usize,
+    pub public_requests_per_second: u32,
     pub metrics_require_key: bool,
     /// Allowed CORS origins; empty = CORS off. `["*"]` allows any origin.
     pub cors_origins: Vec<String>,
@@ -233,8 +261,10 @@ impl BatchPadding {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Largest request body accepted (bytes); larger gets 413.
+    /// Largest request body of a route that takes an image (bytes); larger gets 413.
     pub max_body_bytes: usize,
+    /// Largest body of every other route: JSON commands, observers' answers, probes.
+    pub max_small_body_bytes: usize,
     /// Largest decoded image (width × height) accepted; larger gets 413 before any pixel is decoded.
     pub max_image_pixels: u64,
     /// Largest width or height accepted.
@@ -328,12 +358,16 @@ impl Default for ServerConfig {
         Self {
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_key: None,
+            allow_unauthenticated: false,
+            probe_bind: None,
+            max_public_requests: 64,
+            public_requests_per_second: 200,
             metrics_require_key: false,
             cors_origins: Vec::new(),
             max_concurrent_requests: 512,
             shutdown_delay_ms: 0,
             shutdown_grace_secs: 30,
-            max_connections: 1024,
+            max_connections: 4096,
             header_read_timeout_ms: 10_000,
             body_read_timeout_ms: 30_000,
             max_buffered_body_bytes: 512 * 1024 * 1024,
@@ -367,6 +401,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_body_bytes: 20 * 1024 * 1024,
+            max_small_body_bytes: 64 * 1024,
             max_image_pixels: 40_000_000,
             max_image_side: 12_000,
             max_attack_pixels: 12_000_000,
@@ -481,6 +516,15 @@ impl Config {
         if sv.shutdown_grace_secs == 0 || sv.max_concurrent_requests == 0 || sv.max_connections == 0 {
             return bad("server.shutdown_grace_secs, max_concurrent_requests and max_connections must be ≥ 1".into());
         }
+        if sv.max_public_requests == 0 || sv.public_requests_per_second == 0 {
+            return bad("server.max_public_requests and public_requests_per_second must be ≥ 1".into());
+        }
+        if l.max_small_body_bytes < 1024 || l.max_small_body_bytes > l.max_body_bytes {
+            return bad("limits.max_small_body_bytes must be in 1024..=limits.max_body_bytes".into());
+        }
+        if sv.api_key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+            return bad("server.api_key must not be empty (leave it unset for no key)".into());
+        }
         if sv.header_read_timeout_ms == 0 || sv.body_read_timeout_ms == 0 {
             return bad("server.header_read_timeout_ms and body_read_timeout_ms must be ≥ 1".into());
         }
@@ -496,7 +540,24 @@ impl Config {
         if e.max_inflight_attack_pixels == 0 {
             return bad("engine.max_inflight_attack_pixels must be ≥ 1".into());
         }
+        self.studies.validate().map_err(ConfigError::Invalid)?;
         Ok(())
+    }
+
+    /// The secure default: no key is accepted only on a loopback address, or where
+    /// `server.allow_unauthenticated` says so. Checked once the bind address is final.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        let sv = &self.server;
+        if sv.api_key.is_some() || sv.bind.ip().is_loopback() || sv.allow_unauthenticated {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid(format!(
+            "refusing to serve on {} without an API key: anyone who can reach it could run work, \
+             upload archives and unload models. Set server.api_key (or LABELFOOL_API_KEY), bind a \
+             loopback address, or set server.allow_unauthenticated = true \
+             (LABELFOOL_SERVER__ALLOW_UNAUTHENTICATED=true) to serve openly on purpose",
+            sv.bind
+        )))
     }
 
     pub fn device(&self) -> DeviceSpec {
@@ -605,6 +666,25 @@ mod tests {
         c.engine.device = "cuda:1".into();
         c.attack.margins = vec![1.0, 0.5];
         assert!(c.validate().unwrap_err().to_string().contains("margins"));
+    }
+
+    #[test]
+    fn no_key_is_refused_off_loopback_unless_allowed() {
+        let mut c = Config::default();
+        c.check_exposure().unwrap();
+        c.server.bind = "0.0.0.0:8080".parse().unwrap();
+        let msg = c.check_exposure().unwrap_err().to_string();
+        assert!(msg.contains("server.api_key") && msg.contains("allow_unauthenticated"), "{msg}");
+        c.server.bind = "[::]:8080".parse().unwrap();
+        assert!(c.check_exposure().is_err());
+        c.server.allow_unauthenticated = true;
+        c.check_exposure().unwrap();
+        c.server.allow_unauthenticated = false;
+        c.server.api_key = Some("k".into());
+        c.check_exposure().unwrap();
+        c.server.bind = "[::1]:8080".parse().unwrap();
+        c.server.api_key = None;
+        c.check_exposure().unwrap();
     }
 
     #[test]

@@ -96,11 +96,23 @@ fn kubernetes_manifests_are_consistent() {
             bind.ends_with(&format!(":{port}")),
             "{file}: LABELFOOL_BIND={bind} does not listen on containerPort {port}"
         );
-        assert_eq!(
-            c["readinessProbe"]["httpGet"]["port"].as_str(),
-            c["ports"][0]["name"].as_str(),
-            "{file}: probe port"
-        );
+        // The probes go to a declared port that a listener of the server binds (the probe
+        // listener, `server.probe_bind`, or the main one).
+        for probe in ["readinessProbe", "livenessProbe"] {
+            let name = c[probe]["httpGet"]["port"].as_str().unwrap_or_else(|| panic!("{file}: {probe} port"));
+            let number = c["ports"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"].as_str() == Some(name))
+                .and_then(|p| p["containerPort"].as_i64())
+                .unwrap_or_else(|| panic!("{file}: {probe} uses port {name}, which the container does not declare"));
+            assert!(
+                env.iter().any(|(k, v)| (k == "LABELFOOL_BIND" || k == "LABELFOOL_SERVER__PROBE_BIND")
+                    && v.ends_with(&format!(":{number}"))),
+                "{file}: nothing listens on the {probe}'s port {number}"
+            );
+        }
         let grace = spec["template"]["spec"]["terminationGracePeriodSeconds"].as_i64().unwrap_or(30);
         let delay_ms: i64 =
             env.iter().find(|(k, _)| k.ends_with("SHUTDOWN_DELAY_MS")).map(|(_, v)| v.parse().unwrap()).unwrap_or(0);
@@ -211,4 +223,92 @@ fn dockerfile_builds_with_the_ci_setup_script() {
         assert!(src == "." || repo(src).exists(), "Dockerfile copies {src}, which does not exist");
     }
     assert!(repo(".ci/run").is_file() && std::fs::read_to_string(repo(".ci/run")).unwrap().contains("scripts/test"));
+}
+
+/// The runtime stage's `ENV` settings, as the image sets them.
+fn dockerfile_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    let runtime = text.split("AS runtime").nth(1).expect("a stage named runtime");
+    let joined = runtime.replace("\\\n", " ");
+    joined
+        .lines()
+        .filter_map(|l| l.strip_prefix("ENV "))
+        .flat_map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+/// Runs `labelfool serve` with `env` (paths inside the image replaced by this checkout's) and no
+/// key; it must exit at once, saying why.
+fn assert_refuses_without_key(what: &str, env: &[(String, String)]) {
+    let mut cmd = std::process::Command::new(common::BIN);
+    cmd.arg("serve").env_remove("LABELFOOL_API_KEY").env_remove("LABELFOOL_BIND");
+    for (k, v) in env {
+        if !matches!(k.as_str(), "LABELFOOL_CACHE" | "LABELFOOL_CONFIG" | "LABELFOOL_API_KEY")
+            && !k.starts_with("LABELFOOL_JOBS__")
+        {
+            cmd.env(k, v);
+        }
+    }
+    let jobs = tempfile::tempdir().unwrap();
+    cmd.env("LABELFOOL_CONFIG", repo("config/default.toml"))
+        .env("LABELFOOL_JOBS__DATABASE", jobs.path().join("jobs.sqlite3"))
+        .env("LABELFOOL_JOBS__DIR", jobs.path().join("jobs"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            panic!("{what}: the server started serving without a key ({env:?})");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{what}: exited 0 without a key");
+    assert!(stderr.contains("without an API key"), "{what}: {stderr}");
+}
+
+#[test]
+fn deployments_require_a_key_and_the_server_refuses_to_serve_without_one() {
+    // The image's default command.
+    let image = dockerfile_env();
+    assert!(image.iter().any(|(k, v)| k == "LABELFOOL_BIND" && v.starts_with("0.0.0.0")), "{image:?}");
+    assert_refuses_without_key("Dockerfile", &image);
+    // Compose: the key is a required variable (`${VAR:?message}`).
+    let d = &docs("docker/compose.yaml")[0];
+    let env = d["services"]["labelfool"]["environment"].as_hash().unwrap();
+    let key = env.get(&Yaml::String("LABELFOOL_API_KEY".into())).and_then(Yaml::as_str).unwrap_or("");
+    assert!(key.starts_with("${LABELFOOL_API_KEY:?"), "compose must require the key, not default it: {key:?}");
+    let literal: Vec<(String, String)> = env
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
+        .collect();
+    assert_refuses_without_key("docker/compose.yaml", &literal);
+    // Kubernetes: every Deployment takes the key from a secret that is not optional.
+    let mut deployments = 0;
+    for (rel, obj) in k8s_objects() {
+        if obj["kind"].as_str() != Some("Deployment") {
+            continue;
+        }
+        deployments += 1;
+        for c in obj["spec"]["template"]["spec"]["containers"].as_vec().unwrap() {
+            let from = c["env"]
+                .as_vec()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"].as_str() == Some("LABELFOOL_API_KEY"))
+                .unwrap_or_else(|| panic!("{rel}: no LABELFOOL_API_KEY"));
+            let secret = &from["valueFrom"]["secretKeyRef"];
+            assert!(secret["name"].as_str().is_some(), "{rel}: the key must come from a secret");
+            assert_ne!(secret["optional"].as_bool(), Some(true), "{rel}: the key's secret must be required");
+            assert_refuses_without_key(&rel, &env_of(c));
+        }
+    }
+    assert!(deployments >= 2, "the CPU and CUDA deployments");
 }

@@ -23,6 +23,9 @@ const BODY_MS: u64 = 2000;
 const SLACK: Duration = Duration::from_millis(2500);
 const IDLE_CONNECTIONS: usize = 2000;
 
+/// The two attacks open thousands of sockets each: one at a time, so that each measures its own.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// The probe listener's address, which the server prints on stderr.
 fn probe_addr(s: &Server) -> SocketAddr {
     let started = Instant::now();
@@ -109,6 +112,7 @@ fn operations(doc: &Value) -> Vec<(String, String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_route_holds_its_bounds_and_health_answers_throughout() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let config = tiny_config(&format!(
         "[server]\napi_key = \"k\"\nprobe_bind = \"127.0.0.1:0\"\nheader_read_timeout_ms = {HEADER_MS}\n\
          body_read_timeout_ms = {BODY_MS}\n"
@@ -257,6 +261,7 @@ async fn every_route_holds_its_bounds_and_health_answers_throughout() {
 /// to hold every connection slot, and `/health` and `/classify` timed out while they were held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_observer_uploads_leave_health_and_classify_answering() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let s = Server::start(&tiny_config(""));
     let mut held = Vec::new();
     for _ in 0..1100 {
@@ -295,4 +300,21 @@ async fn stalled_observer_uploads_leave_health_and_classify_answering() {
         }
     }
     assert!(refused >= 1000, "only {refused} of 1100 stalled public uploads were refused at once");
+}
+
+/// Jobs and studies can be switched off: their routes then answer 503 and touch no store.
+#[tokio::test]
+async fn jobs_and_studies_can_be_switched_off() {
+    let s = Server::start(&tiny_config("[jobs]\nenabled = false\n"));
+    let c = client();
+    for path in ["/jobs", "/studies"] {
+        let (st, v) = json(c.get(s.url(path)).send().await.unwrap()).await;
+        assert_eq!((st, v["error"]["code"].as_str()), (503, Some("jobs_unavailable")), "{path}: {v}");
+    }
+    let (st, _) = json(c.get(s.url("/observe/x/session")).send().await.unwrap()).await;
+    assert_eq!(st, 503);
+    let s = Server::start(&tiny_config("[jobs]\nstudies = false\n"));
+    assert_eq!(c.get(s.url("/jobs")).send().await.unwrap().status(), 200);
+    let (st, _) = json(c.get(s.url("/studies")).send().await.unwrap()).await;
+    assert_eq!(st, 503, "studies off, jobs on");
 }

@@ -276,6 +276,21 @@ async fn json_logs_carry_the_request_id() {
     );
 }
 
+/// An observer's link is its credential: the logs name the route's template, never the token.
+#[tokio::test]
+async fn observer_tokens_are_not_logged() {
+    let s = Server::start_with_env(&tiny_config(""), &[("LABELFOOL_LOG_FORMAT", "json")]);
+    let token = "tok3n-that-must-not-be-logged";
+    for path in [format!("/observe/{token}"), format!("/observe/{token}/session")] {
+        let r = client().get(s.url(&path)).header("x-request-id", "observer-42").send().await.unwrap();
+        assert!(r.status().as_u16() < 500, "{path}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = s.log();
+    assert!(log.contains("observer-42") && log.contains("/observe/{token}"), "the requests were logged:\n{log}");
+    assert!(!log.contains(token), "a token reached the logs:\n{log}");
+}
+
 #[tokio::test]
 async fn open_inference_protocol_shapes_and_errors() {
     let s = Server::start(&tiny_config(""));

@@ -366,3 +366,157 @@ async fn the_score_based_search_takes_over_when_the_prior_does_not_transfer() {
         assert_eq!((status, v["error"]["param"].as_str()), (422, Some(param)), "{v}");
     }
 }
+
+/// A fake endpoint that reads each request whole (head and body), keeps its head and answers
+/// what `reply` makes of it (`None`: hangs up).
+async fn raw_endpoint(
+    reply: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (seen, reply) = (heads.clone(), std::sync::Arc::new(reply));
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let (seen, reply) = (seen.clone(), reply.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut got = Vec::new();
+                let end = loop {
+                    if let Some(p) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&got[..end]).into_owned();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0);
+                while got.len() < end + length {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.lock().unwrap().push(head.clone());
+                if let Some(answer) = reply(&head) {
+                    let _ = sock.write_all(answer.as_bytes()).await;
+                }
+            });
+        }
+    });
+    (format!("http://{addr}"), heads)
+}
+
+fn answer(status: &str, headers: &str, body: &str) -> String {
+    format!("HTTP/1.1 {status}\r\n{headers}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+}
+
+/// A remote that answers 307 to another server (another port: another origin) is an error
+/// naming the remote; the configured headers, credentials among them, never reach the other
+/// server (reqwest, following, would drop `Authorization` there but send `X-Api-Key`).
+#[tokio::test]
+async fn a_redirect_is_an_error_and_the_remote_headers_never_follow_it() {
+    let ten = r#"{"outputs": [{"name": "p", "datatype": "FP32", "shape": [1, 10], "data": [0.5, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05]}]}"#;
+    let (elsewhere, received) = raw_endpoint(move |_| Some(answer("200 OK", "", ten))).await;
+    let target = elsewhere.clone();
+    let (moved, asked) = raw_endpoint(move |head| {
+        let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+        Some(answer("307 Temporary Redirect", &format!("location: {target}{path}\r\n"), "{}"))
+    })
+    .await;
+    let extra = format!(
+        "classes = \"{}\"\ntimeout_ms = 3000\nheaders = {{ Authorization = \"Bearer tok-s3cret\", X-Api-Key = \"key-s3cret\" }}",
+        models_dir().join("tiny/classes.txt").display()
+    );
+    let s = Server::start(&tiny_config(&remote("moved", &moved, "m", &extra)));
+    for query in ["/attack?model=tiny&verify=remote:moved", "/attack?model=remote:moved&surrogate=tiny&budget=3"] {
+        let (status, v) = post_zebra(&s, query).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (502, Some("remote_error")), "{query}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains("remote moved answered 307") && message.contains("redirect"), "{v}");
+        assert!(message.contains(&elsewhere), "the message says where it points: {v}");
+    }
+    let (_, list) = json(client().get(s.url("/remotes")).send().await.unwrap()).await;
+    assert!(list[0]["health"].as_str().unwrap().contains("307"), "{list}");
+    assert!(!asked.lock().unwrap().is_empty(), "the remote was asked");
+    assert!(asked.lock().unwrap().iter().all(|h| h.to_lowercase().contains("x-api-key: key-s3cret")));
+    assert_eq!(*received.lock().unwrap(), Vec::<String>::new(), "the redirect's target was asked");
+    assert!(!s.log().contains("s3cret"), "{}", s.log());
+}
+
+/// A request waits for one of a remote's `max_concurrent` slots at most `queue_timeout_ms`,
+/// then is answered 503 `remote_busy` with Retry-After, while the slot's holder goes on.
+#[tokio::test]
+async fn a_remote_whose_slots_stay_taken_answers_503_remote_busy() {
+    let (fake, _) = misbehaving_endpoint().await;
+    let extra = format!(
+        "classes = \"{}\"\ntimeout_ms = 6000\nmax_concurrent = 1\nqueue_timeout_ms = 300",
+        models_dir().join("tiny/classes.txt").display()
+    );
+    let s = Server::start(&tiny_config(&remote("slow", &fake, "slow", &extra)));
+    let query = "/attack?model=remote:slow&surrogate=tiny&budget=1";
+    let holder = post_zebra(&s, query);
+    let queued = async {
+        // The holder's request is at the remote (which never answers) by then.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let started = Instant::now();
+        let image = multipart_image(read_fixture("images/n02391049_zebra.JPEG"), "z.jpg");
+        let res = client().post(s.url(query)).multipart(image).send().await.unwrap();
+        let retry_after = res.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+        let (status, v) = json(res).await;
+        (status, v, retry_after, started.elapsed())
+    };
+    let ((held, hv), (status, v, retry_after, waited)) = tokio::join!(holder, queued);
+    assert_eq!((status, v["error"]["code"].as_str()), (503, Some("remote_busy")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("remote slow is busy"), "{v}");
+    assert_eq!(retry_after.as_deref(), Some("1"));
+    assert!(waited < Duration::from_secs(3), "answered after {waited:?}, not at its queue timeout");
+    assert_eq!(held, 504, "the slot's holder meets its own timeout: {hv}");
+}
+
+/// A URL's user name and password are used (basic authentication) but shown nowhere: not in
+/// `/remotes`, errors, the log, nor `labelfool config`; a query string is refused at start-up.
+#[tokio::test]
+async fn a_remote_url_credentials_are_never_shown() {
+    let prod = Server::start(&tiny_config(""));
+    let classes = format!("classes = \"{}\"", models_dir().join("tiny/classes.txt").display());
+    let with_credentials = prod.base.replacen("http://", "http://alice:pw-s3cret@", 1);
+    let remotes = [
+        remote("prod", &with_credentials, "tiny", &classes),
+        remote("refused", "http://bob:pw-s3cret@127.0.0.1:9", "m", &classes),
+    ]
+    .concat();
+    let s = Server::start(&tiny_config(&remotes));
+    let res = client().get(s.url("/remotes")).send().await.unwrap();
+    let text = res.text().await.unwrap();
+    assert!(!text.contains("s3cret") && !text.contains("alice"), "{text}");
+    let list: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(list[0]["url"], format!("{}/", prod.base), "{list}");
+    assert_eq!(list[0]["health"], "ready", "the credentials still reach the remote: {list}");
+    assert_eq!(list[1]["url"], "http://127.0.0.1:9/", "{list}");
+    let (status, v) = post_zebra(&s, "/attack?model=tiny&verify=remote:refused").await;
+    assert_eq!(status, 502, "{v}");
+    assert!(!v.to_string().contains("s3cret"), "{v}");
+    assert!(!s.log().contains("s3cret"), "{}", s.log());
+    // `labelfool config` prints the configuration it would run with, credentials redacted.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.toml");
+    std::fs::write(&file, tiny_config(&remotes)).unwrap();
+    let out = std::process::Command::new(BIN).arg("config").arg("--config").arg(&file).output().unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(printed.contains(&prod.base) && !printed.contains("s3cret"), "{printed}");
+    // A query string would be sent nowhere useful (the protocol's paths follow the URL): refused.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, tiny_config(&remote("q", &format!("{}/?token=t", prod.base), "tiny", &classes))).unwrap();
+    let out = serve_until_exit(&bad, dir.path());
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no query or fragment"), "{out:?}");
+}

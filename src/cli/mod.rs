@@ -111,9 +111,9 @@ fn print_config(cli: &Cli) -> anyhow::Result<ExitCode> {
     if config.server.api_key.is_some() {
         config.server.api_key = Some("<redacted>".into());
     }
-    // Remote targets' headers carry their credentials.
+    // Remote targets' headers and URLs carry their credentials.
     for r in &mut config.remotes {
-        r.headers.values_mut().for_each(|v| *v = "<redacted>".into());
+        *r = r.redacted();
     }
     print!("{}", toml::to_string_pretty(&config)?);
     Ok(ExitCode::SUCCESS)

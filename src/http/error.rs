@@ -112,8 +112,11 @@ impl From<crate::remote::RemoteError> for ApiError {
         match e {
             R::Unknown(_) => Self::new(StatusCode::NOT_FOUND, "unknown_remote", msg),
             R::Timeout { .. } => Self::new(StatusCode::GATEWAY_TIMEOUT, "remote_timeout", msg),
-            R::Connect { .. } | R::Status { .. } | R::Malformed { .. } | R::Transport { .. } => {
+            R::Connect { .. } | R::Status { .. } | R::Malformed { .. } | R::Transport { .. } | R::Redirect { .. } => {
                 Self::new(StatusCode::BAD_GATEWAY, "remote_error", msg)
+            }
+            R::Busy { .. } => {
+                Self { retry_after: Some(1), ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "remote_busy", msg) }
             }
             R::Input { .. } => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "remote_input", msg),
         }

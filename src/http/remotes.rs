@@ -12,6 +12,7 @@ use crate::remote::{RemoteInput, Scores};
 pub struct RemoteDescription {
     /// Addressed as `remote:<name>` (`/attack?verify=remote:<name>`).
     pub name: String,
+    /// The configured URL without the user name and password it may hold.
     pub url: String,
     pub model: String,
     pub version: Option<String>,
@@ -34,7 +35,7 @@ pub async fn list(State(state): State<AppState>) -> Json<Vec<RemoteDescription>>
         };
         RemoteDescription {
             name: r.config.name.clone(),
-            url: r.config.url.clone(),
+            url: crate::remote::redact_url(&r.config.url),
             model: r.config.model.clone(),
             version: r.config.version.clone(),
             input: r.config.input,

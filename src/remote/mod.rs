@@ -40,13 +40,15 @@ pub enum Scores {
     Logits,
 }
 
-/// A `[[remotes]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A `[[remotes]]` entry. Its `Debug` hides the header values and the URL's credentials.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteConfig {
     /// Addressed as `remote:<name>`.
     pub name: String,
-    /// Base URL of the server, e.g. `http://triton:8000`.
+    /// Base URL of the server, e.g. `http://triton:8000` (no query or fragment: paths are
+    /// appended to it). Credentials in it (`https://user:pass@host`) are sent as basic
+    /// authentication and never shown ([`redact_url`]).
     pub url: String,
     pub model: String,
     #[serde(default)]
@@ -70,7 +72,8 @@ pub struct RemoteConfig {
     /// `imagenet` or a class-list file: what the output's indices mean.
     #[serde(default = "imagenet")]
     pub classes: String,
-    /// Extra request headers (authentication).
+    /// Extra request headers (authentication): sent to `url` only (redirects are not followed),
+    /// marked sensitive so they never appear in logs.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     #[serde(default = "default_timeout")]
@@ -78,6 +81,11 @@ pub struct RemoteConfig {
     /// Requests in flight to this remote at once.
     #[serde(default = "default_concurrency")]
     pub max_concurrent: usize,
+    /// How long a request waits for one of those `max_concurrent` slots before it is answered
+    /// 503 `remote_busy` (0: refused at once when all are taken). Without it, a stuck remote
+    /// would hold every request queued behind it for as long as clients keep their connections.
+    #[serde(default = "default_queue_timeout")]
+    pub queue_timeout_ms: u64,
     /// For an `https` url: a PEM file of CA certificates to trust besides the system's (a
     /// cluster's own CA).
     #[serde(default)]
@@ -92,6 +100,61 @@ fn default_timeout() -> u64 {
 }
 fn default_concurrency() -> usize {
     8
+}
+fn default_queue_timeout() -> u64 {
+    30_000
+}
+
+impl std::fmt::Debug for RemoteConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let r = self.redacted();
+        f.debug_struct("RemoteConfig")
+            .field("name", &r.name)
+            .field("url", &r.url)
+            .field("model", &r.model)
+            .field("version", &r.version)
+            .field("input", &r.input)
+            .field("input_name", &r.input_name)
+            .field("output", &r.output)
+            .field("scores", &r.scores)
+            .field("binary_data", &r.binary_data)
+            .field("description", &r.description)
+            .field("classes", &r.classes)
+            .field("headers", &r.headers)
+            .field("timeout_ms", &r.timeout_ms)
+            .field("max_concurrent", &r.max_concurrent)
+            .field("queue_timeout_ms", &r.queue_timeout_ms)
+            .field("ca_file", &r.ca_file)
+            .finish()
+    }
+}
+
+impl RemoteConfig {
+    /// The entry as it may be shown (`labelfool config`, `Debug`): header values replaced by
+    /// `<redacted>`, the URL without its credentials.
+    pub fn redacted(&self) -> Self {
+        let mut r = self.clone();
+        r.url = redact_url(&r.url);
+        r.headers.values_mut().for_each(|v| *v = "<redacted>".into());
+        r
+    }
+}
+
+/// `url` without the user name and password it may carry (`https://user:pass@host/` →
+/// `https://host/`): what `/remotes`, errors and logs show. A URL that does not parse is not
+/// shown at all, since where its credentials end cannot be told.
+pub fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        // Shown as written when there is nothing to hide.
+        Ok(u) if u.username().is_empty() && u.password().is_none() => url.to_string(),
+        Ok(mut u) => {
+            // Only fails for URLs that cannot have credentials (`data:`, …): nothing to remove.
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.to_string()
+        }
+        Err(_) => "<unparseable url>".into(),
+    }
 }
 
 /// Why a remote could not answer; `http::error` maps these to 502 / 504.
@@ -112,6 +175,15 @@ pub enum RemoteError {
     Transport { remote: String, message: String },
     #[error("remote {remote}: {message}")]
     Input { remote: String, message: String },
+    /// A 3xx: not followed, so the configured headers (credentials) never go anywhere but `url`.
+    #[error(
+        "remote {remote} answered {status}, a redirect to {location}; redirects are not followed (they would carry \
+         the remote's headers elsewhere): set its `url` to where it points"
+    )]
+    Redirect { remote: String, status: u16, location: String },
+    /// Every slot of the remote stayed taken for `queue_timeout_ms`.
+    #[error("remote {remote} is busy: all {slots} of its request slots stayed taken for {waited_ms} ms")]
+    Busy { remote: String, slots: usize, waited_ms: u64 },
 }
 
 impl RemoteError {
@@ -124,6 +196,8 @@ impl RemoteError {
             Self::Malformed { .. } => "malformed",
             Self::Transport { .. } => "transport",
             Self::Input { .. } => "input",
+            Self::Redirect { .. } => "redirect",
+            Self::Busy { .. } => "busy",
         }
     }
 }
@@ -193,9 +267,15 @@ fn causes(e: &reqwest::Error) -> String {
 impl Remote {
     pub fn new(config: RemoteConfig) -> Result<Self, String> {
         let bad = |m: String| format!("remotes.{}: {m}", config.name);
-        let url = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("url {:?}: {e}", config.url)))?;
+        // The URL may hold credentials: an error shows it redacted, or not at all when it does
+        // not parse.
+        let url = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("url: {e}")))?;
+        let shown = redact_url(&config.url);
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(bad(format!("url {:?}: the scheme must be http or https", config.url)));
+            return Err(bad(format!("url {shown:?}: the scheme must be http or https")));
+        }
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(bad(format!("url {shown:?}: no query or fragment (the protocol's paths are appended to it)")));
         }
         if config.max_concurrent == 0 || config.timeout_ms == 0 {
             return Err(bad("max_concurrent and timeout_ms must be ≥ 1".into()));
@@ -218,8 +298,10 @@ impl Remote {
         for (k, v) in &config.headers {
             let name =
                 reqwest::header::HeaderName::try_from(k.as_str()).map_err(|e| bad(format!("header {k:?}: {e}")))?;
-            let value =
+            let mut value =
                 reqwest::header::HeaderValue::try_from(v.as_str()).map_err(|e| bad(format!("header {k:?}: {e}")))?;
+            // Credentials: kept out of `Debug` (and so out of any log of the client).
+            value.set_sensitive(true);
             headers.insert(name, value);
         }
         let mut builder = reqwest::Client::builder();
@@ -241,6 +323,9 @@ impl Remote {
             builder = builder.tls_certs_merge(certs);
         }
         let http = builder
+            // A redirect would carry the configured headers to wherever it points (reqwest drops
+            // only `Authorization` and cookies on another host); a 3xx is an error instead.
+            .redirect(reqwest::redirect::Policy::none())
             .default_headers(headers)
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_millis(config.timeout_ms))
@@ -260,14 +345,36 @@ impl Remote {
 
     fn error(&self, e: reqwest::Error) -> RemoteError {
         let remote = self.config.name.clone();
-        let message = causes(&e);
-        if e.is_timeout() {
+        let (timeout, connect) = (e.is_timeout(), e.is_connect());
+        // reqwest names the URL it asked; shown here without credentials.
+        let url = e.url().map(|u| redact_url(u.as_str()));
+        let message = match url {
+            Some(url) => format!("{} (url {url})", causes(&e.without_url())),
+            None => causes(&e),
+        };
+        if timeout {
             RemoteError::Timeout { remote, timeout_ms: self.config.timeout_ms }
-        } else if e.is_connect() {
+        } else if connect {
             RemoteError::Connect { remote, message }
         } else {
             RemoteError::Transport { remote, message }
         }
+    }
+
+    /// A 3xx answer as the error it is (redirects are not followed).
+    fn redirect(&self, res: &reqwest::Response) -> Option<RemoteError> {
+        res.status().is_redirection().then(|| RemoteError::Redirect {
+            remote: self.config.name.clone(),
+            status: res.status().as_u16(),
+            location: res
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .map_or_else(|| "(no Location)".into(), |l| match res.url().join(l) {
+                    Ok(u) => redact_url(u.as_str()),
+                    Err(_) => "(an unreadable Location)".into(),
+                }),
+        })
     }
 
     /// The largest answer read from the remote: its scores as JSON text (a few dozen bytes a
@@ -299,6 +406,9 @@ impl Remote {
     /// Whether the remote says the model is ready (`GET …/ready`).
     pub async fn health(&self) -> Result<(), RemoteError> {
         let res = self.http.get(format!("{}/ready", self.model_path())).send().await.map_err(|e| self.error(e))?;
+        if let Some(e) = self.redirect(&res) {
+            return Err(e);
+        }
         match res.status().as_u16() {
             200 => Ok(()),
             status => Err(RemoteError::Status {
@@ -323,11 +433,25 @@ impl Remote {
         result.map(|probabilities| RemoteScores { probabilities, elapsed: started.elapsed() })
     }
 
+    /// One of the remote's `max_concurrent` slots, waited for at most `queue_timeout_ms`.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, RemoteError> {
+        let wait = Duration::from_millis(self.config.queue_timeout_ms);
+        match tokio::time::timeout(wait, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(RemoteError::Input {
+                remote: self.config.name.clone(),
+                message: "the server is shutting down".into(),
+            }),
+            Err(_) => Err(RemoteError::Busy {
+                remote: self.config.name.clone(),
+                slots: self.config.max_concurrent,
+                waited_ms: self.config.queue_timeout_ms,
+            }),
+        }
+    }
+
     async fn infer(&self, image: Bytes, tensor: Option<Vec<f32>>) -> Result<Vec<f32>, RemoteError> {
-        let _slot = self.slots.acquire().await.map_err(|_| RemoteError::Input {
-            remote: self.config.name.clone(),
-            message: "the server is shutting down".into(),
-        })?;
+        let _slot = self.slot().await?;
         let url = format!("{}/infer", self.model_path());
         let outputs =
             self.config.output.as_ref().map(|o| serde_json::json!([{"name": o, "parameters": {"binary_data": false}}]));
@@ -375,6 +499,9 @@ impl Remote {
             }
         };
         let res = req.send().await.map_err(|e| self.error(e))?;
+        if let Some(e) = self.redirect(&res) {
+            return Err(e);
+        }
         let status = res.status().as_u16();
         let body = self.read_body(res).await?;
         if status != 200 {
@@ -517,5 +644,38 @@ mod tests {
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate\n").unwrap();
         refused(&format!("url = \"https://triton\"\nca_file = \"{}\"", junk.display()), "ca_file");
+        refused("url = \"http://triton:8000/?key=k\"", "no query or fragment");
+    }
+
+    #[test]
+    fn credentials_are_never_shown() {
+        assert_eq!(redact_url("https://alice:s3cret@triton:8443/base"), "https://triton:8443/base");
+        assert_eq!(redact_url("http://alice@triton"), "http://triton/");
+        assert_eq!(redact_url("http://triton:8000"), "http://triton:8000");
+        assert_eq!(redact_url("not a url s3cret"), "<unparseable url>");
+        let r = remote(
+            "url = \"http://alice:pw-s3cret@triton:8000\"\n[headers]\nAuthorization = \"Bearer tok-s3cret\"\nX-Api-Key = \"key-s3cret\"",
+        )
+        .unwrap();
+        // The remote (its config and its HTTP client's default headers) in a log line.
+        let shown = format!("{r:?} {:?} {:?}", r.config, r.config.redacted());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("Authorization") && shown.contains("triton:8000"), "{shown}");
+        // A URL that does not parse is not echoed in the error either.
+        let e = remote("url = \"http://alice:pw-s3cret@triton:notaport\"").err().unwrap();
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_a_slot_is_bounded() {
+        let r = remote("url = \"http://triton:8000\"\nmax_concurrent = 1\nqueue_timeout_ms = 50").unwrap();
+        let held = r.slot().await.unwrap();
+        let started = Instant::now();
+        let e = r.slot().await.err().unwrap();
+        assert!(matches!(e, RemoteError::Busy { slots: 1, waited_ms: 50, .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(held);
+        assert!(r.slot().await.is_ok());
+        assert_eq!(remote("url = \"http://triton:8000\"").unwrap().config.queue_timeout_ms, 30_000);
     }
 }

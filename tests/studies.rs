@@ -290,3 +290,185 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
     assert_eq!(res.status(), 404);
     assert_eq!(client().delete(s.url(&format!("/studies/{id}"))).send().await.unwrap().status(), 401);
 }
+
+/// A server with the tiny model, a folder of five pictures (four classes, the first twice) and a
+/// finished one-method job on it: (the root, the pictures' folder, the data folder, the server,
+/// the job, the first class's wnid).
+async fn finished_job(studies: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, Server, String, String) {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let classes = std::fs::read_to_string(models_dir().join("tiny/classes.txt")).unwrap();
+    let wnids: Vec<&str> = classes.lines().filter_map(|l| l.split_whitespace().next()).take(4).collect();
+    for (p, w) in sample_images().iter().zip(&wnids) {
+        std::fs::copy(p, images.join(format!("{w}_4.JPEG"))).unwrap();
+    }
+    let first = images.join(format!("{}_4.JPEG", wnids[0]));
+    image::open(&first).unwrap().fliph().to_rgb8().save(images.join(format!("{}_second.JPEG", wnids[0]))).unwrap();
+    let data = root.path().join("data");
+    let env = [("LABELFOOL_JOBS__DATABASE", data.join("jobs.sqlite3")), ("LABELFOOL_JOBS__DIR", data.join("jobs"))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
+    let s = Server::start_with_env(&format!("{studies}\n{}", config(root.path())), &env);
+    let job = {
+        let api = Api { s: &s };
+        let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm"]})).await;
+        assert_eq!(status, 201, "{job}");
+        let job = job["id"].as_str().unwrap().to_string();
+        api.wait_done(&job).await;
+        job
+    };
+    (root, images, data, s, job, wnids[0].to_string())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Every string of a study's create body and an observer's is bounded on its own (422 naming
+/// it), not only by the body limit; a name counts characters, not bytes.
+#[tokio::test]
+async fn study_and_observer_strings_are_bounded_field_by_field() {
+    let (_root, _images, _data, s, job, _) = finished_job("").await;
+    let api = Api { s: &s };
+    let long = "x".repeat(5000);
+    let refused = [
+        (json!({"job": job, "name": "n".repeat(201)}), "name"),
+        (json!({"job": job, "name": "   "}), "name"),
+        (json!({"job": long}), "job"),
+        (json!({"job": job, "model": long}), "model"),
+        (json!({"job": job, "methods": vec!["fgsm"; 65]}), "methods"),
+        (json!({"job": job, "methods": [long]}), "methods"),
+    ];
+    for (body, param) in refused {
+        let (status, v) = api.post("/studies", body).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (422, Some(param)), "{v}");
+        assert!(v.to_string().len() < 1000, "the answer echoes the field: {v}");
+    }
+    let (status, study) = api.post("/studies", json!({"job": job, "name": "é".repeat(200), "references": 0})).await;
+    assert_eq!(status, 201, "{study}");
+    assert_eq!(study["name"].as_str().unwrap().chars().count(), 200);
+    let observers = format!("/studies/{}/observers", study["id"].as_str().unwrap());
+    let (status, v) = api.post(&observers, json!({"name": "o".repeat(101)})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("name")), "{v}");
+    let (status, v) = api.post(&observers, json!({"name": "é".repeat(100)})).await;
+    assert_eq!(status, 201, "{v}");
+}
+
+/// An observer link lives `studies.observer_link_ttl_hours` (or its own `expires_in_hours`, up to
+/// the maximum); past it every `/observe/{token}/…` route answers 410 Gone. One link can be
+/// revoked: it then answers 404 like an unknown one, while its answers still count.
+#[tokio::test]
+async fn observer_links_expire_and_are_revoked_one_by_one() {
+    let settings = "[studies]\nobserver_link_ttl_hours = 24\nmax_observer_link_ttl_hours = 48\n";
+    let (root, _images, data, s, job, _) = finished_job(settings).await;
+    let api = Api { s: &s };
+    let (status, study) = api.post("/studies", json!({"job": job})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    let observers = format!("/studies/{id}/observers");
+    let hour = 3_600_000;
+    let (status, alice) = api.post(&observers, json!({"name": "alice"})).await;
+    assert_eq!(status, 201, "{alice}");
+    let expires = alice["expires_ms"].as_i64().unwrap();
+    assert!((expires - (now_ms() + 24 * hour)).abs() < 60_000, "the configured 24 h: {alice}");
+    assert!(alice["revoked_ms"].is_null(), "{alice}");
+    let (status, bob) = api.post(&observers, json!({"name": "bob", "expires_in_hours": 1})).await;
+    assert_eq!(status, 201, "{bob}");
+    assert!((bob["expires_ms"].as_i64().unwrap() - (now_ms() + hour)).abs() < 60_000, "{bob}");
+    for hours in [0, 49] {
+        let (status, v) = api.post(&observers, json!({"name": "eve", "expires_in_hours": hours})).await;
+        assert_eq!((status, v["error"]["param"].as_str()), (422, Some("expires_in_hours")), "{v}");
+    }
+
+    // Bob answers once, then his link is revoked: 404 as if it never existed; his answer stays.
+    let bob_token = bob["token"].as_str().unwrap().to_string();
+    let (status, session) = api.observe(&format!("/observe/{bob_token}/session"), None).await;
+    assert_eq!(status, 200, "{session}");
+    let puzzle = session["puzzle"]["id"].as_i64().unwrap();
+    let (status, v) = api
+        .observe(&format!("/observe/{bob_token}/answers"), Some(json!({"puzzle": puzzle, "answer": "correct"})))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let revoke = |name: &str| client().delete(s.url(&format!("/studies/{id}/observers/{name}"))).bearer_auth(KEY).send();
+    assert_eq!(client().delete(s.url(&format!("/studies/{id}/observers/bob"))).send().await.unwrap().status(), 401);
+    assert_eq!(revoke("bob").await.unwrap().status(), 204);
+    for path in ["session", &format!("puzzles/{puzzle}/image")] {
+        let (status, v) = api.observe(&format!("/observe/{bob_token}/{path}"), None).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_observer")), "{path}: {v}");
+    }
+    let (status, v) = api
+        .observe(&format!("/observe/{bob_token}/answers"), Some(json!({"puzzle": puzzle, "answer": "correct"})))
+        .await;
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_observer")), "{v}");
+    assert_eq!(revoke("bob").await.unwrap().status(), 204, "revoking twice is no error");
+    let (status, v) = json(revoke("nobody").await.unwrap()).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_observer")), "{v}");
+    let (_, study) = api.get(&format!("/studies/{id}")).await;
+    let listed = study["observers"].as_array().unwrap();
+    let bob = listed.iter().find(|o| o["name"] == "bob").unwrap();
+    assert!(bob["revoked_ms"].as_i64().is_some(), "{study}");
+    assert!(listed.iter().find(|o| o["name"] == "alice").unwrap()["revoked_ms"].is_null());
+    let (_, results) = api.get(&format!("/studies/{id}/results")).await;
+    assert_eq!(results["all"]["answers"], 1, "{results}");
+    let (status, _) = api.post(&observers, json!({"name": "bob"})).await;
+    assert_eq!(status, 409, "a revoked observer's name stays taken");
+    let (status, session) = api.observe(&format!("/observe/{}/session", alice["token"].as_str().unwrap()), None).await;
+    assert_eq!(status, 200, "alice's link still works: {session}");
+
+    // Alice's link, made to have expired (the server stopped, its database edited): 410 on every
+    // observer route; a link made after it works.
+    let env = [("LABELFOOL_JOBS__DATABASE", data.join("jobs.sqlite3")), ("LABELFOOL_JOBS__DIR", data.join("jobs"))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
+    drop(s);
+    let db = rusqlite::Connection::open(data.join("jobs.sqlite3")).unwrap();
+    let n = db.execute("UPDATE observers SET expires_ms = ?1 WHERE name = 'alice'", [now_ms() - 1000]).unwrap();
+    assert_eq!(n, 1);
+    drop(db);
+    let s = Server::start_with_env(&format!("{settings}\n{}", config(root.path())), &env);
+    let api = Api { s: &s };
+    let token = alice["token"].as_str().unwrap();
+    for path in ["session", &format!("puzzles/{puzzle}/image"), &format!("puzzles/{puzzle}/references/0")] {
+        let (status, v) = api.observe(&format!("/observe/{token}/{path}"), None).await;
+        assert_eq!((status, v["error"]["code"].as_str()), (410, Some("observer_link_expired")), "{path}: {v}");
+    }
+    let (status, v) =
+        api.observe(&format!("/observe/{token}/answers"), Some(json!({"puzzle": puzzle, "answer": "correct"}))).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (410, Some("observer_link_expired")), "{v}");
+    let (status, carol) = api.post(&observers, json!({"name": "carol"})).await;
+    assert_eq!(status, 201, "{carol}");
+    let (status, v) = api.observe(&format!("/observe/{}/session", carol["token"].as_str().unwrap()), None).await;
+    assert_eq!(status, 200, "{v}");
+}
+
+/// A study copies only files whose real path lies in the job's folder: a reference picture that
+/// is a link out of it (a file or a whole class folder) is skipped, a puzzle's source that is
+/// one fails the study (422 `job`), and nothing from outside reaches the study's folder.
+#[tokio::test]
+async fn a_study_never_copies_files_linked_from_outside_the_job_folder() {
+    let (_root, images, data, s, job, wnid) = finished_job("").await;
+    let api = Api { s: &s };
+    // Placed after the job ran, as anyone with write access to the folder could.
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.JPEG");
+    image::open(&sample_images()[6]).unwrap().to_rgb8().save(&secret).unwrap();
+    let secret_bytes = std::fs::read(&secret).unwrap();
+    std::os::unix::fs::symlink(&secret, images.join(format!("{wnid}_leak.JPEG"))).unwrap();
+    std::os::unix::fs::symlink(outside.path(), images.join(&wnid)).unwrap();
+    let twin = std::fs::read(images.join(format!("{wnid}_second.JPEG"))).unwrap();
+
+    let (status, study) = api.post("/studies", json!({"job": job, "references": 10})).await;
+    assert_eq!(status, 201, "{study}");
+    let refs = data.join("jobs/studies").join(study["id"].as_str().unwrap()).join("references");
+    let copied: Vec<Vec<u8>> =
+        std::fs::read_dir(&refs).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+    assert!(copied.contains(&twin), "the class's own second picture is a reference");
+    assert!(!copied.contains(&secret_bytes), "a file from outside the job's folder was copied");
+
+    // A puzzle's own source swapped for a link out of the folder: refused, naming the file.
+    let source = images.join(format!("{wnid}_4.JPEG"));
+    std::fs::remove_file(&source).unwrap();
+    std::os::unix::fs::symlink(&secret, &source).unwrap();
+    let (status, v) = api.post("/studies", json!({"job": job})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("job")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("outside its folder"), "{v}");
+}

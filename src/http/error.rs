@@ -145,6 +145,7 @@ impl From<crate::study::StudyError> for ApiError {
         match e {
             S::NotFound(_) => Self::new(StatusCode::NOT_FOUND, "unknown_study", msg),
             S::UnknownObserver => Self::new(StatusCode::NOT_FOUND, "unknown_observer", msg),
+            S::Expired => Self::new(StatusCode::GONE, "observer_link_expired", msg),
             S::Invalid { param, message } => Self::invalid(param, message),
             S::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", msg),
             S::Job(e) => e.into(),

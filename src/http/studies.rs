@@ -1,6 +1,8 @@
 //! `/studies` (the human study's admin, behind the API key) and `/observe/{token}` (an
 //! observer's page and its calls: the token in the link is the only credential, so observers
-//! need no account and never see the API key).
+//! need no account and never see the API key). A link expires (410 Gone after it, so the
+//! observer learns to ask for a new one rather than suspect a typo) and can be revoked one by
+//! one (404 after it, like a link that never existed).
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -12,10 +14,12 @@ use super::AppState;
 use super::error::{ApiError, ErrorBody};
 use crate::study::{AnswerIn, NewObserver, ObserverInfo, Puzzle, Session, Studies, StudyInfo, StudyResults, StudySpec};
 
-fn studies(state: &AppState) -> Result<&Studies, ApiError> {
+/// The service with this server's `[studies]` settings.
+fn studies(state: &AppState) -> Result<Studies, ApiError> {
     state
         .studies
-        .as_ref()
+        .clone()
+        .map(|s| s.with_config(state.config.studies.clone()))
         .ok_or_else(|| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "jobs_unavailable", "jobs and studies are off"))
 }
 
@@ -69,11 +73,13 @@ pub async fn study_puzzles(
     Ok(Json(studies(&state)?.puzzles(&id).await?))
 }
 
-/// Adds an observer (to the group with the fewest); the answer holds their link.
+/// Adds an observer (to the group with the fewest); the answer holds their link and when it
+/// expires.
 #[utoipa::path(post, path = "/studies/{id}/observers", tag = "studies", params(("id" = String, Path)),
     request_body = NewObserver,
     responses((status = 201, body = ObserverInfo), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "name taken")))]
+        (status = 409, body = ErrorBody, description = "name taken"),
+        (status = 422, body = ErrorBody, description = "a name or `expires_in_hours` out of bounds")))]
 pub async fn add_observer(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
@@ -82,6 +88,21 @@ pub async fn add_observer(
     let Json(new) = body?;
     let o = studies(&state)?.add_observer(&id, new).await?;
     Ok((StatusCode::CREATED, Json(o)).into_response())
+}
+
+/// Revokes one observer's link, by the observer's name: it then answers 404 like one that never
+/// existed. The observer stays listed (with `revoked_ms`) and their answers still count; the
+/// name stays taken. Revoking a revoked link is no error.
+#[utoipa::path(delete, path = "/studies/{id}/observers/{observer}", tag = "studies",
+    params(("id" = String, Path), ("observer" = String, Path, description = "the observer's name")),
+    responses((status = 204, description = "revoked"),
+        (status = 404, body = ErrorBody, description = "no such study or observer")))]
+pub async fn revoke_observer(
+    State(state): State<AppState>,
+    UrlPath((id, observer)): UrlPath<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    studies(&state)?.revoke_observer(&id, &observer).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Confusion Rate and Performance Gain per observer and method, their mean and spread over
@@ -126,7 +147,8 @@ pub async fn observer_page(UrlPath(_token): UrlPath<String>) -> Response {
 
 /// The observer's progress and next puzzle.
 #[utoipa::path(get, path = "/observe/{token}/session", tag = "studies", security(()), params(("token" = String, Path)),
-    responses((status = 200, body = Session), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = Session), (status = 404, body = ErrorBody),
+        (status = 410, body = ErrorBody, description = "the link expired")))]
 pub async fn session(
     State(state): State<AppState>,
     UrlPath(token): UrlPath<String>,
@@ -139,7 +161,8 @@ pub async fn session(
 #[utoipa::path(post, path = "/observe/{token}/answers", tag = "studies", security(()), params(("token" = String, Path)),
     request_body = AnswerIn,
     responses((status = 200, body = Session), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "already answered"), (status = 422, body = ErrorBody)))]
+        (status = 409, body = ErrorBody, description = "already answered"),
+        (status = 410, body = ErrorBody, description = "the link expired"), (status = 422, body = ErrorBody)))]
 pub async fn answer(
     State(state): State<AppState>,
     UrlPath(token): UrlPath<String>,
@@ -152,7 +175,8 @@ pub async fn answer(
 /// A puzzle's image (PNG).
 #[utoipa::path(get, path = "/observe/{token}/puzzles/{puzzle}/image", tag = "studies", security(()),
     params(("token" = String, Path), ("puzzle" = i64, Path)),
-    responses((status = 200, content_type = "image/png", description = "the image"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "image/png", description = "the image"), (status = 404, body = ErrorBody),
+        (status = 410, body = ErrorBody, description = "the link expired")))]
 pub async fn puzzle_image(
     State(state): State<AppState>,
     UrlPath((token, puzzle)): UrlPath<(String, i64)>,
@@ -164,7 +188,8 @@ pub async fn puzzle_image(
 /// A reference picture of the puzzle's label's class.
 #[utoipa::path(get, path = "/observe/{token}/puzzles/{puzzle}/references/{n}", tag = "studies", security(()),
     params(("token" = String, Path), ("puzzle" = i64, Path), ("n" = usize, Path)),
-    responses((status = 200, description = "the picture"), (status = 404, body = ErrorBody)))]
+    responses((status = 200, description = "the picture"), (status = 404, body = ErrorBody),
+        (status = 410, body = ErrorBody, description = "the link expired")))]
 pub async fn puzzle_reference(
     State(state): State<AppState>,
     UrlPath((token, puzzle, n)): UrlPath<(String, i64, usize)>,

@@ -87,6 +87,13 @@ fn migrations() -> Migrations<'static> {
             PRIMARY KEY (token, puzzle)
         );",
         ),
+        // v3: observer links expire and are revoked one by one (`crate::study`); links made
+        // before expire a week (the default TTL) after they were made.
+        M::up(
+            "ALTER TABLE observers ADD COLUMN expires_ms INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE observers ADD COLUMN revoked_ms INTEGER;
+        UPDATE observers SET expires_ms = created_ms + 604800000;",
+        ),
     ])
 }
 

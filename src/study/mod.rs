@@ -6,7 +6,11 @@
 //!
 //! A study copies what it shows into its own folder (`<jobs.dir>/studies/<id>/`), every puzzle
 //! image as a PNG named by an opaque id, so neither the file type nor its name tells a clean
-//! image from an adversarial one; its rows live in the jobs' SQLite database.
+//! image from an adversarial one; its rows live in the jobs' SQLite database. Only files whose
+//! real path (links resolved) lies inside the folder they were found in are copied.
+//!
+//! An observer link expires (`[studies]`, or per link) and can be revoked on its own; an
+//! expired link answers 410 Gone, a revoked one 404 like a link that never existed.
 
 pub mod design;
 pub mod results;
@@ -24,19 +28,52 @@ use crate::eval::wordnet::WordNet;
 use crate::jobs::{JobState, Jobs, StoreError};
 pub use results::{CLEAN, Rates};
 
+/// `[studies]`: how long observer links live.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StudiesConfig {
+    /// A new observer link works for this many hours (default 168, a week): a link is the
+    /// observer's only credential and travels by mail and chat, so it must not work forever.
+    pub observer_link_ttl_hours: u32,
+    /// The most `expires_in_hours` one link may ask for (default 2160, 90 days).
+    pub max_observer_link_ttl_hours: u32,
+}
+
+impl Default for StudiesConfig {
+    fn default() -> Self {
+        Self { observer_link_ttl_hours: 168, max_observer_link_ttl_hours: 2160 }
+    }
+}
+
+impl StudiesConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        let (ttl, max) = (self.observer_link_ttl_hours, self.max_observer_link_ttl_hours);
+        if ttl == 0 || ttl > max {
+            return Err(format!(
+                "studies.observer_link_ttl_hours must be in 1..=studies.max_observer_link_ttl_hours ({max})"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// `POST /studies`: which finished job to make a study of.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StudySpec {
     /// A finished (`done`) job.
+    #[schema(max_length = 64)]
     pub job: String,
-    /// A name for people (default: "study of job <id>").
+    /// A name for people, 1 to 200 characters (default: "study of job <id>").
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub name: Option<String>,
     /// One of the job's models (default: its first).
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub model: Option<String>,
-    /// The job's methods to show (default: all of them).
+    /// The job's methods to show (default: all of them); at most 64, each at most 100
+    /// characters.
     #[serde(default)]
     pub methods: Vec<String>,
     /// Observers to create at once, named "observer 1", "observer 2", … (more can be added).
@@ -54,6 +91,22 @@ fn default_references() -> u32 {
 /// The most observers and reference pictures a study takes.
 const MAX_OBSERVERS: u32 = 1000;
 const MAX_REFERENCES: u32 = 10;
+/// The most characters of a study's and an observer's name, and of the other strings a
+/// create body names: what is stored and echoed back is bounded by these, not by the body limit.
+const MAX_STUDY_NAME: usize = 200;
+const MAX_OBSERVER_NAME: usize = 100;
+const MAX_ID: usize = 64;
+const MAX_METHOD: usize = 100;
+const MAX_METHODS: usize = 64;
+
+/// `value` trimmed, when it has 1 to `max` characters; else 422 naming `param`.
+fn bounded(param: &'static str, value: &str, max: usize) -> Result<String, StudyError> {
+    let v = value.trim();
+    if v.is_empty() || v.chars().count() > max {
+        return Err(StudyError::invalid(param, format!("1 to {max} characters")));
+    }
+    Ok(v.to_string())
+}
 
 /// A study as `/studies` shows it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -83,6 +136,10 @@ pub struct ObserverInfo {
     pub group: u32,
     pub answered: u32,
     pub total: u32,
+    /// When the link stops working (ms since the Unix epoch); past it, it answers 410.
+    pub expires_ms: i64,
+    /// When the link was revoked (it then answers 404); the answers given before stay.
+    pub revoked_ms: Option<i64>,
 }
 
 /// A puzzle as the study's admin sees it (the observer never sees `category` or `truth`).
@@ -110,9 +167,15 @@ pub struct Puzzle {
 #[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewObserver {
-    /// Unique within the study (default: "observer N").
+    /// Unique within the study, 1 to 100 characters (default: "observer N").
     #[serde(default)]
+    #[schema(max_length = 100)]
     pub name: Option<String>,
+    /// Hours the link works (default `studies.observer_link_ttl_hours`, at most
+    /// `studies.max_observer_link_ttl_hours`).
+    #[serde(default)]
+    #[schema(minimum = 1)]
+    pub expires_in_hours: Option<u32>,
 }
 
 /// What the observer's page shows: progress and the next puzzle.
@@ -178,6 +241,9 @@ pub enum StudyError {
     NotFound(String),
     #[error("no observer with this link")]
     UnknownObserver,
+    /// The link's time is over; the study's admin can add a new observer.
+    #[error("this observer link expired; ask the study's organiser for a new one")]
+    Expired,
     #[error("invalid parameter `{param}`: {message}")]
     Invalid { param: &'static str, message: String },
     #[error("{0}")]
@@ -215,11 +281,18 @@ pub struct StudyRow {
 pub struct Studies {
     jobs: Jobs,
     engine: Engine,
+    config: StudiesConfig,
 }
 
 impl Studies {
+    /// With the default `[studies]` settings (see [`Self::with_config`]).
     pub fn new(jobs: Jobs, engine: Engine) -> Self {
-        Self { jobs, engine }
+        Self { jobs, engine, config: StudiesConfig::default() }
+    }
+
+    pub fn with_config(mut self, config: StudiesConfig) -> Self {
+        self.config = config;
+        self
     }
 
     fn dir(&self, id: &str) -> PathBuf {
@@ -229,6 +302,17 @@ impl Studies {
     /// Makes the puzzles of a finished job, copies their images and the reference pictures
     /// into the study's folder, stores it, and adds `spec.observers` observers.
     pub async fn create(&self, spec: StudySpec) -> Result<StudyInfo, StudyError> {
+        bounded("job", &spec.job, MAX_ID)?;
+        let name = spec.name.as_deref().map(|n| bounded("name", n, MAX_STUDY_NAME)).transpose()?;
+        if let Some(m) = &spec.model {
+            bounded("model", m, MAX_STUDY_NAME)?;
+        }
+        if spec.methods.len() > MAX_METHODS {
+            return Err(StudyError::invalid("methods", format!("at most {MAX_METHODS}")));
+        }
+        for m in &spec.methods {
+            bounded("methods", m, MAX_METHOD)?;
+        }
         let job = self.jobs.get(&spec.job).await?;
         if job.state != JobState::Done {
             return Err(StudyError::Conflict(format!(
@@ -260,7 +344,7 @@ impl Studies {
         let row = StudyRow {
             id: id.clone(),
             job: job.id.clone(),
-            name: spec.name.clone().unwrap_or_else(|| format!("study of job {}", job.id)),
+            name: name.unwrap_or_else(|| format!("study of job {}", job.id)),
             model: model.clone(),
             groups: categories.len() as u32,
             categories: categories.clone(),
@@ -278,7 +362,12 @@ impl Studies {
             }
             let samples = crate::eval::dataset::discover(&folder, info.classes())
                 .map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
-            materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label)
+            let built = materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label);
+            if built.is_err() {
+                // What was copied before the failure belongs to no study.
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            built
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
@@ -286,7 +375,7 @@ impl Studies {
         let r = row.clone();
         self.jobs.store().with(move |c| store::insert_study(c, &r, &puzzles, &refs)).await?;
         for _ in 0..spec.observers {
-            self.add_observer(&id, NewObserver { name: None }).await?;
+            self.add_observer(&id, NewObserver { name: None, expires_in_hours: None }).await?;
         }
         tracing::info!(study = %id, job = %row.job, "study created");
         self.get(&id).await
@@ -342,11 +431,16 @@ impl Studies {
         if study.observers.len() as u32 >= MAX_OBSERVERS {
             return Err(StudyError::Conflict(format!("study {id} has {MAX_OBSERVERS} observers already")));
         }
-        let name = match new.name.map(|n| n.trim().to_string()) {
-            Some(n) if n.is_empty() || n.len() > 100 => {
-                return Err(StudyError::invalid("name", "1 to 100 characters"));
+        let max_hours = self.config.max_observer_link_ttl_hours;
+        let hours = match new.expires_in_hours {
+            Some(h) if h == 0 || h > max_hours => {
+                return Err(StudyError::invalid("expires_in_hours", format!("1 to {max_hours} hours")));
             }
-            Some(n) => n,
+            Some(h) => h,
+            None => self.config.observer_link_ttl_hours,
+        };
+        let name = match new.name {
+            Some(n) => bounded("name", &n, MAX_OBSERVER_NAME)?,
             None => {
                 let mut k = study.observers.len() + 1;
                 while study.observers.iter().any(|o| o.name == format!("observer {k}")) {
@@ -370,13 +464,36 @@ impl Studies {
             use rand::Rng;
             rand::rng().random::<i64>()
         };
-        let row = (token.clone(), id.to_string(), name, group, seed);
+        let row = store::ObserverRow {
+            token: token.clone(),
+            study: id.to_string(),
+            name,
+            group,
+            seed,
+            expires_ms: crate::jobs::store::now_ms().saturating_add(i64::from(hours) * 3_600_000),
+        };
         self.jobs.store().with(move |c| store::insert_observer(c, &row)).await?;
         let study = self.get(id).await?;
         study.observers.into_iter().find(|o| o.token == token).ok_or_else(|| StudyError::NotFound(id.to_string()))
     }
 
-    /// The observer's study, row and puzzles in their order, and their answers.
+    /// Revokes the link of the study's observer `name`: it then answers 404 like one that never
+    /// existed; the observer stays listed and their answers count. Revoking twice is no error.
+    pub async fn revoke_observer(&self, id: &str, name: &str) -> Result<(), StudyError> {
+        self.get(id).await?;
+        let (i, n) = (id.to_string(), name.to_string());
+        match self.jobs.store().with(move |c| store::revoke_observer(c, &i, &n)).await? {
+            Some(_) => {
+                tracing::info!(study = %id, "observer link revoked");
+                Ok(())
+            }
+            None => Err(StudyError::UnknownObserver),
+        }
+    }
+
+    /// The observer's study, row and puzzles in their order, and their answers. The token is
+    /// looked up by SQL equality on its index (no comparison in Rust whose time would depend on
+    /// how much of it matched); a revoked link is not found.
     async fn observer(
         &self,
         token: &str,
@@ -387,16 +504,19 @@ impl Studies {
             .store()
             .with(move |c| {
                 let Some(o) = store::observer(c, &t)? else { return Ok(None) };
-                let Some(study) = store::study(c, &o.1)? else { return Ok(None) };
-                let puzzles = store::puzzles(c, &o.1)?;
+                let Some(study) = store::study(c, &o.study)? else { return Ok(None) };
+                let puzzles = store::puzzles(c, &o.study)?;
                 let answers = store::answers_of(c, &t)?;
                 Ok(Some((study, o, puzzles, answers)))
             })
             .await?;
         let (study, o, puzzles, answers) = found.ok_or(StudyError::UnknownObserver)?;
-        let mut mine: Vec<Puzzle> = puzzles.into_iter().filter(|p| p.group == o.3).collect();
+        if o.expires_ms <= crate::jobs::store::now_ms() {
+            return Err(StudyError::Expired);
+        }
+        let mut mine: Vec<Puzzle> = puzzles.into_iter().filter(|p| p.group == o.group).collect();
         let mut ids: Vec<i64> = mine.iter().map(|p| p.id).collect();
-        design::order(o.4 as u64, &mut ids);
+        design::order(o.seed as u64, &mut ids);
         let rank: HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         mine.sort_by_key(|p| rank.get(&p.id).copied().unwrap_or(usize::MAX));
         Ok((study, o, mine, answers.into_iter().collect()))
@@ -422,7 +542,7 @@ impl Studies {
         };
         Ok(Session {
             study: study.name,
-            observer: o.2,
+            observer: o.name,
             answered: answers.len() as u32,
             total: puzzles.len() as u32,
             done: puzzle.is_none(),
@@ -648,8 +768,18 @@ fn plan(results: &[crate::jobs::StoredResult], model: &str, categories: &[String
     Ok(out)
 }
 
+/// `path` resolved (links followed), when that is a file inside `root` (itself resolved): a
+/// link in the job's folder must not make the study copy, and then serve to observers, a file
+/// from elsewhere on the server.
+fn inside(path: &Path, root: &Path) -> Option<PathBuf> {
+    let real = path.canonicalize().ok()?;
+    (real.starts_with(root) && real.is_file()).then_some(real)
+}
+
 /// Copies the puzzle images (as PNGs, under shuffled ids) and up to `per_label` reference
-/// pictures per shown class into the study's folder.
+/// pictures per shown class into the study's folder; only files inside the folder they are
+/// named from ([`inside`]): a puzzle's image elsewhere fails the study (422 `job`), a reference
+/// picture elsewhere is skipped.
 fn materialise(
     mut plan: Vec<Planned>,
     samples: &[crate::eval::dataset::Sample],
@@ -660,6 +790,8 @@ fn materialise(
 ) -> Result<(Vec<Puzzle>, Vec<store::Reference>), StudyError> {
     use rand::seq::SliceRandom;
     let io = |e: std::io::Error| StudyError::Store(StoreError::Io(e));
+    let real_folder = folder.canonicalize().map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
+    let real_job_dir = job_dir.canonicalize().map_err(io)?;
     std::fs::create_dir_all(dir.join("images")).map_err(io)?;
     // Ids in a random order, so an id tells nothing of its source or category.
     plan.shuffle(&mut rand::rng());
@@ -669,21 +801,28 @@ fn materialise(
     let groups = plan.iter().map(|p| p.kind).max().map_or(1, |k| k + 1);
     for (n, p) in plan.into_iter().enumerate() {
         let id = n as i64 + 1;
-        let src = if p.kind == 0 { folder.join(&p.from) } else { job_dir.join(&p.from) };
+        let (src, root) = if p.kind == 0 { (folder.join(&p.from), &real_folder) } else { (job_dir.join(&p.from), &real_job_dir) };
+        let src = inside(&src, root).ok_or_else(|| {
+            StudyError::invalid("job", format!("{}: missing, or a link to a file outside its folder", p.from))
+        })?;
         let rel = format!("images/{id}.png");
-        let img = image::open(&src).map_err(|e| StudyError::invalid("job", format!("{}: {e}", src.display())))?;
+        let img = image::open(&src).map_err(|e| StudyError::invalid("job", format!("{}: {e}", p.from)))?;
         img.to_rgb8().save(dir.join(&rel)).map_err(|e| io(std::io::Error::other(e.to_string())))?;
         if let Some(w) = &p.label_wnid
             && per_label > 0
             && labels_done.insert(w.clone())
         {
             // One more than shown: a puzzle never shows its own source as a reference.
-            let others = samples.iter().filter(|s| s.label == Some(p.label_index)).take(per_label + 1);
-            for (k, s) in others.enumerate() {
+            let others = samples
+                .iter()
+                .filter(|s| s.label == Some(p.label_index))
+                .filter_map(|s| inside(&s.path, &real_folder).map(|real| (s, real)))
+                .take(per_label + 1);
+            for (k, (s, real)) in others.enumerate() {
                 let ext = s.path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
                 let rel = format!("references/{w}-{k}.{ext}");
                 std::fs::create_dir_all(dir.join("references")).map_err(io)?;
-                std::fs::copy(&s.path, dir.join(&rel)).map_err(io)?;
+                std::fs::copy(&real, dir.join(&rel)).map_err(io)?;
                 let source = s.path.strip_prefix(folder).unwrap_or(&s.path).to_string_lossy().into_owned();
                 refs.push((w.clone(), rel, source));
             }
@@ -701,4 +840,47 @@ fn materialise(
         });
     }
     Ok((puzzles, refs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strings_are_bounded_in_characters() {
+        assert_eq!(bounded("name", "  a study ", 200).unwrap(), "a study");
+        assert_eq!(bounded("name", &"é".repeat(200), 200).unwrap().chars().count(), 200);
+        for bad in ["", "   ", &"x".repeat(201)] {
+            match bounded("name", bad, 200) {
+                Err(StudyError::Invalid { param: "name", .. }) => {}
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn link_lifetimes_are_validated() {
+        assert!(StudiesConfig::default().validate().is_ok());
+        let c = |ttl, max| StudiesConfig { observer_link_ttl_hours: ttl, max_observer_link_ttl_hours: max };
+        assert!(c(0, 10).validate().is_err());
+        assert!(c(11, 10).validate().is_err());
+        assert!(c(10, 10).validate().is_ok());
+    }
+
+    #[test]
+    fn only_files_really_inside_the_folder_count() {
+        let (root, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let real_root = root.path().canonicalize().unwrap();
+        std::fs::write(root.path().join("a.png"), b"a").unwrap();
+        std::fs::write(outside.path().join("secret.png"), b"s").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret.png"), root.path().join("leak.png")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("a.png"), root.path().join("alias.png")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("dir")).unwrap();
+        assert_eq!(inside(&root.path().join("a.png"), &real_root), Some(real_root.join("a.png")));
+        assert_eq!(inside(&root.path().join("alias.png"), &real_root), Some(real_root.join("a.png")));
+        assert_eq!(inside(&root.path().join("leak.png"), &real_root), None);
+        assert_eq!(inside(&root.path().join("dir/secret.png"), &real_root), None);
+        assert_eq!(inside(&root.path().join("../x.png"), &real_root), None);
+        assert_eq!(inside(root.path(), &real_root), None, "a folder is not a file");
+    }
 }

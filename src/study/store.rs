@@ -116,22 +116,62 @@ pub fn references(
     Ok(rows)
 }
 
-/// An observer row: (token, study, name, group, seed).
-pub type ObserverRow = (String, String, String, u32, i64);
+/// An observer's row (the `observers` table).
+#[derive(Debug, Clone)]
+pub struct ObserverRow {
+    pub token: String,
+    pub study: String,
+    pub name: String,
+    pub group: u32,
+    /// Their puzzle order ([`super::design::order`]).
+    pub seed: i64,
+    /// When the link stops working (ms since the Unix epoch).
+    pub expires_ms: i64,
+}
 
 pub fn insert_observer(c: &Connection, o: &ObserverRow) -> Result<(), StoreError> {
     c.execute(
-        "INSERT INTO observers (token, study_id, name, grp, seed, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![o.0, o.1, o.2, o.3, o.4, now_ms()],
+        "INSERT INTO observers (token, study_id, name, grp, seed, created_ms, expires_ms) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![o.token, o.study, o.name, o.group, o.seed, now_ms(), o.expires_ms],
     )?;
     Ok(())
 }
 
+/// The observer whose link holds `token`, unless revoked (found by SQL equality on the
+/// primary key's index; an expired one is found, so it can be told apart from an unknown one).
 pub fn observer(c: &Connection, token: &str) -> Result<Option<ObserverRow>, StoreError> {
-    Ok(c.query_row("SELECT token, study_id, name, grp, seed FROM observers WHERE token = ?1", [token], |r| {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-    })
+    Ok(c.query_row(
+        "SELECT token, study_id, name, grp, seed, expires_ms FROM observers WHERE token = ?1 AND revoked_ms IS NULL",
+        [token],
+        |r| {
+            Ok(ObserverRow {
+                token: r.get(0)?,
+                study: r.get(1)?,
+                name: r.get(2)?,
+                group: r.get(3)?,
+                seed: r.get(4)?,
+                expires_ms: r.get(5)?,
+            })
+        },
+    )
     .optional()?)
+}
+
+/// Revokes the link of the study's observer `name`: None when there is no such observer,
+/// else whether this call revoked it (false: it already was).
+pub fn revoke_observer(c: &Connection, study: &str, name: &str) -> Result<Option<bool>, StoreError> {
+    let n = c.execute(
+        "UPDATE observers SET revoked_ms = ?3 WHERE study_id = ?1 AND name = ?2 AND revoked_ms IS NULL",
+        params![study, name, now_ms()],
+    )?;
+    if n == 1 {
+        return Ok(Some(true));
+    }
+    let exists = c
+        .query_row("SELECT 1 FROM observers WHERE study_id = ?1 AND name = ?2", [study, name], |_| Ok(()))
+        .optional()?;
+    Ok(exists.map(|()| false))
 }
 
 /// The study's observers in the order they were added, with their progress.
@@ -139,7 +179,8 @@ pub fn observers(c: &Connection, study: &str) -> Result<Vec<ObserverInfo>, Store
     let mut st = c.prepare(
         "SELECT o.token, o.name, o.grp, \
            (SELECT COUNT(*) FROM answers a WHERE a.token = o.token), \
-           (SELECT COUNT(*) FROM puzzles p WHERE p.study_id = o.study_id AND p.grp = o.grp) \
+           (SELECT COUNT(*) FROM puzzles p WHERE p.study_id = o.study_id AND p.grp = o.grp), \
+           o.expires_ms, o.revoked_ms \
          FROM observers o WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid",
     )?;
     let rows = st
@@ -152,6 +193,8 @@ pub fn observers(c: &Connection, study: &str) -> Result<Vec<ObserverInfo>, Store
                 group: r.get(2)?,
                 answered: r.get(3)?,
                 total: r.get(4)?,
+                expires_ms: r.get(5)?,
+                revoked_ms: r.get(6)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;

@@ -7,10 +7,16 @@
 #   docker run --gpus all -p 8080:8080 -e LABELFOOL_API_KEY=… labelfool:cuda    # needs the NVIDIA container toolkit
 # It binds 0.0.0.0, so it refuses to start without an API key (LABELFOOL_API_KEY); probes answer on
 # 8081 too. Jobs and studies live in the volume /var/lib/labelfool, owned by the runtime user.
+#
+# BUILD=prebuilt takes the binary, libtorch and the default model already built by scripts/setup
+# instead of building them here: `scripts/container build` assembles that context and builds the
+# image with podman (the container test in tests/container.rs does so). The runtime stage is the
+# same either way.
 ARG VARIANT=cpu
+ARG BUILD=source
 
-# ---- build: libtorch from the pinned torch wheel, models, binary, matrices -------------------------
-FROM rust:1.95-bookworm AS build
+# ---- build from source: libtorch from the pinned torch wheel, models, binary, matrices -------------
+FROM rust:1.95-bookworm AS build-source
 ARG VARIANT
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv g++ \
@@ -18,8 +24,9 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 ENV LABELFOOL_CACHE=/opt/labelfool
+# LABELFOOL_SETUP=serve: only what `serve` needs (no MLServer, no Chromium).
 RUN if [ "$VARIANT" = "cpu" ]; then export TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu; fi \
- && scripts/setup \
+ && LABELFOOL_SETUP=serve scripts/setup \
  && target/release/labelfool doctor --device cpu
 # Keep only what the binary loads: libtorch (+ the NVIDIA libraries it points at, CUDA variant).
 RUN mkdir -p /opt/runtime \
@@ -28,7 +35,15 @@ RUN mkdir -p /opt/runtime \
  && cp -a "$site/torch/lib" "/opt/runtime$site/torch/lib" \
  && cp -a "$site/torch/version.py" "/opt/runtime$site/torch/version.py" \
  && if [ -d "$site/nvidia" ]; then cp -a "$site/nvidia" "/opt/runtime$site/nvidia"; fi \
- && cp -a /opt/labelfool/models /opt/runtime/opt/labelfool/models
+ && mkdir -p /opt/runtime/opt/labelfool/models \
+ && cp -a /opt/labelfool/models/efficientnet-lite0 /opt/runtime/opt/labelfool/models/ \
+ && cp target/release/labelfool /opt/runtime/labelfool
+
+# ---- or prebuilt: the same tree, assembled by scripts/container from this checkout's build ---------
+FROM debian:bookworm-slim AS build-prebuilt
+COPY runtime/ /opt/runtime/
+
+FROM build-${BUILD} AS build
 
 # ---- runtime ---------------------------------------------------------------------------------------
 FROM debian:bookworm-slim AS runtime
@@ -38,8 +53,8 @@ RUN apt-get update \
  && useradd --system --uid 10001 labelfool \
  && mkdir -p /var/lib/labelfool \
  && chown labelfool /var/lib/labelfool
-COPY --from=build /opt/runtime/ /
-COPY --from=build /src/target/release/labelfool /usr/local/bin/labelfool
+COPY --from=build /opt/runtime/opt/ /opt/
+COPY --from=build /opt/runtime/labelfool /usr/local/bin/labelfool
 COPY config/default.toml /etc/labelfool/default.toml
 ENV LABELFOOL_CACHE=/opt/labelfool \
     LABELFOOL_CONFIG=/etc/labelfool/default.toml \

@@ -218,7 +218,10 @@ fn dockerfile_builds_with_the_ci_setup_script() {
     assert!(text.contains("ARG VARIANT"), "a build argument selects the CUDA variant");
     let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
     assert!(stages >= 2, "multi-stage build");
-    for line in text.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
+    // The prebuilt stage copies from the context scripts/container assembles, not from the checkout.
+    let from_checkout = text.split("AS build-prebuilt").next().unwrap().to_string()
+        + text.split("AS runtime").nth(1).unwrap_or("");
+    for line in from_checkout.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
         let src = line.split_whitespace().nth(1).unwrap();
         assert!(src == "." || repo(src).exists(), "Dockerfile copies {src}, which does not exist");
     }
@@ -311,4 +314,31 @@ fn deployments_require_a_key_and_the_server_refuses_to_serve_without_one() {
         }
     }
     assert!(deployments >= 2, "the CPU and CUDA deployments");
+}
+
+/// The manifests against Kubernetes' own schemas (kubernetes-validate, strict: unknown fields
+/// fail too), and a broken manifest to show the check can fail.
+#[test]
+fn kubernetes_manifests_validate_against_the_schemas() {
+    let venv = std::env::var("LABELFOOL_VENV").expect("scripts/env.sh sets LABELFOOL_VENV");
+    let tool = Path::new(&venv).join("bin/kubernetes-validate");
+    let manifests: Vec<PathBuf> = std::fs::read_dir(repo("docker/k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    assert!(manifests.len() >= 4);
+    let out = std::process::Command::new(&tool).arg("--strict").args(&manifests).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    let text = std::fs::read_to_string(repo("docker/k8s/deployment.yaml")).unwrap().replace("replicas: 2", "replicas: two");
+    std::fs::write(&broken, text).unwrap();
+    let out = std::process::Command::new(&tool).arg("--strict").arg(&broken).output().unwrap();
+    assert!(!out.status.success(), "a Deployment with `replicas: two` passed");
 }

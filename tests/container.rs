@@ -30,6 +30,23 @@ fn run_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
+/// The literal LABELFOOL_* settings of the CPU Deployment's container.
+fn deployment_env() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docker/k8s/deployment.yaml")).unwrap();
+    let doc = &yaml_rust2::YamlLoader::load_from_str(&text).unwrap()[0];
+    doc["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_vec()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?.to_string(), e["value"].as_str()?.to_string())))
+        .collect()
+}
+
+/// A duration the manifest sets, in whole seconds (`unit_ms` milliseconds per unit).
+fn manifest_secs(env: &[(String, String)], suffix: &str, unit_ms: u64) -> u64 {
+    env.iter().find(|(k, _)| k.ends_with(suffix)).map(|(_, v)| v.parse::<u64>().unwrap() * unit_ms / 1000).unwrap_or(0)
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -76,15 +93,25 @@ async fn the_image_starts_as_its_user_serves_keeps_jobs_and_drains() {
     let said = String::from_utf8_lossy(&open.stderr).to_string() + &String::from_utf8_lossy(&open.stdout);
     assert!(!open.status.success() && said.contains("without an API key"), "{said}");
 
-    // With a key, on free ports, its jobs in a named volume.
+    // With the Kubernetes Deployment's settings and a key, on free ports, its jobs in a volume.
     let name = format!("labelfool-test-{}", std::process::id());
     let _cleanup = Cleanup(name.clone());
     let (port, probe_port) = (free_port(), free_port());
-    let (bind, probe_bind) = (format!("LABELFOOL_BIND=0.0.0.0:{port}"), format!("LABELFOOL_SERVER__PROBE_BIND=0.0.0.0:{probe_port}"));
+    let mut env = vec![
+        format!("LABELFOOL_BIND=0.0.0.0:{port}"),
+        format!("LABELFOOL_SERVER__PROBE_BIND=0.0.0.0:{probe_port}"),
+        "LABELFOOL_API_KEY=k".to_string(),
+    ];
+    let manifest = deployment_env();
+    env.extend(manifest.iter().filter(|(k, _)| !k.ends_with("BIND")).map(|(k, v)| format!("{k}={v}")));
+    let drain = manifest_secs(&manifest, "SHUTDOWN_DELAY_MS", 1000) + manifest_secs(&manifest, "SHUTDOWN_GRACE_SECS", 1);
     let volume = format!("{name}:/var/lib/labelfool");
-    let out = podman(&run_args(&[
-        "-d", "--name", &name, "-e", "LABELFOOL_API_KEY=k", "-e", &bind, "-e", &probe_bind, "-v", &volume, IMAGE,
-    ]));
+    let mut args = vec!["-d", "--name", name.as_str(), "-v", volume.as_str()];
+    for e in &env {
+        args.extend(["-e", e.as_str()]);
+    }
+    args.push(IMAGE);
+    let out = podman(&run_args(&args));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let (base, probe) = (format!("http://127.0.0.1:{port}"), format!("http://127.0.0.1:{probe_port}"));
     wait_ready(&probe, &name, Duration::from_secs(120)).await;
@@ -132,14 +159,21 @@ async fn the_image_starts_as_its_user_serves_keeps_jobs_and_drains() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
-    // SIGTERM: drains and exits 0 within the grace.
+    // SIGTERM with an attack in flight: it is answered, and the server exits 0 within the
+    // Deployment's delay + grace.
+    let in_flight = {
+        let req = c.post(format!("{base}/attack")).bearer_auth("k").header("content-type", "image/jpeg").body(zebra.clone());
+        tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let stopping = Instant::now();
     let stop = podman(&["stop", "-t", &STOP_TIMEOUT_S.to_string(), &name]);
     assert!(stop.status.success(), "{}", String::from_utf8_lossy(&stop.stderr));
     let took = stopping.elapsed();
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200, "the attack in flight at SIGTERM is answered");
     let code = podman(&["inspect", &name, "--format", "{{.State.ExitCode}}"]);
     assert_eq!(String::from_utf8_lossy(&code.stdout).trim(), "0", "exit code after SIGTERM");
-    assert!(took < Duration::from_secs(32), "SIGTERM took {took:?} (grace 30 s)");
+    assert!(took < Duration::from_secs(drain + 2), "SIGTERM took {took:?} (delay + grace {drain} s)");
 
     // The same container, its volume kept: the job and its results are still there.
     let start = podman(&["start", &name]);

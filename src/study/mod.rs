@@ -12,19 +12,18 @@
 //! An observer link expires (`[studies]`, or per link) and can be revoked on its own; an
 //! expired link answers 410 Gone, a revoked one 404 like a link that never existed.
 
+mod build;
 pub mod design;
 pub mod results;
 pub mod store;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::engine::{Engine, EngineError};
-use crate::eval::Record;
-use crate::eval::wordnet::WordNet;
 use crate::jobs::{JobState, Jobs, StoreError};
 pub use results::{CLEAN, Rates};
 
@@ -356,13 +355,13 @@ impl Studies {
         let dir = self.dir(&id);
         let refs_per_label = spec.references as usize;
         let built = tokio::task::spawn_blocking(move || -> Result<_, StudyError> {
-            let plan = plan(&results, &model, &categories)?;
+            let plan = build::plan(&results, &model, &categories)?;
             if plan.is_empty() {
                 return Err(StudyError::invalid("job", "no image of the job has a true class (from its file name)"));
             }
             let samples = crate::eval::dataset::discover(&folder, info.classes())
                 .map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
-            let built = materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label);
+            let built = build::materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label);
             if built.is_err() {
                 // What was copied before the failure belongs to no study.
                 let _ = std::fs::remove_dir_all(&dir);
@@ -701,147 +700,6 @@ fn mime(path: &Path) -> &'static str {
     }
 }
 
-/// One puzzle before its image is copied: where its image comes from.
-struct Planned {
-    source: String,
-    kind: usize,
-    category: String,
-    /// Path of the image: the source (relative to the job's folder) for clean puzzles, the
-    /// delivered PNG (relative to the job's own folder) for adversarial ones.
-    from: String,
-    label: String,
-    label_index: usize,
-    label_wnid: Option<String>,
-    truth: bool,
-    animal: bool,
-    source_index: usize,
-}
-
-/// The puzzles a job's records give: each source with a true class, clean, and each method's
-/// delivered image whose label is no longer the true class.
-fn plan(results: &[crate::jobs::StoredResult], model: &str, categories: &[String]) -> Result<Vec<Planned>, StudyError> {
-    let wn = WordNet::embedded();
-    let mut by_source: BTreeMap<String, HashMap<String, (Record, Option<String>)>> = BTreeMap::new();
-    for r in results.iter().filter(|r| r.model == model) {
-        let record: Record = serde_json::from_str(&r.record)
-            .map_err(|e| StoreError::Corrupt(r.file.clone(), format!("stored result: {e}")))?;
-        by_source.entry(r.file.clone()).or_default().insert(r.method.clone(), (record, r.png.clone()));
-    }
-    let mut out = Vec::new();
-    let mut source_index = 0;
-    for (source, methods) in by_source {
-        let Some(truth) = methods.values().find_map(|(r, _)| r.true_class.clone()) else { continue };
-        let animal = truth.wnid.as_deref().and_then(|w| wn.group(w)) == Some("animal");
-        out.push(Planned {
-            source: source.clone(),
-            kind: 0,
-            category: CLEAN.into(),
-            from: source.clone(),
-            label: truth.label.clone(),
-            label_index: truth.index,
-            label_wnid: truth.wnid.clone(),
-            truth: true,
-            animal,
-            source_index,
-        });
-        for (k, method) in categories.iter().enumerate().skip(1) {
-            let Some((record, Some(png))) = methods.get(method) else { continue };
-            let Some(result) = &record.result else { continue };
-            if result.final_.index == truth.index {
-                continue;
-            }
-            out.push(Planned {
-                source: source.clone(),
-                kind: k,
-                category: method.clone(),
-                from: png.clone(),
-                label: result.final_.label.clone(),
-                label_index: result.final_.index,
-                label_wnid: result.final_.wnid.clone(),
-                truth: false,
-                animal,
-                source_index,
-            });
-        }
-        source_index += 1;
-    }
-    Ok(out)
-}
-
-/// `path` resolved (links followed), when that is a file inside `root` (itself resolved): a
-/// link in the job's folder must not make the study copy, and then serve to observers, a file
-/// from elsewhere on the server.
-fn inside(path: &Path, root: &Path) -> Option<PathBuf> {
-    let real = path.canonicalize().ok()?;
-    (real.starts_with(root) && real.is_file()).then_some(real)
-}
-
-/// Copies the puzzle images (as PNGs, under shuffled ids) and up to `per_label` reference
-/// pictures per shown class into the study's folder; only files inside the folder they are
-/// named from ([`inside`]): a puzzle's image elsewhere fails the study (422 `job`), a reference
-/// picture elsewhere is skipped.
-fn materialise(
-    mut plan: Vec<Planned>,
-    samples: &[crate::eval::dataset::Sample],
-    folder: &Path,
-    job_dir: &Path,
-    dir: &Path,
-    per_label: usize,
-) -> Result<(Vec<Puzzle>, Vec<store::Reference>), StudyError> {
-    use rand::seq::SliceRandom;
-    let io = |e: std::io::Error| StudyError::Store(StoreError::Io(e));
-    let real_folder = folder.canonicalize().map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
-    let real_job_dir = job_dir.canonicalize().map_err(io)?;
-    std::fs::create_dir_all(dir.join("images")).map_err(io)?;
-    // Ids in a random order, so an id tells nothing of its source or category.
-    plan.shuffle(&mut rand::rng());
-    let mut puzzles = Vec::with_capacity(plan.len());
-    let mut refs = Vec::new();
-    let mut labels_done = std::collections::HashSet::new();
-    let groups = plan.iter().map(|p| p.kind).max().map_or(1, |k| k + 1);
-    for (n, p) in plan.into_iter().enumerate() {
-        let id = n as i64 + 1;
-        let (src, root) = if p.kind == 0 { (folder.join(&p.from), &real_folder) } else { (job_dir.join(&p.from), &real_job_dir) };
-        let src = inside(&src, root).ok_or_else(|| {
-            StudyError::invalid("job", format!("{}: missing, or a link to a file outside its folder", p.from))
-        })?;
-        let rel = format!("images/{id}.png");
-        let img = image::open(&src).map_err(|e| StudyError::invalid("job", format!("{}: {e}", p.from)))?;
-        img.to_rgb8().save(dir.join(&rel)).map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        if let Some(w) = &p.label_wnid
-            && per_label > 0
-            && labels_done.insert(w.clone())
-        {
-            // One more than shown: a puzzle never shows its own source as a reference.
-            let others = samples
-                .iter()
-                .filter(|s| s.label == Some(p.label_index))
-                .filter_map(|s| inside(&s.path, &real_folder).map(|real| (s, real)))
-                .take(per_label + 1);
-            for (k, (s, real)) in others.enumerate() {
-                let ext = s.path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
-                let rel = format!("references/{w}-{k}.{ext}");
-                std::fs::create_dir_all(dir.join("references")).map_err(io)?;
-                std::fs::copy(&real, dir.join(&rel)).map_err(io)?;
-                let source = s.path.strip_prefix(folder).unwrap_or(&s.path).to_string_lossy().into_owned();
-                refs.push((w.clone(), rel, source));
-            }
-        }
-        puzzles.push(Puzzle {
-            id,
-            group: design::group_of(p.source_index, p.kind, groups) as u32,
-            source: p.source,
-            category: p.category,
-            image: rel,
-            label: p.label,
-            label_wnid: p.label_wnid,
-            truth: p.truth,
-            animal: p.animal,
-        });
-    }
-    Ok((puzzles, refs))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,22 +723,5 @@ mod tests {
         assert!(c(0, 10).validate().is_err());
         assert!(c(11, 10).validate().is_err());
         assert!(c(10, 10).validate().is_ok());
-    }
-
-    #[test]
-    fn only_files_really_inside_the_folder_count() {
-        let (root, outside) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let real_root = root.path().canonicalize().unwrap();
-        std::fs::write(root.path().join("a.png"), b"a").unwrap();
-        std::fs::write(outside.path().join("secret.png"), b"s").unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret.png"), root.path().join("leak.png")).unwrap();
-        std::os::unix::fs::symlink(root.path().join("a.png"), root.path().join("alias.png")).unwrap();
-        std::os::unix::fs::symlink(outside.path(), root.path().join("dir")).unwrap();
-        assert_eq!(inside(&root.path().join("a.png"), &real_root), Some(real_root.join("a.png")));
-        assert_eq!(inside(&root.path().join("alias.png"), &real_root), Some(real_root.join("a.png")));
-        assert_eq!(inside(&root.path().join("leak.png"), &real_root), None);
-        assert_eq!(inside(&root.path().join("dir/secret.png"), &real_root), None);
-        assert_eq!(inside(&root.path().join("../x.png"), &real_root), None);
-        assert_eq!(inside(root.path(), &real_root), None, "a folder is not a file");
     }
 }

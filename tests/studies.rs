@@ -294,7 +294,9 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
 /// A server with the tiny model, a folder of five pictures (four classes, the first twice) and a
 /// finished one-method job on it: (the root, the pictures' folder, the data folder, the server,
 /// the job, the first class's wnid).
-async fn finished_job(studies: &str) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, Server, String, String) {
+async fn finished_job(
+    studies: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, Server, String, String) {
     let root = tempfile::tempdir().unwrap();
     let images = root.path().join("images");
     std::fs::create_dir(&images).unwrap();
@@ -389,7 +391,8 @@ async fn observer_links_expire_and_are_revoked_one_by_one() {
         .observe(&format!("/observe/{bob_token}/answers"), Some(json!({"puzzle": puzzle, "answer": "correct"})))
         .await;
     assert_eq!(status, 200, "{v}");
-    let revoke = |name: &str| client().delete(s.url(&format!("/studies/{id}/observers/{name}"))).bearer_auth(KEY).send();
+    let revoke =
+        |name: &str| client().delete(s.url(&format!("/studies/{id}/observers/{name}"))).bearer_auth(KEY).send();
     assert_eq!(client().delete(s.url(&format!("/studies/{id}/observers/bob"))).send().await.unwrap().status(), 401);
     assert_eq!(revoke("bob").await.unwrap().status(), 204);
     for path in ["session", &format!("puzzles/{puzzle}/image")] {

@@ -363,18 +363,17 @@ impl Remote {
 
     /// A 3xx answer as the error it is (redirects are not followed).
     fn redirect(&self, res: &reqwest::Response) -> Option<RemoteError> {
-        res.status().is_redirection().then(|| RemoteError::Redirect {
-            remote: self.config.name.clone(),
-            status: res.status().as_u16(),
-            location: res
-                .headers()
-                .get(reqwest::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .map_or_else(|| "(no Location)".into(), |l| match res.url().join(l) {
-                    Ok(u) => redact_url(u.as_str()),
-                    Err(_) => "(an unreadable Location)".into(),
-                }),
-        })
+        if !res.status().is_redirection() {
+            return None;
+        }
+        let location = match res.headers().get(reqwest::header::LOCATION).map(|l| l.to_str()) {
+            None => "(no Location)".to_string(),
+            Some(Ok(l)) => {
+                res.url().join(l).map_or_else(|_| "(an unreadable Location)".into(), |u| redact_url(u.as_str()))
+            }
+            Some(Err(_)) => "(an unreadable Location)".to_string(),
+        };
+        Some(RemoteError::Redirect { remote: self.config.name.clone(), status: res.status().as_u16(), location })
     }
 
     /// The largest answer read from the remote: its scores as JSON text (a few dozen bytes a

@@ -98,8 +98,6 @@ pub struct Config {
 pub struct JobsConfig {
     /// Durable jobs (`/jobs`) at all; off, their routes answer 503 `jobs_unavailable`.
     pub enabled: bool,
-    /// Human studies on finished jobs (`/studies`, observers' links); they need jobs.
-    pub studies: bool,
     /// The SQLite database of jobs and per-image results (`${LABELFOOL_CACHE}` is expanded).
     pub database: String,
     /// Where delivered PNGs and reports are written, a folder per job.
@@ -131,7 +129,6 @@ impl Default for JobsConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            studies: true,
             database: "${LABELFOOL_CACHE}/jobs/jobs.sqlite3".into(),
             dir: "${LABELFOOL_CACHE}/jobs".into(),
             allowed_dirs: Vec::new(),

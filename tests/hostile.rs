@@ -313,7 +313,7 @@ async fn jobs_and_studies_can_be_switched_off() {
     }
     let (st, _) = json(c.get(s.url("/observe/x/session")).send().await.unwrap()).await;
     assert_eq!(st, 503);
-    let s = Server::start(&tiny_config("[jobs]\nstudies = false\n"));
+    let s = Server::start(&tiny_config("[studies]\nenabled = false\n"));
     assert_eq!(c.get(s.url("/jobs")).send().await.unwrap().status(), 200);
     let (st, _) = json(c.get(s.url("/studies")).send().await.unwrap()).await;
     assert_eq!(st, 503, "studies off, jobs on");

@@ -45,7 +45,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     if config.jobs.enabled {
         let jobs =
             crate::jobs::Jobs::start(engine.clone(), &config.jobs).await.context("cannot start the jobs store")?;
-        if config.jobs.studies {
+        if config.studies.enabled {
             state.studies = Some(crate::study::Studies::new(jobs.clone(), engine.clone()));
         }
         state.jobs = Some(jobs);

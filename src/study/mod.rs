@@ -27,10 +27,13 @@ use crate::engine::{Engine, EngineError};
 use crate::jobs::{JobState, Jobs, StoreError};
 pub use results::{CLEAN, Rates};
 
-/// `[studies]`: how long observer links live.
+/// `[studies]`: whether studies are on, and how long observer links live.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StudiesConfig {
+    /// Human studies on finished jobs (`/studies`, observers' links); they need `jobs.enabled`.
+    /// Off, their routes answer 503.
+    pub enabled: bool,
     /// A new observer link works for this many hours (default 168, a week): a link is the
     /// observer's only credential and travels by mail and chat, so it must not work forever.
     pub observer_link_ttl_hours: u32,
@@ -40,7 +43,7 @@ pub struct StudiesConfig {
 
 impl Default for StudiesConfig {
     fn default() -> Self {
-        Self { observer_link_ttl_hours: 168, max_observer_link_ttl_hours: 2160 }
+        Self { enabled: true, observer_link_ttl_hours: 168, max_observer_link_ttl_hours: 2160 }
     }
 }
 

@@ -132,6 +132,7 @@ impl From<crate::jobs::JobError> for ApiError {
             J::Invalid { param, message } => Self::invalid(param, message),
             J::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", msg),
             J::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", msg),
+            J::QuotaExceeded(_) => Self::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", msg),
             J::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "jobs_store", msg),
             J::Engine(e) => e.into(),
         }

@@ -5,13 +5,14 @@ use std::convert::Infallible;
 use std::path::{Component, Path};
 
 use axum::Json;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
-use serde::Serialize;
-use utoipa::ToSchema;
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use axum::extract::FromRequest;
 
@@ -30,36 +31,83 @@ fn jobs(state: &AppState) -> Result<&Jobs, ApiError> {
 /// under `jobs.allowed_dirs`), or of an uploaded zip of images (multipart: `archive`, and
 /// optionally `spec` with methods/models/limit/max_iter as JSON), unpacked into the job's own
 /// folder within `jobs.max_archive_bytes`, `max_archive_files` and `max_unpacked_bytes`. Jobs
-/// run one at a time, in the order they were created.
+/// run one at a time, in the order they were created. Both are refused (507) when the jobs'
+/// folder would pass `jobs.max_total_bytes`; a JSON body is at most 64 KiB.
 #[utoipa::path(post, path = "/jobs", tag = "jobs",
     request_body(content((JobSpec = "application/json"), (ArchiveUpload = "multipart/form-data"))),
     responses((status = 201, body = JobInfo), (status = 403, body = ErrorBody, description = "folder not allowed"),
         (status = 404, body = ErrorBody), (status = 408, body = ErrorBody, description = "the upload was too slow"),
-        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody)))]
+        (status = 413, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 507, body = ErrorBody, description = "over the jobs' disk quota (`quota_exceeded`)")))]
 pub async fn create_job(State(state): State<AppState>, req: axum::extract::Request) -> Result<Response, ApiError> {
     let jobs = jobs(&state)?;
-    let multipart = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    let content_type = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let multipart = content_type.starts_with("multipart/form-data");
     let job = if multipart {
+        // What the request says it brings must fit before a byte is read.
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let room = jobs.room_for(declared).await?;
         let mp = axum::extract::Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::bad_request("bad_body", e.body_text()))?;
         let timeout = std::time::Duration::from_millis(state.config.server.body_read_timeout_ms);
-        let (spec, archive) = tokio::time::timeout(timeout, receive_archive(mp, jobs)).await.map_err(|_| {
-            ApiError::timeout(format!(
-                "the archive did not arrive within {} ms (server.body_read_timeout_ms)",
-                timeout.as_millis()
-            ))
-        })??;
+        let (spec, archive) =
+            tokio::time::timeout(timeout, receive_archive(mp, jobs, room)).await.map_err(|_| {
+                ApiError::timeout(format!(
+                    "the archive did not arrive within {} ms (server.body_read_timeout_ms)",
+                    timeout.as_millis()
+                ))
+            })??;
         jobs.create_from_archive(spec, archive.keep()).await?
     } else {
-        let Json(spec) = Json::<JobSpec>::from_request(req, &state).await?;
+        let spec = read_spec(req).await?;
         jobs.create(spec).await?
     };
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/jobs/{}", job.id))], Json(job)).into_response())
+}
+
+/// Largest JSON body `POST /jobs` reads: a spec is a path and a few names.
+const MAX_SPEC_BYTES: usize = 64 << 10;
+
+/// The JSON form of `POST /jobs`, read within [`MAX_SPEC_BYTES`] whatever the route's body
+/// limit (that one is sized for archives).
+async fn read_spec(req: axum::extract::Request) -> Result<JobSpec, ApiError> {
+    let json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+        .is_some_and(|m| {
+            m.type_() == mime::APPLICATION && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
+        });
+    if !json {
+        return Err(ApiError::unsupported_media(
+            "send a JSON job (`Content-Type: application/json`) or a multipart form with an `archive`",
+        ));
+    }
+    let too_large = || ApiError::too_large(format!("a JSON job is at most {MAX_SPEC_BYTES} bytes"));
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_SPEC_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut body = req.into_body().into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request("bad_body", format!("cannot read the body: {e}")))?;
+        if bytes.len() + chunk.len() > MAX_SPEC_BYTES {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let status = if e.is_data() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
+        ApiError::new(status, "bad_body", format!("the JSON job is unreadable: {e}"))
+    })
 }
 
 /// The multipart form of `POST /jobs` with an archive (for the OpenAPI document).
@@ -91,10 +139,12 @@ impl Drop for PartFile {
 }
 
 /// Streams the `archive` field to a file under the jobs' folder (never more than
-/// `jobs.max_archive_bytes`) and parses the `spec` field.
+/// `jobs.max_archive_bytes`, nor than `room`, what `jobs.max_total_bytes` leaves) and parses the
+/// `spec` field.
 async fn receive_archive(
     mut mp: axum::extract::Multipart,
     jobs: &Jobs,
+    room: u64,
 ) -> Result<(crate::jobs::ArchiveSpec, PartFile), ApiError> {
     use tokio::io::AsyncWriteExt;
     let max = jobs.config().max_archive_bytes;
@@ -122,6 +172,12 @@ async fn receive_archive(
                         return Err(ApiError::too_large(format!(
                             "the archive is over {max} bytes (jobs.max_archive_bytes)"
                         )));
+                    }
+                    if written > room {
+                        return Err(crate::jobs::JobError::QuotaExceeded(format!(
+                            "the archive is over the {room} bytes the jobs' folder has left (jobs.max_total_bytes)"
+                        ))
+                        .into());
                     }
                     file.write_all(&chunk).await.map_err(|e| ApiError::internal(e.to_string()))?;
                 }
@@ -153,15 +209,36 @@ pub async fn get_job(State(state): State<AppState>, UrlPath(id): UrlPath<String>
     Ok(Json(jobs(&state)?.get(&id).await?))
 }
 
-/// Cancels a queued or running job: it stops scheduling at once; finished images stay.
-#[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
-    responses((status = 200, body = JobInfo), (status = 404, body = ErrorBody),
-        (status = 409, body = ErrorBody, description = "already finished")))]
+/// `DELETE /jobs/{id}`'s query.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Also delete the job for good — its row, results and folder (it is cancelled first if it
+    /// runs). Refused (409) while a study uses the job.
+    #[serde(default)]
+    pub purge: bool,
+}
+
+/// Cancels a queued or running job: it stops scheduling at once; finished images stay. With
+/// `?purge=true` the job (finished or not) is deleted with everything it made: 204.
+#[utoipa::path(delete, path = "/jobs/{id}", tag = "jobs", params(("id" = String, Path), DeleteQuery),
+    responses((status = 200, body = JobInfo, description = "cancelled"),
+        (status = 204, description = "purged (`?purge=true`)"), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "already finished; or, purging, a study uses the job"),
+        (status = 422, body = ErrorBody)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-) -> Result<Json<JobInfo>, ApiError> {
-    Ok(Json(jobs(&state)?.cancel(&id).await?))
+    query: Result<Query<DeleteQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::invalid("purge", e.body_text()))?;
+    let jobs = jobs(&state)?;
+    if query.purge {
+        jobs.purge(&id).await?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok(Json(jobs.cancel(&id).await?).into_response())
 }
 
 /// Progress as Server-Sent Events (`event: progress`, data: a [`JobEvent`]): the job's state
@@ -240,7 +317,9 @@ pub async fn job_results(State(state): State<AppState>, UrlPath(id): UrlPath<Str
 }
 
 /// A file the job produced: `images/<model>/<method>/<file>.png`, `report/<model>/report.md`,
-/// `report/<model>/summary.json` and the report's charts.
+/// `report/<model>/summary.json` and the report's charts, or an unpacked upload under `input/`.
+/// Served with `nosniff`; only PNG, JSON, Markdown and CSV get their types — anything else (an
+/// uploaded SVG or HTML) is a download, so no file a client uploaded runs in a browser.
 #[utoipa::path(get, path = "/jobs/{id}/files/{path}", tag = "jobs",
     params(("id" = String, Path), ("path" = String, Path, description = "path within the job's folder")),
     responses((status = 200, description = "the file"), (status = 404, body = ErrorBody)))]
@@ -258,12 +337,36 @@ pub async fn job_file(
     }
     let full = jobs.job_dir(&id).join(rel);
     let bytes = tokio::fs::read(&full).await.map_err(|_| not_found())?;
-    let mime = match full.extension().and_then(|e| e.to_str()) {
-        Some("png") => "image/png",
-        Some("json") => "application/json",
-        Some("md") => "text/markdown; charset=utf-8",
-        Some("svg") => "image/svg+xml",
-        _ => "application/octet-stream",
-    };
-    Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
+    let (mime, download) = served_as(&full);
+    let mut res = ([(header::CONTENT_TYPE, mime), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")], bytes).into_response();
+    if download {
+        res.headers_mut().insert(header::CONTENT_DISPOSITION, header::HeaderValue::from_static("attachment"));
+    }
+    Ok(res)
+}
+
+/// The type a job's file is served with, and whether it is a download: only the passive types
+/// the job writes itself are named; anything else could be active content a client uploaded.
+fn served_as(path: &Path) -> (&'static str, bool) {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => ("image/png", false),
+        Some("json") => ("application/json", false),
+        Some("md") => ("text/markdown; charset=utf-8", false),
+        Some("csv") => ("text/csv; charset=utf-8", false),
+        _ => ("application/octet-stream", true),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_passive_types_are_named_and_the_rest_is_a_download() {
+        assert_eq!(served_as(Path::new("images/m/fgsm/a.PNG")), ("image/png", false));
+        assert_eq!(served_as(Path::new("report/m/summary.json")).0, "application/json");
+        for active in ["input/evil.svg", "input/page.html", "input/x.htm", "input/a.js", "input/noext", "input/x.xml"] {
+            assert_eq!(served_as(Path::new(active)), ("application/octet-stream", true), "{active}");
+        }
+    }
 }

@@ -1,7 +1,8 @@
 //! A job's images uploaded as a zip archive: unpacked into the job's own folder with every
 //! bound checked as it goes — names that would leave the folder, links, more files or more
-//! unpacked bytes than configured (counted on the bytes actually written, not the sizes the
-//! archive claims) — so a hostile archive stops with a clear error and leaves nothing behind.
+//! unpacked bytes than configured or than the jobs' quota leaves (counted on the bytes actually
+//! written, not the sizes the archive claims) — so a hostile archive stops with a clear error and
+//! leaves nothing behind.
 
 use std::io::Read;
 use std::path::Path;
@@ -13,6 +14,8 @@ use super::JobError;
 pub struct Limits {
     pub max_files: usize,
     pub max_bytes: u64,
+    /// What `jobs.max_total_bytes` leaves in the jobs' folder (`u64::MAX`: no quota).
+    pub room: u64,
 }
 
 /// Unpacks the zip at `archive` into `dest` (created); returns the number of files written.
@@ -56,12 +59,18 @@ fn unpack_inner(archive: &Path, dest: &Path, limits: Limits) -> Result<usize, Jo
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let mut out = std::fs::File::create(&path).map_err(io)?;
-        let left = limits.max_bytes - bytes;
-        let written = std::io::copy(&mut (&mut entry).take(left + 1), &mut out)
+        let left = limits.max_bytes.min(limits.room) - bytes;
+        let written = std::io::copy(&mut (&mut entry).take(left.saturating_add(1)), &mut out)
             .map_err(|e| bad(format!("{:?}: {e}", rel.display())))?;
         bytes += written;
         if bytes > limits.max_bytes {
             return Err(bad(format!("unpacks to more than {} bytes (jobs.max_unpacked_bytes)", limits.max_bytes)));
+        }
+        if bytes > limits.room {
+            return Err(JobError::QuotaExceeded(format!(
+                "the archive unpacks to more than the {} bytes the jobs' folder has left (jobs.max_total_bytes)",
+                limits.room
+            )));
         }
     }
     if files == 0 {
@@ -88,7 +97,7 @@ mod tests {
         f
     }
 
-    const ROOMY: Limits = Limits { max_files: 10, max_bytes: 1 << 20 };
+    const ROOMY: Limits = Limits { max_files: 10, max_bytes: 1 << 20, room: u64::MAX };
 
     #[test]
     fn files_are_unpacked_in_their_folders_and_hidden_ones_skipped() {
@@ -111,14 +120,20 @@ mod tests {
             (zip_of(&[("/etc/evil.png", b"x")]), ROOMY, "outside"),
             (
                 zip_of(&[("a.png", b"x"), ("b.png", b"y"), ("c.png", b"z")]),
-                Limits { max_files: 2, max_bytes: 1 << 20 },
+                Limits { max_files: 2, max_bytes: 1 << 20, room: u64::MAX },
                 "more than 2 files",
             ),
             // 1 MiB of zeros compresses to about 1 KiB: the unpacked bytes are what count.
             (
                 zip_of(&[("bomb.png", &vec![0u8; 1 << 20])]),
-                Limits { max_files: 10, max_bytes: 1000 },
+                Limits { max_files: 10, max_bytes: 1000, room: u64::MAX },
                 "more than 1000 bytes",
+            ),
+            // The same bomb against the jobs' quota.
+            (
+                zip_of(&[("bomb.png", &vec![0u8; 1 << 20])]),
+                Limits { max_files: 10, max_bytes: 1 << 30, room: 5000 },
+                "jobs.max_total_bytes",
             ),
             (zip_of(&[]), ROOMY, "no files"),
         ];

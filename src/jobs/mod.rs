@@ -2,11 +2,18 @@
 //! in the background one at a time, every finished image stored at once in SQLite (and its PNG
 //! in the job's folder), progress published to subscribers (`/jobs/{id}/events`). A restart
 //! resumes the jobs that were running (or marks them `interrupted`, `jobs.resume = false`); no
-//! finished image is lost or done twice.
+//! finished image is lost or done twice. The jobs' folder is bounded (`jobs.max_total_bytes`),
+//! swept of what a killed process left at start-up (`sweep`), and finished jobs are deleted
+//! on request or after `jobs.retention_days` (`purge`).
 
+pub mod access;
 pub mod archive;
+pub mod disk;
+pub mod purge;
 pub mod runner;
 pub mod store;
+pub mod sweep;
+mod upload;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -161,6 +168,9 @@ pub enum JobError {
     Forbidden(String),
     #[error("{0}")]
     Conflict(String),
+    /// The jobs' folder would hold more than `jobs.max_total_bytes`.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -183,8 +193,8 @@ struct Inner {
     store: Store,
     dir: PathBuf,
     config: JobsConfig,
-    /// `allowed_dirs`, resolved.
-    allowed: Vec<PathBuf>,
+    /// `allowed_dirs`, as written and resolved.
+    roots: access::Roots,
     engine: Engine,
     queue: mpsc::UnboundedSender<String>,
     events: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
@@ -193,19 +203,22 @@ struct Inner {
 
 impl Jobs {
     /// Opens the store, recovers what a previous process left running and starts the runner.
+    /// Finished jobs past `jobs.retention_days` are purged before it returns.
     pub async fn start(engine: Engine, config: &JobsConfig) -> anyhow::Result<Self> {
+        if !(config.retention_days.is_finite() && config.retention_days >= 0.0) {
+            anyhow::bail!("jobs.retention_days must be a number of days ≥ 0 (0: keep forever)");
+        }
         let db = crate::config::expand_path(&config.database)?;
         let dir = crate::config::expand_path(&config.dir)?;
         std::fs::create_dir_all(&dir)?;
-        remove_leftover_uploads(&dir.join(UPLOADS));
         let store = Store::open(&db)?;
-        let allowed = config
-            .allowed_dirs
-            .iter()
-            .filter_map(|d| crate::config::expand_path(d).ok())
-            .filter_map(|d| d.canonicalize().ok())
-            .collect();
+        let roots = access::Roots::new(&config.allowed_dirs);
         let resume = config.resume;
+        let (d, uploads) = (dir.clone(), dir.join(UPLOADS));
+        let swept = store.with(move |c| sweep::sweep(c, &d, &uploads, resume)).await?;
+        if swept != sweep::Swept::default() {
+            tracing::info!(?swept, "swept what the previous process left unfinished");
+        }
         let recovered = store.with(move |c| Store::recover(c, resume)).await?;
         if !recovered.is_empty() {
             tracing::info!(jobs = ?recovered, "resuming jobs left queued or running by the previous process");
@@ -216,7 +229,7 @@ impl Jobs {
                 store,
                 dir,
                 config: config.clone(),
-                allowed,
+                roots,
                 engine,
                 queue,
                 events: Mutex::default(),
@@ -226,6 +239,8 @@ impl Jobs {
         for id in recovered {
             let _ = jobs.inner.queue.send(id);
         }
+        jobs.purge_expired().await;
+        purge::spawn_retention(jobs.clone());
         tokio::spawn(runner::run(jobs.clone(), rx));
         Ok(jobs)
     }
@@ -253,59 +268,18 @@ impl Jobs {
         &self.inner.config
     }
 
-    /// A job on the images of an uploaded zip archive (at `archive`, removed afterwards): it is
-    /// unpacked into the job's own folder (`<id>/input/`), within `jobs.max_archive_files` and
-    /// `jobs.max_unpacked_bytes`, and the job runs on that folder.
-    pub async fn create_from_archive(&self, spec: ArchiveSpec, archive: PathBuf) -> Result<JobInfo, JobError> {
-        let id = new_id();
-        let dest = self.job_dir(&id).join("input");
-        let limits = archive::Limits {
-            max_files: self.inner.config.max_archive_files,
-            max_bytes: self.inner.config.max_unpacked_bytes,
-        };
-        let d = dest.clone();
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let r = archive::unpack(&archive, &d, limits);
-            let _ = std::fs::remove_file(&archive);
-            r
-        })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-        let files = unpacked?;
-        tracing::info!(job = %id, files, "archive unpacked");
-        let spec = JobSpec {
-            images: dest.to_string_lossy().into_owned(),
-            methods: spec.methods,
-            models: spec.models,
-            limit: spec.limit,
-            max_iter: spec.max_iter,
-        };
-        let created = self.queue_new(id.clone(), spec).await;
-        if created.is_err() {
-            let _ = std::fs::remove_dir_all(self.job_dir(&id));
-        }
-        created
-    }
-
-    /// Validates the spec, counts its attacks and queues it.
+    /// Validates the spec (its folder checked as `access` says, nothing looked at outside the
+    /// allowed folders), counts its attacks and queues it; refused while the jobs' folder is
+    /// over its quota.
     pub async fn create(&self, mut spec: JobSpec) -> Result<JobInfo, JobError> {
-        let folder = Path::new(&spec.images)
-            .canonicalize()
-            .map_err(|e| JobError::invalid("images", format!("{}: {e}", spec.images)))?;
-        if !folder.is_dir() {
-            return Err(JobError::invalid("images", format!("{} is not a folder", spec.images)));
-        }
-        if !self.inner.allowed.iter().any(|a| folder.starts_with(a)) {
-            return Err(JobError::Forbidden(format!(
-                "{} is not under a folder jobs may read (jobs.allowed_dirs: {:?})",
-                spec.images, self.inner.config.allowed_dirs
-            )));
-        }
+        let folder = self.inner.roots.folder(&spec.images)?;
+        self.room_for(0).await?;
         spec.images = folder.to_string_lossy().into_owned();
         self.queue_new(new_id(), spec).await
     }
 
-    /// Fills the spec's defaults, counts its attacks (refusing too many) and queues it as `id`.
+    /// Fills the spec's defaults, counts its attacks (refusing too many, or any file that
+    /// leads outside the folders a job may read) and queues it as `id`.
     async fn queue_new(&self, id: String, mut spec: JobSpec) -> Result<JobInfo, JobError> {
         let folder = PathBuf::from(&spec.images);
         if spec.methods.is_empty() {
@@ -332,6 +306,7 @@ impl Jobs {
             if let Some(n) = spec.limit {
                 samples.truncate(n);
             }
+            self.check_samples(&id, &samples)?;
             total += samples.len() * spec.methods.len();
         }
         if total == 0 {
@@ -348,6 +323,12 @@ impl Jobs {
         let info = self.get(&id).await?;
         let _ = self.inner.queue.send(id);
         Ok(info)
+    }
+
+    /// Every file a job reads lies (links followed) under `jobs.allowed_dirs` or its own folder.
+    fn check_samples(&self, id: &str, samples: &[crate::eval::dataset::Sample]) -> Result<(), JobError> {
+        let own = self.job_dir(id).canonicalize().ok();
+        self.inner.roots.check_samples(samples, own.as_deref())
     }
 
     pub async fn get(&self, id: &str) -> Result<JobInfo, JobError> {
@@ -414,16 +395,6 @@ impl Jobs {
 
 /// The uploads' folder under the jobs' folder.
 const UPLOADS: &str = ".uploads";
-
-/// Removes what a previous process was receiving when it died: no upload survives a restart
-/// (one server per jobs folder), and nothing else would ever delete it.
-fn remove_leftover_uploads(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
-    let removed = entries.flatten().filter(|e| std::fs::remove_file(e.path()).is_ok()).count();
-    if removed > 0 {
-        tracing::info!(removed, dir = %dir.display(), "removed uploads left unfinished by the previous process");
-    }
-}
 
 /// 16 hex digits from the OS's randomness.
 pub fn new_id() -> String {

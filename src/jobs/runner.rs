@@ -1,6 +1,9 @@
-//! Runs queued jobs one at a time. Each finished attack is stored before the next is reported;
-//! an attack the engine could not take because it is shutting down leaves the job `running` in
-//! the store, so the next process resumes it exactly where it stopped.
+//! Runs queued jobs one at a time. Each finished attack is stored before the next is reported —
+//! its PNG synced to disk before its row commits (`disk::write_durably`), the report synced
+//! before the job is marked done; an attack the engine could not take because it is shutting
+//! down leaves the job `running` in the store, so the next process resumes it exactly where it
+//! stopped. Before each pass the job's files are checked again against `jobs.allowed_dirs`: a
+//! link leading out that appeared since the job was created fails it.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -22,12 +25,17 @@ pub async fn run(jobs: Jobs, mut queue: mpsc::UnboundedReceiver<String>) {
     }
     while let Some(id) = queue.recv().await {
         let span = tracing::info_span!("job", id = %id);
-        if let Err(e) = run_job(&jobs, &id).instrument(span).await {
-            tracing::error!(job = %id, error = %e, "job failed");
-            let (i, msg) = (id.clone(), e.to_string());
-            let _ = jobs.store().with(move |c| Store::set_state(c, &i, JobState::Failed, Some(&msg))).await;
-            if let Ok(job) = jobs.get(&id).await {
-                jobs.publish(&job, None);
+        match run_job(&jobs, &id).instrument(span).await {
+            Ok(()) => {}
+            // Purged before its turn came.
+            Err(JobError::NotFound(_)) => tracing::debug!(job = %id, "job deleted before it ran"),
+            Err(e) => {
+                tracing::error!(job = %id, error = %e, "job failed");
+                let (i, msg) = (id.clone(), e.to_string());
+                let _ = jobs.store().with(move |c| Store::set_state(c, &i, JobState::Failed, Some(&msg))).await;
+                if let Ok(job) = jobs.get(&id).await {
+                    jobs.publish(&job, None);
+                }
             }
         }
         jobs.inner.cancel.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
@@ -69,6 +77,7 @@ async fn run_job(jobs: &Jobs, id: &str) -> Result<(), JobError> {
         if let Some(n) = job.spec.limit {
             samples.truncate(n);
         }
+        jobs.check_samples(id, &samples)?;
         for name in &job.spec.methods {
             let method = Method::parse(name).ok_or_else(|| JobError::invalid("methods", name.clone()))?;
             let req =
@@ -132,7 +141,8 @@ fn key(folder: &Path, path: &Path) -> String {
     path.strip_prefix(folder).unwrap_or(path).to_string_lossy().into_owned()
 }
 
-/// The PNG first (written to a temporary name, then renamed), then the result row.
+/// The PNG first (durably: a synced temporary renamed into place, its folder synced), then
+/// the result row.
 async fn store_one(
     jobs: &Jobs,
     id: &str,
@@ -148,17 +158,10 @@ async fn store_one(
             let rel = Path::new("images").join(model).join(method).join(Path::new(file).with_extension("png"));
             let path = jobs.job_dir(id).join(&rel);
             let bytes = bytes.clone();
-            tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                let tmp = path.with_extension("png.part");
-                std::fs::write(&tmp, bytes)?;
-                std::fs::rename(&tmp, &path)
-            })
-            .await
-            .map_err(|e| super::StoreError::Io(std::io::Error::other(e.to_string())))?
-            .map_err(super::StoreError::Io)?;
+            tokio::task::spawn_blocking(move || super::disk::write_durably(&path, &bytes))
+                .await
+                .map_err(|e| super::StoreError::Io(std::io::Error::other(e.to_string())))?
+                .map_err(super::StoreError::Io)?;
             Some(rel.to_string_lossy().into_owned())
         }
         None => None,
@@ -188,6 +191,7 @@ async fn write_reports(jobs: &Jobs, id: &str) -> Result<(), JobError> {
     let job = jobs.get(id).await?;
     let results = jobs.results(id).await?;
     let dir = jobs.job_dir(id).join("report");
+    let root = jobs.root_dir().to_path_buf();
     let command = format!("POST /jobs {}", serde_json::to_string(&job.spec).unwrap_or_default());
     tokio::task::spawn_blocking(move || -> Result<(), JobError> {
         for model in &job.spec.models {
@@ -218,6 +222,11 @@ async fn write_reports(jobs: &Jobs, id: &str) -> Result<(), JobError> {
             let summary = eval::report::summarise(model, Path::new(&job.spec.images), &out);
             let md = eval::report::markdown(&d, &summary, &out, &command);
             eval::report::write(&d, &summary, &md).map_err(super::StoreError::Io)?;
+        }
+        // On disk before the job is marked done (a torn report is rewritten on resume).
+        if dir.is_dir() {
+            super::disk::sync_tree(&dir).map_err(super::StoreError::Io)?;
+            super::disk::sync_up(dir.parent().unwrap_or(&dir), &root).map_err(super::StoreError::Io)?;
         }
         Ok(())
     })

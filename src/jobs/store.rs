@@ -1,7 +1,8 @@
 //! The server's durable state: one SQLite database (jobs and their results here; the human
 //! studies' rows in `crate::study::store`) (schema versioned with `rusqlite_migration`).
-//! A result row is written only after its PNG is on disk, in one statement, so a crash at any
-//! moment leaves every finished image's result whole and nothing half-written.
+//! A result row is written only after its PNG is on disk and synced (`disk::write_durably`), in
+//! one statement, so a crash or a power cut at any moment leaves every finished image's result
+//! whole and nothing half-written; what a crash leaves besides is swept at start-up (`sweep`).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -150,6 +151,12 @@ impl Store {
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
+    /// The connection, for tests that call the statements directly.
+    #[cfg(test)]
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Runs `f` with the connection on a blocking thread (SQLite calls block).
     pub async fn with<T: Send + 'static>(
         &self,
@@ -240,6 +247,37 @@ impl Store {
         let mut st = c.prepare("SELECT model, method, file FROM results WHERE job_id = ?1")?;
         let rows = st.query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
+    }
+
+    /// The studies (id, name) made from a job: while there is one, the job cannot be purged.
+    pub fn studies_of(c: &Connection, job: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut st = c.prepare("SELECT id, name FROM studies WHERE job_id = ?1 ORDER BY created_ms, id")?;
+        let rows = st.query_map([job], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Deletes a job and its results in one transaction, unless a study uses it: then nothing
+    /// is deleted and those studies are returned.
+    pub fn delete_job(c: &mut Connection, id: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let tx = c.transaction()?;
+        let studies = Self::studies_of(&tx, id)?;
+        if studies.is_empty() {
+            tx.execute("DELETE FROM results WHERE job_id = ?1", [id])?;
+            tx.execute("DELETE FROM jobs WHERE id = ?1", [id])?;
+            tx.commit()?;
+        }
+        Ok(studies)
+    }
+
+    /// Finished jobs that ended before `before_ms` and no study uses: what retention removes.
+    pub fn expired(c: &Connection, before_ms: i64) -> Result<Vec<String>, StoreError> {
+        let mut st = c.prepare(
+            "SELECT id FROM jobs j WHERE state IN ('done', 'failed', 'cancelled', 'interrupted') \
+             AND COALESCE(finished_ms, created_ms) < ?1 \
+             AND NOT EXISTS (SELECT 1 FROM studies s WHERE s.job_id = j.id) ORDER BY created_ms, id",
+        )?;
+        let ids = st.query_map([before_ms], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
     }
 
     pub fn job(c: &Connection, id: &str) -> Result<Option<JobInfo>, StoreError> {

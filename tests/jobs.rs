@@ -260,22 +260,74 @@ fn zip_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
     z.finish().unwrap().into_inner()
 }
 
-/// An upload that was being received when the server died is removed when it starts again.
+/// What a server killed in the middle of its work left is swept when it starts again: an upload
+/// being received, an archive's half-unpacked folder (no job row), temporaries, a PNG whose row
+/// never committed — and a row whose PNG is gone is removed, its job queued again to redo it.
 #[tokio::test]
 async fn uploads_left_by_a_dead_server_are_removed_at_start() {
     let state = tempfile::tempdir().unwrap();
     let dir = state.path().join("jobs");
+    let db = state.path().join("jobs.sqlite3");
+    let env = [("LABELFOOL_JOBS__DATABASE", db.to_str().unwrap()), ("LABELFOOL_JOBS__DIR", dir.to_str().unwrap())];
+    // A finished job, with its rows and PNGs.
+    let s = Server::start_with_env(&tiny_config(""), &env);
+    let (status, job) = upload(&s, zip_of(&batch(2)), Some(r#"{"methods": ["fgsm"], "models": ["tiny"]}"#)).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(sse_events(&s, &id).await.last().unwrap()["state"], "done");
+    s.kill();
+
     let leftover = dir.join(".uploads").join("0123456789abcdef.zip");
     std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
     std::fs::write(&leftover, vec![7u8; 4096]).unwrap();
-    let _s = Server::start_with_env(
-        &tiny_config(""),
-        &[
-            ("LABELFOOL_JOBS__DATABASE", state.path().join("jobs.sqlite3").to_str().unwrap()),
-            ("LABELFOOL_JOBS__DIR", dir.to_str().unwrap()),
-        ],
-    );
+    let half_unpacked = dir.join("fedcba9876543210").join("input");
+    std::fs::create_dir_all(&half_unpacked).unwrap();
+    std::fs::write(half_unpacked.join("n01440764_x.JPEG"), b"half").unwrap();
+    let pngs: Vec<String> = {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let mut st = c.prepare("SELECT png FROM results WHERE job_id = ?1 AND png IS NOT NULL ORDER BY file").unwrap();
+        st.query_map([&id], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    assert_eq!(pngs.len(), 2, "{pngs:?}");
+    let job_dir = dir.join(&id);
+    let images = job_dir.join(&pngs[0]).parent().unwrap().to_path_buf();
+    let part = images.join("n01440764_x.png.0123456789abcdef.part");
+    std::fs::write(&part, b"\x89PNG half").unwrap();
+    let no_row = images.join("n99999999_no_row.png");
+    std::fs::copy(job_dir.join(&pngs[1]), &no_row).unwrap();
+    let gone = job_dir.join(&pngs[0]);
+    std::fs::remove_file(&gone).unwrap();
+
+    let s = Server::start_with_env(&tiny_config(""), &env);
     assert!(!leftover.exists(), "the unfinished upload is still there");
+    assert!(!dir.join("fedcba9876543210").exists(), "the half-unpacked archive is still there");
+    assert!(!part.exists(), "a temporary survived the start");
+    assert!(!no_row.exists(), "a PNG no row names survived the start");
+    // The image whose PNG was lost is done again, once.
+    let events = sse_events(&s, &id).await;
+    assert_eq!(events.last().unwrap()["state"], "done", "{events:?}");
+    let job = get(&s, &id).await;
+    assert_eq!((job["done"].as_u64(), job["resumed"].as_u64()), (Some(2), Some(1)), "{job}");
+    assert!(gone.is_file(), "the lost PNG was not made again");
+}
+
+/// `n` sample images as archive entries under `batch/`.
+fn batch(n: usize) -> Vec<(String, Vec<u8>)> {
+    sample_images()
+        .iter()
+        .take(n)
+        .map(|p| (format!("batch/{}", p.file_name().unwrap().to_string_lossy()), std::fs::read(p).unwrap()))
+        .collect()
+}
+
+/// `POST /jobs` with an archive and an optional spec.
+async fn upload(s: &Server, archive: Vec<u8>, spec: Option<&str>) -> (u16, Value) {
+    let mut form = reqwest::multipart::Form::new()
+        .part("archive", reqwest::multipart::Part::bytes(archive).file_name("images.zip"));
+    if let Some(spec) = spec {
+        form = form.text("spec", spec.to_string());
+    }
+    json(client().post(s.url("/jobs")).multipart(form).send().await.unwrap()).await
 }
 
 #[tokio::test]
@@ -362,4 +414,297 @@ async fn progress_channels_nobody_follows_are_not_kept() {
     drop(jobs.subscribe("another"));
     assert_eq!(jobs.event_channels(), 1, "the unfollowed channels went at the next subscription");
     engine.shutdown();
+}
+
+/// Polls a job until `done(job)` holds (within two minutes).
+async fn wait_until(s: &Server, id: &str, done: impl Fn(u16, &Value) -> bool) -> (u16, Value) {
+    let started = Instant::now();
+    loop {
+        let (status, job) = json(client().get(s.url(&format!("/jobs/{id}"))).send().await.unwrap()).await;
+        if done(status, &job) {
+            return (status, job);
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{status} {job}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A server keeping its jobs in `state` (so that a test can look at them and restart on them).
+fn start_in(config: &str, state: &Path) -> Server {
+    let (db, dir) = (state.join("jobs.sqlite3"), state.join("jobs"));
+    Server::start_with_env(
+        config,
+        &[("LABELFOOL_JOBS__DATABASE", db.to_str().unwrap()), ("LABELFOOL_JOBS__DIR", dir.to_str().unwrap())],
+    )
+}
+
+/// Outside `jobs.allowed_dirs` a path gets the same 403 whether it exists or not (nothing there
+/// is looked at); inside, a link to a file outside refuses the job, and one that appears after
+/// the job was created fails it when it runs: a job never reads a file outside.
+#[tokio::test]
+async fn links_and_paths_outside_the_allowed_folders_are_refused_alike() {
+    let root = tempfile::tempdir().unwrap();
+    let images = images_dir(root.path(), 12);
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("n01440764_secret.JPEG");
+    std::fs::copy(&sample_images()[0], &secret).unwrap();
+    let s = Server::start(&tiny_config(&jobs_config(root.path())));
+
+    let (a, existing) = create(&s, json!({"images": outside.path()})).await;
+    let (b, missing) = create(&s, json!({"images": outside.path().join("missing")})).await;
+    assert_eq!((a, existing["error"]["code"].as_str()), (403, Some("forbidden")), "{existing}");
+    assert_eq!((b, missing["error"]["code"].as_str()), (403, Some("forbidden")), "{missing}");
+    let (status, v) = create(&s, json!({"images": format!("{}/../etc", root.path().display())})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("images")), "{v}");
+
+    // A link to a file outside, and a folder that is a link outside.
+    let linked = root.path().join("linked");
+    std::fs::create_dir(&linked).unwrap();
+    std::fs::copy(&sample_images()[1], linked.join(sample_images()[1].file_name().unwrap())).unwrap();
+    std::os::unix::fs::symlink(&secret, linked.join("n01440764_link.JPEG")).unwrap();
+    let (status, v) = create(&s, json!({"images": linked, "models": ["tiny"]})).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (403, Some("forbidden")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("n01440764_link.JPEG"), "{v}");
+    std::os::unix::fs::symlink(outside.path(), root.path().join("away")).unwrap();
+    let (status, v) = create(&s, json!({"images": root.path().join("away"), "models": ["tiny"]})).await;
+    assert_eq!(status, 403, "{v}");
+
+    // A link planted while the job waits behind a long one.
+    let later = root.path().join("later");
+    std::fs::create_dir(&later).unwrap();
+    std::fs::copy(&sample_images()[2], later.join(sample_images()[2].file_name().unwrap())).unwrap();
+    let (_, long) = create(&s, json!({"images": images, "models": ["tiny"]})).await;
+    let (status, job) = create(&s, json!({"images": later, "models": ["tiny"], "methods": ["fgsm"]})).await;
+    assert_eq!(status, 201, "{job}");
+    std::os::unix::fs::symlink(&secret, later.join("n01440764_late.JPEG")).unwrap();
+    let id = job["id"].as_str().unwrap();
+    client().delete(s.url(&format!("/jobs/{}", long["id"].as_str().unwrap()))).send().await.unwrap();
+    let (_, job) = wait_until(&s, id, |_, j| j["state"] != "queued" && j["state"] != "running").await;
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("n01440764_late.JPEG"), "{job}");
+    assert_eq!(job["done"], 0, "{job}");
+}
+
+/// Files a job serves back never run in a browser: `nosniff` on all, and an uploaded SVG or
+/// HTML is a download, not a page.
+#[tokio::test]
+async fn job_files_are_served_with_nosniff_and_uploads_as_downloads() {
+    let s = Server::start(&tiny_config(""));
+    let mut files = batch(1);
+    let svg = br#"<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>"#.to_vec();
+    files.push(("batch/evil.svg".into(), svg.clone()));
+    files.push(("batch/page.html".into(), b"<script>alert(2)</script>".to_vec()));
+    let (status, job) = upload(&s, zip_of(&files), Some(r#"{"methods": ["fgsm"], "models": ["tiny"]}"#)).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    assert_eq!(sse_events(&s, &id).await.last().unwrap()["state"], "done");
+    let text = client().get(s.url(&format!("/jobs/{id}/results"))).send().await.unwrap().text().await.unwrap();
+    let png = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find_map(|l| l["png"].as_str().map(String::from))
+        .unwrap_or_else(|| panic!("no PNG: {text}"));
+    let cases = [
+        (format!("/jobs/{id}/files/input/batch/evil.svg"), "application/octet-stream", true),
+        (format!("/jobs/{id}/files/input/batch/page.html"), "application/octet-stream", true),
+        (png, "image/png", false),
+        (format!("/jobs/{id}/files/report/tiny/report.md"), "text/markdown", false),
+        (format!("/jobs/{id}/files/report/tiny/summary.json"), "application/json", false),
+    ];
+    for (url, mime, attachment) in cases {
+        let res = client().get(s.url(&url)).send().await.unwrap();
+        assert_eq!(res.status(), 200, "{url}");
+        let h = res.headers();
+        assert_eq!(h["x-content-type-options"], "nosniff", "{url}");
+        assert!(h["content-type"].to_str().unwrap().starts_with(mime), "{url}: {:?}", h["content-type"]);
+        assert_eq!(h.get("content-disposition").is_some_and(|v| v == "attachment"), attachment, "{url}");
+    }
+    let res = client().get(s.url(&format!("/jobs/{id}/files/input/batch/evil.svg"))).send().await.unwrap();
+    assert_eq!(res.bytes().await.unwrap().as_ref(), svg.as_slice());
+}
+
+/// A JSON job is a path and a few names: its body is read within 64 KiB whatever the route's
+/// (archive-sized) limit, announced or not.
+#[tokio::test]
+async fn a_json_job_body_is_bounded_small() {
+    let s = Server::start(&tiny_config(""));
+    let big = serde_json::to_vec(&json!({"images": format!("/{}", "x".repeat(100_000))})).unwrap();
+    let (status, v) = json(
+        client()
+            .post(s.url("/jobs"))
+            .header("content-type", "application/json")
+            .body(big.clone())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 413, "{v}");
+    assert!(v["error"]["code"].is_string(), "{v}");
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big.chunks(8192).map(|c| Ok(c.to_vec())).collect();
+    let res = client()
+        .post(s.url("/jobs"))
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = json(res).await;
+    assert_eq!(status, 413, "{v}");
+    assert!(v["error"]["code"].is_string(), "{v}");
+}
+
+/// `jobs.max_total_bytes`: an upload that would pass it is refused (507, naming the key) —
+/// at once when its length says so, as soon as the bytes that arrived say so otherwise, and
+/// when it unpacks to more than is left; a JSON job is refused once the folder is over it.
+#[tokio::test]
+async fn the_jobs_folder_quota_refuses_new_jobs_and_uploads_past_it() {
+    let root = tempfile::tempdir().unwrap();
+    let images = images_dir(root.path(), 1);
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("jobs");
+    let s = start_in(&tiny_config(&format!("{}max_total_bytes = 300000\n", jobs_config(root.path()))), state.path());
+    let refused = |status: u16, v: &Value| {
+        assert_eq!((status, v["error"]["code"].as_str()), (507, Some("quota_exceeded")), "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("jobs.max_total_bytes"), "{v}");
+    };
+    // No length announced: stopped once the bytes that arrived pass what is left.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..8).map(|_| Ok(vec![0u8; 50_000])).collect();
+    let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .file_name("images.zip");
+    let form = reqwest::multipart::Form::new().part("archive", part);
+    let (status, v) = json(client().post(s.url("/jobs")).multipart(form).send().await.unwrap()).await;
+    refused(status, &v);
+    // Announced: refused before it is read.
+    let (status, v) = upload(&s, zip_of(&[("big.JPEG".into(), vec![7u8; 400_000])]), None).await;
+    refused(status, &v);
+    // Small as sent, big unpacked.
+    let bomb = {
+        use std::io::Write;
+        let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
+        z.start_file("n01440764_bomb.JPEG", opts).unwrap();
+        z.write_all(&vec![0u8; 1 << 20]).unwrap();
+        z.finish().unwrap().into_inner()
+    };
+    let (status, v) = upload(&s, bomb, None).await;
+    refused(status, &v);
+    let held: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(held.iter().all(|n| n == ".uploads"), "refused uploads left {held:?}");
+    assert_eq!(std::fs::read_dir(dir.join(".uploads")).map_or(0, |d| d.count()), 0);
+
+    // Under the quota a JSON job runs; once the folder is over it, nothing new is taken.
+    let (status, job) = create(&s, json!({"images": images, "methods": ["fgsm"], "models": ["tiny"]})).await;
+    assert_eq!(status, 201, "{job}");
+    sse_events(&s, job["id"].as_str().unwrap()).await;
+    std::fs::write(dir.join("filler.bin"), vec![0u8; 300_000]).unwrap();
+    let (status, v) = create(&s, json!({"images": images, "methods": ["fgsm"], "models": ["tiny"]})).await;
+    refused(status, &v);
+    let (status, v) = upload(&s, zip_of(&batch(1)), None).await;
+    refused(status, &v);
+    let list = json(client().get(s.url("/jobs")).send().await.unwrap()).await.1;
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+}
+
+/// `DELETE /jobs/{id}?purge=true` deletes a job for good — a finished one, or a running one after
+/// cancelling it — rows, results and folder; refused while a study uses the job. Without it,
+/// `DELETE` still only cancels.
+#[tokio::test]
+async fn a_job_can_be_purged_with_everything_it_made() {
+    let root = tempfile::tempdir().unwrap();
+    let images = images_dir(root.path(), 12);
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("jobs");
+    let s = start_in(&tiny_config(&jobs_config(root.path())), state.path());
+    let delete = |id: &str, query: &str| client().delete(s.url(&format!("/jobs/{id}{query}"))).send();
+
+    let small = json!({"images": images, "methods": ["fgsm"], "models": ["tiny"], "limit": 3});
+    let (_, done) = create(&s, small.clone()).await;
+    let done = done["id"].as_str().unwrap().to_string();
+    assert_eq!(sse_events(&s, &done).await.last().unwrap()["state"], "done");
+    assert!(dir.join(&done).is_dir());
+    assert_eq!(delete(&done, "").await.unwrap().status(), 409, "a finished job is not cancelled");
+    let (status, v) = json(delete(&done, "?purge=maybe").await.unwrap()).await;
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(delete(&done, "?purge=true").await.unwrap().status(), 204);
+    let (status, _) = json(client().get(s.url(&format!("/jobs/{done}"))).send().await.unwrap()).await;
+    assert_eq!(status, 404);
+    assert!(!dir.join(&done).exists(), "the purged job's folder is still there");
+    assert_eq!(std::fs::read_dir(&images).unwrap().count(), 12, "the source folder is not the job's");
+    assert_eq!(delete(&done, "?purge=true").await.unwrap().status(), 404);
+
+    // Running: cancelled, then deleted once it no longer writes.
+    let (_, running) = create(&s, json!({"images": images, "models": ["tiny"]})).await;
+    let running = running["id"].as_str().unwrap().to_string();
+    wait_until(&s, &running, |_, j| j["done"].as_u64() > Some(0)).await;
+    assert_eq!(delete(&running, "?purge=true").await.unwrap().status(), 204);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!dir.join(&running).exists(), "the purged job's folder came back");
+
+    // Used by a study: 409 naming it.
+    let (_, used) = create(&s, small).await;
+    let used = used["id"].as_str().unwrap().to_string();
+    sse_events(&s, &used).await;
+    let (status, study) =
+        json(client().post(s.url("/studies")).json(&json!({"job": used, "name": "keep me"})).send().await.unwrap())
+            .await;
+    assert_eq!(status, 201, "{study}");
+    let (status, v) = json(delete(&used, "?purge=true").await.unwrap()).await;
+    assert_eq!((status, v["error"]["code"].as_str()), (409, Some("conflict")), "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(message.contains(study["id"].as_str().unwrap()) && message.contains("keep me"), "{v}");
+    assert_eq!(get(&s, &used).await["state"], "done");
+
+    s.kill();
+    let c = rusqlite::Connection::open(state.path().join("jobs.sqlite3")).unwrap();
+    for id in [&done, &running] {
+        let rows: i64 = c
+            .query_row(
+                "SELECT (SELECT COUNT(*) FROM jobs WHERE id = ?1) + (SELECT COUNT(*) FROM results WHERE job_id = ?1)",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 0, "job {id} left rows");
+    }
+}
+
+/// `jobs.retention_days`: finished jobs older than it are purged at start-up and then
+/// periodically; a job a study uses is kept. (A fraction of a day, to see it in a test.)
+#[tokio::test]
+async fn finished_jobs_past_their_retention_are_purged() {
+    let root = tempfile::tempdir().unwrap();
+    let images = images_dir(root.path(), 3);
+    let state = tempfile::tempdir().unwrap();
+    let dir = state.path().join("jobs");
+    let config = |days: &str| tiny_config(&format!("{}retention_days = {days}\n", jobs_config(root.path())));
+    let body = json!({"images": images, "methods": ["fgsm"], "models": ["tiny"]});
+    let s = start_in(&config("0"), state.path());
+    let (_, old) = create(&s, body.clone()).await;
+    let (_, studied) = create(&s, body.clone()).await;
+    let (old, studied) = (old["id"].as_str().unwrap().to_string(), studied["id"].as_str().unwrap().to_string());
+    sse_events(&s, &old).await;
+    sse_events(&s, &studied).await;
+    let (status, v) = json(client().post(s.url("/studies")).json(&json!({"job": studied})).send().await.unwrap()).await;
+    assert_eq!(status, 201, "{v}");
+    s.kill();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // 0.00001 days: 0.864 s.
+    let s = start_in(&config("0.00001"), state.path());
+    let (status, _) = json(client().get(s.url(&format!("/jobs/{old}"))).send().await.unwrap()).await;
+    assert_eq!(status, 404, "purged at start-up");
+    assert!(!dir.join(&old).exists());
+    assert_eq!(get(&s, &studied).await["state"], "done", "a study's job is kept");
+    let (_, new) = create(&s, body.clone()).await;
+    let new = new["id"].as_str().unwrap().to_string();
+    sse_events(&s, &new).await;
+    wait_until(&s, &new, |status, _| status == 404).await;
+    // The rows go first, then the folder.
+    let gone = Instant::now();
+    while dir.join(&new).exists() {
+        assert!(gone.elapsed() < Duration::from_secs(10), "the expired job's folder stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&s, &studied).await["state"], "done");
 }

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::openapi::security::SecurityRequirement;
-use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
 
 use super::error::ApiError;
@@ -159,16 +159,39 @@ impl Pools {
     }
 }
 
-/// The table as an OpenAPI router: each class's routes with `layer` applied to them, and each
-/// operation marked with its class's bounds and security.
-fn build(config: &Config, mut layer: impl FnMut(Class, OpenApiRouter<AppState>) -> OpenApiRouter<AppState>) -> OpenApiRouter<AppState> {
-    let mut all = OpenApiRouter::with_openapi(super::openapi::base());
-    for (class, routes) in table() {
-        let mut part = OpenApiRouter::new().routes(routes);
-        mark(part.get_openapi_mut(), class.bounds(config));
-        all = all.merge(layer(class, part));
+/// Paths whose last parameter takes the rest of the path (`{*name}` to axum; OpenAPI has no
+/// such template, so the document keeps `{name}`).
+const REST_OF_PATH: &[&str] = &["/jobs/{id}/files/{path}"];
+
+fn axum_path(path: &str) -> String {
+    match (REST_OF_PATH.contains(&path), path.rfind('{')) {
+        (true, Some(i)) => format!("{}{{*{}", &path[..i], &path[i + 1..]),
+        _ => path.to_string(),
     }
-    all
+}
+
+/// The table as a router and its document: each class's routes with `layer` applied to them,
+/// and each operation marked with its class's bounds and security.
+fn build(
+    config: &Config,
+    mut layer: impl FnMut(Class, Router<AppState>) -> Router<AppState>,
+) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let mut doc = super::openapi::base();
+    let mut router = Router::new();
+    for (class, (schemas, paths, method_router)) in table() {
+        let mut part = Router::new();
+        for path in paths.paths.keys() {
+            part = part.route(&axum_path(path), method_router.clone());
+        }
+        router = router.merge(layer(class, part));
+        let mut part_doc = utoipa::openapi::OpenApiBuilder::new()
+            .paths(paths)
+            .components(Some(utoipa::openapi::ComponentsBuilder::new().schemas_from_iter(schemas).build()))
+            .build();
+        mark(&mut part_doc, class.bounds(config));
+        doc.merge(part_doc);
+    }
+    (router, doc)
 }
 
 fn mark(doc: &mut utoipa::openapi::OpenApi, bounds: Bounds) {
@@ -187,7 +210,7 @@ fn mark(doc: &mut utoipa::openapi::OpenApi, bounds: Bounds) {
 
 /// The OpenAPI document of the routes as `config` bounds them.
 pub fn document(config: &Config) -> utoipa::openapi::OpenApi {
-    build(config, |_, part| part).into_openapi()
+    build(config, |_, part| part).1
 }
 
 /// The routes with their classes' gates; the caller adds the cross-cutting layers.
@@ -201,17 +224,17 @@ pub fn routes(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) 
             _ => part,
         }
     })
-    .split_for_parts()
 }
 
 /// The probe routes alone, for the probe listener (`server.probe_bind`).
 pub fn probe_routes(state: &AppState) -> Router<AppState> {
     let config = state.config.clone();
     let mut router = Router::new();
-    for (class, routes) in table() {
+    for (class, (_, paths, method_router)) in table() {
         if class == Class::Probe {
-            let (r, _) = OpenApiRouter::new().routes(routes).split_for_parts();
-            router = router.merge(r);
+            for path in paths.paths.keys() {
+                router = router.route(path, method_router.clone());
+            }
         }
     }
     router.route_layer(from_fn_with_state(Gate { state: state.clone(), bounds: Class::Probe.bounds(&config) }, gate))
@@ -309,6 +332,17 @@ mod tests {
             }
         }
         assert!(offenders.is_empty(), "routes registered outside src/http/routes.rs: {offenders:?}");
+    }
+
+    #[test]
+    fn a_rest_of_path_parameter_is_a_wildcard_to_axum_only() {
+        assert_eq!(axum_path("/jobs/{id}/files/{path}"), "/jobs/{id}/files/{*path}");
+        assert_eq!(axum_path("/jobs/{id}"), "/jobs/{id}");
+        for p in REST_OF_PATH {
+            let mut config = Config::default();
+            config.models.push(crate::config::ModelConfig::bundle("m", "/x"));
+            assert!(document(&config).paths.paths.contains_key(*p), "{p} is not a route");
+        }
     }
 
     #[test]

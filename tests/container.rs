@@ -20,7 +20,12 @@ const IMAGE: &str = "labelfool:cpu";
 const STOP_TIMEOUT_S: u64 = 45;
 
 fn podman(args: &[&str]) -> Output {
-    Command::new("podman").arg("--runtime").arg("runc").args(args).output().expect("podman is installed by scripts/setup")
+    Command::new("podman")
+        .arg("--runtime")
+        .arg("runc")
+        .args(args)
+        .output()
+        .expect("podman is installed by scripts/setup")
 }
 
 /// `podman run` with the limits this machine's runtime accepts and the host's network.
@@ -104,7 +109,8 @@ async fn the_image_starts_as_its_user_serves_keeps_jobs_and_drains() {
     ];
     let manifest = deployment_env();
     env.extend(manifest.iter().filter(|(k, _)| !k.ends_with("BIND")).map(|(k, v)| format!("{k}={v}")));
-    let drain = manifest_secs(&manifest, "SHUTDOWN_DELAY_MS", 1000) + manifest_secs(&manifest, "SHUTDOWN_GRACE_SECS", 1);
+    let drain =
+        manifest_secs(&manifest, "SHUTDOWN_DELAY_MS", 1000) + manifest_secs(&manifest, "SHUTDOWN_GRACE_SECS", 1);
     let volume = format!("{name}:/var/lib/labelfool");
     let mut args = vec!["-d", "--name", name.as_str(), "-v", volume.as_str()];
     for e in &env {
@@ -123,15 +129,28 @@ async fn the_image_starts_as_its_user_serves_keeps_jobs_and_drains() {
     let zebra = c.get(format!("{base}/studio/samples/zebra.jpg")).send().await.unwrap().bytes().await.unwrap();
     assert!(zebra.len() > 1000);
     let (st, attack) = json(
-        c.post(format!("{base}/attack")).bearer_auth("k").header("content-type", "image/jpeg").body(zebra.clone()).send().await.unwrap(),
+        c.post(format!("{base}/attack"))
+            .bearer_auth("k")
+            .header("content-type", "image/jpeg")
+            .body(zebra.clone())
+            .send()
+            .await
+            .unwrap(),
     )
     .await;
     assert_eq!(st, 200, "{attack}");
     assert_eq!(attack["success"], true, "{attack}");
     let png = base64::engine::general_purpose::STANDARD.decode(attack["png_base64"].as_str().unwrap()).unwrap();
-    let (st, classified) =
-        json(c.post(format!("{base}/classify")).bearer_auth("k").header("content-type", "image/png").body(png).send().await.unwrap())
-            .await;
+    let (st, classified) = json(
+        c.post(format!("{base}/classify"))
+            .bearer_auth("k")
+            .header("content-type", "image/png")
+            .body(png)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(classified["top"][0]["index"], attack["target"]["index"], "{classified} vs {attack}");
 
@@ -162,7 +181,8 @@ async fn the_image_starts_as_its_user_serves_keeps_jobs_and_drains() {
     // SIGTERM with an attack in flight: it is answered, and the server exits 0 within the
     // Deployment's delay + grace.
     let in_flight = {
-        let req = c.post(format!("{base}/attack")).bearer_auth("k").header("content-type", "image/jpeg").body(zebra.clone());
+        let req =
+            c.post(format!("{base}/attack")).bearer_auth("k").header("content-type", "image/jpeg").body(zebra.clone());
         tokio::spawn(async move { req.send().await.map(|r| r.status().as_u16()) })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -181,7 +201,8 @@ async fn the_image_starts_as_its_user_serves_keeps_jobs_and_drains() {
     wait_ready(&probe, &name, Duration::from_secs(120)).await;
     let after: Value = job_state(c.clone(), base.clone(), id.clone()).await;
     assert_eq!(after["state"], "done", "{after}");
-    let results = c.get(format!("{base}/jobs/{id}/results")).bearer_auth("k").send().await.unwrap().text().await.unwrap();
+    let results =
+        c.get(format!("{base}/jobs/{id}/results")).bearer_auth("k").send().await.unwrap().text().await.unwrap();
     let line: Value = serde_json::from_str(results.lines().next().unwrap_or("")).unwrap();
     let png = c.get(format!("{base}{}", line["png"].as_str().unwrap())).bearer_auth("k").send().await.unwrap();
     assert_eq!(png.status(), 200);

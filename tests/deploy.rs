@@ -219,8 +219,8 @@ fn dockerfile_builds_with_the_ci_setup_script() {
     let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
     assert!(stages >= 2, "multi-stage build");
     // The prebuilt stage copies from the context scripts/container assembles, not from the checkout.
-    let from_checkout = text.split("AS build-prebuilt").next().unwrap().to_string()
-        + text.split("AS runtime").nth(1).unwrap_or("");
+    let from_checkout =
+        text.split("AS build-prebuilt").next().unwrap().to_string() + text.split("AS runtime").nth(1).unwrap_or("");
     for line in from_checkout.lines().filter(|l| l.starts_with("COPY ") && !l.contains("--from")) {
         let src = line.split_whitespace().nth(1).unwrap();
         assert!(src == "." || repo(src).exists(), "Dockerfile copies {src}, which does not exist");
@@ -288,10 +288,8 @@ fn deployments_require_a_key_and_the_server_refuses_to_serve_without_one() {
     let env = d["services"]["labelfool"]["environment"].as_hash().unwrap();
     let key = env.get(&Yaml::String("LABELFOOL_API_KEY".into())).and_then(Yaml::as_str).unwrap_or("");
     assert!(key.starts_with("${LABELFOOL_API_KEY:?"), "compose must require the key, not default it: {key:?}");
-    let literal: Vec<(String, String)> = env
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string())))
-        .collect();
+    let literal: Vec<(String, String)> =
+        env.iter().filter_map(|(k, v)| Some((k.as_str()?.to_string(), v.as_str()?.to_string()))).collect();
     assert_refuses_without_key("docker/compose.yaml", &literal);
     // Kubernetes: every Deployment takes the key from a secret that is not optional.
     let mut deployments = 0;
@@ -329,15 +327,11 @@ fn kubernetes_manifests_validate_against_the_schemas() {
         .collect();
     assert!(manifests.len() >= 4);
     let out = std::process::Command::new(&tool).arg("--strict").args(&manifests).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let dir = tempfile::tempdir().unwrap();
     let broken = dir.path().join("broken.yaml");
-    let text = std::fs::read_to_string(repo("docker/k8s/deployment.yaml")).unwrap().replace("replicas: 2", "replicas: two");
+    let text =
+        std::fs::read_to_string(repo("docker/k8s/deployment.yaml")).unwrap().replace("replicas: 2", "replicas: two");
     std::fs::write(&broken, text).unwrap();
     let out = std::process::Command::new(&tool).arg("--strict").arg(&broken).output().unwrap();
     assert!(!out.status.success(), "a Deployment with `replicas: two` passed");

@@ -202,7 +202,7 @@ fn run_page(page: &Path, servers: &Servers) -> PageRun {
             .lines()
             .filter_map(|l| l.strip_prefix("docs-test: failed at script line "))
             .filter_map(|n| n.trim().parse::<usize>().ok())
-            .last()
+            .next_back()
             .and_then(|n| map.get(n - 1).copied());
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         let tail = |s: &str| s.chars().rev().take(3000).collect::<Vec<_>>().into_iter().rev().collect::<String>();

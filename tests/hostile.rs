@@ -24,7 +24,7 @@ const SLACK: Duration = Duration::from_millis(2500);
 const IDLE_CONNECTIONS: usize = 2000;
 
 /// The two attacks open thousands of sockets each: one at a time, so that each measures its own.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The probe listener's address, which the server prints on stderr.
 fn probe_addr(s: &Server) -> SocketAddr {
@@ -99,11 +99,8 @@ fn operations(doc: &Value) -> Vec<(String, String, Value)> {
         for (method, op) in item.as_object().unwrap() {
             let bounds = op.get("x-labelfool").cloned().unwrap_or(Value::Null);
             assert!(bounds["class"].is_string(), "{method} {path} has no class (x-labelfool): {op}");
-            let concrete: String = path
-                .split('/')
-                .map(|seg| if seg.starts_with('{') { "1" } else { seg })
-                .collect::<Vec<_>>()
-                .join("/");
+            let concrete: String =
+                path.split('/').map(|seg| if seg.starts_with('{') { "1" } else { seg }).collect::<Vec<_>>().join("/");
             ops.push((method.to_uppercase(), concrete, bounds));
         }
     }
@@ -112,22 +109,14 @@ fn operations(doc: &Value) -> Vec<(String, String, Value)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_route_holds_its_bounds_and_health_answers_throughout() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let config = tiny_config(&format!(
         "[server]\napi_key = \"k\"\nprobe_bind = \"127.0.0.1:0\"\nheader_read_timeout_ms = {HEADER_MS}\n\
          body_read_timeout_ms = {BODY_MS}\n"
     ));
     let s = Server::start(&config);
     let (main, probes) = (s.addr, probe_addr(&s));
-    let doc: Value = client()
-        .get(s.url("/openapi.json"))
-        .bearer_auth("k")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc: Value = client().get(s.url("/openapi.json")).bearer_auth("k").send().await.unwrap().json().await.unwrap();
     let ops = operations(&doc);
     assert!(ops.len() >= 50, "only {} operations in the served document", ops.len());
 
@@ -161,7 +150,8 @@ async fn every_route_holds_its_bounds_and_health_answers_throughout() {
         for mut c in idle {
             let mut buf = [0u8; 64];
             let r = tokio::time::timeout(
-                Duration::from_millis(HEADER_MS) + SLACK * 2 - idle_since.elapsed().min(Duration::from_millis(HEADER_MS)),
+                Duration::from_millis(HEADER_MS) + SLACK * 2
+                    - idle_since.elapsed().min(Duration::from_millis(HEADER_MS)),
                 c.read(&mut buf),
             )
             .await;
@@ -261,7 +251,7 @@ async fn every_route_holds_its_bounds_and_health_answers_throughout() {
 /// to hold every connection slot, and `/health` and `/classify` timed out while they were held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_observer_uploads_leave_health_and_classify_answering() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = ONE_AT_A_TIME.lock().await;
     let s = Server::start(&tiny_config(""));
     let mut held = Vec::new();
     for _ in 0..1100 {

@@ -157,10 +157,15 @@ fn fit_connections(server: &mut crate::config::ServerConfig) {
         }
         lim.rlim_cur
     };
-    let room = usize::try_from(soft.saturating_sub(OTHER_FILES + PROBE_CONNECTIONS as u64)).unwrap_or(usize::MAX).max(16);
+    let room =
+        usize::try_from(soft.saturating_sub(OTHER_FILES + PROBE_CONNECTIONS as u64)).unwrap_or(usize::MAX).max(16);
     if server.max_connections > room {
-        tracing::warn!(configured = server.max_connections, open_files = soft, using = room,
-            "server.max_connections is over the open-files limit; using what fits");
+        tracing::warn!(
+            configured = server.max_connections,
+            open_files = soft,
+            using = room,
+            "server.max_connections is over the open-files limit; using what fits"
+        );
         server.max_connections = room;
     }
 }

@@ -69,11 +69,12 @@ pub async fn check_head(State(state): State<AppState>, req: Request, next: Next)
 
 /// Refuses at once a body whose declared length is over `limit` (413, the connection closes).
 pub fn declared_over(headers: &axum::http::HeaderMap, limit: u64) -> Option<Response> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())?;
+    let declared = declared_length(headers)?;
     (declared > limit).then(|| closing(too_large(limit).into_response()))
+}
+
+fn declared_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// Reads the whole body (at most `limit` bytes, within `within`, inside the shared byte budget)
@@ -87,11 +88,7 @@ pub async fn buffer(
     if let Some(refused) = declared_over(req.headers(), limit) {
         return Err(refused);
     }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
+    let declared = declared_length(req.headers()).and_then(|d| usize::try_from(d).ok());
     let (parts, body) = req.into_parts();
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     match read_bounded(body, limit, declared, within, &state.body_budget).await {

@@ -47,14 +47,6 @@ pub fn apply(router: Router<AppState>, state: &AppState) -> Router<AppState> {
     }
 }
 
-/// What the work pool answers past `server.max_concurrent_requests`.
-pub fn overloaded_error() -> ApiError {
-    let mut e =
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry later");
-    e.retry_after = Some(1);
-    e
-}
-
 fn cors(origins: &[String]) -> Option<CorsLayer> {
     if origins.is_empty() {
         return None;
@@ -109,23 +101,6 @@ fn key_matches(presented: &[u8], key: &[u8]) -> bool {
     sha2::Sha256::digest(presented).ct_eq(&sha2::Sha256::digest(key)).into()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_scheme_is_case_insensitive_and_the_token_exact() {
-        assert_eq!(bearer_token(b"Bearer k3y"), Some(&b"k3y"[..]));
-        assert_eq!(bearer_token(b"bearer k3y"), Some(&b"k3y"[..]));
-        assert_eq!(bearer_token(b"BEARER k3y"), Some(&b"k3y"[..]));
-        assert_eq!(bearer_token(b"Basic k3y"), None);
-        assert_eq!(bearer_token(b"Bearer"), None);
-        assert!(key_matches(b"k3y", b"k3y"));
-        assert!(!key_matches(b" k3y ", b"k3y"), "no trimming");
-        assert!(!key_matches(b"k3", b"k3y"));
-    }
-}
-
 async fn record_metrics(req: Request, next: Next) -> Response {
     let route =
         req.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
@@ -148,4 +123,21 @@ fn panic_response(err: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!(panic = %detail, "handler panicked");
     ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request handler failed; the server goes on")
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_the_token_exact() {
+        assert_eq!(bearer_token(b"Bearer k3y"), Some(&b"k3y"[..]));
+        assert_eq!(bearer_token(b"bearer k3y"), Some(&b"k3y"[..]));
+        assert_eq!(bearer_token(b"BEARER k3y"), Some(&b"k3y"[..]));
+        assert_eq!(bearer_token(b"Basic k3y"), None);
+        assert_eq!(bearer_token(b"Bearer"), None);
+        assert!(key_matches(b"k3y", b"k3y"));
+        assert!(!key_matches(b" k3y ", b"k3y"), "no trimming");
+        assert!(!key_matches(b"k3", b"k3y"));
+    }
 }

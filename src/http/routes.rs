@@ -197,9 +197,8 @@ fn build(
 fn mark(doc: &mut utoipa::openapi::OpenApi, bounds: Bounds) {
     let value = serde_json::to_value(bounds).unwrap_or_default();
     for item in doc.paths.paths.values_mut() {
-        for op in [&mut item.get, &mut item.post, &mut item.delete, &mut item.put, &mut item.patch]
-            .into_iter()
-            .flatten()
+        for op in
+            [&mut item.get, &mut item.post, &mut item.delete, &mut item.put, &mut item.patch].into_iter().flatten()
         {
             op.extensions.get_or_insert_with(Default::default).insert("x-labelfool".into(), value.clone());
             // Public classes say so; keyed ones inherit the document's bearer requirement.
@@ -220,7 +219,9 @@ pub fn routes(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) 
         let bounds = class.bounds(&config);
         let part = part.route_layer(from_fn_with_state(Gate { state: state.clone(), bounds }, gate));
         match class {
-            Class::Upload => part.route_layer(DefaultBodyLimit::max(usize::try_from(bounds.max_body_bytes).unwrap_or(usize::MAX))),
+            Class::Upload => {
+                part.route_layer(DefaultBodyLimit::max(usize::try_from(bounds.max_body_bytes).unwrap_or(usize::MAX)))
+            }
             _ => part,
         }
     })
@@ -251,10 +252,11 @@ struct Gate {
 /// so a stalled upload holds no work slot).
 async fn gate(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     let Gate { state, bounds } = gate;
-    if bounds.requires_key && req.method() != Method::OPTIONS {
-        if let Some(refused) = super::middleware::check_key(&state, req.headers()) {
-            return super::middleware::refuse(refused, req.into_body()).await;
-        }
+    if bounds.requires_key
+        && req.method() != Method::OPTIONS
+        && let Some(refused) = super::middleware::check_key(&state, req.headers())
+    {
+        return super::middleware::refuse(refused, req.into_body()).await;
     }
     let mut _public: Option<OwnedSemaphorePermit> = None;
     if bounds.class == Class::Public {
@@ -264,7 +266,9 @@ async fn gate(State(gate): State<Gate>, req: Request, next: Next) -> Response {
         match state.pools.public.clone().try_acquire_owned() {
             Ok(p) => _public = Some(p),
             Err(_) => {
-                return limits::closing(busy("public requests in flight are over server.max_public_requests").into_response());
+                return limits::closing(
+                    busy("public requests in flight are over server.max_public_requests").into_response(),
+                );
             }
         }
     }
@@ -283,7 +287,11 @@ async fn gate(State(gate): State<Gate>, req: Request, next: Next) -> Response {
         let (parts, body) = req.into_parts();
         return next.run(Request::from_parts(parts, limits::with_deadline(body, within))).await;
     }
-    let limit = if bounds.class == Class::Upload { state.config.limits.max_small_body_bytes as u64 } else { bounds.max_body_bytes };
+    let limit = if bounds.class == Class::Upload {
+        state.config.limits.max_small_body_bytes as u64
+    } else {
+        bounds.max_body_bytes
+    };
     let (req, permit) = match limits::buffer(&state, req, limit, within).await {
         Ok(read) => read,
         Err(res) => return res,
@@ -291,7 +299,7 @@ async fn gate(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     let _work = if bounds.class == Class::Work {
         match state.pools.work.clone().try_acquire_owned() {
             Ok(p) => Some(p),
-            Err(_) => return super::middleware::overloaded_error().into_response(),
+            Err(_) => return busy("work requests in flight are over server.max_concurrent_requests").into_response(),
         }
     } else {
         None
@@ -301,10 +309,9 @@ async fn gate(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     res
 }
 
+/// 503 with `Retry-After: 1`, naming the pool that is full.
 fn busy(why: &str) -> ApiError {
-    let mut e = ApiError::overloaded(format!("{why}; retry later"));
-    e.retry_after = Some(1);
-    e
+    ApiError::overloaded(format!("{why}; retry later"))
 }
 
 #[cfg(test)]

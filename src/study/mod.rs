@@ -722,7 +722,11 @@ mod tests {
     #[test]
     fn link_lifetimes_are_validated() {
         assert!(StudiesConfig::default().validate().is_ok());
-        let c = |ttl, max| StudiesConfig { observer_link_ttl_hours: ttl, max_observer_link_ttl_hours: max, ..Default::default() };
+        let c = |ttl, max| StudiesConfig {
+            observer_link_ttl_hours: ttl,
+            max_observer_link_ttl_hours: max,
+            ..Default::default()
+        };
         assert!(c(0, 10).validate().is_err());
         assert!(c(11, 10).validate().is_err());
         assert!(c(10, 10).validate().is_ok());

@@ -170,22 +170,18 @@ async fn every_route_holds_its_bounds_and_health_answers_throughout() {
                 "{method} {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\nContent-Type: {ctype}\r\nContent-Length: {len}\r\n\r\n"
             )
         };
-        // A stalled body: 10 of 1000 declared bytes, then nothing.
-        let stalled = head(1000, "application/json");
-        attacks.push(tokio::spawn(send(
-            main,
-            format!("stalled body {method} {path}"),
-            stalled,
-            b"{\"a\": 1, ".to_vec(),
-            Duration::from_millis(read_ms) + SLACK,
-        )));
+        // A stalled body: a few of the declared bytes, then nothing (an upload also as multipart).
+        let mut stalled = vec![("stalled body", 1000, "application/json", b"{\"a\": 1, ".to_vec())];
         if upload {
-            let stalled = head(100_000, "multipart/form-data; boundary=XyZ");
+            let part = b"--XyZ\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"a.zip\"\r\n\r\nPK";
+            stalled.push(("stalled multipart", 100_000, "multipart/form-data; boundary=XyZ", part.to_vec()));
+        }
+        for (what, len, ctype, sent) in stalled {
             attacks.push(tokio::spawn(send(
                 main,
-                format!("stalled multipart {method} {path}"),
-                stalled,
-                b"--XyZ\r\nContent-Disposition: form-data; name=\"archive\"; filename=\"a.zip\"\r\n\r\nPK".to_vec(),
+                format!("{what} {method} {path}"),
+                head(len, ctype),
+                sent,
                 Duration::from_millis(read_ms) + SLACK,
             )));
         }

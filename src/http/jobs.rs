@@ -10,7 +10,7 @@ use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
@@ -32,7 +32,7 @@ fn jobs(state: &AppState) -> Result<&Jobs, ApiError> {
 /// optionally `spec` with methods/models/limit/max_iter as JSON), unpacked into the job's own
 /// folder within `jobs.max_archive_bytes`, `max_archive_files` and `max_unpacked_bytes`. Jobs
 /// run one at a time, in the order they were created. Both are refused (507) when the jobs'
-/// folder would pass `jobs.max_total_bytes`; a JSON body is at most 64 KiB.
+/// folder would pass `jobs.max_total_bytes`; a JSON body is at most `limits.max_small_body_bytes`.
 #[utoipa::path(post, path = "/jobs", tag = "jobs",
     request_body(content((JobSpec = "application/json"), (ArchiveUpload = "multipart/form-data"))),
     responses((status = 201, body = JobInfo), (status = 403, body = ErrorBody, description = "folder not allowed"),
@@ -45,12 +45,7 @@ pub async fn create_job(State(state): State<AppState>, req: axum::extract::Reque
     let multipart = content_type.starts_with("multipart/form-data");
     let job = if multipart {
         // What the request says it brings must fit before a byte is read.
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
+        let declared = super::limits::declared_length(req.headers()).unwrap_or(0);
         let room = jobs.room_for(declared).await?;
         let mp = axum::extract::Multipart::from_request(req, &state)
             .await
@@ -71,43 +66,11 @@ pub async fn create_job(State(state): State<AppState>, req: axum::extract::Reque
     Ok((StatusCode::CREATED, [(header::LOCATION, format!("/jobs/{}", job.id))], Json(job)).into_response())
 }
 
-/// Largest JSON body `POST /jobs` reads: a spec is a path and a few names.
-const MAX_SPEC_BYTES: usize = 64 << 10;
-
-/// The JSON form of `POST /jobs`, read within [`MAX_SPEC_BYTES`] whatever the route's body
-/// limit (that one is sized for archives).
+/// The JSON form of `POST /jobs`. Its size is bounded before it gets here: the route gate
+/// buffers any body but an archive upload within `limits.max_small_body_bytes`.
 async fn read_spec(req: axum::extract::Request) -> Result<JobSpec, ApiError> {
-    let json = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<mime::Mime>().ok())
-        .is_some_and(|m| {
-            m.type_() == mime::APPLICATION && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
-        });
-    if !json {
-        return Err(ApiError::unsupported_media(
-            "send a JSON job (`Content-Type: application/json`) or a multipart form with an `archive`",
-        ));
-    }
-    let too_large = || ApiError::too_large(format!("a JSON job is at most {MAX_SPEC_BYTES} bytes"));
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_SPEC_BYTES as u64) {
-        return Err(too_large());
-    }
-    let mut body = req.into_body().into_data_stream();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request("bad_body", format!("cannot read the body: {e}")))?;
-        if bytes.len() + chunk.len() > MAX_SPEC_BYTES {
-            return Err(too_large());
-        }
-        bytes.extend_from_slice(&chunk);
-    }
-    serde_json::from_slice(&bytes).map_err(|e| {
-        let status = if e.is_data() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::BAD_REQUEST };
-        ApiError::new(status, "bad_body", format!("the JSON job is unreadable: {e}"))
-    })
+    let Json(spec) = Json::<JobSpec>::from_request(req, &()).await?;
+    Ok(spec)
 }
 
 /// The multipart form of `POST /jobs` with an archive (for the OpenAPI document).

@@ -73,7 +73,8 @@ pub fn declared_over(headers: &axum::http::HeaderMap, limit: u64) -> Option<Resp
     (declared > limit).then(|| closing(too_large(limit).into_response()))
 }
 
-fn declared_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+/// The body's declared length (`Content-Length`), when it parses.
+pub fn declared_length(headers: &axum::http::HeaderMap) -> Option<u64> {
     headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok())
 }
 

@@ -222,7 +222,9 @@ async fn every_error_has_the_json_shape_and_duplicates_are_refused() {
     let (st, v) = json(c.get(s.url("/classify")).send().await.unwrap()).await;
     assert_eq!((st, v["error"]["code"].as_str()), (405, Some("method_not_allowed")));
     let (st, v) = json(c.get(s.url("/target-label?class=1&top=-1")).send().await.unwrap()).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (400, Some("bad_query")));
+    assert_eq!((st, v["error"]["param"].as_str()), (422, Some("top")), "{v}");
+    let (st, v) = json(c.get(s.url("/target-label?top=2")).send().await.unwrap()).await;
+    assert_eq!((st, v["error"]["param"].as_str()), (422, Some("class")), "a required parameter: {v}");
     let long = format!("/classify?model={}", "a".repeat(10_000));
     let (st, v) =
         json(c.post(s.url(&long)).header("content-type", "image/jpeg").body(zebra()).send().await.unwrap()).await;

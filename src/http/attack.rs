@@ -12,16 +12,15 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::dto::{ClassDistance, ClassPrediction, ClassRef};
 use super::error::{ApiError, ErrorBody};
-use super::input::ImageRequest;
+use super::input::{Finite, FiniteList, ImageRequest, finite};
 use crate::attack::Branch;
 use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings, TransferVerdict};
 use crate::imaging::metrics::Perturbation;
 
 /// Parameters (query string, multipart fields or JSON keys).
-#[derive(Debug, Deserialize, IntoParams, ToSchema)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-#[allow(dead_code)]
-pub struct AttackParamsDoc {
+pub struct AttackParams {
     /// Model name (default: the first configured model).
     pub model: Option<String>,
     /// Attack method: `labelfool` (default), `deepfool`, `fgsm`, `sparsefool`, or `pgd` (PGD with
@@ -36,25 +35,28 @@ pub struct AttackParamsDoc {
     #[param(minimum = 1, example = 50)]
     pub max_iter: Option<u32>,
     /// DeepFool overshoot (default 0.02).
-    #[param(minimum = 0.0, example = 0.02)]
-    pub overshoot: Option<f64>,
+    #[param(value_type = Option<f64>, minimum = 0.0, example = 0.02)]
+    pub overshoot: Option<Finite>,
     /// LabelFool δ1 (default 0.8).
-    pub delta1: Option<f64>,
+    #[param(value_type = Option<f64>)]
+    pub delta1: Option<Finite>,
     /// LabelFool δ2 (default 0.01).
-    pub delta2: Option<f64>,
+    #[param(value_type = Option<f64>)]
+    pub delta2: Option<Finite>,
     /// FGSM step size on the [0,1] pixel scale, or a comma-separated list: the smallest that
     /// fools is delivered (default 0.5/255 … 32/255). PGD: its one L∞ radius (default 13/255).
     #[param(value_type = Option<String>, example = "0.0078,0.0157,0.0314")]
-    pub epsilon: Option<String>,
+    pub epsilon: Option<FiniteList>,
     /// DeepFool / SparseFool: classes considered, the original included (default 10).
     pub candidates: Option<usize>,
     /// SparseFool's λ (default 3, the authors' value for ImageNet).
-    pub lambda: Option<f64>,
+    #[param(value_type = Option<f64>)]
+    pub lambda: Option<Finite>,
     /// SparseFool's cap on outer iterations (default 50, the authors' ImageNet demo; 1..=100).
     pub max_outer: Option<u32>,
     /// PGD's step size on the [0,1] pixel scale (default 2.5·epsilon/max_iter).
-    #[param(example = 0.0078)]
-    pub step: Option<f64>,
+    #[param(value_type = Option<f64>, example = 0.0078)]
+    pub step: Option<Finite>,
     /// Also run the paper's float attack (no 8-bit rounding) on the same image and target and
     /// report its perceptibility (`float_reference` in the answer; the attack costs twice).
     pub float_reference: Option<bool>,
@@ -66,7 +68,8 @@ pub struct AttackParamsDoc {
     pub verify: Option<String>,
     /// The logit margin the 8-bit image must keep (LabelFool, DeepFool), instead of the
     /// configured list; no refinement then.
-    pub margin: Option<f64>,
+    #[param(value_type = Option<f64>)]
+    pub margin: Option<Finite>,
     /// With `model=remote:<name>`: the local model LabelFool runs on (default: the default model);
     /// it must have the remote's classes. The answer is a [`RemoteAttackResponse`].
     pub surrogate: Option<String>,
@@ -160,29 +163,33 @@ pub struct RefinementInfo {
     pub scale: f64,
 }
 
+/// The request body, documented from [`AttackParams`].
+pub type AttackBody = ImageRequest<AttackParams>;
+
+impl AttackParams {
+    /// What the engine needs of these, the remote attack's own options aside.
+    fn engine_request(&self) -> AttackRequest {
+        AttackRequest {
+            method: self.method.clone(),
+            target: self.target.clone(),
+            max_iter: self.max_iter,
+            overshoot: finite(self.overshoot),
+            delta1: finite(self.delta1),
+            delta2: finite(self.delta2),
+            epsilons: self.epsilon.clone().map(|FiniteList(v)| v),
+            candidates: self.candidates,
+            lambda: finite(self.lambda),
+            max_outer: self.max_outer,
+            step: finite(self.step),
+            float_reference: self.float_reference.unwrap_or(false),
+            margin: finite(self.margin),
+        }
+    }
+}
+
 /// Most models one request may verify against (each costs two classifications).
 const MAX_VERIFY: usize = 8;
 
-const PARAMS: &[&str] = &[
-    "model",
-    "method",
-    "target",
-    "max_iter",
-    "overshoot",
-    "delta1",
-    "delta2",
-    "epsilon",
-    "candidates",
-    "lambda",
-    "max_outer",
-    "step",
-    "float_reference",
-    "verify",
-    "margin",
-    "surrogate",
-    "budget",
-    "search",
-];
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AttackResponse {
@@ -295,10 +302,10 @@ pub struct TargetInfo {
 /// or `Accept: text/event-stream` to follow it live: Server-Sent Events `progress` (iterations,
 /// checks, the current label and the guard's margin, after every step that changed them), then
 /// one `result` (this JSON answer) or `error` (the error body with its `status`).
-#[utoipa::path(post, path = "/attack", tag = "labelfool", params(AttackParamsDoc),
+#[utoipa::path(post, path = "/attack", tag = "labelfool", params(AttackParams),
     request_body(description = "The image, in any of the forms `/classify` takes", content(
-        (super::classify::ImageForm = "multipart/form-data"),
-        (super::classify::ImageJson = "application/json"),
+        (AttackBody = "multipart/form-data"),
+        (AttackBody = "application/json"),
         (super::dto::ImageBytes = "image/png"),
         (super::dto::ImageBytes = "image/jpeg"),
     )),
@@ -318,28 +325,13 @@ pub struct TargetInfo {
 pub async fn attack(
     State(state): State<AppState>,
     headers: HeaderMap,
-    req: ImageRequest,
+    req: AttackBody,
 ) -> Result<Response, ApiError> {
     let p = &req.params;
-    p.only(PARAMS)?;
-    let request = AttackRequest {
-        method: p.get("method").map(str::to_string),
-        target: p.get("target").map(str::to_string),
-        max_iter: p.parse::<u32>("max_iter")?,
-        overshoot: p.finite("overshoot")?,
-        delta1: p.finite("delta1")?,
-        delta2: p.finite("delta2")?,
-        epsilons: p.finite_list("epsilon")?,
-        candidates: p.parse::<usize>("candidates")?,
-        lambda: p.finite("lambda")?,
-        max_outer: p.parse::<u32>("max_outer")?,
-        step: p.finite("step")?,
-        float_reference: p.parse::<bool>("float_reference")?.unwrap_or(false),
-        margin: p.finite("margin")?,
-    };
-    if let Some(name) = p.get("model").and_then(crate::remote::remote_name) {
+    let request = p.engine_request();
+    if let Some(name) = p.model.as_deref().and_then(crate::remote::remote_name) {
         let remote = state.remotes.get(name)?;
-        let budget = p.parse::<u32>("budget")?.unwrap_or(crate::remote::attack::DEFAULT_BUDGET);
+        let budget = p.budget.unwrap_or(crate::remote::attack::DEFAULT_BUDGET);
         if budget > crate::remote::attack::MAX_BUDGET {
             return Err(ApiError::invalid(
                 "budget",
@@ -358,10 +350,10 @@ pub async fn attack(
         };
         let options = crate::remote::attack::RemoteAttackOptions {
             budget,
-            search: p.parse::<bool>("search")?.unwrap_or(true),
+            search: p.search.unwrap_or(true),
             epsilon,
         };
-        let (_, surrogate) = state.engine.model(p.get("surrogate"))?;
+        let (_, surrogate) = state.engine.model(p.surrogate.as_deref())?;
         let run = async move {
             let outcome = crate::remote::attack::run(
                 &state.engine,
@@ -381,10 +373,11 @@ pub async fn attack(
         }
         return Ok(Json(run.await?).into_response());
     }
-    if let Some(param) = ["surrogate", "budget", "search"].into_iter().find(|k| p.get(k).is_some()) {
+    let remote_only = [("surrogate", p.surrogate.is_some()), ("budget", p.budget.is_some()), ("search", p.search.is_some())];
+    if let Some((param, _)) = remote_only.into_iter().find(|(_, given)| *given) {
         return Err(ApiError::invalid(param, "`surrogate`, `budget` and `search` go with model=remote:<name>"));
     }
-    let verify = verify_models(p.get("verify"))?;
+    let verify = verify_models(p.verify.as_deref())?;
     // Unknown or unready models are refused before the attack spends anything.
     let (remotes, locals): (Vec<String>, Vec<String>) =
         verify.into_iter().partition(|v| crate::remote::remote_name(v).is_some());
@@ -397,11 +390,11 @@ pub async fn attack(
     }
     if wants_events(&headers) {
         // Everything that can be refused is refused with its status before the stream starts.
-        let (_, info, _) = state.engine.precheck_attack(p.get("model"), &req.bytes, &request)?;
+        let (_, info, _) = state.engine.precheck_attack(p.model.as_deref(), &req.bytes, &request)?;
         let labels: std::sync::Arc<[ClassRef]> =
             (0..info.classes().len()).map(|i| ClassRef::from_list(info.classes(), i)).collect();
         let (tx, rx) = tokio::sync::watch::channel(crate::attack::Progress::default());
-        let model = p.get("model").map(str::to_string);
+        let model = p.model.clone();
         let run = async move {
             let result = state
                 .engine
@@ -412,14 +405,14 @@ pub async fn attack(
         };
         return Ok(events(run, Some(rx), labels).into_response());
     }
-    let result = state.engine.attack(p.get("model"), req.bytes.clone(), request, state.deadlines.attack).await?;
+    let result = state.engine.attack(p.model.as_deref(), req.bytes.clone(), request, state.deadlines.attack).await?;
     let wants_png = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("image/png")));
     let (body, png) = verified(&state, &req.bytes, result, &locals, &remotes).await?;
     if wants_png {
-        let mut res = (([(header::CONTENT_TYPE, "image/png")]), png).into_response();
+        let mut res = (([(header::CONTENT_TYPE, "image/png")]), super::dto::ImageBytes(png)).into_response();
         metadata_headers(res.headers_mut(), &body);
         if !body.transfer.is_empty() {
             // `model=true|false|null`, comma-separated, in `verify` order.

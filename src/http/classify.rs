@@ -12,9 +12,8 @@ use super::input::ImageRequest;
 use crate::engine::{ImageSummary, Timings};
 
 /// Parameters (query string, multipart fields or JSON keys).
-#[derive(Debug, serde::Deserialize, IntoParams, ToSchema)]
+#[derive(Debug, serde::Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-#[allow(dead_code)] // documents the parameters; values are read through `Params`
 pub struct ClassifyParams {
     /// Model name (default: the first configured model).
     pub model: Option<String>,
@@ -23,27 +22,8 @@ pub struct ClassifyParams {
     pub top_k: Option<usize>,
 }
 
-/// Multipart form: the image file plus optional parameters.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct ImageForm {
-    /// The image file (PNG, JPEG, WebP, GIF, BMP or TIFF).
-    #[schema(value_type = String, format = Binary)]
-    pub image: Vec<u8>,
-    pub model: Option<String>,
-    pub top_k: Option<usize>,
-}
-
-/// JSON body: the image as base64 plus optional parameters.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct ImageJson {
-    /// Base64 of the image bytes (a `data:` URL prefix is accepted).
-    #[schema(value_type = String, format = Byte)]
-    pub image: String,
-    pub model: Option<String>,
-    pub top_k: Option<usize>,
-}
+/// The request body, documented from [`ClassifyParams`].
+pub type ClassifyBody = ImageRequest<ClassifyParams>;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ClassifyResponse {
@@ -55,8 +35,6 @@ pub struct ClassifyResponse {
     pub timings: Timings,
 }
 
-const PARAMS: &[&str] = &["model", "top_k"];
-
 /// Classify an image.
 ///
 /// The image goes through the model's preprocessing (resize short side, centre crop) and one
@@ -67,8 +45,8 @@ const PARAMS: &[&str] = &["model", "top_k"];
     tag = "classification",
     params(ClassifyParams),
     request_body(description = "The image: multipart field `image`, a raw image body, or JSON with base64", content(
-        (ImageForm = "multipart/form-data"),
-        (ImageJson = "application/json"),
+        (ClassifyBody = "multipart/form-data"),
+        (ClassifyBody = "application/json"),
         (super::dto::ImageBytes = "image/png"),
         (super::dto::ImageBytes = "image/jpeg"),
         (super::dto::ImageBytes = "image/webp"),
@@ -86,14 +64,13 @@ const PARAMS: &[&str] = &["model", "top_k"];
         (status = 504, description = "Deadline exceeded", body = ErrorBody),
     )
 )]
-pub async fn classify(State(state): State<AppState>, req: ImageRequest) -> Result<Json<ClassifyResponse>, ApiError> {
-    req.params.only(PARAMS)?;
+pub async fn classify(State(state): State<AppState>, req: ClassifyBody) -> Result<Json<ClassifyResponse>, ApiError> {
     let max_k = state.engine.settings().max_top_k;
-    let top_k = req.params.parse::<usize>("top_k")?.unwrap_or(5);
+    let top_k = req.params.top_k.unwrap_or(5);
     if top_k == 0 || top_k > max_k {
         return Err(ApiError::invalid("top_k", format!("{top_k} is not in 1..={max_k}")));
     }
-    let c = state.engine.classify(req.params.get("model"), req.bytes, state.deadlines.classify).await?;
+    let c = state.engine.classify(req.params.model.as_deref(), req.bytes, state.deadlines.classify).await?;
     let top = c.top(top_k).into_iter().map(|(i, p)| ClassPrediction::new(&c.model, i, f64::from(p))).collect();
     Ok(Json(ClassifyResponse { model: c.model.name.clone(), image: c.image, top, timings: c.timings }))
 }

@@ -63,8 +63,13 @@ pub struct ClassDistance {
     pub distance: f64,
 }
 
-/// Raw image bytes (a request or response body).
+/// Raw image bytes: a PNG answer, and (in the document) a raw image request body.
 #[derive(ToSchema)]
 #[schema(value_type = String, format = Binary)]
-#[allow(dead_code)] // documents bodies that handlers read and write as bytes
-pub struct ImageBytes(Vec<u8>);
+pub struct ImageBytes(pub Vec<u8>);
+
+impl axum::response::IntoResponse for ImageBytes {
+    fn into_response(self) -> axum::response::Response {
+        self.0.into_response()
+    }
+}

@@ -1,31 +1,40 @@
 //! Image requests arrive three ways: multipart (field `image`), a raw body (`image/*`,
 //! `application/octet-stream`) or JSON (`{"image": "<base64>"}`). Parameters come from the query
-//! string, other multipart fields or other JSON keys. [`ImageRequest`] folds all of that into bytes
-//! plus a string map, and [`Params`] parses values with errors that name the parameter.
+//! string, other multipart fields or other JSON keys. [`ImageRequest`] folds all of that into the
+//! image's bytes plus the route's parameter struct; [`Params`] does the same for a query string
+//! alone. Each route has one such struct: serde parses it and utoipa documents it (`IntoParams`),
+//! so a field removed there is gone from both, and a bad value is a 422 that names the parameter.
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Multipart, Request};
+use axum::extract::{FromRequest, FromRequestParts, Multipart, Request};
 use axum::http::header;
+use axum::http::request::Parts;
 use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use utoipa::IntoParams;
 
 use super::error::ApiError;
 
-/// Parameters of one request, whichever part of it they came from.
-#[derive(Debug, Default, Clone)]
-pub struct Params(BTreeMap<String, String>);
+/// A route's parameters: one struct that serde parses and utoipa documents.
+pub trait RouteParams: DeserializeOwned + IntoParams {}
+impl<T: DeserializeOwned + IntoParams> RouteParams for T {}
 
-impl Params {
-    pub fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
+/// The parameters of one request as text, whichever part of it they came from.
+#[derive(Debug, Default, Clone)]
+struct Fields(BTreeMap<String, String>);
+
+impl Fields {
+    fn from_query(query: Option<&str>) -> Result<Self, ApiError> {
         let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
             .map_err(|e| ApiError::bad_request("bad_query", format!("cannot parse the query string: {e}")))?;
-        let mut params = Self::default();
+        let mut fields = Self::default();
         for (k, v) in pairs {
-            params.insert(k, v)?;
+            fields.insert(k, v)?;
         }
-        Ok(params)
+        Ok(fields)
     }
 
     /// A parameter may be given once, in one place: a second value (repeated in the query, or in
@@ -38,71 +47,87 @@ impl Params {
         Ok(())
     }
 
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str).map(str::trim).filter(|v| !v.is_empty())
-    }
-
-    /// `Ok(None)` when absent; 422 naming `key` when present but not a `T`.
-    pub fn parse<T: FromStr>(&self, key: &str) -> Result<Option<T>, ApiError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| ApiError::invalid(key, format!("{v:?} is not a valid {}", type_name::<T>()))),
+    /// Into the route's struct. A key the struct does not document is refused (a typo such as
+    /// `max_iters` is never silently ignored); an empty value counts as absent; a value serde
+    /// cannot read is a 422 naming its key.
+    fn parse<P: RouteParams>(&self) -> Result<P, ApiError> {
+        let documented = P::into_params(|| Some(utoipa::openapi::path::ParameterIn::Query));
+        let names: Vec<&str> = documented.iter().map(|p| p.name.as_str()).collect();
+        if let Some(k) = self.0.keys().find(|k| !names.contains(&k.as_str())) {
+            return Err(ApiError::invalid(k, format!("unknown parameter; this route takes {}", names.join(", "))));
         }
-    }
-
-    /// A float that must be finite.
-    pub fn finite(&self, key: &str) -> Result<Option<f64>, ApiError> {
-        match self.parse::<f64>(key)? {
-            Some(v) if !v.is_finite() => Err(ApiError::invalid(key, format!("{v} is not a finite number"))),
-            other => Ok(other),
+        let present: Vec<(&str, &str)> =
+            self.0.iter().map(|(k, v)| (k.as_str(), v.trim())).filter(|(_, v)| !v.is_empty()).collect();
+        let required = documented.iter().filter(|p| matches!(p.required, utoipa::openapi::Required::True));
+        if let Some(missing) = required.map(|p| p.name.as_str()).find(|n| !present.iter().any(|(k, _)| k == n)) {
+            return Err(ApiError::invalid(missing, "required"));
         }
-    }
-
-    /// A comma-separated list of finite numbers (one number is a list of one).
-    pub fn finite_list(&self, key: &str) -> Result<Option<Vec<f64>>, ApiError> {
-        let Some(v) = self.get(key) else { return Ok(None) };
-        v.split(',')
-            .map(|x| x.trim().parse::<f64>().ok().filter(|x| x.is_finite()))
-            .collect::<Option<Vec<f64>>>()
-            .map(Some)
-            .ok_or_else(|| {
-                ApiError::invalid(key, format!("{v:?} is not a number or a comma-separated list of numbers"))
-            })
-    }
-
-    /// Rejects keys a route does not know, so that a typo (`max_iters`) is not silently ignored.
-    pub fn only(&self, allowed: &[&str]) -> Result<(), ApiError> {
-        match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
-            None => Ok(()),
-            Some(k) => Err(ApiError::invalid(k, format!("unknown parameter; this route takes {}", allowed.join(", ")))),
-        }
+        let encoded = serde_urlencoded::to_string(&present)
+            .map_err(|e| ApiError::bad_request("bad_query", format!("cannot encode the parameters: {e}")))?;
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(encoded.as_bytes()));
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            match present.iter().find(|(k, _)| *k == key) {
+                Some((_, v)) => ApiError::invalid(&key, format!("{v:?} is not valid here: {}", e.inner())),
+                None => ApiError::invalid(&key, e.inner().to_string()),
+            }
+        })
     }
 }
 
-fn type_name<T>() -> &'static str {
-    let full = std::any::type_name::<T>();
-    match full {
-        "u32" | "u64" | "usize" => "non-negative integer",
-        "f64" | "f32" => "number",
-        "bool" => "boolean",
-        _ => full.rsplit("::").next().unwrap_or(full),
+/// A number that must be finite: `nan` and `inf` parse as floats but mean nothing here.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finite(pub f64);
+
+impl<'de> Deserialize<'de> for Finite {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = f64::deserialize(d)?;
+        if v.is_finite() { Ok(Self(v)) } else { Err(serde::de::Error::custom(format!("{v} is not a finite number"))) }
+    }
+}
+
+/// A comma-separated list of finite numbers (one number is a list of one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FiniteList(pub Vec<f64>);
+
+impl<'de> Deserialize<'de> for FiniteList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.split(',')
+            .map(|x| x.trim().parse::<f64>().ok().filter(|x| x.is_finite()))
+            .collect::<Option<Vec<f64>>>()
+            .map(Self)
+            .ok_or_else(|| serde::de::Error::custom("not a number or a comma-separated list of numbers"))
+    }
+}
+
+/// `Option<Finite>` → `Option<f64>`.
+pub fn finite(v: Option<Finite>) -> Option<f64> {
+    v.map(|Finite(x)| x)
+}
+
+/// A route's parameters from the query string alone (`GET`, `DELETE`).
+pub struct Params<P>(pub P);
+
+impl<S: Send + Sync, P: RouteParams> FromRequestParts<S> for Params<P> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Fields::from_query(parts.uri.query())?.parse().map(Self)
     }
 }
 
 /// The image and parameters of a classify / target-label / attack request.
-pub struct ImageRequest {
+pub struct ImageRequest<P> {
     pub bytes: Bytes,
-    pub params: Params,
+    pub params: P,
 }
 
-impl<S: Send + Sync> FromRequest<S> for ImageRequest {
+impl<S: Send + Sync, P: RouteParams> FromRequest<S> for ImageRequest<P> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let mut params = Params::from_query(req.uri().query())?;
+        let mut params = Fields::from_query(req.uri().query())?;
         let content_type =
             req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let mime: Option<mime::Mime> = content_type.parse().ok();
@@ -170,7 +195,35 @@ impl<S: Send + Sync> FromRequest<S> for ImageRequest {
                 )));
             }
         };
-        Ok(Self { bytes, params })
+        Ok(Self { bytes, params: params.parse()? })
+    }
+}
+
+/// The body's documentation, made from the route's parameter struct: the image beside the same
+/// parameters the query string takes (one schema for the multipart and the JSON form).
+impl<P: RouteParams> utoipa::PartialSchema for ImageRequest<P> {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let image = ObjectBuilder::new().schema_type(Type::String).description(Some(
+            "The image (PNG, JPEG, WebP, GIF, BMP or TIFF): the file in multipart/form-data, its base64 in JSON \
+             (a `data:` URL prefix is accepted)",
+        ));
+        let mut body = ObjectBuilder::new().property("image", image).required("image");
+        for p in P::into_params(|| Some(utoipa::openapi::path::ParameterIn::Query)) {
+            let Some(mut schema) = p.schema else { continue };
+            if let utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(o)) = &mut schema {
+                o.description = o.description.take().or(p.description);
+            }
+            body = body.property(p.name, schema);
+        }
+        utoipa::openapi::RefOr::T(body.into())
+    }
+}
+
+impl<P: RouteParams> utoipa::ToSchema for ImageRequest<P> {
+    fn name() -> std::borrow::Cow<'static, str> {
+        let full = std::any::type_name::<P>();
+        format!("ImageRequest_{}", full.rsplit("::").next().unwrap_or(full)).into()
     }
 }
 
@@ -225,22 +278,46 @@ fn body_error(status: axum::http::StatusCode, text: String) -> ApiError {
 mod tests {
     use super::*;
 
+    #[derive(Debug, Deserialize, IntoParams)]
+    #[allow(dead_code)] // the test reads some fields only through Debug
+    struct Demo {
+        top_k: Option<usize>,
+        model: Option<String>,
+        max_iter: Option<u32>,
+        #[param(value_type = Option<f64>)]
+        overshoot: Option<Finite>,
+        #[param(value_type = Option<String>)]
+        epsilon: Option<FiniteList>,
+    }
+
+    fn demo(q: &str) -> Result<Demo, ApiError> {
+        Fields::from_query(Some(q))?.parse::<Demo>()
+    }
+
     #[test]
     fn params_parse_and_name_the_culprit() {
-        let p = Params::from_query(Some("top_k=5&overshoot=nan&max_iter=x&model=")).unwrap();
-        assert_eq!(p.parse::<usize>("top_k").unwrap(), Some(5));
-        assert_eq!(p.get("model"), None, "empty counts as absent");
-        let e = p.parse::<u32>("max_iter").unwrap_err();
-        assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some("max_iter")));
-        assert_eq!(p.finite("overshoot").unwrap_err().param.as_deref(), Some("overshoot"));
-        assert_eq!(p.only(&["top_k", "model"]).unwrap_err().param.as_deref(), Some("max_iter"));
+        let d = demo("top_k=5&model=&epsilon=0.1,%202").unwrap();
+        assert_eq!((d.top_k, d.model.as_deref()), (Some(5), None), "empty counts as absent");
+        assert_eq!(d.epsilon, Some(FiniteList(vec![0.1, 2.0])));
+        for (q, culprit) in [
+            ("max_iter=x", "max_iter"),
+            ("max_iter=-1", "max_iter"),
+            ("overshoot=nan", "overshoot"),
+            ("overshoot=inf", "overshoot"),
+            ("epsilon=0.1,x", "epsilon"),
+            ("top_k=1&max_iters=3", "max_iters"),
+        ] {
+            let e = demo(q).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some(culprit)), "{q}: {}", e.message);
+        }
+        assert!(demo("max_iters=3").unwrap_err().message.contains("max_iter, overshoot"), "the known names are listed");
     }
 
     #[test]
     fn a_parameter_given_twice_is_refused() {
-        let e = Params::from_query(Some("top_k=3&top_k=5")).unwrap_err();
+        let e = Fields::from_query(Some("top_k=3&top_k=5")).unwrap_err();
         assert_eq!((e.status.as_u16(), e.param.as_deref()), (422, Some("top_k")));
-        let mut p = Params::from_query(Some("top_k=3")).unwrap();
+        let mut p = Fields::from_query(Some("top_k=3")).unwrap();
         assert!(p.insert("top_k".into(), "4".into()).is_err(), "query and body both");
         let Entries(e) = serde_json::from_str(r#"{"a": 1, "a": 2}"#).unwrap();
         assert_eq!(e.len(), 2, "duplicate JSON keys are seen");

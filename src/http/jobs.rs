@@ -5,8 +5,7 @@ use std::convert::Infallible;
 use std::path::{Component, Path};
 
 use axum::Json;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path as UrlPath, Query, State};
+use axum::extract::{Path as UrlPath, State};
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -18,6 +17,7 @@ use axum::extract::FromRequest;
 
 use super::AppState;
 use super::error::{ApiError, ErrorBody};
+use super::input::Params;
 use crate::jobs::{JobEvent, JobInfo, JobSpec, Jobs};
 
 fn jobs(state: &AppState) -> Result<&Jobs, ApiError> {
@@ -51,14 +51,14 @@ pub async fn create_job(State(state): State<AppState>, req: axum::extract::Reque
             .await
             .map_err(|e| ApiError::bad_request("bad_body", e.body_text()))?;
         let timeout = std::time::Duration::from_millis(state.config.server.body_read_timeout_ms);
-        let (spec, archive) =
+        let ArchiveUpload { spec, archive } =
             tokio::time::timeout(timeout, receive_archive(mp, jobs, room)).await.map_err(|_| {
                 ApiError::timeout(format!(
                     "the archive did not arrive within {} ms (server.body_read_timeout_ms)",
                     timeout.as_millis()
                 ))
             })??;
-        jobs.create_from_archive(spec, archive.keep()).await?
+        jobs.create_from_archive(spec.unwrap_or_default(), archive.keep()).await?
     } else {
         let spec = read_spec(req).await?;
         jobs.create(spec).await?
@@ -73,15 +73,15 @@ async fn read_spec(req: axum::extract::Request) -> Result<JobSpec, ApiError> {
     Ok(spec)
 }
 
-/// The multipart form of `POST /jobs` with an archive (for the OpenAPI document).
+/// The multipart form of `POST /jobs` with an archive, as received.
 #[derive(ToSchema)]
-#[allow(dead_code)]
 pub struct ArchiveUpload {
     /// A zip of images (flat `<wnid>_*.JPEG` files or an ImageFolder tree).
     #[schema(format = Binary, value_type = String)]
-    archive: Vec<u8>,
+    archive: PartFile,
     /// `{"methods": […], "models": […], "limit": N, "max_iter": N}` (all optional).
-    spec: Option<String>,
+    #[schema(value_type = Option<String>)]
+    spec: Option<crate::jobs::ArchiveSpec>,
 }
 
 /// An upload being written: removed unless kept.
@@ -108,7 +108,7 @@ async fn receive_archive(
     mut mp: axum::extract::Multipart,
     jobs: &Jobs,
     room: u64,
-) -> Result<(crate::jobs::ArchiveSpec, PartFile), ApiError> {
+) -> Result<ArchiveUpload, ApiError> {
     use tokio::io::AsyncWriteExt;
     let max = jobs.config().max_archive_bytes;
     let (mut spec, mut archive) = (None, None);
@@ -157,7 +157,7 @@ async fn receive_archive(
         }
     }
     let archive = archive.ok_or_else(|| ApiError::invalid("archive", "no `archive` field (a zip of images)"))?;
-    Ok((spec.unwrap_or_default(), archive))
+    Ok(ArchiveUpload { archive, spec })
 }
 
 /// Every job, newest first.
@@ -175,7 +175,6 @@ pub async fn get_job(State(state): State<AppState>, UrlPath(id): UrlPath<String>
 /// `DELETE /jobs/{id}`'s query.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
 pub struct DeleteQuery {
     /// Also delete the job for good — its row, results and folder (it is cancelled first if it
     /// runs). Refused (409) while a study uses the job.
@@ -193,9 +192,8 @@ pub struct DeleteQuery {
 pub async fn cancel_job(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
-    query: Result<Query<DeleteQuery>, QueryRejection>,
+    Params(query): Params<DeleteQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::invalid("purge", e.body_text()))?;
     let jobs = jobs(&state)?;
     if query.purge {
         jobs.purge(&id).await?;

@@ -2,14 +2,14 @@
 //! decision for an image).
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::dto::{ClassDistance, ClassPrediction, ClassRef};
 use super::error::{ApiError, ErrorBody};
-use super::input::ImageRequest;
+use super::input::{Finite, ImageRequest, Params, finite};
 use crate::attack::Branch;
 use crate::engine::{ImageSummary, Timings};
 
@@ -50,9 +50,8 @@ pub struct TargetPreview {
 ))]
 pub async fn preview(
     State(state): State<AppState>,
-    query: Result<Query<PreviewQuery>, axum::extract::rejection::QueryRejection>,
+    Params(q): Params<PreviewQuery>,
 ) -> Result<Json<TargetPreview>, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("bad_query", e.body_text()))?;
     let (_, info) = state.engine.model(q.model.as_deref())?;
     let matrix = info
         .matrix()
@@ -79,20 +78,24 @@ pub async fn preview(
 }
 
 /// Parameters of `POST /target-label` (query string, multipart fields or JSON keys).
-#[derive(Debug, Deserialize, IntoParams, ToSchema)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-#[allow(dead_code)]
 pub struct DecisionParams {
+    /// Model name (default: the first configured model).
     pub model: Option<String>,
     /// δ1: above this top-1 probability the MLE branch decides (default 0.8).
-    #[param(example = 0.8)]
-    pub delta1: Option<f64>,
+    #[param(value_type = Option<f64>, example = 0.8)]
+    pub delta1: Option<Finite>,
     /// δ2: classes above this probability form the candidate set S (default 0.01).
-    #[param(example = 0.01)]
-    pub delta2: Option<f64>,
-    /// Runner-up targets to list besides the chosen one (default 4).
+    #[param(value_type = Option<f64>, example = 0.01)]
+    pub delta2: Option<Finite>,
+    /// Runner-up targets to list besides the chosen one (default 4, at most 100).
+    #[param(maximum = 100)]
     pub alternatives: Option<usize>,
 }
+
+/// The request body, documented from [`DecisionParams`].
+pub type DecisionBody = ImageRequest<DecisionParams>;
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct TargetDecisionResponse {
@@ -126,8 +129,8 @@ pub struct DecisionDetail {
 /// candidate set S = {j : p̂j > δ2} (members of S excluded).
 #[utoipa::path(post, path = "/target-label", tag = "labelfool", params(DecisionParams),
     request_body(description = "The image, in any of the forms `/classify` takes", content(
-        (super::classify::ImageForm = "multipart/form-data"),
-        (super::classify::ImageJson = "application/json"),
+        (DecisionBody = "multipart/form-data"),
+        (DecisionBody = "application/json"),
         (super::dto::ImageBytes = "image/png"),
         (super::dto::ImageBytes = "image/jpeg"),
     )),
@@ -139,21 +142,20 @@ pub struct DecisionDetail {
     ))]
 pub async fn decide(
     State(state): State<AppState>,
-    req: ImageRequest,
+    req: DecisionBody,
 ) -> Result<Json<TargetDecisionResponse>, ApiError> {
     let p = &req.params;
-    p.only(&["model", "delta1", "delta2", "alternatives"])?;
-    let alternatives = p.parse::<usize>("alternatives")?.unwrap_or(4);
+    let alternatives = p.alternatives.unwrap_or(4);
     if alternatives > 100 {
         return Err(ApiError::invalid("alternatives", format!("{alternatives} is over 100")));
     }
     let t = state
         .engine
         .target_label(
-            p.get("model"),
+            p.model.as_deref(),
             req.bytes.clone(),
-            p.finite("delta1")?,
-            p.finite("delta2")?,
+            finite(p.delta1),
+            finite(p.delta2),
             alternatives,
             state.deadlines.classify,
         )

@@ -86,6 +86,7 @@ async fn wait_ready(probe: &str, name: &str, limit: Duration) {
     }
 }
 
+#[ignore = "partner tier (podman): scripts/test runs it"]
 #[tokio::test]
 async fn the_image_starts_as_its_user_serves_keeps_jobs_and_drains() {
     let started = Instant::now();

@@ -61,6 +61,7 @@ torch.jit.trace(Fixed32(), x).save(f"{out}/fixed-32.pt")
     assert!(status.success());
 }
 
+#[ignore = "partner tier (onnxruntime): scripts/test runs it"]
 #[tokio::test]
 async fn onnx_model_matches_onnxruntime_and_attacks() {
     let onnx = models_dir().join("triton-repo/efficientnet-lite1/1/model.onnx");

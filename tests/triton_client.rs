@@ -17,6 +17,7 @@ fn venv_python() -> PathBuf {
     venv.join("bin/python")
 }
 
+#[ignore = "partner tier (the Triton client): scripts/test runs it"]
 #[tokio::test]
 async fn the_official_triton_client_passes_its_calls() {
     let s = Server::start(&tiny_config(""));

@@ -18,19 +18,9 @@ async fn round_trip(s: &Server, c: &reqwest::Client, name: &str, bytes: Vec<u8>,
     let got = decode_dims(&png);
     assert_eq!((got.0, got.1), (dims.0, dims.1), "{name}: the PNG must have the upload's size");
     assert_eq!(got.2, dims.2, "{name}: alpha must be kept exactly when the upload had it");
-    let (st, cls) =
-        json(c.post(s.url("/classify?top_k=1")).header("content-type", "image/png").body(png).send().await.unwrap())
-            .await;
-    assert_eq!(st, 200);
-    let top1 = cls["top"][0]["index"].as_u64().unwrap();
-    assert_eq!(
-        top1,
-        v["final"]["index"].as_u64().unwrap(),
-        "{name}: /classify disagrees with the reported final label: {v}"
-    );
-    let success = v["success"].as_bool().unwrap();
+    // /classify agrees with the reported final label, and success means the PNG is the target.
+    let success = assert_delivered(s, None, &png, &v, name).await;
     let target = v["target"]["index"].as_u64().unwrap();
-    assert_eq!(success, top1 == target, "{name}: success must mean the PNG is classified as the target");
     assert_ne!(target, v["original"]["index"].as_u64().unwrap(), "{name}: the target is never the prediction");
     let p = &v["perturbation"];
     assert!(p["perceptibility"].as_f64().unwrap() > 0.0 && p["linf"].as_f64().unwrap() <= 1.0);
@@ -87,8 +77,19 @@ async fn attack_as_png_carries_its_metadata_in_headers() {
     assert_eq!(h("final-label").as_deref(), Some("tiger"));
     assert!(h("iterations").unwrap().parse::<u32>().unwrap() >= 1);
     assert!(h("perceptibility").unwrap().parse::<f64>().unwrap() > 0.0);
+    let index = |k: &str| h(&format!("{k}-index")).and_then(|i| i.parse::<u64>().ok());
+    let report = serde_json::json!({
+        "success": h("success").map(|v| v == "true"),
+        "original": {"index": index("original")},
+        "target": {"index": index("target")},
+        "final": {"index": index("final")},
+    });
     let png = res.bytes().await.unwrap();
     assert_eq!(decode_dims(&png), (500, 375, false));
+    // The headers are the attack's word; the PNG itself, re-classified by the server, is a tiger.
+    let (top1, label) = classify_top1(&s, None, &png).await;
+    assert_eq!(label, "tiger", "the delivered PNG is classified as {label}, not the target");
+    assert!(assert_verdict(top1, &report, "Accept: image/png"));
 }
 
 #[tokio::test]

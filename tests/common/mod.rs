@@ -230,3 +230,72 @@ pub fn decode_dims(png: &[u8]) -> (u32, u32, bool) {
     let img = image::load_from_memory(png).unwrap();
     (img.width(), img.height(), img.color().has_alpha())
 }
+
+/// Polls `cond` until it holds; fails with `what` (and how long it waited) past `limit`. The
+/// tests' synchronisation: wait for the condition itself, never for a fixed time.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !cond().await {
+        assert!(started.elapsed() < limit, "{what}: still not so after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An image re-classified through the server's own `POST /classify` (`model`, or the server's
+/// default): its top-1 class index and label.
+pub async fn classify_top1(s: &Server, model: Option<&str>, image: &[u8]) -> (u64, String) {
+    let url = match model {
+        Some(m) => s.url(&format!("/classify?top_k=1&model={m}")),
+        None => s.url("/classify?top_k=1"),
+    };
+    let res = client().post(url).header("content-type", "image/png").body(image.to_vec()).send().await.unwrap();
+    let (status, v) = json(res).await;
+    assert_eq!(status, 200, "re-classifying a delivered image: {v}");
+    (v["top"][0]["index"].as_u64().unwrap(), v["top"][0]["label"].as_str().unwrap_or_default().to_string())
+}
+
+/// The one rule every asserted `success` is held to, with `top1` what the model says of the
+/// delivered image, asked independently of the attack: it is the reported final class, and
+/// `success` is reported exactly when it is the target (targeted) or not the original class
+/// (untargeted). `report` is an `/attack` answer or a job's or eval's record (`success`,
+/// `original`, `target`, `final`, each class with its `index`). Returns whether the image is
+/// adversarial, so a test that asserts success asserts it of the image itself.
+pub fn assert_verdict(top1: u64, report: &serde_json::Value, what: &str) -> bool {
+    let success = report["success"].as_bool().unwrap_or_else(|| panic!("{what}: no success in {report}"));
+    let original = report["original"]["index"].as_u64().unwrap_or_else(|| panic!("{what}: no original in {report}"));
+    assert_eq!(report["final"]["index"].as_u64(), Some(top1), "{what}: the delivered image is not the reported final class: {report}");
+    let adversarial = match report["target"]["index"].as_u64() {
+        Some(target) => top1 == target,
+        None => top1 != original,
+    };
+    assert_eq!(success, adversarial, "{what}: success reported as {success}, but the delivered image is class {top1}: {report}");
+    adversarial
+}
+
+/// Re-classifies a delivered image (PNG bytes) through the server's own `POST /classify` and holds
+/// the attack's `report` to it ([`assert_verdict`]). Returns whether the image is adversarial.
+pub async fn assert_delivered(s: &Server, model: Option<&str>, image: &[u8], report: &serde_json::Value, what: &str) -> bool {
+    let (top1, _) = classify_top1(s, model, image).await;
+    assert_verdict(top1, report, what)
+}
+
+/// The PNG of an `/attack` JSON answer.
+pub fn png_of(v: &serde_json::Value) -> Vec<u8> {
+    use base64::Engine as _;
+    let b64 = v["png_base64"].as_str().unwrap_or_else(|| panic!("no PNG in {v}"));
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+/// An in-process attack's outcome as the report [`assert_verdict`] reads (the classes by index).
+pub fn outcome_report(o: &labelfool::attack::AttackOutcome) -> serde_json::Value {
+    serde_json::json!({
+        "success": o.success,
+        "original": {"index": o.original.index},
+        "target": {"index": o.target},
+        "final": {"index": o.final_.index},
+    })
+}

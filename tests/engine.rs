@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::*;
 use labelfool::config::{Config, ModelConfig};
-use labelfool::engine::{AttackRequest, Engine};
+use labelfool::engine::{AttackRequest, AttackResult, Engine};
 use labelfool::model::Catalog;
 
 const DEADLINE: Duration = Duration::from_secs(600);
@@ -18,6 +18,14 @@ fn config(model: &str, tweak: impl FnOnce(&mut Config)) -> Config {
     tweak(&mut c);
     c.validate().unwrap();
     c
+}
+
+/// The delivered PNG re-classified by the model itself (the engine's classify, as `/classify`
+/// does it), and the attack's reported success held to it. Returns whether it is adversarial.
+async fn assert_delivers(e: &Engine, r: &AttackResult, what: &str) -> bool {
+    let c = e.classify(None, r.png.clone().into(), DEADLINE).await.unwrap();
+    let top1 = labelfool::engine::top_k(&c.probabilities, 1)[0].0 as u64;
+    assert_verdict(top1, &outcome_report(&r.outcome), what)
 }
 
 async fn engine(c: &Config) -> Engine {
@@ -49,6 +57,7 @@ async fn an_attack_of_k_iterations_runs_k_backward_passes() {
         // per refinement check after success.
         let forwards = after.forward_passes - before.forward_passes;
         assert_eq!(forwards, u64::from(o.iterations + 2 * o.checks + o.refinements), "{name}: forward passes");
+        assert!(assert_delivers(&e, &r, name).await, "{name}: the delivered PNG is not adversarial");
     }
     e.shutdown();
 }
@@ -106,6 +115,7 @@ async fn continuously_batched_attacks_equal_attacks_alone() {
     .await;
     let ticks = e.stats().snapshot().attack_ticks - ticks_before;
     let mut max_batch = 0;
+    let mut together_results = Vec::new();
     for ((p, a), t) in files.iter().zip(&alone).zip(together) {
         let t = t.unwrap();
         let name = p.file_name().unwrap().to_string_lossy();
@@ -115,6 +125,7 @@ async fn continuously_batched_attacks_equal_attacks_alone() {
         assert_eq!(t.outcome.iterations, a.outcome.iterations, "{name}: iterations");
         let (pa, pt) = (a.perturbation.perceptibility, t.perturbation.perceptibility);
         assert!((pa - pt).abs() <= 0.01 * pa, "{name}: perceptibility {pt} vs {pa} alone");
+        together_results.push((name.to_string(), t));
     }
     assert_eq!(max_batch, 8, "all eight attacks must share the first tick");
     // Rows share ticks instead of queueing: the batch needs about as many ticks as its longest
@@ -122,6 +133,10 @@ async fn continuously_batched_attacks_equal_attacks_alone() {
     let (longest, sum) = (*ticks_alone.iter().max().unwrap(), ticks_alone.iter().sum::<u64>());
     assert!(ticks <= longest + files.len() as u64, "{ticks} ticks; the longest attack alone takes {longest}");
     assert!(2 * ticks < sum, "{ticks} ticks for attacks that take {sum} one after the other");
+    // What each batched attack reports is what its delivered PNG is.
+    for (name, t) in &together_results {
+        assert_delivers(&e, t, name).await;
+    }
     e.shutdown();
 }
 

@@ -82,6 +82,15 @@ fn run_to_end(model: &LoadedModel, row: Box<dyn AttackRow>) -> attack::AttackOut
     rows.pop().unwrap().outcome().unwrap()
 }
 
+/// The outcome's delivered 8-bit pixels (`w`×`h`) re-classified by the model itself through the
+/// classify pipeline, and the reported success held to them. Returns whether they are adversarial.
+fn assert_delivers(model: &LoadedModel, o: &attack::AttackOutcome, w: u32, h: u32, what: &str) -> bool {
+    let x = labelfool::model::preprocess::prepare_rgb8(&o.rgb, w, h, model.info.input()).unwrap();
+    let logits: Vec<f32> = tch::no_grad(|| Vec::try_from(&model.forward(&x).unwrap().get(0)).unwrap());
+    let top1 = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    assert_verdict(top1 as u64, &outcome_report(o), what)
+}
+
 #[test]
 fn deepfool_steps_onto_the_nearest_linearised_boundary() {
     let (info, model) = tiny();
@@ -256,6 +265,7 @@ fn sparsefool_changes_few_pixels_where_deepfool_changes_most() {
     let l0_sparse = labelfool::imaging::metrics::perturbation(w, h, &orig, &sparse.rgb).l0;
     let l0_dense = labelfool::imaging::metrics::perturbation(w, h, &orig, &dense.rgb).l0;
     assert!(sparse.success && dense.success, "both attacks fool the tiny model");
+    assert!(assert_delivers(&model, &sparse, w, h, "SparseFool") && assert_delivers(&model, &dense, w, h, "DeepFool"));
     assert!(l0_sparse * 100 <= pixels, "SparseFool changed {l0_sparse} of {pixels} pixels (more than 1%)");
     assert!(l0_dense > pixels / 2, "DeepFool changed only {l0_dense} of {pixels} pixels");
 }
@@ -371,6 +381,7 @@ fn refinement_keeps_the_goal_and_only_lowers_perceptibility() {
         };
         let (plain, refined) = (run(0), run(3));
         assert!(plain.success && refined.success, "{name}");
+        assert!(assert_delivers(&model, &plain, w, h, name) && assert_delivers(&model, &refined, w, h, name));
         assert_eq!(plain.refinements, 0);
         assert!(refined.refinements <= 3, "{name}: {} refinements", refined.refinements);
         assert_eq!((plain.iterations, plain.checks), (refined.iterations, refined.checks), "{name}: same attack");
@@ -399,6 +410,7 @@ fn pruning_keeps_the_goal_and_only_lowers_perceptibility() {
         };
         let (plain, pruned) = (run(0), run(4));
         assert!(plain.success && pruned.success, "{name}");
+        assert!(assert_delivers(&model, &plain, w, h, name) && assert_delivers(&model, &pruned, w, h, name));
         assert!(pruned.refinements <= plain.refinements + 4, "{name}: {} refinements", pruned.refinements);
         assert_eq!((plain.iterations, plain.checks), (pruned.iterations, pruned.checks), "{name}: same attack");
         let input = labelfool::model::preprocess::prepare_rgb8(&pruned.rgb, w, h, model.info.input()).unwrap();

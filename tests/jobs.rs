@@ -97,6 +97,8 @@ async fn a_job_runs_in_the_background_and_everything_it_made_can_be_downloaded()
         assert_eq!((png.width(), png.height()), (upload.width(), upload.height()));
         assert_eq!(l["record"]["width"].as_u64(), Some(u64::from(upload.width())), "{l}");
         assert!(l["record"]["perceptibility"].is_number(), "{l}");
+        // The record's success is the PNG's: re-classified by the server, it is what the record says.
+        assert_delivered(&s, l["model"].as_str(), &bytes, &l["record"], &format!("job result {l}")).await;
     }
     // The report, rendered from the stored records.
     let report = client().get(s.url(&format!("/jobs/{id}/files/report/tiny/report.md"))).send().await.unwrap();
@@ -222,6 +224,9 @@ async fn a_job_survives_a_killed_server() {
         if let Some(png) = l["png"].as_str() {
             let res = client().get(s.url(png)).send().await.unwrap();
             assert_eq!(res.status(), 200, "{l}");
+            // A PNG kept across the kill is the image its record describes.
+            let bytes = res.bytes().await.unwrap();
+            assert_delivered(&s, l["model"].as_str(), &bytes, &l["record"], &format!("kept result {l}")).await;
         }
     }
 
@@ -363,9 +368,10 @@ async fn a_job_runs_on_an_uploaded_zip_of_images() {
     for (l, (name, bytes)) in lines.iter().zip(&files) {
         assert_eq!(l["file"].as_str(), Some(name.as_str()), "{l}");
         let upload = image::load_from_memory(bytes).unwrap();
-        let png = client().get(s.url(l["png"].as_str().unwrap())).send().await.unwrap().bytes().await.unwrap();
-        let png = image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+        let bytes = client().get(s.url(l["png"].as_str().unwrap())).send().await.unwrap().bytes().await.unwrap();
+        let png = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap();
         assert_eq!((png.width(), png.height()), (upload.width(), upload.height()));
+        assert_delivered(&s, l["model"].as_str(), &bytes, &l["record"], &format!("job result {l}")).await;
     }
     // The unpacked images are the job's own files.
     let res = client().get(s.url(&format!("/jobs/{id}/files/input/{}", files[0].0))).send().await.unwrap();

@@ -134,6 +134,10 @@ fn eval_verify_sends_every_delivered_image_to_a_remote() {
         assert_eq!(remote["adversarial"]["index"], local["adversarial"]["index"], "{r}");
         assert_eq!(remote["transferred"], local["transferred"], "{r}");
         assert!(remote["transferred"].is_boolean(), "{r}");
+        // The remote is the served `tiny` itself: its verdict is the server's own /classify of the
+        // delivered image, and the record's success must be that image's.
+        let top1 = remote["adversarial"]["index"].as_u64().unwrap();
+        assert_verdict(top1, r, &format!("eval record {}/{}", r["method"], r["file"]));
     }
     let summary: Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     for m in summary["methods"].as_array().unwrap() {

@@ -119,6 +119,8 @@ async fn onnx_model_matches_onnxruntime_and_attacks() {
     assert_eq!(v["original"]["label"], "zebra", "{v}");
     assert_eq!(v["success"], true, "{v}");
     assert_eq!(v["final"]["index"], v["target"]["index"]);
+    // The delivered PNG, re-classified by the added model, is the target.
+    assert!(assert_delivered(&s, Some("efficientnet-lite1"), &png_of(&v), &v, "model add").await);
     // A second add to the same place is refused: nothing is overwritten.
     let o = add(&["again", "--torchscript", out.join("model.pt").to_str().unwrap(), "--output", out.to_str().unwrap()]);
     assert!(!o.status.success());

@@ -83,13 +83,17 @@ async fn cli_and_server_agree_on_the_official_images_and_find_their_classes() {
 
 #[test]
 fn binary_finds_libtorch_without_ld_library_path_and_doctor_reports_the_pin() {
-    let ldd = Command::new("ldd").arg(BIN).env_remove("LD_LIBRARY_PATH").output();
-    if let Ok(ldd) = ldd {
-        let text = String::from_utf8_lossy(&ldd.stdout);
-        assert!(!text.contains("not found"), "unresolved libraries:\n{text}");
-        assert!(text.contains("libtorch_cpu.so"), "{text}");
-        assert!(text.contains("libtorch_cuda.so"), "torch_cuda must be linked so CUDA is usable on GPU hosts:\n{text}");
-    }
+    // A missing or failing `ldd` fails the test: the linking check is never skipped silently.
+    let ldd = Command::new("ldd")
+        .arg(BIN)
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ldd to check the binary's linking: {e}"));
+    let text = String::from_utf8_lossy(&ldd.stdout);
+    assert!(ldd.status.success(), "ldd {BIN} failed ({}):\n{text}{}", ldd.status, String::from_utf8_lossy(&ldd.stderr));
+    assert!(!text.contains("not found"), "unresolved libraries:\n{text}");
+    assert!(text.contains("libtorch_cpu.so"), "{text}");
+    assert!(text.contains("libtorch_cuda.so"), "torch_cuda must be linked so CUDA is usable on GPU hosts:\n{text}");
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(config.path(), default_model_config("")).unwrap();
     let out = Command::new(BIN)

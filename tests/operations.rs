@@ -90,9 +90,11 @@ async fn sigterm_turns_ready_off_drains_in_flight_attacks_and_exits_zero() {
     }
     let pid = s.pid();
     let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let ready = c.get(s.url("/ready")).send().await.unwrap();
-    assert_eq!(ready.status(), 503, "/ready must turn 503 as soon as shutdown starts");
+    // Polled, well inside the 1.5 s shutdown delay during which the listener still answers.
+    wait_until("/ready must turn 503 as soon as shutdown starts", Duration::from_millis(1000), || async {
+        c.get(s.url("/ready")).send().await.unwrap().status() == 503
+    })
+    .await;
     for a in attacks {
         assert_eq!(a.await.unwrap().unwrap(), 200, "in-flight attacks finish during the drain");
     }
@@ -104,6 +106,16 @@ async fn sigterm_turns_ready_off_drains_in_flight_attacks_and_exits_zero() {
 async fn a_failing_job_gets_500_and_its_batch_mates_are_served() {
     let s = Server::start(&tiny_config("[engine]\ndevice = \"cpu\"\nmax_batch_size = 16\nmax_batch_wait_ms = 200\n"));
     let c = client();
+    // The classify batches' sizes so far: the sum and count of `labelfool_batch_size`.
+    let batches = || async {
+        let text = reqwest::get(s.url("/metrics")).await.unwrap().text().await.unwrap();
+        let read = |name: &str| -> f64 {
+            let prefix = format!("{name}{{kind=\"classify\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse().ok()).unwrap_or(0.0)
+        };
+        (read("labelfool_batch_size_sum"), read("labelfool_batch_size_count"))
+    };
+    let (sum_before, count_before) = batches().await;
     // Seven good images and one poisoned one, sent together: they share a batch.
     let mut reqs = Vec::new();
     for i in 0..8 {
@@ -120,6 +132,17 @@ async fn a_failing_job_gets_500_and_its_batch_mates_are_served() {
             assert_eq!(st, 200, "request {i}: {v}");
         }
     }
+    // They did share a batch: the worker records each batch's size, and re-runs each member of a
+    // failed batch of k > 1 alone (k batches of one more), so the sizes recorded beyond the eight
+    // requests are the poisoned request's batch-mates and itself. All eight in one batch: 8.
+    let (sum, count) = batches().await;
+    let shared = (sum - sum_before) - 8.0;
+    assert!(
+        shared >= 2.0,
+        "the poisoned request was not batched with good ones: batch sizes summed {} over {} batches",
+        sum - sum_before,
+        count - count_before
+    );
     // Attacks too: the poisoned one fails, the one beside it succeeds, the worker carries on.
     let bad =
         c.post(s.url("/attack?model=tiny-faulty")).header("content-type", "image/png").body(white_png(40, 40)).send();
@@ -266,7 +289,11 @@ async fn json_logs_carry_the_request_id() {
     let s = Server::start_with_env(&tiny_config(""), &[("LABELFOOL_LOG_FORMAT", "json")]);
     let r = client().get(s.url("/models")).header("x-request-id", "trace-me-42").send().await.unwrap();
     assert_eq!(r.status(), 200);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("the request's log line was written", Duration::from_secs(5), || {
+        let log = s.log();
+        async move { log.lines().any(|l| l.contains("trace-me-42") && l.contains("finished processing request")) }
+    })
+    .await;
     let log = s.log();
     let lines: Vec<Value> = log.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
     assert!(!lines.is_empty() && lines.len() == log.lines().count(), "every log line is JSON:\n{log}");
@@ -285,7 +312,12 @@ async fn observer_tokens_are_not_logged() {
         let r = client().get(s.url(&path)).header("x-request-id", "observer-42").send().await.unwrap();
         assert!(r.status().as_u16() < 500, "{path}");
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_until("both observer requests were logged", Duration::from_secs(5), || {
+        let log = s.log();
+        let done = log.lines().filter(|l| l.contains("observer-42") && l.contains("finished processing request")).count();
+        async move { done >= 2 }
+    })
+    .await;
     let log = s.log();
     assert!(log.contains("observer-42") && log.contains("/observe/{token}"), "the requests were logged:\n{log}");
     assert!(!log.contains(token), "a token reached the logs:\n{log}");

@@ -154,12 +154,46 @@ fn stalled_uploads(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
         .collect()
 }
 
+/// How many of `conns` the server process holds with everything they sent read: from the
+/// kernel's own tables, each connection's server-side socket (local port `server`'s, remote port
+/// the client's) is open in the process (accepted: its inode among `/proc/<pid>/fd`) and has an
+/// empty receive queue (the header and the body's first bytes are in the server's hands).
+fn uploads_taken_in(pid: u32, server: std::net::SocketAddr, conns: &[TcpStream]) -> usize {
+    let ours: std::collections::HashSet<u16> = conns.iter().map(|c| c.local_addr().unwrap().port()).collect();
+    let held: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+        .collect();
+    let port = |addr: &str| u16::from_str_radix(addr.rsplit(':').next().unwrap(), 16).unwrap();
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            // sl local rem st tx_queue:rx_queue tr:when retrnsmt uid timeout inode …
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let rx_queue = f[4].split(':').nth(1).unwrap();
+            port(f[1]) == server.port()
+                && ours.contains(&port(f[2]))
+                && f[3] == "01"
+                && u64::from_str_radix(rx_queue, 16).unwrap() == 0
+                && held.contains(f[9])
+        })
+        .count()
+}
+
 #[tokio::test]
 async fn stalled_uploads_hold_no_work_slot() {
     // Default timeouts; 4 work slots and 24 stalled uploads, as 520 held 512 slots before.
     let s = Server::start(&tiny_config("[server]\nmax_concurrent_requests = 4\n"));
-    let _stalled = stalled_uploads(s.addr, 24);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stalled = stalled_uploads(s.addr, 24);
+    // Not vacuous: the server has accepted all 24 and read what they sent before the test goes on.
+    wait_until("the server accepted and read all 24 stalled uploads", Duration::from_secs(10), || {
+        let n = uploads_taken_in(s.pid(), s.addr, &stalled);
+        async move { n == 24 }
+    })
+    .await;
     let c = client();
     for _ in 0..3 {
         let r = c

@@ -107,6 +107,28 @@ async fn build_shard_reduce_semantic_blend_and_serve() {
     let sem = p("semantic.npy");
     ok(labelfool(&config, &["matrix", "semantic", "--model", "tiny", "-o", &s(&sem)]));
     assert_eq!(sidecar(&sem)["method"], "semantic-wup");
+    // Values, not only names: both matrices are distances (symmetric, zero diagonal, positive
+    // off it), and WordNet's closeness shows in the semantic one. The classes, in the tiny
+    // model's order: 0 tench, 1 goldfish, 2 great white shark, 3 tiger shark, 4 hammerhead,
+    // 5 electric ray, 6 stingray, 7 cock, 8 hen, 9 ostrich.
+    let read = |p: &PathBuf| -> ndarray::Array2<f32> { ndarray_npy::read_npy(p).unwrap() };
+    let (perceptual, semantic) = (read(&single), read(&sem));
+    for (name, m) in [("perceptual", &perceptual), ("semantic", &semantic)] {
+        assert_eq!(m.dim(), (10, 10), "{name}");
+        for i in 0..10 {
+            assert_eq!(m[[i, i]], 0.0, "{name}: diagonal at {i}");
+            for j in (0..10).filter(|&j| j != i) {
+                assert_eq!(m[[i, j]], m[[j, i]], "{name}: not symmetric at ({i}, {j})");
+                assert!(m[[i, j]].is_finite() && m[[i, j]] > 0.0, "{name}: ({i}, {j}) = {}", m[[i, j]]);
+            }
+        }
+    }
+    assert!(semantic.iter().all(|v| (0.0..=1.0).contains(v)), "1 − Wu-Palmer lies in [0, 1]: {semantic}");
+    let d = |i: usize, j: usize| semantic[[i, j]];
+    assert!(d(7, 8) < d(0, 9), "cock–hen ({}) must be closer than tench–ostrich ({})", d(7, 8), d(0, 9));
+    assert!(d(2, 3) < d(2, 8), "great white–tiger shark ({}) vs great white–hen ({})", d(2, 3), d(2, 8));
+    assert!(d(5, 6) < d(5, 7), "electric ray–stingray ({}) vs electric ray–cock ({})", d(5, 6), d(5, 7));
+    assert!(d(0, 1) < d(0, 8), "tench–goldfish ({}) vs tench–hen ({})", d(0, 1), d(0, 8));
     let blend = p("blend.npy");
     ok(labelfool(
         &config,
@@ -114,6 +136,17 @@ async fn build_shard_reduce_semantic_blend_and_serve() {
     ));
     let b: ndarray::Array2<f32> = ndarray_npy::read_npy(&blend).unwrap();
     assert!(b.iter().all(|v| (0.0..=1.0).contains(v)));
+    // The blend is ½ of each matrix rescaled to [0, 1] over its off-diagonal entries, computed
+    // here on its own.
+    let unit = |m: &ndarray::Array2<f32>| {
+        let off: Vec<f32> = m.indexed_iter().filter(|((i, j), _)| i != j).map(|(_, &v)| v).collect();
+        let (lo, hi) = off.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        ndarray::Array2::from_shape_fn(m.dim(), |(i, j)| if i == j { 0.0 } else { (m[[i, j]] - lo) / (hi - lo) })
+    };
+    let expected = (unit(&perceptual) + unit(&semantic)) * 0.5;
+    for ((ij, got), want) in b.indexed_iter().zip(expected.iter()) {
+        assert!((got - want).abs() <= 1e-5, "blend at {ij:?}: {got}, expected {want}");
+    }
 
     // The built matrix serves /target-label.
     let models = models_dir();

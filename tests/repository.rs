@@ -191,7 +191,12 @@ async fn load_and_unload_under_load() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let count = |n: &Arc<AtomicUsize>| n.load(Ordering::Relaxed);
+    wait_until("both models answer the clients before the first unload", Duration::from_secs(60), || {
+        let ready = count(&lite0_ok) > 0 && count(&lite2_ok) > 0;
+        async move { ready }
+    })
+    .await;
     for round in 0..3 {
         let res = client().post(s.url(&format!("/v2/repository/models/{LITE2}/unload"))).send().await.unwrap();
         assert_eq!(res.status(), 200, "round {round}: unload");
@@ -213,11 +218,23 @@ async fn load_and_unload_under_load() {
             v.as_array().unwrap().clone()
         };
         assert!(ready_only.iter().all(|e| e["name"] != LITE2), "ready-only index lists {LITE2}");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The Lite2 clients meet the unloaded model (a 503) before it is loaded again …
+        let refused = count(&lite2_503);
+        wait_until(&format!("round {round}: a Lite2 client got 503 while unloaded"), Duration::from_secs(60), || {
+            let seen = count(&lite2_503) > refused;
+            async move { seen }
+        })
+        .await;
         let res = client().post(s.url(&format!("/v2/repository/models/{LITE2}/load"))).send().await.unwrap();
         assert_eq!(res.status(), 200, "round {round}: load");
         assert_eq!(state_of(&index(&s).await, LITE2), "READY");
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // … and the loaded one (a 200) before the next unload.
+        let served = count(&lite2_ok);
+        wait_until(&format!("round {round}: a Lite2 client got 200 once loaded"), Duration::from_secs(60), || {
+            let seen = count(&lite2_ok) > served;
+            async move { seen }
+        })
+        .await;
     }
     stop.store(true, Ordering::Relaxed);
     for c in clients {

@@ -24,28 +24,44 @@ impl Drop for Driver {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 async fn browser() -> (Driver, Client) {
     let bin = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
         .into_iter()
         .find(|p| std::path::Path::new(p).is_file())
         .expect("no chromedriver: run scripts/setup (it installs Debian's chromium and chromium-driver)");
-    let port = free_port();
-    let child = Command::new(bin)
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
+    // Port 0: chromedriver binds a free port itself and says which on its startup line (as the
+    // server's own "listening on" line is read in tests/common), so no port is picked, dropped and
+    // raced for.
+    let mut child = Command::new(bin)
+        .arg("--port=0")
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("start chromedriver");
+    let stdout = child.stdout.take().unwrap();
     let driver = Driver(child);
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "chromedriver did not listen");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut said = Vec::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let port = line
+                .strip_prefix("ChromeDriver was started successfully on port ")
+                .and_then(|p| p.trim_end_matches('.').parse::<u16>().ok());
+            if let Some(port) = port {
+                let _ = tx.send(Ok(port));
+                // Keep reading, so chromedriver never blocks on a full pipe.
+                continue;
+            }
+            said.push(line);
+        }
+        let _ = tx.send(Err(said.join("\n")));
+    });
+    let port = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(Ok(port)) => port,
+        Ok(Err(said)) => panic!("chromedriver exited without saying its port:\n{said}"),
+        Err(_) => panic!("chromedriver did not say its port within 30 s"),
+    };
     let caps = json!({"goog:chromeOptions": {"binary": "/usr/bin/chromium",
         "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1800"]}});
     let caps = caps.as_object().unwrap().clone().into_iter().collect();

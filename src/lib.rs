@@ -18,5 +18,6 @@ pub mod jobs;
 pub mod matrix;
 pub mod model;
 pub mod remote;
+pub mod service;
 pub mod study;
 pub mod telemetry;

@@ -28,45 +28,11 @@
 use tch::{Kind, Tensor};
 
 use super::AttackError;
+use super::bracket::Bracket;
 use crate::model::preprocess::{quantize, rgb8_to_tensor};
 
 /// The smallest scale refinement considers: it shrinks the perturbation by at most a fifth.
 const REFINE_FLOOR: f64 = 0.8;
-
-/// A bisection driven by 8-bit checks between a value known to succeed and one known (or
-/// assumed) to fail; the refinement's scale and pruning's fraction both search this way.
-#[derive(Debug, Clone, Copy)]
-pub struct Bracket {
-    good: f64,
-    bad: f64,
-    resolution: f64,
-}
-
-impl Bracket {
-    pub fn new(good: f64, bad: f64, resolution: f64) -> Self {
-        Self { good, bad, resolution }
-    }
-
-    /// The value to check next, or None once the bracket is narrower than its resolution.
-    pub fn next(&self) -> Option<f64> {
-        ((self.good - self.bad).abs() >= self.resolution).then(|| (self.good + self.bad) / 2.0)
-    }
-
-    /// The end known to succeed.
-    pub fn good(&self) -> f64 {
-        self.good
-    }
-
-    /// The check of [`Bracket::next`]'s value: it becomes the new good or bad end.
-    pub fn checked(&mut self, success: bool) {
-        let mid = (self.good + self.bad) / 2.0;
-        if success {
-            self.good = mid;
-        } else {
-            self.bad = mid;
-        }
-    }
-}
 
 /// `w` with the pixels that cannot move in its direction zeroed (already at 0 with w < 0, or at
 /// 1 with w > 0: the step would be clipped away there, so they must not count in ‖w‖), and ‖w‖².

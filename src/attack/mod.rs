@@ -7,6 +7,7 @@
 //! classified through the very pipeline `/classify` uses, so success is judged on what the user
 //! downloads.
 
+pub mod bracket;
 pub mod deepfool;
 pub mod fgsm;
 pub mod guard;

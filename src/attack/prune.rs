@@ -13,7 +13,7 @@
 use tch::{Kind, Tensor};
 
 use super::AttackError;
-use super::guard::Bracket;
+use super::bracket::Bracket;
 
 /// The largest fraction of the changed values pruning may revert.
 const MAX_FRACTION: f64 = 0.5;

@@ -72,9 +72,17 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
         float_reference: a.float_reference,
         margin: None,
     };
-    let result = engine.attack(a.model.as_deref(), bytes.into(), req, OFFLINE_DEADLINE).await;
+    let remotes = crate::remote::Remotes::from_configs(&config.remotes).map_err(anyhow::Error::msg)?;
+    let service = crate::service::AttackService::new(engine.clone(), std::sync::Arc::new(remotes), OFFLINE_DEADLINE);
+    let order = crate::service::AttackOrder { model: a.model.clone(), request: req, ..Default::default() };
+    let report = service.attack(order, bytes.into()).await;
     super::stop_engine(engine).await;
-    let r = result?;
+    let r = match report? {
+        crate::service::AttackReport::Local(v) => v.result,
+        crate::service::AttackReport::Remote(_) => {
+            anyhow::bail!("`labelfool attack` runs on a model of this configuration; attack a remote through the server")
+        }
+    };
     std::fs::write(&a.output, &r.png).with_context(|| format!("cannot write {}", a.output.display()))?;
     let o = &r.outcome;
     let classes = r.model.classes();

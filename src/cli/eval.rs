@@ -61,12 +61,6 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
         .map(|m| Method::parse(m).ok_or_else(|| anyhow::anyhow!("unknown method {m:?}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let remotes = crate::remote::Remotes::from_configs(&config.remotes).map_err(anyhow::Error::msg)?;
-    let (remote_verify, verify): (Vec<String>, Vec<String>) =
-        a.verify.iter().cloned().partition(|v| crate::remote::remote_name(v).is_some());
-    let remote_verify = remote_verify
-        .iter()
-        .map(|v| remotes.get(crate::remote::remote_name(v).unwrap_or_default()))
-        .collect::<Result<Vec<_>, _>>()?;
     let (engine, _) = super::start_engine(&config).await?;
     let opts = EvalOptions {
         images: a.images.clone(),
@@ -76,8 +70,8 @@ pub async fn run(cli: &Cli, a: &EvalArgs) -> anyhow::Result<ExitCode> {
         limit: a.limit,
         concurrency: a.concurrency.unwrap_or(config.engine.max_inflight_attacks),
         gallery: a.gallery,
-        verify,
-        remote_verify,
+        verify: a.verify.clone(),
+        remotes: std::sync::Arc::new(remotes),
         request: AttackRequest {
             max_iter: a.max_iter,
             overshoot: a.overshoot,

@@ -88,6 +88,16 @@ impl Startup {
     }
 }
 
+/// An upload decoded once: every attack, check and remote query a request makes reads these
+/// pixels; the bytes stay for what needs the file itself (a remote that takes the encoded image).
+#[derive(Clone)]
+pub struct Upload {
+    pub bytes: Bytes,
+    pub image: Arc<Rgb8>,
+    /// What decoding took; each attack's timings report it.
+    pub decode: Duration,
+}
+
 impl Engine {
     /// Validates the catalog against the config, spawns the worker and returns at once; the
     /// worker loads the models in the background (see [`Startup::wait`]).
@@ -266,6 +276,11 @@ impl Engine {
     /// `limits.max_resized_side` for `info`'s resize — before any pixel or tensor exists.
     fn check_header(&self, bytes: &[u8], info: &ModelInfo) -> Result<(u32, u32), EngineError> {
         let (width, height) = imaging::dimensions(bytes, &self.inner.settings.decode)?;
+        self.check_size(width, height, info)
+    }
+
+    /// `limits.max_resized_side` for `info`'s resize of a `width`×`height` image.
+    fn check_size(&self, width: u32, height: u32, info: &ModelInfo) -> Result<(u32, u32), EngineError> {
         let limit = self.inner.settings.max_resized_side;
         resize_within(width, height, info.input(), limit).map(|_| (width, height)).map_err(|(rh, rw)| {
             EngineError::TooElongated {
@@ -404,6 +419,39 @@ impl Engine {
         })
     }
 
+    /// Probabilities for an image decoded already (an [`Upload`]'s): only the model's
+    /// preprocessing runs, on the blocking pool, as [`Self::classify`] would after decoding.
+    pub async fn classify_image(
+        &self,
+        model: Option<&str>,
+        image: Arc<Rgb8>,
+        deadline: Duration,
+    ) -> Result<Classification, EngineError> {
+        let started = Instant::now();
+        let (idx, info) = self.model(model)?;
+        self.check_size(image.width, image.height, &info)?;
+        let spec = info.input().clone();
+        let input = {
+            let _slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
+            let img = image.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::model::single_threaded_torch_here();
+                model_input(&img.rgb, img.width, img.height, &spec)
+                    .map_err(|e| EngineError::Model(format!("preprocessing failed: {e}")))
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("preprocessing task failed: {e}")))??
+        };
+        let decode = started.elapsed();
+        let reply = self.submit_classify(idx, &info, input, false, deadline, started).await?;
+        Ok(Classification {
+            image: ImageSummary::from(image.as_ref()),
+            model: info,
+            probabilities: reply.probabilities,
+            timings: Timings::new(decode, reply.timings, started),
+        })
+    }
+
     /// Probabilities for an input already preprocessed to the model's size (`3×S×S`, RGB in
     /// [0,1], CHW) — the Open Inference Protocol's FP32 input. Batched like [`Self::classify`].
     pub async fn classify_tensor(
@@ -520,6 +568,11 @@ impl Engine {
         let params = self.attack_params(&info, req)?;
         // The attack's tensors live at the upload's size: refuse from the header, before decoding.
         let (width, height) = self.check_header(bytes, &info)?;
+        self.check_attack_pixels(width, height)?;
+        Ok((idx, info, params))
+    }
+
+    fn check_attack_pixels(&self, width: u32, height: u32) -> Result<(), EngineError> {
         if u64::from(width) * u64::from(height) > self.inner.settings.max_attack_pixels {
             return Err(ImageError::TooManyPixels {
                 width,
@@ -529,11 +582,19 @@ impl Engine {
             }
             .into());
         }
-        Ok((idx, info, params))
+        Ok(())
+    }
+
+    /// Decodes an upload once (its header checked against the decode limits first), for every
+    /// attack, check and query that a request makes of it.
+    pub async fn decode_upload(&self, bytes: Bytes) -> Result<Upload, EngineError> {
+        imaging::dimensions(&bytes, &self.inner.settings.decode)?;
+        let (image, decode) = self.decode(bytes.clone()).await?;
+        Ok(Upload { bytes, image: Arc::new(image), decode })
     }
 
     /// Runs an attack on the image at its original size and returns the 8-bit PNG it delivers,
-    /// with what happened.
+    /// with what happened: the header checked, the image decoded, then [`Self::attack_upload`].
     pub async fn attack(
         &self,
         model: Option<&str>,
@@ -541,22 +602,26 @@ impl Engine {
         req: AttackRequest,
         deadline: Duration,
     ) -> Result<AttackResult, EngineError> {
-        self.attack_observed(model, bytes, req, deadline, None).await
+        self.precheck_attack(model, &bytes, &req)?;
+        let upload = self.decode_upload(bytes).await?;
+        self.attack_upload(model, &upload, req, deadline, None).await
     }
 
-    /// [`Self::attack`], publishing the attack's progress to `progress` after every tick.
-    pub async fn attack_observed(
+    /// An attack on a decoded upload, publishing its progress to `progress` after every tick.
+    pub async fn attack_upload(
         &self,
         model: Option<&str>,
-        bytes: Bytes,
+        upload: &Upload,
         req: AttackRequest,
         deadline: Duration,
         progress: Option<tokio::sync::watch::Sender<crate::attack::Progress>>,
     ) -> Result<AttackResult, EngineError> {
         let started = Instant::now();
-        let (idx, info, params) = self.precheck_attack(model, &bytes, &req)?;
-        let (img, decode) = self.decode(bytes).await?;
-        let img = Arc::new(img);
+        let (idx, info) = self.model(model)?;
+        let params = self.attack_params(&info, &req)?;
+        let img = upload.image.clone();
+        self.check_size(img.width, img.height, &info)?;
+        self.check_attack_pixels(img.width, img.height)?;
         let reference = req.float_reference.then(|| params.clone());
         let (outcome, job_timings) =
             self.run_attack(idx, &info, img.clone(), params, deadline, started, progress).await?;
@@ -590,7 +655,7 @@ impl Engine {
             perturbation,
             png,
             float_reference,
-            timings: Timings::new(decode, job_timings, started),
+            timings: Timings::new(upload.decode, job_timings, started),
         })
     }
 
@@ -598,17 +663,18 @@ impl Engine {
     /// server): whether the attack transfers to them.
     pub async fn transfer(
         &self,
-        upload: Bytes,
+        upload: &Upload,
         result: &AttackResult,
         models: &[String],
         deadline: Duration,
     ) -> Result<Vec<TransferCheck>, EngineError> {
+        // The delivered file itself is decoded and classified: that is what the check is for.
         let png = Bytes::from(result.png.clone());
         let checks = models.iter().map(|name| {
-            let (upload, png) = (upload.clone(), png.clone());
+            let (image, png) = (upload.image.clone(), png.clone());
             async move {
                 let (before, after) = futures::try_join!(
-                    self.classify(Some(name), upload, deadline),
+                    self.classify_image(Some(name), image, deadline),
                     self.classify(Some(name), png, deadline)
                 )?;
                 Ok::<_, EngineError>(TransferCheck::new(result, &before, &after))

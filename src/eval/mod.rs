@@ -34,9 +34,11 @@ pub struct EvalOptions {
     /// How many images (the first, by path) get a gallery panel per method.
     pub gallery: usize,
     /// Other models of the engine that classify every delivered image (transfer matrix).
+    /// Other models of this server, or remote targets as `remote:<name>`, that classify every
+    /// upload and delivered image (the report's transfer columns).
     pub verify: Vec<String>,
-    /// Remote targets that classify every upload and delivered image (`remote:<name>` columns).
-    pub remote_verify: Vec<Arc<crate::remote::Remote>>,
+    /// The configured remote targets (`remote:<name>` in `verify` names one).
+    pub remotes: Arc<crate::remote::Remotes>,
 }
 
 /// A class as reports show it.
@@ -128,44 +130,20 @@ pub struct TransferBrief {
 }
 
 impl TransferBrief {
-    fn new(t: &crate::engine::TransferCheck) -> Self {
-        Self {
-            model: t.model.name.clone(),
-            original: ClassBrief::new(&t.model, t.verdict.original.0),
-            adversarial: ClassBrief::new(&t.model, t.verdict.adversarial.0),
-            transferred: t.verdict.transferred,
-        }
-    }
-}
-
-impl TransferBrief {
-    fn remote(remote: &crate::remote::Remote, v: &crate::engine::TransferVerdict) -> Self {
-        let c = &remote.classes;
+    fn new(t: &crate::service::Transfer) -> Self {
+        let (c, v) = (&t.classes, &t.verdict);
         let brief = |i: usize| ClassBrief {
             index: i,
             label: c.label(i).to_string(),
             wnid: c.get(i).and_then(|c| c.wnid.clone()),
         };
         Self {
-            model: format!("remote:{}", remote.config.name),
+            model: t.model.clone(),
             original: brief(v.original.0),
             adversarial: brief(v.adversarial.0),
             transferred: v.transferred,
         }
     }
-}
-
-/// The upload and the delivered PNG sent to a remote target.
-async fn remote_transfer(
-    engine: &Engine,
-    remote: &crate::remote::Remote,
-    upload: &bytes::Bytes,
-    r: &AttackResult,
-) -> Result<TransferBrief, crate::remote::attack::RemoteAttackError> {
-    let ask = |image: bytes::Bytes| crate::remote::attack::ask(engine, remote, image);
-    let (before, after) = futures::try_join!(ask(upload.clone()), ask(bytes::Bytes::from(r.png.clone())))?;
-    let v = crate::engine::TransferVerdict::new(r, &remote.classes, &before.probabilities, &after.probabilities);
-    Ok(TransferBrief::remote(remote, &v))
 }
 
 impl ResultFields {
@@ -235,8 +213,12 @@ pub struct EvalOutput {
 pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutput> {
     let (_, info) = engine.model(opts.model.as_deref())?;
     for v in &opts.verify {
-        engine.model(Some(v))?;
+        match crate::remote::remote_name(v) {
+            Some(name) => drop(opts.remotes.get(name)?),
+            None => drop(engine.model(Some(v))?),
+        }
     }
+    let service = crate::service::AttackService::new(engine.clone(), opts.remotes.clone(), crate::engine::OFFLINE_DEADLINE);
     let mut samples = dataset::discover(&opts.images, info.classes())?;
     if let Some(n) = opts.limit {
         samples.truncate(n);
@@ -276,10 +258,10 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
         let info = info.clone();
         let gallery = opts.gallery;
         let jobs = futures::stream::iter(samples.iter().cloned().enumerate()).map(|(i, sample)| {
-            let (engine, req, info, model) = (engine.clone(), req.clone(), info.clone(), opts.model.clone());
-            let verify = (opts.verify.clone(), opts.remote_verify.clone());
+            let (service, req, info, model) = (service.clone(), req.clone(), info.clone(), opts.model.clone());
+            let verify = opts.verify.clone();
             async move {
-                attack_one(&engine, &info, model.as_deref(), &sample, req, method, i < gallery, &verify).await.record
+                attack_one(&service, &info, model.as_deref(), &sample, req, method, i < gallery, &verify).await.record
             }
         });
         let mut stream = std::pin::pin!(jobs.buffer_unordered(opts.concurrency.max(1)).take_until(stop.cancelled()));
@@ -317,14 +299,14 @@ pub struct Attacked {
 /// Attacks one sample and measures what happened (with transfer checks when asked).
 #[allow(clippy::too_many_arguments)]
 pub async fn attack_one(
-    engine: &Engine,
+    service: &crate::service::AttackService,
     info: &Arc<ModelInfo>,
     model: Option<&str>,
     sample: &Sample,
     req: AttackRequest,
     method: Method,
     keep_pixels: bool,
-    (verify, remotes): &(Vec<String>, Vec<Arc<crate::remote::Remote>>),
+    verify: &[String],
 ) -> Attacked {
     let file = sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let true_class = sample.label.map(|l| ClassBrief::new(info, l));
@@ -343,32 +325,32 @@ pub async fn attack_one(
         Err(e) => return done(record(Some(format!("cannot read: {e}")), None)),
     };
     let started = Instant::now();
-    let bytes = bytes::Bytes::from(bytes);
-    match engine.attack(model, bytes.clone(), req, crate::engine::OFFLINE_DEADLINE).await {
-        Ok(r) => {
+    let order = crate::service::AttackOrder {
+        model: model.map(str::to_string),
+        request: req,
+        verify: verify.to_vec(),
+        ..Default::default()
+    };
+    match service.attack(order, bytes::Bytes::from(bytes)).await {
+        Ok(crate::service::AttackReport::Local(v)) => {
+            let crate::service::Verified { result: r, transfer } = *v;
             let mut fields = ResultFields::new(info, sample, &r, started.elapsed().as_secs_f64() * 1e3);
-            match engine.transfer(bytes.clone(), &r, verify, crate::engine::OFFLINE_DEADLINE).await {
-                Ok(checks) => fields.transfer = checks.iter().map(TransferBrief::new).collect(),
-                Err(e) => return done(record(Some(format!("transfer check failed: {e}")), None)),
-            }
-            for remote in remotes {
-                match remote_transfer(engine, remote, &bytes, &r).await {
-                    Ok(t) => fields.transfer.push(t),
-                    Err(e) => {
-                        let e = format!("transfer check on remote:{} failed: {e}", remote.config.name);
-                        return done(record(Some(e), None));
-                    }
-                }
-            }
+            fields.transfer = transfer.iter().map(TransferBrief::new).collect();
             let mut rec = record(None, Some(fields));
             if keep_pixels {
                 rec.adversarial = Some(r.outcome.rgb);
             }
             Attacked { record: rec, png: Some(r.png), transient: false }
         }
+        Ok(crate::service::AttackReport::Remote(_)) => {
+            done(record(Some("eval attacks a model of this server, not a remote".into()), None))
+        }
         Err(e) => {
-            let transient =
-                matches!(e, crate::engine::EngineError::ShuttingDown | crate::engine::EngineError::QueueFull { .. });
+            use crate::engine::EngineError;
+            let transient = matches!(
+                e,
+                crate::service::ServiceError::Engine(EngineError::ShuttingDown | EngineError::QueueFull { .. })
+            );
             Attacked { record: record(Some(e.to_string()), None), png: None, transient }
         }
     }

@@ -15,6 +15,7 @@ use super::error::{ApiError, ErrorBody};
 use super::input::{Finite, FiniteList, ImageRequest, finite};
 use crate::attack::Branch;
 use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings, TransferVerdict};
+use crate::service::{AttackOrder, AttackReport};
 use crate::imaging::metrics::Perturbation;
 
 /// Parameters (query string, multipart fields or JSON keys).
@@ -167,7 +168,19 @@ pub struct RefinementInfo {
 pub type AttackBody = ImageRequest<AttackParams>;
 
 impl AttackParams {
-    /// What the engine needs of these, the remote attack's own options aside.
+    /// The attack service's order for these parameters.
+    fn order(&self) -> AttackOrder {
+        let verify = self.verify.as_deref().unwrap_or_default().split(',').map(str::to_string).collect();
+        AttackOrder {
+            model: self.model.clone(),
+            request: self.engine_request(),
+            verify,
+            surrogate: self.surrogate.clone(),
+            budget: self.budget,
+            search: self.search,
+        }
+    }
+
     fn engine_request(&self) -> AttackRequest {
         AttackRequest {
             method: self.method.clone(),
@@ -187,8 +200,6 @@ impl AttackParams {
     }
 }
 
-/// Most models one request may verify against (each costs two classifications).
-const MAX_VERIFY: usize = 8;
 
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -327,107 +338,59 @@ pub async fn attack(
     headers: HeaderMap,
     req: AttackBody,
 ) -> Result<Response, ApiError> {
-    let p = &req.params;
-    let request = p.engine_request();
-    if let Some(name) = p.model.as_deref().and_then(crate::remote::remote_name) {
-        let remote = state.remotes.get(name)?;
-        let budget = p.budget.unwrap_or(crate::remote::attack::DEFAULT_BUDGET);
-        if budget > crate::remote::attack::MAX_BUDGET {
-            return Err(ApiError::invalid(
-                "budget",
-                format!("{budget} queries; at most {}", crate::remote::attack::MAX_BUDGET),
-            ));
-        }
-        let epsilon = match request.epsilons.as_deref() {
-            None => crate::remote::search::DEFAULT_EPSILON,
-            Some(&[e]) if e > 0.0 && e <= 1.0 => e,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "epsilon",
-                    "with model=remote:<name>, one L∞ radius in (0, 1] for the search",
-                ));
-            }
-        };
-        let options = crate::remote::attack::RemoteAttackOptions {
-            budget,
-            search: p.search.unwrap_or(true),
-            epsilon,
-        };
-        let (_, surrogate) = state.engine.model(p.surrogate.as_deref())?;
-        let run = async move {
-            let outcome = crate::remote::attack::run(
-                &state.engine,
-                &remote,
-                &surrogate.name,
-                req.bytes.clone(),
-                options,
-                AttackRequest { epsilons: None, ..request },
-                state.deadlines.attack,
-            )
-            .await?;
-            Ok(remote_summary(&remote, &surrogate.name, &outcome))
-        };
-        if wants_events(&headers) {
-            // The remote attack reports no per-step progress: the stream carries its result.
-            return Ok(events(run, None, std::sync::Arc::from([])).into_response());
-        }
-        return Ok(Json(run.await?).into_response());
-    }
-    let remote_only = [("surrogate", p.surrogate.is_some()), ("budget", p.budget.is_some()), ("search", p.search.is_some())];
-    if let Some((param, _)) = remote_only.into_iter().find(|(_, given)| *given) {
-        return Err(ApiError::invalid(param, "`surrogate`, `budget` and `search` go with model=remote:<name>"));
-    }
-    let verify = verify_models(p.verify.as_deref())?;
-    // Unknown or unready models are refused before the attack spends anything.
-    let (remotes, locals): (Vec<String>, Vec<String>) =
-        verify.into_iter().partition(|v| crate::remote::remote_name(v).is_some());
-    let remotes = remotes
-        .iter()
-        .map(|v| state.remotes.get(crate::remote::remote_name(v).unwrap_or_default()))
-        .collect::<Result<Vec<_>, _>>()?;
-    for name in &locals {
-        state.engine.model(Some(name))?;
-    }
+    let service = state.attacks();
+    let checked = service.check(req.params.order(), req.bytes)?;
     if wants_events(&headers) {
         // Everything that can be refused is refused with its status before the stream starts.
-        let (_, info, _) = state.engine.precheck_attack(p.model.as_deref(), &req.bytes, &request)?;
+        let info = checked.model.clone();
         let labels: std::sync::Arc<[ClassRef]> =
             (0..info.classes().len()).map(|i| ClassRef::from_list(info.classes(), i)).collect();
         let (tx, rx) = tokio::sync::watch::channel(crate::attack::Progress::default());
-        let model = p.model.clone();
-        let run = async move {
-            let result = state
-                .engine
-                .attack_observed(model.as_deref(), req.bytes.clone(), request, state.deadlines.attack, Some(tx))
-                .await?;
-            let (body, _) = verified(&state, &req.bytes, result, &locals, &remotes).await?;
-            Ok(body)
-        };
+        let run = async move { Ok(answer(service.run(checked, Some(tx)).await?).0) };
         return Ok(events(run, Some(rx), labels).into_response());
     }
-    let result = state.engine.attack(p.model.as_deref(), req.bytes.clone(), request, state.deadlines.attack).await?;
     let wants_png = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("image/png")));
-    let (body, png) = verified(&state, &req.bytes, result, &locals, &remotes).await?;
-    if wants_png {
-        let mut res = (([(header::CONTENT_TYPE, "image/png")]), super::dto::ImageBytes(png)).into_response();
-        metadata_headers(res.headers_mut(), &body);
-        if !body.transfer.is_empty() {
-            // `model=true|false|null`, comma-separated, in `verify` order.
-            let v: Vec<String> = body
-                .transfer
-                .iter()
-                .map(|t| format!("{}={}", t.model, t.transferred.map_or("null".into(), |b| b.to_string())))
-                .collect();
-            if let Ok(v) = HeaderValue::from_str(&v.join(",")) {
-                res.headers_mut().insert("x-labelfool-transferred", v);
+    match answer(service.run(checked, None).await?) {
+        (Answer::Local(body), Some(png)) if wants_png => {
+            let mut res = (([(header::CONTENT_TYPE, "image/png")]), super::dto::ImageBytes(png)).into_response();
+            metadata_headers(res.headers_mut(), &body);
+            if !body.transfer.is_empty() {
+                // `model=true|false|null`, comma-separated, in `verify` order.
+                let v: Vec<String> = body
+                    .transfer
+                    .iter()
+                    .map(|t| format!("{}={}", t.model, t.transferred.map_or("null".into(), |b| b.to_string())))
+                    .collect();
+                if let Ok(v) = HeaderValue::from_str(&v.join(",")) {
+                    res.headers_mut().insert("x-labelfool-transferred", v);
+                }
             }
+            Ok(res)
         }
-        Ok(res)
-    } else {
-        Ok(Json(body).into_response())
+        (body, _) => Ok(Json(body).into_response()),
+    }
+}
+
+/// The JSON answer of a local or a remote attack.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Answer {
+    Local(Box<AttackResponse>),
+    Remote(Box<RemoteAttackResponse>),
+}
+
+/// The service's report as the route answers it, with the delivered PNG of a local attack.
+fn answer(report: AttackReport) -> (Answer, Option<Vec<u8>>) {
+    match report {
+        AttackReport::Remote(r) => (Answer::Remote(Box::new(remote_summary(&r.remote, &r.surrogate, &r.outcome))), None),
+        AttackReport::Local(v) => {
+            let mut body = summary(&v.result);
+            body.transfer = v.transfer.iter().map(|t| transfer_result(t.model.clone(), &t.classes, &t.verdict)).collect();
+            (Answer::Local(Box::new(body)), Some(v.result.png))
+        }
     }
 }
 
@@ -437,30 +400,6 @@ fn wants_events(headers: &HeaderMap) -> bool {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.split(',').any(|m| m.trim().starts_with("text/event-stream")))
-}
-
-/// The attack's answer with its transfer checks (`verify`), and the delivered PNG.
-async fn verified(
-    state: &AppState,
-    upload: &axum::body::Bytes,
-    result: crate::engine::AttackResult,
-    locals: &[String],
-    remotes: &[std::sync::Arc<crate::remote::Remote>],
-) -> Result<(AttackResponse, Vec<u8>), ApiError> {
-    let started = std::time::Instant::now();
-    let left = state.deadlines.attack.saturating_sub(started.elapsed());
-    let transfer = state.engine.transfer(upload.clone(), &result, locals, left).await?;
-    let mut remote_transfer = Vec::new();
-    for r in remotes {
-        remote_transfer.push(remote_check(state, r, upload, &result).await?);
-    }
-    let mut body = summary(&result);
-    body.transfer = transfer
-        .iter()
-        .map(|t| transfer_result(t.model.name.clone(), t.model.classes(), &t.verdict))
-        .chain(remote_transfer)
-        .collect();
-    Ok((body, result.png))
 }
 
 /// One `event: progress` of a streamed attack.
@@ -488,11 +427,7 @@ fn events<T: Serialize + Send + 'static>(
     type Run<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, ApiError>> + Send>>;
     let final_event = |r: Result<T, ApiError>| match r {
         Ok(body) => Event::default().event("result").data(serde_json::to_string(&body).unwrap_or_default()),
-        Err(e) => {
-            let status = e.status.as_u16();
-            let body = serde_json::json!({"status": status, "error": {"code": e.code, "message": e.message, "param": e.param}});
-            Event::default().event("error").data(body.to_string())
-        }
+        Err(e) => Event::default().event("error").data(serde_json::to_string(&e.event()).unwrap_or_default()),
     };
     let run: Run<T> = Box::pin(run);
     let stream = futures::stream::unfold(Some((run, progress)), move |st| {
@@ -588,34 +523,6 @@ fn remote_summary(
         label_space: last.map(|f| label_space(classes, o.original.index, f.index)),
         elapsed_ms: o.elapsed.as_secs_f64() * 1e3,
     }
-}
-
-/// `verify=a,b`: distinct names, at most [`MAX_VERIFY`].
-fn verify_models(raw: Option<&str>) -> Result<Vec<String>, ApiError> {
-    let mut names: Vec<String> = Vec::new();
-    for n in raw.unwrap_or_default().split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        if !names.iter().any(|m| m == n) {
-            names.push(n.to_string());
-        }
-    }
-    if names.len() > MAX_VERIFY {
-        return Err(ApiError::invalid("verify", format!("{} models; at most {MAX_VERIFY}", names.len())));
-    }
-    Ok(names)
-}
-
-/// The upload and the delivered PNG sent to a remote target: does the attack transfer to it?
-async fn remote_check(
-    state: &AppState,
-    remote: &crate::remote::Remote,
-    upload: &bytes::Bytes,
-    result: &AttackResult,
-) -> Result<TransferResult, ApiError> {
-    let ask = |image: bytes::Bytes| crate::remote::attack::ask(&state.engine, remote, image);
-    let (before, after) =
-        futures::try_join!(ask(upload.clone()), ask(bytes::Bytes::from(result.png.clone()))).map_err(ApiError::from)?;
-    let verdict = TransferVerdict::new(result, &remote.classes, &before.probabilities, &after.probabilities);
-    Ok(transfer_result(format!("remote:{}", remote.config.name), &remote.classes, &verdict))
 }
 
 fn transfer_result(model: String, classes: &crate::model::ClassList, v: &TransferVerdict) -> TransferResult {

@@ -165,6 +165,15 @@ impl From<crate::remote::attack::RemoteAttackError> for ApiError {
     }
 }
 
+impl From<crate::service::ServiceError> for ApiError {
+    fn from(e: crate::service::ServiceError) -> Self {
+        match e {
+            crate::service::ServiceError::Remote(r) => r.into(),
+            crate::service::ServiceError::Engine(e) => e.into(),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         let msg = e.to_string();
@@ -195,17 +204,43 @@ impl From<EngineError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// Logged once where it leaves: server faults as errors, refusals at debug.
+    fn log(&self) {
         if self.status.is_server_error() {
             tracing::error!(status = self.status.as_u16(), code = self.code, message = %self.message, "request failed");
         } else {
             tracing::debug!(status = self.status.as_u16(), code = self.code, message = %self.message, "request rejected");
         }
+    }
+
+    fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail { code: self.code.to_string(), message: self.message.clone(), param: self.param.clone() },
+        }
+    }
+
+    /// The same error as a stream's `error` event: its body with the status it would have had.
+    pub fn event(self) -> ErrorEvent {
+        self.log();
+        ErrorEvent { status: self.status.as_u16(), body: self.body() }
+    }
+}
+
+/// A streamed answer's `error` event (`data:`): the status beside the usual error body.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEvent {
+    #[schema(example = 422)]
+    pub status: u16,
+    #[serde(flatten)]
+    pub body: ErrorBody,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        self.log();
         let marker = ErrorMessage(self.message.clone());
-        let body =
-            ErrorBody { error: ErrorDetail { code: self.code.to_string(), message: self.message, param: self.param } };
-        let mut res = (self.status, Json(body)).into_response();
+        let mut res = (self.status, Json(self.body())).into_response();
         res.extensions_mut().insert(marker);
         if let Some(secs) = self.retry_after {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));

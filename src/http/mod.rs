@@ -53,11 +53,18 @@ pub struct AppState {
     pub jobs: Option<crate::jobs::Jobs>,
     /// Human studies made from finished jobs (on the jobs' store; None with jobs off).
     pub studies: Option<crate::study::Studies>,
+    /// The served OpenAPI document, made once at start from the configuration's bounds.
+    pub openapi: axum::body::Bytes,
     /// The route classes' concurrency pools and the public rate.
     pub pools: routes::Pools,
 }
 
 impl AppState {
+    /// The attack service every attack route calls, with the attack deadline.
+    pub fn attacks(&self) -> crate::service::AttackService {
+        crate::service::AttackService::new(self.engine.clone(), self.remotes.clone(), self.deadlines.attack)
+    }
+
     pub fn new(
         engine: Engine,
         config: Arc<Config>,
@@ -70,8 +77,10 @@ impl AppState {
         };
         let body_budget = limits::BodyBudget::new(config.server.max_buffered_body_bytes);
         let pools = routes::Pools::new(&config);
+        let openapi = axum::body::Bytes::from(openapi::to_json(&openapi::document_for(&config)));
         Self {
             pools,
+            openapi,
             engine,
             config,
             deadlines,

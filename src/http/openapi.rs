@@ -48,16 +48,18 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The document without its paths (the route table adds them).
-pub fn base() -> utoipa::openapi::OpenApi {
+/// The document as `config` bounds the routes: this module's title, tags and security scheme,
+/// with the route table's paths.
+pub fn document_for(config: &crate::config::Config) -> utoipa::openapi::OpenApi {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    doc.merge(super::routes::document(config));
     doc
 }
 
 /// The document at the default configuration (what `openapi/openapi.json` holds).
 pub fn document() -> utoipa::openapi::OpenApi {
-    super::routes::document(&crate::config::Config::default())
+    document_for(&crate::config::Config::default())
 }
 
 /// A document as the checked-in file holds it: pretty JSON with a trailing newline.

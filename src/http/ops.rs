@@ -130,7 +130,7 @@ pub async fn classes(
 /// server is configured.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations", responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
 pub async fn openapi(State(state): State<AppState>) -> impl IntoResponse {
-    Json(super::routes::document(&state.config))
+    ([(axum::http::header::CONTENT_TYPE, "application/json")], state.openapi.clone())
 }
 
 /// The studio.

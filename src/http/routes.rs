@@ -176,7 +176,8 @@ fn build(
     config: &Config,
     mut layer: impl FnMut(Class, Router<AppState>) -> Router<AppState>,
 ) -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    let mut doc = super::openapi::base();
+    // The paths and their schemas only; `openapi` puts them under the document's title and tags.
+    let mut doc = utoipa::openapi::OpenApiBuilder::new().build();
     let mut router = Router::new();
     for (class, (schemas, paths, method_router)) in table() {
         let mut part = Router::new();
@@ -207,7 +208,8 @@ fn mark(doc: &mut utoipa::openapi::OpenApi, bounds: Bounds) {
     }
 }
 
-/// The OpenAPI document of the routes as `config` bounds them.
+/// The routes' part of the OpenAPI document (paths, their schemas, bounds and security) as
+/// `config` bounds them.
 pub fn document(config: &Config) -> utoipa::openapi::OpenApi {
     build(config, |_, part| part).1
 }

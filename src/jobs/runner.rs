@@ -69,6 +69,12 @@ async fn run_job(jobs: &Jobs, id: &str) -> Result<(), JobError> {
         jobs.store().with(move |c| Store::result_keys(c, &i)).await?.into_iter().collect();
     let folder = PathBuf::from(&job.spec.images);
     let engine = &jobs.inner.engine;
+    // Jobs verify against no other model: the service needs no remote targets.
+    let service = crate::service::AttackService::new(
+        engine.clone(),
+        std::sync::Arc::new(crate::remote::Remotes::none()),
+        crate::engine::OFFLINE_DEADLINE,
+    );
     let mut ending = Ending::Finished;
     'models: for model in &job.spec.models {
         let (_, info) = engine.model(Some(model))?;
@@ -88,11 +94,10 @@ async fn run_job(jobs: &Jobs, id: &str) -> Result<(), JobError> {
                 .cloned()
                 .collect();
             let info = info.clone();
-            let no_verify = (Vec::new(), Vec::new());
             let attacks = futures::stream::iter(todo).map(|sample| {
-                let (info, req, no_verify) = (info.clone(), req.clone(), &no_verify);
+                let (info, req, service) = (info.clone(), req.clone(), &service);
                 async move {
-                    let a = eval::attack_one(engine, &info, Some(model), &sample, req, method, false, no_verify).await;
+                    let a = eval::attack_one(service, &info, Some(model), &sample, req, method, false, &[]).await;
                     (sample, a)
                 }
             });

@@ -15,7 +15,7 @@ use sha2::Digest;
 
 use super::{Remote, RemoteError, search};
 use crate::attack::target::{self, TargetDecision};
-use crate::engine::{AttackRequest, Engine, EngineError, top_k};
+use crate::engine::{AttackRequest, Engine, EngineError, Upload, top_k};
 use crate::imaging::metrics::Perturbation;
 
 /// The margins (logits) tried in turn on the surrogate: the first is LabelFool's own; each next
@@ -100,6 +100,8 @@ pub const REFINE_RESOLUTION: f64 = 0.05;
 /// to it.
 pub struct Delivered {
     pub png: Vec<u8>,
+    /// The PNG's pixels (what it decodes to), kept so nothing decodes it again.
+    pub rgb: Vec<u8>,
     pub perturbation: Perturbation,
     /// The remote's top-1 for it.
     pub remote: RemoteTop,
@@ -211,20 +213,20 @@ impl search::Oracle for PixelAsker<'_, '_> {
 /// inside the ball it reached the target).
 #[derive(Default)]
 struct Start {
-    /// (loss, inside the ball, PNG, probabilities).
+    /// (loss, inside the ball, the candidate's pixels, probabilities).
     chosen: Option<(f64, bool, Vec<u8>, Vec<f32>)>,
 }
 
 impl Start {
     /// A candidate of loss `l`, kept when it is inside the ball and the one so far is not, or
     /// both are on the same side and it is closer.
-    fn offer(&mut self, l: f64, inside: bool, png: &[u8], probabilities: &[f32]) {
+    fn offer(&mut self, l: f64, inside: bool, rgb: &[u8], probabilities: &[f32]) {
         let better = match &self.chosen {
             None => true,
             Some((best, was_inside, _, _)) => (inside, -l) > (*was_inside, -best),
         };
         if better {
-            self.chosen = Some((l, inside, png.to_vec(), probabilities.to_vec()));
+            self.chosen = Some((l, inside, rgb.to_vec(), probabilities.to_vec()));
         }
     }
 }
@@ -236,7 +238,7 @@ pub async fn run(
     engine: &Engine,
     remote: &Remote,
     surrogate: &str,
-    upload: Bytes,
+    upload: &Upload,
     options: RemoteAttackOptions,
     request: AttackRequest,
     deadline: Duration,
@@ -260,7 +262,7 @@ pub async fn run(
         .matrix()
         .ok_or_else(|| EngineError::invalid("surrogate", format!("surrogate {} has no distance matrix", info.name)))?;
     let mut asker = Asker { engine, remote, budget, queries: 0, cache: HashMap::new(), deadline: started + deadline };
-    let before = asker.ask(upload.clone()).await?.ok_or_else(|| {
+    let before = asker.ask(upload.bytes.clone()).await?.ok_or_else(|| {
         EngineError::invalid("budget", "a budget of 0 queries cannot even classify the upload on the remote")
     })?;
     let target_params = crate::attack::params::target_params(request.delta1, request.delta2, &engine.settings().attack)
@@ -269,8 +271,8 @@ pub async fn run(
     let t = decision.target;
     let original = top(&before, Some(t));
     let mut candidates = Vec::new();
-    // The candidate the remote found closest to the target: (loss, PNG, probabilities).
-    let mut best: Option<(f64, Vec<u8>, Vec<f32>, Perturbation)> = None;
+    // The candidate the remote found closest to the target: (loss, PNG, pixels, probabilities).
+    let mut best: Option<(f64, Vec<u8>, Vec<u8>, Vec<f32>, Perturbation)> = None;
     // Where the search starts (see [`Start`]).
     let mut start = Start::default();
     let mut success = false;
@@ -305,7 +307,7 @@ pub async fn run(
             break;
         }
         let left = deadline.saturating_sub(started.elapsed());
-        let result = engine.attack(Some(surrogate), upload.clone(), req, left).await?;
+        let result = engine.attack_upload(Some(surrogate), upload, req, left, None).await?;
         let Some(after) = asker.ask(Bytes::from(result.png.clone())).await? else { break };
         let remote_top = top(&after, Some(t));
         let hit = remote_top.index == t;
@@ -319,9 +321,9 @@ pub async fn run(
         });
         let l = search::loss(&after, t);
         let inside = (result.perturbation.linf * 255.0).round() <= f64::from(epsilon);
-        start.offer(l, inside, &result.png, &after);
+        start.offer(l, inside, &result.outcome.rgb, &after);
         if hit || best.as_ref().is_none_or(|b| l < b.0) {
-            best = Some((l, result.png, after, result.perturbation));
+            best = Some((l, result.png, result.outcome.rgb, after, result.perturbation));
         }
         if hit {
             success = true;
@@ -333,18 +335,18 @@ pub async fn run(
     // prior both rank by.
     let start = start.chosen;
     let (mut delivered, prior_loss) = match best {
-        Some((l, png, p, perturbation)) => (Some(Delivered { png, perturbation, remote: top(&p, Some(t)) }), Some(l)),
+        Some((l, png, rgb, p, perturbation)) => {
+            (Some(Delivered { png, rgb, perturbation, remote: top(&p, Some(t)) }), Some(l))
+        }
         None => (None, None),
     };
     let mut summary = None;
     if !success && options.search && asker.queries < budget && Instant::now() < asker.deadline {
-        let limits = engine.settings().decode;
-        let x0 = crate::imaging::decode(&upload, &limits).map_err(EngineError::from)?;
+        let x0 = upload.image.as_ref();
         let (start, start_scores, guide) = match start {
-            Some((_, _, png, scores)) => {
-                let png = crate::imaging::decode(&png, &limits).map_err(EngineError::from)?;
-                let guide: Vec<i16> = png.rgb.iter().zip(&x0.rgb).map(|(&a, &o)| i16::from(a) - i16::from(o)).collect();
-                (png.rgb, scores, Some(guide))
+            Some((_, _, rgb, scores)) => {
+                let guide: Vec<i16> = rgb.iter().zip(&x0.rgb).map(|(&a, &o)| i16::from(a) - i16::from(o)).collect();
+                (rgb, scores, Some(guide))
             }
             None => (x0.rgb.clone(), before.clone(), None),
         };
@@ -353,7 +355,7 @@ pub async fn run(
             p_init: search::P_INIT,
             budget: budget - asker.queries,
             // The same upload gets the same search.
-            seed: u64::from_le_bytes(sha2::Sha256::digest(&upload)[..8].try_into().unwrap_or_default()),
+            seed: u64::from_le_bytes(sha2::Sha256::digest(&upload.bytes)[..8].try_into().unwrap_or_default()),
         };
         let mut pixels = PixelAsker {
             asker: &mut asker,
@@ -385,7 +387,7 @@ pub async fn run(
         if from_search {
             let png = pixels.png(&found.rgb).await?;
             let perturbation = crate::imaging::metrics::perturbation(x0.width, x0.height, &x0.rgb, &found.rgb);
-            delivered = Some(Delivered { png, perturbation, remote: top(&found.probabilities, Some(t)) });
+            delivered = Some(Delivered { png, rgb: found.rgb, perturbation, remote: top(&found.probabilities, Some(t)) });
         }
         success = found.success;
     }
@@ -393,7 +395,7 @@ pub async fn run(
     let mut refinement = None;
     if let Some(d) = delivered.as_mut().filter(|_| success && asker.queries < budget && Instant::now() < asker.deadline)
     {
-        refinement = Some(refine(&mut asker, &upload, d, t, engine.settings().decode).await?);
+        refinement = Some(refine(&mut asker, &upload.image, d, t).await?);
     }
     Ok(RemoteAttackOutcome {
         decision,
@@ -414,16 +416,13 @@ pub async fn run(
 /// [`Refinement`]); `delivered` becomes the smallest probe the remote still classified as `target`.
 async fn refine(
     asker: &mut Asker<'_>,
-    upload: &Bytes,
+    x0: &crate::imaging::Rgb8,
     delivered: &mut Delivered,
     target: usize,
-    limits: crate::imaging::DecodeLimits,
 ) -> Result<Refinement, RemoteAttackError> {
-    let x0 = crate::imaging::decode(upload, &limits).map_err(EngineError::from)?;
-    let adv = crate::imaging::decode(&delivered.png, &limits).map_err(EngineError::from)?;
-    let delta: Vec<f64> = adv.rgb.iter().zip(&x0.rgb).map(|(&a, &o)| f64::from(a) - f64::from(o)).collect();
+    let delta: Vec<f64> = delivered.rgb.iter().zip(&x0.rgb).map(|(&a, &o)| f64::from(a) - f64::from(o)).collect();
     let mut pixels = PixelAsker { asker, width: x0.width, height: x0.height, alpha: x0.alpha.clone().map(Into::into) };
-    let mut bracket = crate::attack::guard::Bracket::new(1.0, 0.0, REFINE_RESOLUTION);
+    let mut bracket = crate::attack::bracket::Bracket::new(1.0, 0.0, REFINE_RESOLUTION);
     let (mut asked, mut smallest) = (0, None);
     while let Some(scale) = bracket.next() {
         let rgb: Vec<u8> = x0
@@ -444,7 +443,7 @@ async fn refine(
     if let Some((rgb, p)) = smallest {
         let png = pixels.png(&rgb).await?;
         let perturbation = crate::imaging::metrics::perturbation(x0.width, x0.height, &x0.rgb, &rgb);
-        *delivered = Delivered { png, perturbation, remote: top(&p, Some(target)) };
+        *delivered = Delivered { png, rgb, perturbation, remote: top(&p, Some(target)) };
     }
     Ok(Refinement { asked, scale })
 }

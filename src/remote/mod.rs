@@ -232,6 +232,11 @@ pub fn remote_name(s: &str) -> Option<&str> {
 }
 
 impl Remotes {
+    /// No remote targets.
+    pub fn none() -> Self {
+        Self { remotes: Vec::new() }
+    }
+
     pub fn from_configs(configs: &[RemoteConfig]) -> Result<Self, String> {
         let mut remotes = Vec::new();
         for c in configs {

@@ -523,3 +523,20 @@ async fn a_remote_url_credentials_are_never_shown() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no query or fragment"), "{out:?}");
 }
+
+/// The transfer checks run within what is left of the attack's deadline, not a fresh one: a
+/// remote that never answers (its own timeout far away) ends the request at the attack's
+/// deadline with 504 `deadline_exceeded`.
+#[tokio::test]
+async fn transfer_checks_share_the_attacks_deadline() {
+    let (fake, _) = misbehaving_endpoint().await;
+    let extra = format!("classes = \"{}\"\ntimeout_ms = 25000", models_dir().join("tiny/classes.txt").display());
+    let config = format!("[limits]\nattack_deadline_ms = 4000\n\n{}", remote("slow", &fake, "slow", &extra));
+    let s = Server::start(&tiny_config(&config));
+    let started = Instant::now();
+    let (status, v) = post_zebra(&s, "/attack?model=tiny&verify=remote:slow").await;
+    let took = started.elapsed();
+    assert_eq!((status, v["error"]["code"].as_str()), (504, Some("deadline_exceeded")), "{v}");
+    assert!(took >= Duration::from_millis(3500), "answered after {took:?}, before the deadline");
+    assert!(took < Duration::from_secs(12), "answered after {took:?}: the check outlived the attack's deadline");
+}

@@ -8,8 +8,10 @@
 //! evals in the background on SQLite; [`study`] turns a finished job into the paper's human study.
 
 pub mod attack;
+pub mod charts;
 pub mod cli;
 pub mod config;
+pub mod dataset;
 pub mod engine;
 pub mod eval;
 pub mod http;
@@ -21,3 +23,4 @@ pub mod remote;
 pub mod service;
 pub mod study;
 pub mod telemetry;
+pub mod wordnet;

@@ -80,7 +80,9 @@ pub async fn run_attack(cli: &Cli, a: &AttackArgs) -> anyhow::Result<ExitCode> {
     let r = match report? {
         crate::service::AttackReport::Local(v) => v.result,
         crate::service::AttackReport::Remote(_) => {
-            anyhow::bail!("`labelfool attack` runs on a model of this configuration; attack a remote through the server")
+            anyhow::bail!(
+                "`labelfool attack` runs on a model of this configuration; attack a remote through the server"
+            )
         }
     };
     std::fs::write(&a.output, &r.png).with_context(|| format!("cannot write {}", a.output.display()))?;

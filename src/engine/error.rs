@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::queue::JobError;
+use super::queue::WorkerError;
 use crate::attack::AttackError;
 use crate::attack::params::ParamError;
 use crate::imaging::ImageError;
@@ -80,15 +80,15 @@ impl EngineError {
     }
 }
 
-impl From<JobError> for EngineError {
-    fn from(e: JobError) -> Self {
+impl From<WorkerError> for EngineError {
+    fn from(e: WorkerError) -> Self {
         let msg = e.to_string();
         match e {
-            JobError::Torch(_) => Self::Model(msg),
-            JobError::Panic(_) => Self::WorkerPanic(msg),
-            JobError::Attack(_) => Self::AttackFailed(msg),
-            JobError::ShuttingDown => Self::ShuttingDown,
-            JobError::ModelUnloaded(_) => Self::ModelUnavailable(msg),
+            WorkerError::Torch(_) => Self::Model(msg),
+            WorkerError::Panic(_) => Self::WorkerPanic(msg),
+            WorkerError::Attack(_) => Self::AttackFailed(msg),
+            WorkerError::ShuttingDown => Self::ShuttingDown,
+            WorkerError::ModelUnloaded(_) => Self::ModelUnavailable(msg),
         }
     }
 }
@@ -113,6 +113,6 @@ impl From<ParamError> for EngineError {
 
 impl From<AttackError> for EngineError {
     fn from(e: AttackError) -> Self {
-        JobError::Attack(e).into()
+        WorkerError::Attack(e).into()
     }
 }

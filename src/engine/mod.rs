@@ -26,7 +26,7 @@ use crate::imaging::{self, DecodeLimits, ImageError, Rgb8};
 use crate::model::preprocess::{model_input, resize_within};
 use crate::model::{Catalog, LoadTicket, ModelEntry, ModelError, ModelInfo};
 pub use error::EngineError;
-use queue::{AttackJob, ClassifyJob, ClassifyReply, Control, JobError, Queues};
+use queue::{AttackJob, ClassifyJob, ClassifyReply, Control, Queues, WorkerError};
 pub use results::{
     AttackResult, Classification, FloatReference, ImageSummary, TargetLabel, Timings, TransferCheck, TransferVerdict,
     top_k,
@@ -371,10 +371,10 @@ impl Engine {
     /// the job's own failure).
     async fn await_reply<T>(
         &self,
-        rx: oneshot::Receiver<Result<T, JobError>>,
+        rx: oneshot::Receiver<Result<T, WorkerError>>,
         deadline: Duration,
         started: Instant,
-    ) -> Result<Result<T, JobError>, EngineError> {
+    ) -> Result<Result<T, WorkerError>, EngineError> {
         self.await_value(rx, deadline, started).await
     }
 
@@ -707,14 +707,14 @@ impl Engine {
         };
         self.queues()?.push_attack(job).map_err(|r| EngineError::refused(r, "attack"))?;
         self.await_reply(rx, deadline, started).await?.map_err(|e| match e {
-            JobError::Attack(AttackError::TargetIsPrediction { index, .. }) => EngineError::invalid(
+            WorkerError::Attack(AttackError::TargetIsPrediction { index, .. }) => EngineError::invalid(
                 "target",
                 format!(
                     "class {index} ({}) is already the prediction; choose another target",
                     info.classes().label(index)
                 ),
             ),
-            JobError::Attack(AttackError::NoMatrix(m)) => {
+            WorkerError::Attack(AttackError::NoMatrix(m)) => {
                 EngineError::invalid("target", format!("model {m} has no distance matrix: pass an explicit target"))
             }
             other => other.into(),

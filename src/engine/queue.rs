@@ -17,7 +17,7 @@ use crate::imaging::Rgb8;
 
 /// Why the worker could not do a job.
 #[derive(Debug, thiserror::Error)]
-pub enum JobError {
+pub enum WorkerError {
     #[error("libtorch error: {0}")]
     Torch(String),
     #[error("the worker panicked on this job: {0}")]
@@ -30,7 +30,7 @@ pub enum JobError {
     ModelUnloaded(String),
 }
 
-impl From<tch::TchError> for JobError {
+impl From<tch::TchError> for WorkerError {
     fn from(e: tch::TchError) -> Self {
         Self::Torch(e.to_string())
     }
@@ -55,7 +55,7 @@ pub struct ClassifyJob {
     pub input: Vec<f32>,
     pub rows: usize,
     pub want_features: bool,
-    pub reply: oneshot::Sender<Result<ClassifyReply, JobError>>,
+    pub reply: oneshot::Sender<Result<ClassifyReply, WorkerError>>,
     pub enqueued: Instant,
     /// Released when the worker starts the job.
     pub permit: Option<OwnedSemaphorePermit>,
@@ -75,7 +75,7 @@ pub struct AttackJob {
     pub model: usize,
     pub image: Arc<Rgb8>,
     pub params: AttackParams,
-    pub reply: oneshot::Sender<Result<(AttackOutcome, JobTimings), JobError>>,
+    pub reply: oneshot::Sender<Result<(AttackOutcome, JobTimings), WorkerError>>,
     pub enqueued: Instant,
     /// Released when the worker admits the attack as a row.
     pub permit: Option<OwnedSemaphorePermit>,

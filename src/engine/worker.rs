@@ -18,7 +18,7 @@ use crossbeam_channel::{RecvTimeoutError, Select};
 use tch::{Device, Kind, Tensor};
 
 use super::batcher::Batcher;
-use super::queue::{AttackJob, ClassifyJob, ClassifyReply, Control, Inbox, JobError, JobTimings};
+use super::queue::{AttackJob, ClassifyJob, ClassifyReply, Control, Inbox, JobTimings, WorkerError};
 use super::stats::EngineStats;
 use crate::attack::{self, AttackRow, runner};
 use crate::model::preprocess::rgb8_to_tensor;
@@ -77,7 +77,7 @@ pub fn spawn(
 }
 
 struct RowMeta {
-    reply: tokio::sync::oneshot::Sender<Result<(attack::AttackOutcome, JobTimings), JobError>>,
+    reply: tokio::sync::oneshot::Sender<Result<(attack::AttackOutcome, JobTimings), WorkerError>>,
     enqueued: Instant,
     started: Instant,
     compute: Duration,
@@ -251,19 +251,19 @@ impl Worker {
         let mut answered = 0usize;
         for g in &mut self.groups {
             for meta in g.meta.drain(..) {
-                let _ = meta.reply.send(Err(JobError::ShuttingDown));
+                let _ = meta.reply.send(Err(WorkerError::ShuttingDown));
                 answered += 1;
             }
             g.rows.clear();
         }
         for job in self.waiting.take().into_iter().chain(self.attack_inbox.try_iter()) {
-            let _ = job.reply.send(Err(JobError::ShuttingDown));
+            let _ = job.reply.send(Err(WorkerError::ShuttingDown));
             answered += 1;
         }
         self.classify.pull(&self.stats);
         for (_, jobs) in self.classify.batcher.take_due(Instant::now(), true) {
             for job in jobs {
-                let _ = job.reply.send(Err(JobError::ShuttingDown));
+                let _ = job.reply.send(Err(WorkerError::ShuttingDown));
                 answered += 1;
             }
         }
@@ -367,7 +367,7 @@ impl Worker {
                 let name = self.catalog.name_of(model);
                 if let Some(g) = self.groups.get_mut(model) {
                     for meta in g.meta.drain(..) {
-                        let _ = meta.reply.send(Err(JobError::ModelUnloaded(name.clone())));
+                        let _ = meta.reply.send(Err(WorkerError::ModelUnloaded(name.clone())));
                         self.stats.attack_finished();
                     }
                     g.rows.clear();
@@ -415,15 +415,15 @@ impl Worker {
             return;
         }
         let Some(info) = self.models.get(job.model).and_then(Option::as_ref).map(|m| m.info.clone()) else {
-            let _ = job.reply.send(Err(JobError::ModelUnloaded(self.catalog.name_of(job.model))));
+            let _ = job.reply.send(Err(WorkerError::ModelUnloaded(self.catalog.name_of(job.model))));
             return;
         };
         let (model_name, method) = (info.name.clone(), job.params.method.name());
         let img = &job.image;
         let row = rgb8_to_tensor(&img.rgb, img.width, img.height)
             .and_then(|x| x.f_to_device(self.device))
-            .map_err(JobError::from)
-            .and_then(|x0| attack::new_row(info, x0, job.params).map_err(JobError::from));
+            .map_err(WorkerError::from)
+            .and_then(|x0| attack::new_row(info, x0, job.params).map_err(WorkerError::from));
         match row {
             Ok(row) => {
                 job.span.in_scope(|| {
@@ -469,7 +469,7 @@ impl Worker {
             let n = group.rows.len();
             let chunk = settings.max_attack_batch;
             let Some(model) = models.get(m).and_then(Option::as_ref) else { continue };
-            let mut failed: Vec<(usize, JobError)> = Vec::new();
+            let mut failed: Vec<(usize, WorkerError)> = Vec::new();
             // Between passes: serve the classify work that has arrived meanwhile.
             let mut between = || {
                 if *abort.borrow() {
@@ -493,7 +493,7 @@ impl Worker {
                         stats.attack_tick(end - start, tick.backward_passes, elapsed);
                         for (k, e) in errors.into_iter().enumerate() {
                             if let Some(e) = e {
-                                failed.push((start + k, JobError::Attack(e)));
+                                failed.push((start + k, WorkerError::Attack(e)));
                             }
                         }
                     }
@@ -531,7 +531,7 @@ impl Worker {
                 let row = group.rows.swap_remove(i);
                 let meta = group.meta.swap_remove(i);
                 let iterations = row.iterations();
-                let result = row.outcome().map_err(JobError::from).map(|o| {
+                let result = row.outcome().map_err(WorkerError::from).map(|o| {
                     let timings = JobTimings {
                         queued: meta.started.duration_since(meta.enqueued),
                         compute: meta.compute,
@@ -594,7 +594,7 @@ fn run_classify(models: &Models, stats: &EngineStats, m: usize, mut jobs: Vec<Cl
     }
     let Some(model) = models.get(m).and_then(Option::as_ref) else {
         for job in jobs {
-            let _ = job.reply.send(Err(JobError::ModelUnloaded(format!("#{m}"))));
+            let _ = job.reply.send(Err(WorkerError::ModelUnloaded(format!("#{m}"))));
         }
         return;
     };
@@ -638,23 +638,23 @@ fn run_classify(models: &Models, stats: &EngineStats, m: usize, mut jobs: Vec<Cl
     }
 }
 
-impl JobError {
-    fn clone_error(&self) -> JobError {
+impl WorkerError {
+    fn clone_error(&self) -> WorkerError {
         match self {
-            JobError::Torch(s) => JobError::Torch(s.clone()),
-            JobError::Panic(s) => JobError::Panic(s.clone()),
-            JobError::Attack(e) => JobError::Torch(e.to_string()),
-            JobError::ShuttingDown => JobError::ShuttingDown,
-            JobError::ModelUnloaded(s) => JobError::ModelUnloaded(s.clone()),
+            WorkerError::Torch(s) => WorkerError::Torch(s.clone()),
+            WorkerError::Panic(s) => WorkerError::Panic(s.clone()),
+            WorkerError::Attack(e) => WorkerError::Torch(e.to_string()),
+            WorkerError::ShuttingDown => WorkerError::ShuttingDown,
+            WorkerError::ModelUnloaded(s) => WorkerError::ModelUnloaded(s.clone()),
         }
     }
 }
 
 /// Runs device work so that neither a libtorch error nor a panic escapes into the worker loop.
-fn guarded<T>(f: impl FnOnce() -> Result<T, tch::TchError>) -> Result<T, JobError> {
+fn guarded<T>(f: impl FnOnce() -> Result<T, tch::TchError>) -> Result<T, WorkerError> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(JobError::from(e)),
+        Ok(Err(e)) => Err(WorkerError::from(e)),
         Err(panic) => {
             let msg = panic
                 .downcast_ref::<String>()
@@ -662,7 +662,7 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, tch::TchError>) -> Result<T, JobErro
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
             tracing::error!(error = %msg, "worker caught a panic; the job fails, the worker goes on");
-            Err(JobError::Panic(msg))
+            Err(WorkerError::Panic(msg))
         }
     }
 }

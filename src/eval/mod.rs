@@ -1,10 +1,7 @@
 //! `labelfool eval`: runs attacks over a folder of images through the same engine as the server
 //! and writes per-image JSON Lines, a summary and a Markdown report with the paper's tables.
 
-pub mod charts;
-pub mod dataset;
 pub mod report;
-pub mod wordnet;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -15,10 +12,11 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use crate::attack::Method;
+use crate::dataset::{self, Sample};
 use crate::engine::{AttackRequest, AttackResult, Engine};
 use crate::imaging::metrics::Perturbation;
 use crate::model::ModelInfo;
-use dataset::Sample;
+use crate::wordnet;
 
 #[derive(Debug, Clone)]
 pub struct EvalOptions {
@@ -218,7 +216,8 @@ pub async fn run(engine: &Engine, opts: &EvalOptions) -> anyhow::Result<EvalOutp
             None => drop(engine.model(Some(v))?),
         }
     }
-    let service = crate::service::AttackService::new(engine.clone(), opts.remotes.clone(), crate::engine::OFFLINE_DEADLINE);
+    let service =
+        crate::service::AttackService::new(engine.clone(), opts.remotes.clone(), crate::engine::OFFLINE_DEADLINE);
     let mut samples = dataset::discover(&opts.images, info.classes())?;
     if let Some(n) = opts.limit {
         samples.truncate(n);

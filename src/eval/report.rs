@@ -5,7 +5,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{EvalOutput, Record, ResultFields, charts};
+use super::{EvalOutput, Record, ResultFields};
+use crate::charts;
 
 /// One method's row of the paper's tables.
 #[derive(Debug, Clone, Serialize)]

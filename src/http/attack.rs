@@ -15,8 +15,8 @@ use super::error::{ApiError, ErrorBody};
 use super::input::{Finite, FiniteList, ImageRequest, finite};
 use crate::attack::Branch;
 use crate::engine::{AttackRequest, AttackResult, ImageSummary, Timings, TransferVerdict};
-use crate::service::{AttackOrder, AttackReport};
 use crate::imaging::metrics::Perturbation;
+use crate::service::{AttackOrder, AttackReport};
 
 /// Parameters (query string, multipart fields or JSON keys).
 #[derive(Debug, Deserialize, IntoParams)]
@@ -200,8 +200,6 @@ impl AttackParams {
     }
 }
 
-
-
 #[derive(Debug, Serialize, ToSchema)]
 pub struct AttackResponse {
     pub model: String,
@@ -256,7 +254,7 @@ pub struct LabelSpace {
 
 fn label_space(classes: &crate::model::ClassList, original: usize, fin: usize) -> LabelSpace {
     let wnid = |i: usize| classes.get(i).and_then(|c| c.wnid.clone());
-    let wn = crate::eval::wordnet::WordNet::embedded();
+    let wn = crate::wordnet::WordNet::embedded();
     match (wnid(original), wnid(fin)) {
         (Some(a), Some(b)) => LabelSpace { wup: wn.wup(&a, &b), mistake_severity: wn.mistake_severity(&a, &b) },
         _ => LabelSpace { wup: None, mistake_severity: None },
@@ -333,11 +331,7 @@ pub struct TargetInfo {
         (status = 500, description = "Model error in this job (other requests are unaffected)", body = ErrorBody),
         (status = 503, description = "Queue full (see Retry-After), the model (or a `verify` model) not ready, or shutting down; an attack in flight when its model is unloaded ends with 503 too", body = ErrorBody), (status = 504, body = ErrorBody),
     ))]
-pub async fn attack(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    req: AttackBody,
-) -> Result<Response, ApiError> {
+pub async fn attack(State(state): State<AppState>, headers: HeaderMap, req: AttackBody) -> Result<Response, ApiError> {
     let service = state.attacks();
     let checked = service.check(req.params.order(), req.bytes)?;
     if wants_events(&headers) {
@@ -385,10 +379,13 @@ enum Answer {
 /// The service's report as the route answers it, with the delivered PNG of a local attack.
 fn answer(report: AttackReport) -> (Answer, Option<Vec<u8>>) {
     match report {
-        AttackReport::Remote(r) => (Answer::Remote(Box::new(remote_summary(&r.remote, &r.surrogate, &r.outcome))), None),
+        AttackReport::Remote(r) => {
+            (Answer::Remote(Box::new(remote_summary(&r.remote, &r.surrogate, &r.outcome))), None)
+        }
         AttackReport::Local(v) => {
             let mut body = summary(&v.result);
-            body.transfer = v.transfer.iter().map(|t| transfer_result(t.model.clone(), &t.classes, &t.verdict)).collect();
+            body.transfer =
+                v.transfer.iter().map(|t| transfer_result(t.model.clone(), &t.classes, &t.verdict)).collect();
             (Answer::Local(Box::new(body)), Some(v.result.png))
         }
     }

@@ -216,7 +216,11 @@ impl ApiError {
 
     fn body(&self) -> ErrorBody {
         ErrorBody {
-            error: ErrorDetail { code: self.code.to_string(), message: self.message.clone(), param: self.param.clone() },
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                param: self.param.clone(),
+            },
         }
     }
 

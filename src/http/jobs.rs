@@ -104,11 +104,7 @@ impl Drop for PartFile {
 /// Streams the `archive` field to a file under the jobs' folder (never more than
 /// `jobs.max_archive_bytes`, nor than `room`, what `jobs.max_total_bytes` leaves) and parses the
 /// `spec` field.
-async fn receive_archive(
-    mut mp: axum::extract::Multipart,
-    jobs: &Jobs,
-    room: u64,
-) -> Result<ArchiveUpload, ApiError> {
+async fn receive_archive(mut mp: axum::extract::Multipart, jobs: &Jobs, room: u64) -> Result<ArchiveUpload, ApiError> {
     use tokio::io::AsyncWriteExt;
     let max = jobs.config().max_archive_bytes;
     let (mut spec, mut archive) = (None, None);

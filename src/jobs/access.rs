@@ -8,7 +8,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use super::JobError;
-use crate::eval::dataset::Sample;
+use crate::dataset::Sample;
 
 /// The allowed folders, as configured (made absolute) and as resolved at start-up.
 #[derive(Debug, Clone, Default)]

@@ -301,7 +301,7 @@ impl Jobs {
         let mut total = 0;
         for m in &spec.models {
             let (_, info) = self.inner.engine.model(Some(m))?;
-            let mut samples = crate::eval::dataset::discover(&folder, info.classes())
+            let mut samples = crate::dataset::discover(&folder, info.classes())
                 .map_err(|e| JobError::invalid("images", e.to_string()))?;
             if let Some(n) = spec.limit {
                 samples.truncate(n);
@@ -326,7 +326,7 @@ impl Jobs {
     }
 
     /// Every file a job reads lies (links followed) under `jobs.allowed_dirs` or its own folder.
-    fn check_samples(&self, id: &str, samples: &[crate::eval::dataset::Sample]) -> Result<(), JobError> {
+    fn check_samples(&self, id: &str, samples: &[crate::dataset::Sample]) -> Result<(), JobError> {
         let own = self.job_dir(id).canonicalize().ok();
         self.inner.roots.check_samples(samples, own.as_deref())
     }

@@ -78,8 +78,8 @@ async fn run_job(jobs: &Jobs, id: &str) -> Result<(), JobError> {
     let mut ending = Ending::Finished;
     'models: for model in &job.spec.models {
         let (_, info) = engine.model(Some(model))?;
-        let mut samples =
-            eval::dataset::discover(&folder, info.classes()).map_err(|e| JobError::invalid("images", e.to_string()))?;
+        let mut samples = crate::dataset::discover(&folder, info.classes())
+            .map_err(|e| JobError::invalid("images", e.to_string()))?;
         if let Some(n) = job.spec.limit {
             samples.truncate(n);
         }

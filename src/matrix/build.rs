@@ -15,8 +15,8 @@ use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
 use super::hausdorff::{ClassFeatures, Linkage, class_distances, l2_normalise};
+use crate::dataset;
 use crate::engine::Engine;
-use crate::eval::dataset;
 use crate::model::ModelInfo;
 use crate::model::matrix::{DistanceMatrix, MatrixMeta};
 

@@ -5,9 +5,9 @@
 
 use ndarray::Array2;
 
-use crate::eval::wordnet::WordNet;
 use crate::model::ModelInfo;
 use crate::model::matrix::{DistanceMatrix, MatrixMeta};
+use crate::wordnet::WordNet;
 
 pub fn semantic(info: &ModelInfo) -> Result<DistanceMatrix, String> {
     let wn = WordNet::embedded();

@@ -182,24 +182,45 @@ pub struct Bundle {
     pub classes: ClassList,
 }
 
+/// Why a bundle (a model's folder, or a described TorchScript file) cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("cannot read {what} {path}: {source}{hint}")]
+    Read { what: &'static str, path: PathBuf, source: std::io::Error, hint: &'static str },
+    #[error("{path}: {message}")]
+    Malformed { path: PathBuf, message: String },
+    /// Its parts disagree (class count, geometry, preprocessing), or a description lacks a part.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
 impl Bundle {
     pub fn model_path(&self) -> PathBuf {
         self.dir.join(&self.meta.model_file)
     }
 
     /// The class list a bundle names: `imagenet` (embedded) or a file relative to `dir`.
-    pub fn read_classes(dir: &Path, file: &str) -> Result<ClassList, String> {
+    pub fn read_classes(dir: &Path, file: &str) -> Result<ClassList, BundleError> {
         if file == IMAGENET {
             return Ok(imagenet_classes());
         }
         let path = dir.join(file);
-        let text =
-            std::fs::read_to_string(&path).map_err(|e| format!("cannot read class list {}: {e}", path.display()))?;
-        ClassList::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
+        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Read {
+            what: "class list",
+            path: path.clone(),
+            source,
+            hint: "",
+        })?;
+        ClassList::parse(&text).map_err(|message| BundleError::Malformed { path, message })
     }
 
     /// Checks that the parts agree (class count, geometry, supported preprocessing).
-    pub fn new(dir: &Path, meta: ModelMeta, classes: ClassList) -> Result<Self, String> {
+    pub fn new(dir: &Path, meta: ModelMeta, classes: ClassList) -> Result<Self, BundleError> {
+        Self::check(dir, &meta, &classes).map_err(BundleError::Inconsistent)?;
+        Ok(Self { dir: dir.to_path_buf(), meta, classes })
+    }
+
+    fn check(dir: &Path, meta: &ModelMeta, classes: &ClassList) -> Result<(), String> {
         if classes.len() != meta.num_classes {
             return Err(format!(
                 "the class list {} lists {} classes but the model has {} (num_classes)",
@@ -240,17 +261,17 @@ impl Bundle {
         if !model.is_file() {
             return Err(format!("model file {} is missing", model.display()));
         }
-        Ok(Self { dir: dir.to_path_buf(), meta, classes })
+        Ok(())
     }
 
     /// A TorchScript file described in the configuration (no `model.json`).
-    pub fn from_description(name: &str, torchscript: &Path, d: &Description) -> Result<Self, String> {
+    pub fn from_description(name: &str, torchscript: &Path, d: &Description) -> Result<Self, BundleError> {
         let dir = torchscript.parent().unwrap_or(Path::new("."));
         let file = torchscript
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
-            .ok_or_else(|| format!("{} is not a file path", torchscript.display()))?;
-        let size = d.size.ok_or("a described model needs `size`")?;
+            .ok_or_else(|| BundleError::Inconsistent(format!("{} is not a file path", torchscript.display())))?;
+        let size = d.size.ok_or_else(|| BundleError::Inconsistent("a described model needs `size`".into()))?;
         let classes_file = d.classes.clone().unwrap_or_else(|| IMAGENET.to_string());
         let classes = Self::read_classes(dir, &classes_file)?;
         let meta = ModelMeta::described(
@@ -266,16 +287,24 @@ impl Bundle {
         Self::new(dir, meta, classes)
     }
 
-    pub fn open(dir: &Path) -> Result<Self, String> {
-        let meta_path = dir.join("model.json");
-        let text = std::fs::read_to_string(&meta_path)
-            .map_err(|e| format!("cannot read {}: {e} (has the setup run? `make setup`)", meta_path.display()))?;
-        let meta: ModelMeta = serde_json::from_str(&text)
-            .map_err(|e| format!("{} is not valid model metadata: {e}", meta_path.display()))?;
+    pub fn open(dir: &Path) -> Result<Self, BundleError> {
+        let path = dir.join("model.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| BundleError::Read {
+            what: "model metadata",
+            path: path.clone(),
+            source,
+            hint: " (has the setup run? `scripts/setup`)",
+        })?;
+        let meta: ModelMeta = serde_json::from_str(&text).map_err(|e| BundleError::Malformed {
+            path: path.clone(),
+            message: format!("not valid model metadata: {e}"),
+        })?;
         if !(1..=2).contains(&meta.format_version) {
-            return Err(format!("{}: unsupported format_version {}", meta_path.display(), meta.format_version));
+            let message = format!("unsupported format_version {}", meta.format_version);
+            return Err(BundleError::Malformed { path, message });
         }
         let classes = Self::read_classes(dir, &meta.classes_file)?;
-        Self::new(dir, meta, classes).map_err(|e| format!("{}: {e}", meta_path.display()))
+        Self::check(dir, &meta, &classes).map_err(|message| BundleError::Malformed { path, message })?;
+        Ok(Self { dir: dir.to_path_buf(), meta, classes })
     }
 }

@@ -378,7 +378,7 @@ fn open_configured(m: &ModelConfig, batch: BatchPolicy) -> Result<ModelInfo, Mod
     match m.torchscript_path().map_err(|e| err(e.to_string()))? {
         Some(ts) => {
             let d = m.description.clone().unwrap_or_default();
-            let bundle = super::Bundle::from_description(&m.name, &ts, &d).map_err(err)?;
+            let bundle = super::Bundle::from_description(&m.name, &ts, &d).map_err(|e| err(e.to_string()))?;
             ModelInfo::from_bundle(&m.name, bundle, matrix.as_deref(), batch)
         }
         None => ModelInfo::open(&m.name, &m.dir().map_err(|e| err(e.to_string()))?, matrix.as_deref(), batch),

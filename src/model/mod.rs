@@ -84,7 +84,7 @@ impl ModelInfo {
         matrix: Option<&std::path::Path>,
         batch: BatchPolicy,
     ) -> Result<Self, ModelError> {
-        let bundle = Bundle::open(dir).map_err(|reason| ModelError::Bundle { model: name.into(), reason })?;
+        let bundle = Bundle::open(dir).map_err(|e| ModelError::Bundle { model: name.into(), reason: e.to_string() })?;
         Self::from_bundle(name, bundle, matrix, batch)
     }
 

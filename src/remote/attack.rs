@@ -387,7 +387,8 @@ pub async fn run(
         if from_search {
             let png = pixels.png(&found.rgb).await?;
             let perturbation = crate::imaging::metrics::perturbation(x0.width, x0.height, &x0.rgb, &found.rgb);
-            delivered = Some(Delivered { png, rgb: found.rgb, perturbation, remote: top(&found.probabilities, Some(t)) });
+            delivered =
+                Some(Delivered { png, rgb: found.rgb, perturbation, remote: top(&found.probabilities, Some(t)) });
         }
         success = found.success;
     }

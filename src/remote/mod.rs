@@ -157,6 +157,14 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// A `[[remotes]]` entry that cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("remotes.{remote}: {message}")]
+pub struct RemoteConfigError {
+    pub remote: String,
+    pub message: String,
+}
+
 /// Why a remote could not answer; `http::error` maps these to 502 / 504.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RemoteError {
@@ -237,11 +245,11 @@ impl Remotes {
         Self { remotes: Vec::new() }
     }
 
-    pub fn from_configs(configs: &[RemoteConfig]) -> Result<Self, String> {
+    pub fn from_configs(configs: &[RemoteConfig]) -> Result<Self, RemoteConfigError> {
         let mut remotes = Vec::new();
         for c in configs {
             if remotes.iter().any(|r: &Arc<Remote>| r.config.name == c.name) {
-                return Err(format!("remote {:?} is configured twice", c.name));
+                return Err(RemoteConfigError { remote: c.name.clone(), message: "configured twice".into() });
             }
             remotes.push(Arc::new(Remote::new(c.clone())?));
         }
@@ -270,8 +278,8 @@ fn causes(e: &reqwest::Error) -> String {
 }
 
 impl Remote {
-    pub fn new(config: RemoteConfig) -> Result<Self, String> {
-        let bad = |m: String| format!("remotes.{}: {m}", config.name);
+    pub fn new(config: RemoteConfig) -> Result<Self, RemoteConfigError> {
+        let bad = |message: String| RemoteConfigError { remote: config.name.clone(), message };
         // The URL may hold credentials: an error shows it redacted, or not at all when it does
         // not parse.
         let url = reqwest::Url::parse(&config.url).map_err(|e| bad(format!("url: {e}")))?;
@@ -289,7 +297,7 @@ impl Remote {
             crate::model::bundle::imagenet_classes()
         } else {
             let path = crate::config::expand_path(&config.classes).map_err(|e| bad(e.to_string()))?;
-            Bundle::read_classes(std::path::Path::new("."), &path.to_string_lossy()).map_err(bad)?
+            Bundle::read_classes(std::path::Path::new("."), &path.to_string_lossy()).map_err(|e| bad(e.to_string()))?
         };
         let spec = match (config.input, &config.description) {
             (RemoteInput::Fp32, Some(d)) => {
@@ -629,7 +637,7 @@ mod tests {
         assert_eq!(t, vec![1.0, 0.0, -1.0]);
     }
 
-    fn remote(entry: &str) -> Result<Remote, String> {
+    fn remote(entry: &str) -> Result<Remote, RemoteConfigError> {
         Remote::new(toml::from_str(&format!("name = \"r\"\nmodel = \"m\"\n{entry}")).unwrap())
     }
 
@@ -639,7 +647,7 @@ mod tests {
         assert!(remote("url = \"https://triton:8443\"").is_ok());
         let refused = |entry: &str, says: &str| {
             let e = remote(entry).err().unwrap_or_else(|| panic!("{entry} accepted"));
-            assert!(e.contains(says), "{entry}: {e}");
+            assert!(e.to_string().contains(says), "{entry}: {e}");
         };
         refused("url = \"ftp://triton\"", "http or https");
         refused("url = \"http://triton\"\nca_file = \"/etc/ca.pem\"", "ca_file is for an https url");
@@ -667,7 +675,7 @@ mod tests {
         assert!(shown.contains("Authorization") && shown.contains("triton:8000"), "{shown}");
         // A URL that does not parse is not echoed in the error either.
         let e = remote("url = \"http://alice:pw-s3cret@triton:notaport\"").err().unwrap();
-        assert!(!e.contains("s3cret"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
     #[tokio::test]

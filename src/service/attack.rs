@@ -130,7 +130,11 @@ impl AttackService {
                 plan: Plan::Remote { remote, surrogate: surrogate.name.clone(), options, request },
             });
         }
-        let remote_only = [("surrogate", order.surrogate.is_some()), ("budget", order.budget.is_some()), ("search", order.search.is_some())];
+        let remote_only = [
+            ("surrogate", order.surrogate.is_some()),
+            ("budget", order.budget.is_some()),
+            ("search", order.search.is_some()),
+        ];
         if let Some((param, _)) = remote_only.into_iter().find(|(_, given)| *given) {
             return Err(
                 EngineError::invalid(param, "`surrogate`, `budget` and `search` go with model=remote:<name>").into()
@@ -171,7 +175,8 @@ impl AttackService {
             Plan::Remote { remote, surrogate, options, request } => {
                 let left = self.deadline.saturating_sub(started.elapsed());
                 let outcome =
-                    crate::remote::attack::run(&self.engine, &remote, &surrogate, &upload, options, request, left).await?;
+                    crate::remote::attack::run(&self.engine, &remote, &surrogate, &upload, options, request, left)
+                        .await?;
                 Ok(AttackReport::Remote(Box::new(RemoteRun { remote, surrogate, outcome })))
             }
             Plan::Local { model, request, locals, remotes } => {
@@ -214,11 +219,14 @@ impl AttackService {
             let left = self.deadline.saturating_sub(started.elapsed());
             let ask = |image: Bytes| crate::remote::attack::ask(&self.engine, remote, image);
             let both = futures::future::try_join(ask(upload.bytes.clone()), ask(Bytes::from(result.png.clone())));
-            let (before, after) = tokio::time::timeout(left, both)
-                .await
-                .map_err(|_| EngineError::Deadline(self.deadline))??;
+            let (before, after) =
+                tokio::time::timeout(left, both).await.map_err(|_| EngineError::Deadline(self.deadline))??;
             let verdict = TransferVerdict::new(result, &remote.classes, &before.probabilities, &after.probabilities);
-            out.push(Transfer { model: format!("remote:{}", remote.config.name), classes: remote.classes.clone(), verdict });
+            out.push(Transfer {
+                model: format!("remote:{}", remote.config.name),
+                classes: remote.classes.clone(),
+                verdict,
+            });
         }
         Ok(out)
     }

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::{CLEAN, Puzzle, StudyError, design, store};
 use crate::eval::Record;
-use crate::eval::wordnet::WordNet;
 use crate::jobs::StoreError;
+use crate::wordnet::WordNet;
 
 /// One puzzle before its image is copied: where its image comes from.
 pub(super) struct Planned {
@@ -96,7 +96,7 @@ fn inside(path: &Path, root: &Path) -> Option<PathBuf> {
 /// picture elsewhere is skipped.
 pub(super) fn materialise(
     mut plan: Vec<Planned>,
-    samples: &[crate::eval::dataset::Sample],
+    samples: &[crate::dataset::Sample],
     folder: &Path,
     job_dir: &Path,
     dir: &Path,

@@ -362,7 +362,7 @@ impl Studies {
             if plan.is_empty() {
                 return Err(StudyError::invalid("job", "no image of the job has a true class (from its file name)"));
             }
-            let samples = crate::eval::dataset::discover(&folder, info.classes())
+            let samples = crate::dataset::discover(&folder, info.classes())
                 .map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
             let built = build::materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label);
             if built.is_err() {
@@ -681,7 +681,7 @@ impl Studies {
         let categories = r.categories.clone();
         let title = format!("Confusion rate, study {}", r.study);
         tokio::task::spawn_blocking(move || {
-            crate::eval::charts::grouped_bars_png(
+            crate::charts::grouped_bars_png(
                 &title,
                 "confusion rate (%)",
                 &categories,

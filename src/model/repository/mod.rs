@@ -131,7 +131,7 @@ fn to_bundle(dir: &Path, name: &str, c: &ModelConfig) -> Result<(Bundle, String,
         }
         (None, f) => f.to_string(),
     };
-    let classes = Bundle::read_classes(dir, &classes_file)?;
+    let classes = Bundle::read_classes(dir, &classes_file).map_err(|e| e.to_string())?;
     let mut description = section.clone();
     description.module_max_batch = Some(usize::try_from(c.max_batch_size).ok().filter(|n| *n > 0).unwrap_or(1));
     let meta = ModelMeta::described(
@@ -144,7 +144,7 @@ fn to_bundle(dir: &Path, name: &str, c: &ModelConfig) -> Result<(Bundle, String,
         &description,
         serde_json::json!({"triton_config": dir.join("config.pbtxt"), "platform": platform}),
     );
-    let bundle = Bundle::new(dir, meta, classes)?;
+    let bundle = Bundle::new(dir, meta, classes).map_err(|e| e.to_string())?;
     Ok((bundle, version, section.matrix.map(|m| dir.join(m))))
 }
 

@@ -41,7 +41,7 @@ impl WordNet {
     pub fn embedded() -> &'static WordNet {
         static WN: OnceLock<WordNet> = OnceLock::new();
         WN.get_or_init(|| {
-            WordNet::parse(include_str!("../../data/wordnet_imagenet.tsv"))
+            WordNet::parse(include_str!("../data/wordnet_imagenet.tsv"))
                 .expect("the embedded WordNet table is well-formed")
         })
     }
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn wu_palmer_matches_nltk_including_ties() {
         let wn = WordNet::embedded();
-        let reference = include_str!("../../tests/fixtures/wordnet_nltk.tsv");
+        let reference = include_str!("../tests/fixtures/wordnet_nltk.tsv");
         let (mut ties, mut n) = (0, 0);
         for line in reference.lines().filter(|l| !l.starts_with('#')) {
             let f: Vec<&str> = line.split('\t').collect();
@@ -254,7 +254,7 @@ mod tests {
     #[test]
     fn embedded_hierarchy_covers_imagenet() {
         let wn = WordNet::embedded();
-        let classes = crate::model::ClassList::parse(include_str!("../../data/imagenet_classes.txt")).unwrap();
+        let classes = crate::model::ClassList::parse(include_str!("../data/imagenet_classes.txt")).unwrap();
         for c in classes.iter() {
             let w = c.wnid.as_deref().unwrap();
             assert!(wn.contains(w), "{w} missing");

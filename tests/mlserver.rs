@@ -374,7 +374,12 @@ async fn query_based_labelfool_against_mlserver() {
         let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();
         assert_eq!(post_png_to_mlserver(&m, &png).await as u64, target, "{v}");
     } else {
-        assert_eq!(candidates.len(), 8, "the prior gave up after {} margins without reaching the target: {v}", margins.len());
+        assert_eq!(
+            candidates.len(),
+            8,
+            "the prior gave up after {} margins without reaching the target: {v}",
+            margins.len()
+        );
     }
     eprintln!("academic gown: margins {margins:?}, success {}", v["success"]);
 }

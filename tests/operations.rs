@@ -314,7 +314,8 @@ async fn observer_tokens_are_not_logged() {
     }
     wait_until("both observer requests were logged", Duration::from_secs(5), || {
         let log = s.log();
-        let done = log.lines().filter(|l| l.contains("observer-42") && l.contains("finished processing request")).count();
+        let done =
+            log.lines().filter(|l| l.contains("observer-42") && l.contains("finished processing request")).count();
         async move { done >= 2 }
     })
     .await;

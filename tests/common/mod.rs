@@ -267,18 +267,31 @@ pub async fn classify_top1(s: &Server, model: Option<&str>, image: &[u8]) -> (u6
 pub fn assert_verdict(top1: u64, report: &serde_json::Value, what: &str) -> bool {
     let success = report["success"].as_bool().unwrap_or_else(|| panic!("{what}: no success in {report}"));
     let original = report["original"]["index"].as_u64().unwrap_or_else(|| panic!("{what}: no original in {report}"));
-    assert_eq!(report["final"]["index"].as_u64(), Some(top1), "{what}: the delivered image is not the reported final class: {report}");
+    assert_eq!(
+        report["final"]["index"].as_u64(),
+        Some(top1),
+        "{what}: the delivered image is not the reported final class: {report}"
+    );
     let adversarial = match report["target"]["index"].as_u64() {
         Some(target) => top1 == target,
         None => top1 != original,
     };
-    assert_eq!(success, adversarial, "{what}: success reported as {success}, but the delivered image is class {top1}: {report}");
+    assert_eq!(
+        success, adversarial,
+        "{what}: success reported as {success}, but the delivered image is class {top1}: {report}"
+    );
     adversarial
 }
 
 /// Re-classifies a delivered image (PNG bytes) through the server's own `POST /classify` and holds
 /// the attack's `report` to it ([`assert_verdict`]). Returns whether the image is adversarial.
-pub async fn assert_delivered(s: &Server, model: Option<&str>, image: &[u8], report: &serde_json::Value, what: &str) -> bool {
+pub async fn assert_delivered(
+    s: &Server,
+    model: Option<&str>,
+    image: &[u8],
+    report: &serde_json::Value,
+    what: &str,
+) -> bool {
     let (top1, _) = classify_top1(s, model, image).await;
     assert_verdict(top1, report, what)
 }

@@ -88,6 +88,12 @@ impl Startup {
     }
 }
 
+/// The model's input for a decoded image (resize, centre crop, `3×S×S` in [0,1]).
+fn input_of(img: &Rgb8, spec: &crate::model::InputSpec) -> Result<Vec<f32>, EngineError> {
+    model_input(&img.rgb, img.width, img.height, spec)
+        .map_err(|e| EngineError::Model(format!("preprocessing failed: {e}")))
+}
+
 /// An upload decoded once: every attack, check and remote query a request makes reads these
 /// pixels; the bytes stay for what needs the file itself (a remote that takes the encoded image).
 #[derive(Clone)]
@@ -318,8 +324,7 @@ impl Engine {
                 .into_iter()
                 .map(|bytes| {
                     let img = imaging::decode(&bytes?, &limits)?;
-                    let input = model_input(&img.rgb, img.width, img.height, &spec)
-                        .map_err(|e| EngineError::Model(format!("preprocessing failed: {e}")))?;
+                    let input = input_of(&img, &spec)?;
                     Ok((img, input))
                 })
                 .collect()
@@ -344,9 +349,7 @@ impl Engine {
         let _slot = self.inner.decode_slots.acquire().await.map_err(|_| EngineError::ShuttingDown)?;
         tokio::task::spawn_blocking(move || {
             crate::model::single_threaded_torch_here();
-            let img = imaging::decode(&bytes, &limits)?;
-            model_input(&img.rgb, img.width, img.height, &spec)
-                .map_err(|e| EngineError::Model(format!("preprocessing failed: {e}")))
+            input_of(&imaging::decode(&bytes, &limits)?, &spec)
         })
         .await
         .map_err(|e| EngineError::Internal(format!("decode task failed: {e}")))?
@@ -436,8 +439,7 @@ impl Engine {
             let img = image.clone();
             tokio::task::spawn_blocking(move || {
                 crate::model::single_threaded_torch_here();
-                model_input(&img.rgb, img.width, img.height, &spec)
-                    .map_err(|e| EngineError::Model(format!("preprocessing failed: {e}")))
+                input_of(&img, &spec)
             })
             .await
             .map_err(|e| EngineError::Internal(format!("preprocessing task failed: {e}")))??
@@ -564,15 +566,23 @@ impl Engine {
         bytes: &Bytes,
         req: &AttackRequest,
     ) -> Result<(usize, Arc<ModelInfo>, AttackParams), EngineError> {
-        let (idx, info) = self.model(model)?;
-        let params = self.attack_params(&info, req)?;
         // The attack's tensors live at the upload's size: refuse from the header, before decoding.
-        let (width, height) = self.check_header(bytes, &info)?;
-        self.check_attack_pixels(width, height)?;
-        Ok((idx, info, params))
+        let (width, height) = imaging::dimensions(bytes, &self.inner.settings.decode)?;
+        self.attack_plan(model, width, height, req)
     }
 
-    fn check_attack_pixels(&self, width: u32, height: u32) -> Result<(), EngineError> {
+    /// The model, the validated parameters, and the image's size checked against the model's
+    /// resize bound and `max_attack_pixels`: what an attack on a `width`×`height` image needs.
+    fn attack_plan(
+        &self,
+        model: Option<&str>,
+        width: u32,
+        height: u32,
+        req: &AttackRequest,
+    ) -> Result<(usize, Arc<ModelInfo>, AttackParams), EngineError> {
+        let (idx, info) = self.model(model)?;
+        let params = self.attack_params(&info, req)?;
+        self.check_size(width, height, &info)?;
         if u64::from(width) * u64::from(height) > self.inner.settings.max_attack_pixels {
             return Err(ImageError::TooManyPixels {
                 width,
@@ -582,7 +592,7 @@ impl Engine {
             }
             .into());
         }
-        Ok(())
+        Ok((idx, info, params))
     }
 
     /// Decodes an upload once (its header checked against the decode limits first), for every
@@ -617,11 +627,8 @@ impl Engine {
         progress: Option<tokio::sync::watch::Sender<crate::attack::Progress>>,
     ) -> Result<AttackResult, EngineError> {
         let started = Instant::now();
-        let (idx, info) = self.model(model)?;
-        let params = self.attack_params(&info, &req)?;
         let img = upload.image.clone();
-        self.check_size(img.width, img.height, &info)?;
-        self.check_attack_pixels(img.width, img.height)?;
+        let (idx, info, params) = self.attack_plan(model, img.width, img.height, &req)?;
         let reference = req.float_reference.then(|| params.clone());
         let (outcome, job_timings) =
             self.run_attack(idx, &info, img.clone(), params, deadline, started, progress).await?;

@@ -156,15 +156,6 @@ impl From<crate::study::StudyError> for ApiError {
     }
 }
 
-impl From<crate::remote::attack::RemoteAttackError> for ApiError {
-    fn from(e: crate::remote::attack::RemoteAttackError) -> Self {
-        match e {
-            crate::remote::attack::RemoteAttackError::Remote(r) => r.into(),
-            crate::remote::attack::RemoteAttackError::Engine(e) => e.into(),
-        }
-    }
-}
-
 impl From<crate::service::ServiceError> for ApiError {
     fn from(e: crate::service::ServiceError) -> Self {
         match e {

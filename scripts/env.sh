@@ -13,3 +13,7 @@ case ":$PATH:" in
   *":$LABELFOOL_VENV/bin:"*) ;;
   *) export PATH="$LABELFOOL_VENV/bin:$PATH" ;;
 esac
+# Cargo's intermediate files (every compiled dependency) live in the cache, shared by every
+# checkout, as CI caches keep `target/`: a fresh clone compiles only this crate. The binaries
+# still land in ./target (target/release/labelfool).
+export CARGO_BUILD_BUILD_DIR="${CARGO_BUILD_BUILD_DIR:-$LABELFOOL_CACHE/cargo-build}"

@@ -14,7 +14,8 @@ pub struct TargetParams {
     pub delta2: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Branch {
     /// p̂1 > δ1: t = argmin_{i≠l̂} D[i, l̂].

@@ -133,7 +133,7 @@ pub(crate) fn load_config(cli: &Cli) -> anyhow::Result<Config> {
     let path = cli.config.clone().or_else(default_config_path);
     let mut config = Config::load(path.as_deref())?;
     if let Some(d) = &cli.device {
-        config.engine.device = d.clone();
+        config.engine.device = crate::config::DeviceSpec::parse(d).map_err(|e| anyhow::anyhow!("--device: {e}"))?;
     }
     config.validate()?;
     if path.is_none() {

@@ -10,7 +10,8 @@ use crate::imaging::metrics::Perturbation;
 use crate::model::ModelInfo;
 
 /// A decoded image's summary, as responses report it.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, serde::Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ImageSummary {
     pub width: u32,
     pub height: u32,
@@ -26,7 +27,8 @@ impl From<&Rgb8> for ImageSummary {
 }
 
 /// Where a request's time went, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Timings {
     /// Decoding and resizing on the blocking pool.
     pub decode_ms: f64,
@@ -95,7 +97,8 @@ pub struct AttackResult {
 }
 
 /// The float attack (no 8-bit rounding, no margin) beside a delivered one.
-#[derive(Debug, Clone, Copy, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct FloatReference {
     /// The float image reaches the goal (the target, or any other class when untargeted).
     pub success: bool,

@@ -23,7 +23,8 @@ pub struct EngineStats {
 }
 
 /// A count and the nanoseconds it took, as Triton's statistics report them.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Duration64 {
     pub count: u64,
     pub ns: u64,

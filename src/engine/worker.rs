@@ -565,7 +565,7 @@ fn prepare(
     i: usize,
     device: Device,
 ) -> Result<LoadedModel, ModelError> {
-    if !settings.batch_padding.pads_on(device) {
+    if !settings.batch_padding.pads_on(device.is_cuda()) {
         return Ok(m);
     }
     m.set_batch_padding(true);
@@ -578,7 +578,7 @@ fn prepare(
 
 /// A limit of 0 means "what suits this device".
 fn by_device(n: usize, device: Device) -> usize {
-    if n == 0 { crate::config::auto_batch(device) } else { n }
+    if n == 0 { crate::config::auto_batch(device.is_cuda()) } else { n }
 }
 
 /// Model `i`'s batching policy, its size limit resolved for `device`.

@@ -22,14 +22,14 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use utoipa::ToSchema;
 
 use crate::attack::Method;
 use crate::config::JobsConfig;
 use crate::engine::{Engine, EngineError};
 pub use store::{Store, StoreError, StoredResult};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
     Queued,
@@ -65,12 +65,13 @@ impl JobState {
 }
 
 /// `POST /jobs`: what to run.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     /// A folder the server can read, under one of `jobs.allowed_dirs`: flat `<wnid>_*.JPEG`
     /// files or an ImageFolder tree, as for `labelfool eval`.
-    #[schema(example = "/data/red-team/batch-1")]
+    #[cfg_attr(feature = "http", schema(example = "/data/red-team/batch-1"))]
     pub images: String,
     /// Attack methods (default: labelfool, deepfool, fgsm, sparsefool).
     #[serde(default)]
@@ -88,7 +89,8 @@ pub struct JobSpec {
 
 /// `POST /jobs` with a zip archive (multipart field `archive`): what to run on its images
 /// (multipart field `spec`, JSON; optional).
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ArchiveSpec {
     #[serde(default)]
@@ -102,7 +104,8 @@ pub struct ArchiveSpec {
 }
 
 /// A job as `/jobs` shows it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct JobInfo {
     pub id: String,
     pub state: JobState,
@@ -122,7 +125,8 @@ pub struct JobInfo {
 }
 
 /// One progress message (`/jobs/{id}/events`).
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct JobEvent {
     pub id: String,
     pub state: JobState,
@@ -149,7 +153,8 @@ impl JobEvent {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct FinishedAttack {
     pub model: String,
     pub method: String,

@@ -25,7 +25,8 @@ pub enum ModelSource {
 }
 
 /// A model's state, as `/models` and the repository index report it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum ModelState {
     Unloaded,

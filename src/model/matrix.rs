@@ -19,7 +19,8 @@ pub enum MatrixError {
 }
 
 /// The sidecar `<matrix>.json`.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct MatrixMeta {
     /// Model the matrix was built for (its class order).
     pub model: String,

@@ -21,58 +21,28 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 
 use crate::engine::{Engine, EngineError};
 use crate::jobs::{JobState, Jobs, StoreError};
 pub use results::{CLEAN, Rates};
 
-/// `[studies]`: whether studies are on, and how long observer links live.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct StudiesConfig {
-    /// Human studies on finished jobs (`/studies`, observers' links); they need `jobs.enabled`.
-    /// Off, their routes answer 503.
-    pub enabled: bool,
-    /// A new observer link works for this many hours (default 168, a week): a link is the
-    /// observer's only credential and travels by mail and chat, so it must not work forever.
-    pub observer_link_ttl_hours: u32,
-    /// The most `expires_in_hours` one link may ask for (default 2160, 90 days).
-    pub max_observer_link_ttl_hours: u32,
-}
-
-impl Default for StudiesConfig {
-    fn default() -> Self {
-        Self { enabled: true, observer_link_ttl_hours: 168, max_observer_link_ttl_hours: 2160 }
-    }
-}
-
-impl StudiesConfig {
-    pub fn validate(&self) -> Result<(), String> {
-        let (ttl, max) = (self.observer_link_ttl_hours, self.max_observer_link_ttl_hours);
-        if ttl == 0 || ttl > max {
-            return Err(format!(
-                "studies.observer_link_ttl_hours must be in 1..=studies.max_observer_link_ttl_hours ({max})"
-            ));
-        }
-        Ok(())
-    }
-}
+pub use crate::config::studies::StudiesConfig;
 
 /// `POST /studies`: which finished job to make a study of.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct StudySpec {
     /// A finished (`done`) job.
-    #[schema(max_length = 64)]
+    #[cfg_attr(feature = "http", schema(max_length = 64))]
     pub job: String,
     /// A name for people, 1 to 200 characters (default: "study of job <id>").
     #[serde(default)]
-    #[schema(max_length = 200)]
+    #[cfg_attr(feature = "http", schema(max_length = 200))]
     pub name: Option<String>,
     /// One of the job's models (default: its first).
     #[serde(default)]
-    #[schema(max_length = 200)]
+    #[cfg_attr(feature = "http", schema(max_length = 200))]
     pub model: Option<String>,
     /// The job's methods to show (default: all of them); at most 64, each at most 100
     /// characters.
@@ -111,7 +81,8 @@ fn bounded(param: &'static str, value: &str, max: usize) -> Result<String, Study
 }
 
 /// A study as `/studies` shows it.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct StudyInfo {
     pub id: String,
     pub job: String,
@@ -129,7 +100,8 @@ pub struct StudyInfo {
 }
 
 /// An observer: their link (the token is the only credential) and progress.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ObserverInfo {
     pub name: String,
     pub token: String,
@@ -145,7 +117,8 @@ pub struct ObserverInfo {
 }
 
 /// A puzzle as the study's admin sees it (the observer never sees `category` or `truth`).
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Puzzle {
     pub id: i64,
     /// The source image within the job's folder.
@@ -166,22 +139,24 @@ pub struct Puzzle {
 }
 
 /// `POST /studies/{id}/observers`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct NewObserver {
     /// Unique within the study, 1 to 100 characters (default: "observer N").
     #[serde(default)]
-    #[schema(max_length = 100)]
+    #[cfg_attr(feature = "http", schema(max_length = 100))]
     pub name: Option<String>,
     /// Hours the link works (default `studies.observer_link_ttl_hours`, at most
     /// `studies.max_observer_link_ttl_hours`).
     #[serde(default)]
-    #[schema(minimum = 1)]
+    #[cfg_attr(feature = "http", schema(minimum = 1))]
     pub expires_in_hours: Option<u32>,
 }
 
 /// What the observer's page shows: progress and the next puzzle.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Session {
     pub study: String,
     pub observer: String,
@@ -192,7 +167,8 @@ pub struct Session {
     pub puzzle: Option<PuzzleView>,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct PuzzleView {
     pub id: i64,
     /// The image to judge.
@@ -204,7 +180,8 @@ pub struct PuzzleView {
 }
 
 /// "Is this label correct?"
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Judgement {
     Correct,
@@ -212,7 +189,8 @@ pub enum Judgement {
 }
 
 /// `POST /observe/{token}/answers`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AnswerIn {
     pub puzzle: i64,
@@ -220,7 +198,8 @@ pub struct AnswerIn {
 }
 
 /// `GET /studies/{id}/results`.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct StudyResults {
     pub study: String,
     /// How CR and PG are computed.

@@ -6,7 +6,6 @@
 //! clean baseline PG = (CR_method − CR_clean) ÷ CR_clean, undefined where CR_clean = 0.
 
 use serde::Serialize;
-use utoipa::ToSchema;
 
 /// The category of clean puzzles; the others are named after the attack method.
 pub const CLEAN: &str = "clean";
@@ -32,7 +31,8 @@ impl Answer {
 }
 
 /// One category as one observer (or everybody pooled) answered it.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct CategoryRate {
     pub category: String,
     pub answered: u32,
@@ -44,7 +44,8 @@ pub struct CategoryRate {
     pub pg: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct ObserverRates {
     pub observer: String,
     pub rates: Vec<CategoryRate>,
@@ -52,7 +53,8 @@ pub struct ObserverRates {
 
 /// A category over observers: the mean and sample standard deviation of the observers' CR and
 /// PG (over the observers where each is defined), and the CR and PG of all answers pooled.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct CategorySummary {
     pub category: String,
     /// Observers with a CR for this category (and of those, with a PG).
@@ -66,7 +68,8 @@ pub struct CategorySummary {
 }
 
 /// The numbers for one set of answers (all of them, or the animal subset).
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
 pub struct Rates {
     pub answers: u32,
     pub per_observer: Vec<ObserverRates>,

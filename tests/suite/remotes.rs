@@ -2,7 +2,7 @@
 //! transfer check (`/attack?verify=remote:<name>`) in its three input modes, and every way an
 //! endpoint can misbehave (a fake endpoint, for faults no real server produces on demand).
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
@@ -353,7 +353,7 @@ async fn the_score_based_search_takes_over_when_the_prior_does_not_transfer() {
     }
     // The tiny network's seeded weights are nearly flat (top-1 ≈ 0.14 of 10 classes), so neither
     // half reaches its targets here; the search reaching targets is shown on a synthetic model
-    // (remote::search's tests) and on EfficientNet-Lite2 behind MLServer (tests/mlserver.rs).
+    // (remote::search's tests) and on EfficientNet-Lite2 behind MLServer (tests/suite/mlserver.rs).
     assert!(searched >= 1, "the prior transferred every time: the test no longer reaches the search");
     eprintln!("{reached} of 4 reached");
     // `search` goes with a remote; the search's ε is one value.

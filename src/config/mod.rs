@@ -2,6 +2,10 @@
 //! then command-line flags. Everything is validated before the server binds, so a bad value stops
 //! start-up with one clear message instead of failing later inside a request.
 
+pub mod description;
+pub mod remotes;
+pub mod studies;
+
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,6 +14,10 @@ use std::time::Duration;
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
+
+pub use description::Description;
+pub use remotes::{RemoteConfig, RemoteInput, Scores};
+pub use studies::StudiesConfig;
 
 /// Where the setup keeps the torch venv and the exported model bundles, unless `LABELFOOL_CACHE` says.
 pub fn cache_dir() -> PathBuf {
@@ -32,9 +40,11 @@ pub fn default_config_path() -> Option<PathBuf> {
 }
 
 /// The `device` setting: `auto | cpu | cuda | cuda:N` (resolved to a libtorch device on the
-/// worker thread, `model::device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// worker thread, `model::device`). Read from its string form, so a bad value fails at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DeviceSpec {
+    #[default]
     Auto,
     Cpu,
     Cuda(usize),
@@ -52,6 +62,19 @@ impl DeviceSpec {
                 .map(Self::Cuda)
                 .ok_or_else(|| format!("{s:?} is not a device; use auto, cpu, cuda or cuda:N")),
         }
+    }
+}
+
+impl TryFrom<String> for DeviceSpec {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Self::parse(&s)
+    }
+}
+
+impl From<DeviceSpec> for String {
+    fn from(d: DeviceSpec) -> String {
+        d.to_string()
     }
 }
 
@@ -86,11 +109,11 @@ pub struct Config {
     /// Triton model repositories whose `pytorch_libtorch` models are served as they are.
     pub repositories: Vec<RepositoryConfig>,
     /// Models behind other servers' Open Inference Protocol endpoints (`remote:<name>`).
-    pub remotes: Vec<crate::remote::RemoteConfig>,
+    pub remotes: Vec<RemoteConfig>,
     /// Durable jobs (`/jobs`): where they and their results live.
     pub jobs: JobsConfig,
     /// Human studies (`/studies`): how long observer links live.
-    pub studies: crate::study::StudiesConfig,
+    pub studies: StudiesConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -194,7 +217,7 @@ pub struct ServerConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// `auto` (CUDA when available, else CPU), `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
+    pub device: DeviceSpec,
     /// libtorch intra-op threads on the worker; 0 = libtorch's default (one per core).
     pub threads: usize,
     /// Jobs that may wait for the worker; one more is answered 503 with `Retry-After`.
@@ -245,10 +268,10 @@ pub enum BatchPadding {
 }
 
 impl BatchPadding {
-    /// Whether batches are padded on `device`.
-    pub fn pads_on(self, device: tch::Device) -> bool {
+    /// Whether batches are padded on a CUDA (`cuda`) or CPU device.
+    pub fn pads_on(self, cuda: bool) -> bool {
         match self {
-            Self::Auto => device.is_cuda(),
+            Self::Auto => cuda,
             Self::Off => false,
             Self::Pow2 => true,
         }
@@ -318,7 +341,7 @@ pub struct ModelConfig {
     /// With `torchscript`: what the network expects and returns, e.g.
     /// `{ size = 224, mean = [0.485, 0.456, 0.406], std = [0.229, 0.224, 0.225], classes = "imagenet" }`.
     #[serde(default)]
-    pub description: Option<crate::model::bundle::Description>,
+    pub description: Option<Description>,
     /// Distance matrix (`.npy` with a `.json` sidecar); default `<dir>/distance.npy` when present.
     #[serde(default)]
     pub matrix: Option<String>,
@@ -378,7 +401,7 @@ impl Default for ServerConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
-            device: "auto".into(),
+            device: DeviceSpec::Auto,
             threads: 0,
             queue_capacity: 256,
             max_inflight_attacks: 16,
@@ -445,7 +468,8 @@ impl Config {
             })?;
         }
         if let Some(device) = env_nonempty("LABELFOOL_DEVICE") {
-            config.engine.device = device;
+            config.engine.device =
+                DeviceSpec::parse(&device).map_err(|e| ConfigError::Invalid(format!("LABELFOOL_DEVICE: {e}")))?;
         }
         if let Some(key) = env_nonempty("LABELFOOL_API_KEY") {
             config.server.api_key = Some(key);
@@ -456,7 +480,6 @@ impl Config {
     /// Checks that need no model file: ranges, names, the device string.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
-        DeviceSpec::parse(&self.engine.device).map_err(|e| ConfigError::Invalid(format!("engine.device: {e}")))?;
         if self.models.is_empty() {
             return bad("no [[models]] configured (the first is the default model)".into());
         }
@@ -558,8 +581,7 @@ impl Config {
     }
 
     pub fn device(&self) -> DeviceSpec {
-        // validate() has parsed it; fall back to auto rather than panic if a caller skipped it.
-        DeviceSpec::parse(&self.engine.device).unwrap_or(DeviceSpec::Auto)
+        self.engine.device
     }
 
     pub fn batch_wait(&self, model: &ModelConfig) -> Duration {
@@ -573,8 +595,8 @@ impl Config {
 }
 
 /// The batch limit a `0` ("by device") setting stands for.
-pub fn auto_batch(device: tch::Device) -> usize {
-    if device.is_cuda() { 64 } else { 4 }
+pub fn auto_batch(cuda: bool) -> usize {
+    if cuda { 64 } else { 4 }
 }
 
 impl ModelConfig {
@@ -657,10 +679,6 @@ mod tests {
     fn bad_values_are_rejected_with_the_key_named() {
         let mut c = Config::default();
         c.models.push(model("m"));
-        c.engine.device = "gpu7".into();
-        let msg = c.validate().unwrap_err().to_string();
-        assert!(msg.contains("engine.device"), "{msg}");
-        c.engine.device = "cuda:1".into();
         c.attack.margins = vec![1.0, 0.5];
         assert!(c.validate().unwrap_err().to_string().contains("margins"));
     }
@@ -702,6 +720,11 @@ mod tests {
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "[engine]\ndevcie = \"cpu\"\n").unwrap();
         assert!(Config::load(Some(&bad)).is_err());
+        // The device is read into its type at load, so a bad one is refused there, key named.
+        let gpu7 = dir.path().join("gpu7.toml");
+        std::fs::write(&gpu7, "[engine]\ndevice = \"gpu7\"\n").unwrap();
+        let msg = Config::load(Some(&gpu7)).unwrap_err().to_string();
+        assert!(msg.contains("engine.device") && msg.contains("not a device"), "{msg}");
         assert!(matches!(Config::load(Some(&dir.path().join("none.toml"))), Err(ConfigError::Missing(_))));
     }
 }

@@ -1,6 +1,6 @@
 //! The engine in-process: pass counting, batching equivalence, cancellation.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ const DEADLINE: Duration = Duration::from_secs(600);
 
 fn config(model: &str, tweak: impl FnOnce(&mut Config)) -> Config {
     let mut c = Config::default();
-    c.engine.device = "cpu".into();
+    c.engine.device = labelfool::config::DeviceSpec::Cpu;
     c.models.push(ModelConfig::bundle(model, &models_dir().join(model).to_string_lossy()));
     tweak(&mut c);
     c.validate().unwrap();

@@ -3,7 +3,7 @@
 //! SIGKILL in the middle of a job that loses no finished image and resumes (or marks the job
 //! interrupted) after a restart.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -402,7 +402,7 @@ async fn progress_channels_nobody_follows_are_not_kept() {
     use labelfool::config::{Config, ModelConfig};
     let state = tempfile::tempdir().unwrap();
     let mut c = Config::default();
-    c.engine.device = "cpu".into();
+    c.engine.device = labelfool::config::DeviceSpec::Cpu;
     c.models.push(ModelConfig::bundle("tiny", &models_dir().join("tiny").to_string_lossy()));
     c.jobs.database = state.path().join("jobs.sqlite3").to_string_lossy().into_owned();
     c.jobs.dir = state.path().join("jobs").to_string_lossy().into_owned();

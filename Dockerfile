@@ -40,8 +40,11 @@ RUN mkdir -p /opt/runtime \
  && cp target/release/labelfool /opt/runtime/labelfool
 
 # ---- or prebuilt: the same tree, assembled by scripts/container from this checkout's build ---------
+# libtorch and the model first, the binary apart: a rebuild that changes only the binary reuses the
+# gigabytes' layers.
 FROM debian:bookworm-slim AS build-prebuilt
-COPY runtime/ /opt/runtime/
+COPY runtime/opt/ /opt/runtime/opt/
+COPY bin/labelfool /opt/runtime/labelfool
 
 FROM build-${BUILD} AS build
 

@@ -304,6 +304,29 @@ async fn query_based_labelfool_spends_at_most_its_budget() {
     assert_eq!(status, 422, "{v}");
 }
 
+/// A query-based attack on `path` with `query`, answered 200 within `budget` queries; its outcome
+/// is printed for the log.
+async fn attack_remote(s: &Server, path: &std::path::Path, query: &str, budget: u64) -> Value {
+    let res = client()
+        .post(s.url(query))
+        .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
+        .send()
+        .await
+        .unwrap();
+    let (status, v) = json(res).await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["queries"].as_u64().unwrap() <= budget, "{v}");
+    eprintln!(
+        "{}: {} queries, success {}, search {}, linf {}",
+        path.display(),
+        v["queries"],
+        v["success"],
+        v["search"],
+        v["perturbation"]["linf"]
+    );
+    v
+}
+
 /// When the surrogate's candidates do not transfer, the score-based search spends the rest of the
 /// budget on the remote's scores, on the 8-bit lattice, within ε of the upload.
 #[tokio::test]
@@ -319,15 +342,8 @@ async fn the_score_based_search_takes_over_when_the_prior_does_not_transfer() {
     let mut searched = 0;
     let mut reached = 0;
     for path in sample_images().iter().take(4) {
-        let res = client()
-            .post(s.url(&format!("/attack?model=remote:prod&surrogate=tiny&budget=200&epsilon={EPS}")))
-            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
-            .send()
-            .await
-            .unwrap();
-        let (status, v) = json(res).await;
-        assert_eq!(status, 200, "{v}");
-        assert!(v["queries"].as_u64().unwrap() <= 200, "{v}");
+        let query = format!("/attack?model=remote:prod&surrogate=tiny&budget=200&epsilon={EPS}");
+        let v = attack_remote(&s, path, &query, 200).await;
         assert_eq!(v["success"].as_bool(), Some(v["final"]["index"] == v["target"]["index"]), "{v}");
         if v["search"].is_object() {
             searched += 1;
@@ -343,14 +359,6 @@ async fn the_score_based_search_takes_over_when_the_prior_does_not_transfer() {
             assert_eq!(v["success"], true, "{v}");
         }
         reached += usize::from(v["success"] == true);
-        eprintln!(
-            "{}: {} queries, success {}, search {}, linf {}",
-            path.display(),
-            v["queries"],
-            v["success"],
-            v["search"],
-            v["perturbation"]["linf"]
-        );
     }
     // The tiny network's seeded weights are nearly flat (top-1 ≈ 0.14 of 10 classes), so neither
     // half reaches its targets here: this test holds the search's wiring and bounds; the next one
@@ -387,23 +395,8 @@ async fn the_score_based_search_reaches_targets_the_prior_misses_on_a_real_netwo
     let mut images = sample_images();
     images.sort_by_key(|p| !p.to_string_lossy().contains("black_swan"));
     for path in images {
-        let res = client()
-            .post(s.url(&format!("/attack?model=remote:prod&surrogate=efficientnet-lite0&budget=300&epsilon={EPS}")))
-            .multipart(multipart_image(std::fs::read(&path).unwrap(), "x.jpg"))
-            .send()
-            .await
-            .unwrap();
-        let (status, v) = json(res).await;
-        assert_eq!(status, 200, "{v}");
-        assert!(v["queries"].as_u64().unwrap() <= 300, "{v}");
-        eprintln!(
-            "{}: {} queries, success {}, search {}, linf {}",
-            path.display(),
-            v["queries"],
-            v["success"],
-            v["search"],
-            v["perturbation"]["linf"]
-        );
+        let query = format!("/attack?model=remote:prod&surrogate=efficientnet-lite0&budget=300&epsilon={EPS}");
+        let v = attack_remote(&s, &path, &query, 300).await;
         if !v["search"].is_object() {
             continue;
         }

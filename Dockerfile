@@ -10,7 +10,7 @@
 #
 # BUILD=prebuilt takes the binary, libtorch and the default model already built by scripts/setup
 # instead of building them here: `scripts/container build` assembles that context and builds the
-# image with podman (the container test in tests/suite/container.rs does so). The runtime stage is the
+# image with podman (the container test in tests/container.rs does so). The runtime stage is the
 # same either way.
 ARG VARIANT=cpu
 ARG BUILD=source

@@ -1,6 +1,6 @@
 """Calls a LabelFool server's /v2 routes with the official Triton client library
 (tritonclient[http]), as a Triton user would, and prints what it saw as one JSON object.
-Run by tests/suite/triton_client.rs with the setup's Python: URL MODEL IMAGE SIZE."""
+Run by tests/triton_client.rs with the setup's Python: URL MODEL IMAGE SIZE."""
 import json
 import sys
 

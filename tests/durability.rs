@@ -5,7 +5,7 @@
 //! gone once the next server has started; at the end every job finished with every image
 //! exactly once.
 
-use crate::common;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt;

@@ -1,7 +1,7 @@
 //! Each attack's defining property, on the tiny test model, driving the rows through the same
 //! runner tick the worker uses.
 
-use crate::common;
+mod common;
 
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@
 //! and on the probe listener. A route registered without a class has no `x-labelfool` and fails
 //! here (and cannot be registered: `src/http/routes.rs` is the only place routes are added).
 
-use crate::common;
+mod common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! against a hand computation.
 //! `LABELFOOL_SCREENSHOTS=<dir>` keeps screenshots of the main screens (the README's).
 
-use crate::common;
+mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -30,7 +30,7 @@ async fn browser() -> (Driver, Client) {
         .find(|p| std::path::Path::new(p).is_file())
         .expect("no chromedriver: run scripts/setup (it installs Debian's chromium and chromium-driver)");
     // Port 0: chromedriver binds a free port itself and says which on its startup line (as the
-    // server's own "listening on" line is read in tests/suite/common), so no port is picked, dropped and
+    // server's own "listening on" line is read in tests/common), so no port is picked, dropped and
     // raced for.
     let mut child = Command::new(bin)
         .arg("--port=0")

@@ -1,7 +1,7 @@
 //! The HTTP API against a real server process on the tiny test models: every input form, every
 //! error status, concurrency, and the OpenAPI document.
 
-use crate::common;
+mod common;
 
 use base64::Engine as _;
 use common::*;

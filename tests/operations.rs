@@ -1,7 +1,7 @@
 //! Serving operations against a real server process: metrics, graceful shutdown, fault isolation,
 //! cancellation, authentication, CORS, load shedding, JSON logs, and the Open Inference Protocol.
 
-use crate::common;
+mod common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! every LABELFOOL_* variable they set is a valid configuration key, and the Dockerfile builds
 //! with the same setup script as CI.
 
-use crate::common;
+mod common;
 
 use std::path::{Path, PathBuf};
 

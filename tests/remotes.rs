@@ -2,7 +2,7 @@
 //! transfer check (`/attack?verify=remote:<name>`) in its three input modes, and every way an
 //! endpoint can misbehave (a fake endpoint, for faults no real server produces on demand).
 
-use crate::common;
+mod common;
 
 use std::time::{Duration, Instant};
 

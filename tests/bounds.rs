@@ -3,7 +3,7 @@
 //! work slot, and the shutdown grace is a hard limit. Memory is read from the kernel's own
 //! accounting of the server process (`VmHWM`, its peak resident set).
 
-use crate::common;
+mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -14,7 +14,7 @@
 //!    defaults wherever it sets a key.
 //! 3. Every relative link points to a file (and heading) that exists; `README.md` ≤ 12 KB.
 
-use crate::common;
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

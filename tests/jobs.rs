@@ -3,7 +3,7 @@
 //! SIGKILL in the middle of a job that loses no finished image and resumes (or marks the job
 //! interrupted) after a restart.
 
-use crate::common;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -2,7 +2,7 @@
 //! setup's Python) calls them: health, metadata, configuration, statistics, inference with JSON and
 //! with binary tensor data (in and out), the classification extension, and readable errors.
 
-use crate::common;
+mod common;
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! The distance-matrix builder end to end: extraction through the engine, shards and reduce (bit
 //! for bit), class-mapping errors, semantic and blended matrices, and serving the result.
 
-use crate::common;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! plainly, a tiny copy laid out by the test), load and unload at run time through the Open
 //! Inference Protocol's repository extension, and transfer checks inside one server.
 
-use crate::common;
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! End-to-end checks on the real default model (EfficientNet-Lite0, ImageNet): the server, the
 //! CLI and the binary's link against the cached libtorch.
 
-use crate::common;
+mod common;
 
 use std::process::Command;
 

@@ -6,7 +6,7 @@
 //! sample into a PNG the server classifies as the target, keep a job across a restart with its
 //! volume, and on SIGTERM drain and exit 0 within the grace.
 
-use crate::common;
+mod common;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! Lite0 and checks the transfer to it; the delivered PNG, posted to MLServer, gives the label the
 //! answer reported.
 
-use crate::common;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,7 +1,7 @@
 //! A few thousand mutated images and malformed requests against a real server (bounded, seeded,
 //! so a failure reproduces): no 5xx, no hang, and the server is healthy afterwards.
 
-use crate::common;
+mod common;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! The engine in-process: pass counting, batching equivalence, cancellation.
 
-use crate::common;
+mod common;
 
 use std::time::Duration;
 

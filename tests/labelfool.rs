@@ -1,7 +1,7 @@
 //! LabelFool over HTTP: target-label preview and decision, `/attack` round trips on the real
 //! default model (the delivered PNG is what `/classify` says it is), and parameter validation.
 
-use crate::common;
+mod common;
 
 use base64::Engine as _;
 use common::*;

@@ -1,7 +1,7 @@
 //! `labelfool eval` end to end on the tiny model: bad files are reported and skipped, every method
 //! runs, and the report's figures are real charts.
 
-use crate::common;
+mod common;
 
 use std::process::Command;
 

@@ -3,7 +3,7 @@
 //! links without the API key, CR and PG equal to a hand computation from the stored answers,
 //! the CSV and chart, everything still there after a restart, and deleted with its folder.
 
-use crate::common;
+mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! becomes a bundle that matches onnxruntime and attacks; broken models are refused with a
 //! message naming the problem, and nothing is written.
 
-use crate::common;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

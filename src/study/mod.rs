@@ -515,7 +515,7 @@ impl Studies {
             .with(move |c| {
                 let Some(o) = store::observer(c, &t)? else { return Ok(None) };
                 let Some(study) = store::study(c, &o.study)? else { return Ok(None) };
-                let puzzles = store::puzzles(c, &o.study)?;
+                let puzzles = store::group_puzzles(c, &o.study, o.group)?;
                 let answers = store::answers_of(c, &t)?;
                 Ok(Some((study, o, puzzles, answers)))
             })

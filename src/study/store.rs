@@ -94,6 +94,17 @@ pub fn puzzles(c: &Connection, study: &str) -> Result<Vec<Puzzle>, StoreError> {
     Ok(rows)
 }
 
+/// The puzzles of one group (on the `(study_id, grp)` index): what an observer's every call
+/// needs, without reading the whole study.
+pub fn group_puzzles(c: &Connection, study: &str, group: u32) -> Result<Vec<Puzzle>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT id, source, category, image, label, label_wnid, truth, animal, grp FROM puzzles \
+         WHERE study_id = ?1 AND grp = ?2 ORDER BY id",
+    )?;
+    let rows = st.query_map(params![study, group], |r| puzzle_at(r, 0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
 /// A puzzle from the nine columns `id, source, category, image, label, label_wnid, truth,
 /// animal, grp` starting at column `at`.
 fn puzzle_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Puzzle> {

@@ -8,6 +8,9 @@ const token = decodeURIComponent(location.pathname.split("/").filter(Boolean)[1]
 let current = null;
 // When the current puzzle's picture was displayed (its `load`), for the answer's `elapsed_ms`.
 let shownAt = null;
+// The answer button last used, focused again once the next picture is answerable (so the
+// focus never drops to the page, where Tab then Enter would answer with the other button).
+let lastUsed = null;
 // The longest answer time sent (the server's bound): a page left open is no answer time.
 const MAX_ELAPSED_MS = 3600000;
 
@@ -65,6 +68,7 @@ function show(session) {
     if (!current || current.id !== id) return;
     shownAt = performance.now();
     setAnswerable(true);
+    if (lastUsed) lastUsed.focus();
   };
   img.onload = ready;
   img.onerror = ready;
@@ -81,7 +85,8 @@ function show(session) {
 }
 
 async function answer(judgement) {
-  if (!current || shownAt === null) return;
+  if (!current || shownAt === null || document.body.dataset.answerable !== "true") return;
+  lastUsed = document.querySelector(`.answers button[data-answer="${judgement}"]`);
   const elapsed = Math.min(MAX_ELAPSED_MS, Math.max(0, Math.round(performance.now() - shownAt)));
   setAnswerable(false);
   $("#error").hidden = true;
@@ -99,6 +104,15 @@ async function answer(judgement) {
 
 async function start() {
   for (const b of document.querySelectorAll(".answers button")) b.addEventListener("click", () => answer(b.dataset.answer));
+  // Keys: c or y answers "Correct", i or n "Incorrect" (only while the buttons are enabled).
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const judgement = { c: "correct", y: "correct", i: "incorrect", n: "incorrect" }[e.key.toLowerCase()];
+    if (judgement) {
+      e.preventDefault();
+      answer(judgement);
+    }
+  });
   try {
     show(await call(`/observe/${encodeURIComponent(token)}/session`));
   } catch (_) { /* shown */ }

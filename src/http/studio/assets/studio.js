@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { key: sessionStorage.getItem("labelfool-key") || "", image: null, imageName: "", decision: null, target: null };
+const state = { key: sessionStorage.getItem("labelfool-key") || "", image: null, imageName: "", decision: null, target: null, running: false };
 const SAMPLES = ["zebra", "tench", "siberian-husky"];
 
 function el(tag, attrs = {}, ...children) {
@@ -62,17 +62,29 @@ async function loadModels() {
   }
 }
 
+// A new image replaces everything the previous one showed at once; Run stays disabled until
+// this one is classified and decided (a file the server refuses leaves nothing to attack).
 async function setImage(blob, name) {
   clearError();
+  $("#run").disabled = true;
+  for (const sel of ["#classification", "#decision", "#ranking tbody", "#results"]) $(sel).replaceChildren();
+  state.decision = null;
+  state.target = null;
   state.image = blob;
   state.imageName = name;
   const img = $("#original");
   img.src = URL.createObjectURL(blob);
   img.hidden = false;
-  $("#results").replaceChildren();
-  await classify();
-  await decide();
-  $("#run").disabled = false;
+  try {
+    await classify();
+    await decide();
+  } catch (e) {
+    img.hidden = true;
+    img.removeAttribute("src");
+    state.image = null;
+    throw e;
+  }
+  $("#run").disabled = state.running;
 }
 
 async function classify() {
@@ -170,7 +182,20 @@ function fillCard(card, r) {
   drawDifference(canvas).catch((e) => showError("cannot draw the difference: " + e));
 }
 
+// One run at a time: Run is disabled until every attack of this one has ended.
 async function runAttacks() {
+  if (state.running || !state.image) return;
+  state.running = true;
+  $("#run").disabled = true;
+  try {
+    await attackAll();
+  } finally {
+    state.running = false;
+    $("#run").disabled = !state.image;
+  }
+}
+
+async function attackAll() {
   clearError();
   $("#results").replaceChildren();
   const methods = [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value);

@@ -249,7 +249,8 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
                 .unwrap()
                 .parse()
                 .unwrap();
-            until(&c, "document.querySelector('#puzzle-image').complete && document.querySelector('#puzzle-image').naturalWidth > 0", minute).await;
+            // The buttons are enabled once the picture has loaded.
+            until(&c, "document.body.dataset.answerable === 'true' && document.querySelector('#puzzle-image').naturalWidth > 0", minute).await;
             if n == 0 && k == 0 {
                 screenshot(&c, "studio-observer.png").await;
             }

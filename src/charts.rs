@@ -221,9 +221,9 @@ pub fn panel(
     Ok(())
 }
 
-/// Bars per category, one per series side by side, each with a whisker of ± its spread
-/// (values and spreads in [0, 1], drawn as %), returned as PNG bytes. The human study's chart
-/// (the paper's Figure 3: confusion rate per method, all images and animals).
+/// Grouped bars with whiskers (a value ± its spread per category and series), in the values'
+/// own units: the axis spans every bar and whisker and zero (drawn as a line), nothing is cut
+/// off (a gain of 3 or of −0.5 shows whole), and each bar is labelled with its value.
 pub fn grouped_bars_png(
     title: &str,
     y_label: &str,
@@ -233,6 +233,7 @@ pub fn grouped_bars_png(
     fonts();
     let (w, h) = (760u32, 440u32);
     let mut buf = vec![0u8; (w * h * 3) as usize];
+    let (y0, y1) = span(series.iter().flat_map(|(_, v)| v.iter().copied()));
     {
         let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
         root.fill(&WHITE)?;
@@ -243,7 +244,7 @@ pub fn grouped_bars_png(
             .margin(16)
             .x_label_area_size(36)
             .y_label_area_size(56)
-            .build_cartesian_2d(0.0..n, 0.0..100.0)?;
+            .build_cartesian_2d(0.0..n, y0..y1)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
@@ -259,12 +260,14 @@ pub fn grouped_bars_png(
             .y_desc(y_label)
             .label_style(("sans-serif", 15))
             .draw()?;
+        chart.draw_series(std::iter::once(PathElement::new(vec![(0.0, 0.0), (n, 0.0)], BLACK.stroke_width(1))))?;
         let slot = 0.8 / k;
+        let pad = (y1 - y0) * 0.04;
         for (s, (name, values)) in series.iter().enumerate() {
             let c = color(s);
             let bars = values.iter().enumerate().map(|(i, (v, _))| {
                 let x0 = i as f64 + 0.1 + s as f64 * slot;
-                Rectangle::new([(x0, 0.0), (x0 + slot * 0.9, v * 100.0)], c.filled())
+                Rectangle::new([(x0, 0.0), (x0 + slot * 0.9, *v)], c.filled())
             });
             chart
                 .draw_series(bars)?
@@ -272,7 +275,7 @@ pub fn grouped_bars_png(
                 .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], c.filled()));
             for (i, (v, spread)) in values.iter().enumerate() {
                 let x = i as f64 + 0.1 + s as f64 * slot + slot * 0.45;
-                let (lo, hi) = (((v - spread) * 100.0).max(0.0), ((v + spread) * 100.0).min(100.0));
+                let (lo, hi) = (v - spread, v + spread);
                 if *spread > 0.0 {
                     chart.draw_series(std::iter::once(PathElement::new(
                         vec![(x, lo), (x, hi)],
@@ -280,8 +283,8 @@ pub fn grouped_bars_png(
                     )))?;
                 }
                 chart.draw_series(std::iter::once(Text::new(
-                    format!("{:.0}%", v * 100.0),
-                    (x - slot * 0.3, (hi + 5.0).min(96.0)),
+                    format!("{v:.2}"),
+                    (x - slot * 0.3, hi.max(*v).max(0.0) + pad),
                     ("sans-serif", 13).into_font().color(&BLACK),
                 )))?;
             }
@@ -299,4 +302,32 @@ pub fn grouped_bars_png(
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
     Ok(png)
+}
+
+/// The y axis for bars `(value, spread)`: zero and every whisker's ends, with a margin for the
+/// labels (0 to 1 when there is nothing to show).
+fn span(values: impl Iterator<Item = (f64, f64)>) -> (f64, f64) {
+    let (lo, hi) = values
+        .filter(|(v, s)| v.is_finite() && s.is_finite())
+        .fold((0.0f64, 0.0f64), |(lo, hi), (v, s)| (lo.min(v - s.abs()), hi.max(v + s.abs())));
+    let margin = ((hi - lo) * 0.15).max(if hi > lo { 0.0 } else { 1.0 });
+    (if lo < 0.0 { lo - margin } else { 0.0 }, hi + margin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gain_axis_holds_every_whisker_and_zero() {
+        // A mean PG of 2 ± 1.5 and one of −0.4 ± 0.3: nothing is cut at 1 (100%) or at 0.
+        let (lo, hi) = span([(2.0, 1.5), (-0.4, 0.3)].into_iter());
+        assert!(lo < -0.7 && hi > 3.5, "{lo}..{hi}");
+        let (lo, hi) = span([(0.5, 0.1)].into_iter());
+        assert!(lo == 0.0 && hi > 0.6, "{lo}..{hi}");
+        assert_eq!(span(std::iter::empty()), (0.0, 1.0));
+        let png =
+            grouped_bars_png("t", "PG", &["a".into(), "b".into()], &[("all", &[(2.0, 1.5), (-0.4, 0.3)])]).unwrap();
+        image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+    }
 }

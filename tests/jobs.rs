@@ -20,6 +20,15 @@ fn images_dir(root: &Path, n: usize) -> PathBuf {
     dir
 }
 
+/// A folder `named` under `root` of four pictures named as the tiny model classifies them: a
+/// job on it can make a study (its sources count as correctly classified).
+async fn named_dir(s: &Server, root: &Path) -> PathBuf {
+    let dir = root.join("named");
+    std::fs::create_dir_all(&dir).unwrap();
+    copy_named_as_classified(s, "", &dir, &sample_images()[..4]).await;
+    dir
+}
+
 fn jobs_config(root: &Path) -> String {
     format!("[jobs]\nallowed_dirs = [\"{}\"]\n", root.display())
 }
@@ -625,7 +634,7 @@ async fn a_job_can_be_purged_with_everything_it_made() {
     let delete = |id: &str, query: &str| client().delete(s.url(&format!("/jobs/{id}{query}"))).send();
 
     let small = json!({"images": images, "methods": ["fgsm"], "models": ["tiny"], "limit": 3});
-    let (_, done) = create(&s, small.clone()).await;
+    let (_, done) = create(&s, small).await;
     let done = done["id"].as_str().unwrap().to_string();
     assert_eq!(sse_events(&s, &done).await.last().unwrap()["state"], "done");
     assert!(dir.join(&done).is_dir());
@@ -648,7 +657,8 @@ async fn a_job_can_be_purged_with_everything_it_made() {
     assert!(!dir.join(&running).exists(), "the purged job's folder came back");
 
     // Used by a study: 409 naming it.
-    let (_, used) = create(&s, small).await;
+    let named = named_dir(&s, root.path()).await;
+    let (_, used) = create(&s, json!({"images": named, "methods": ["fgsm"], "models": ["tiny"]})).await;
     let used = used["id"].as_str().unwrap().to_string();
     sse_events(&s, &used).await;
     let (status, study) =
@@ -687,7 +697,8 @@ async fn finished_jobs_past_their_retention_are_purged() {
     let body = json!({"images": images, "methods": ["fgsm"], "models": ["tiny"]});
     let s = start_in(&config("0"), state.path());
     let (_, old) = create(&s, body.clone()).await;
-    let (_, studied) = create(&s, body.clone()).await;
+    let named = named_dir(&s, root.path()).await;
+    let (_, studied) = create(&s, json!({"images": named, "methods": ["fgsm"], "models": ["tiny"]})).await;
     let (old, studied) = (old["id"].as_str().unwrap().to_string(), studied["id"].as_str().unwrap().to_string());
     sse_events(&s, &old).await;
     sse_events(&s, &studied).await;

@@ -88,22 +88,18 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
     let root = tempfile::tempdir().unwrap();
     let images = root.path().join("images");
     std::fs::create_dir(&images).unwrap();
-    // Four pictures named as four of the tiny model's classes (its first ten of ImageNet's), and
-    // a second, different picture of the first class: the reference shown with that label.
-    let classes = std::fs::read_to_string(models_dir().join("tiny/classes.txt")).unwrap();
-    let wnids: Vec<&str> = classes.lines().filter_map(|l| l.split_whitespace().next()).take(4).collect();
-    for (p, w) in sample_images().iter().zip(&wnids) {
-        std::fs::copy(p, images.join(format!("{w}_{}.JPEG", wnids.len()))).unwrap();
-    }
-    let first = images.join(format!("{}_4.JPEG", wnids[0]));
-    let wnid = wnids[0].to_string();
-    let twin = format!("{wnid}_second.JPEG");
-    image::open(&first).unwrap().fliph().to_rgb8().save(images.join(&twin)).unwrap();
     let data = root.path().join("data");
     let env = [("LABELFOOL_JOBS__DATABASE", data.join("jobs.sqlite3")), ("LABELFOOL_JOBS__DIR", data.join("jobs"))];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
     let s = Server::start_with_env(&config(root.path()), &env);
     let api = Api { s: &s };
+    // Four pictures named as the tiny model's class for each (so each is classified correctly,
+    // as an adversarial puzzle needs), and a second, different picture of the first's class: the
+    // reference shown with that label.
+    let named = copy_named_as_classified(&s, KEY, &images, &sample_images()[..4]).await;
+    let (first, wnid) = (images.join(&named[0].0), named[0].1.clone());
+    let twin = format!("{wnid}_second.JPEG");
+    image::open(&first).unwrap().fliph().to_rgb8().save(images.join(&twin)).unwrap();
 
     // A job still waiting cannot make a study; an unknown one is 404; the admin needs the key.
     let (status, long) = api.post("/jobs", json!({"images": images, "methods": ["labelfool", "deepfool"]})).await;
@@ -126,6 +122,7 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
     let id = study["id"].as_str().unwrap().to_string();
     assert_eq!(study["categories"], json!(["clean", "labelfool", "deepfool"]));
     assert_eq!(study["groups"].as_array().unwrap().len(), 3);
+    assert!(study["seed"].as_u64().is_some(), "the drawn seed is reported: {study}");
     let (_, puzzles) = api.get(&format!("/studies/{id}/puzzles")).await;
     let puzzles = puzzles.as_array().unwrap().clone();
     assert_eq!(puzzles.len() as u64, study["puzzles"].as_u64().unwrap());
@@ -291,26 +288,28 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
     assert_eq!(client().delete(s.url(&format!("/studies/{id}"))).send().await.unwrap().status(), 401);
 }
 
-/// A server with the tiny model, a folder of five pictures (four classes, the first twice) and a
-/// finished one-method job on it: (the root, the pictures' folder, the data folder, the server,
-/// the job, the first class's wnid).
+/// A server with the tiny model, a folder of five pictures (four named as the class the model
+/// gives each, and a second picture of the first's class) and a finished one-method job on it:
+/// (the root, the pictures' folder, the data folder, the server, the job, the first picture's
+/// wnid and file name).
 async fn finished_job(
     studies: &str,
-) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, Server, String, String) {
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf, Server, String, (String, String)) {
     let root = tempfile::tempdir().unwrap();
     let images = root.path().join("images");
     std::fs::create_dir(&images).unwrap();
-    let classes = std::fs::read_to_string(models_dir().join("tiny/classes.txt")).unwrap();
-    let wnids: Vec<&str> = classes.lines().filter_map(|l| l.split_whitespace().next()).take(4).collect();
-    for (p, w) in sample_images().iter().zip(&wnids) {
-        std::fs::copy(p, images.join(format!("{w}_4.JPEG"))).unwrap();
-    }
-    let first = images.join(format!("{}_4.JPEG", wnids[0]));
-    image::open(&first).unwrap().fliph().to_rgb8().save(images.join(format!("{}_second.JPEG", wnids[0]))).unwrap();
     let data = root.path().join("data");
     let env = [("LABELFOOL_JOBS__DATABASE", data.join("jobs.sqlite3")), ("LABELFOOL_JOBS__DIR", data.join("jobs"))];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
     let s = Server::start_with_env(&format!("{studies}\n{}", config(root.path())), &env);
+    let named = copy_named_as_classified(&s, KEY, &images, &sample_images()[..4]).await;
+    let (first, wnid) = (named[0].0.clone(), named[0].1.clone());
+    image::open(images.join(&first))
+        .unwrap()
+        .fliph()
+        .to_rgb8()
+        .save(images.join(format!("{wnid}_second.JPEG")))
+        .unwrap();
     let job = {
         let api = Api { s: &s };
         let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm"]})).await;
@@ -319,7 +318,7 @@ async fn finished_job(
         api.wait_done(&job).await;
         job
     };
-    (root, images, data, s, job, wnids[0].to_string())
+    (root, images, data, s, job, (wnid, first))
 }
 
 fn now_ms() -> i64 {
@@ -448,7 +447,7 @@ async fn observer_links_expire_and_are_revoked_one_by_one() {
 /// one fails the study (422 `job`), and nothing from outside reaches the study's folder.
 #[tokio::test]
 async fn a_study_never_copies_files_linked_from_outside_the_job_folder() {
-    let (_root, images, data, s, job, wnid) = finished_job("").await;
+    let (_root, images, data, s, job, (wnid, first)) = finished_job("").await;
     let api = Api { s: &s };
     // Placed after the job ran, as anyone with write access to the folder could.
     let outside = tempfile::tempdir().unwrap();
@@ -468,10 +467,212 @@ async fn a_study_never_copies_files_linked_from_outside_the_job_folder() {
     assert!(!copied.contains(&secret_bytes), "a file from outside the job's folder was copied");
 
     // A puzzle's own source swapped for a link out of the folder: refused, naming the file.
-    let source = images.join(format!("{wnid}_4.JPEG"));
+    let source = images.join(&first);
     std::fs::remove_file(&source).unwrap();
     std::os::unix::fs::symlink(&secret, &source).unwrap();
     let (status, v) = api.post("/studies", json!({"job": job})).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("job")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("outside its folder"), "{v}");
+}
+
+/// An adversarial puzzle is an image the model classified correctly and the attack fooled: a
+/// job on pictures the model never got right gives none, and the study refuses (422 naming the
+/// method) rather than show "adversarial" images that were wrong before the attack, or make a
+/// group with nothing of the method in it.
+#[tokio::test]
+async fn a_method_without_a_fooled_correct_image_is_refused_by_name() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let s = Server::start(&config(root.path()));
+    let api = Api { s: &s };
+    // Each picture named as the class after the one the model gives it: all misclassified.
+    let classes = std::fs::read_to_string(models_dir().join("tiny/classes.txt")).unwrap();
+    let wnids: Vec<&str> = classes.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    let scratch = tempfile::tempdir().unwrap();
+    for (name, wnid) in copy_named_as_classified(&s, KEY, scratch.path(), &sample_images()[..4]).await {
+        let k = wnids.iter().position(|w| *w == wnid).unwrap();
+        let wrong = wnids[(k + 1) % wnids.len()];
+        let rest = name.split_once('_').unwrap().1;
+        std::fs::copy(scratch.path().join(&name), images.join(format!("{wrong}_{rest}"))).unwrap();
+    }
+    let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm"]})).await;
+    assert_eq!(status, 201, "{job}");
+    let job = job["id"].as_str().unwrap().to_string();
+    api.wait_done(&job).await;
+    let (status, v) = api.post("/studies", json!({"job": job, "observers": 2})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("methods")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("fgsm"), "{v}");
+}
+
+/// Observers are only placed in groups that have puzzles: a group emptied (the server stopped,
+/// its database edited, as a study whose method fooled few images can leave one) gets nobody,
+/// and nobody is "done" before answering anything.
+#[tokio::test]
+async fn no_observer_is_placed_in_a_group_without_puzzles() {
+    let (root, _images, data, s, job, _) = finished_job("").await;
+    let api = Api { s: &s };
+    let (status, study) = api.post("/studies", json!({"job": job})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    assert_eq!(study["groups"].as_array().unwrap().len(), 2, "{study}");
+    drop(s);
+    let db = rusqlite::Connection::open(data.join("jobs.sqlite3")).unwrap();
+    let n = db.execute("DELETE FROM puzzles WHERE study_id = ?1 AND grp = 0", [&id]).unwrap();
+    assert!(n > 0);
+    drop(db);
+    let env = [("LABELFOOL_JOBS__DATABASE", data.join("jobs.sqlite3")), ("LABELFOOL_JOBS__DIR", data.join("jobs"))];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.to_str().unwrap())).collect();
+    let s = Server::start_with_env(&config(root.path()), &env);
+    let api = Api { s: &s };
+    for name in ["ann", "bob", "cy"] {
+        let (status, o) = api.post(&format!("/studies/{id}/observers"), json!({"name": name})).await;
+        assert_eq!(status, 201, "{o}");
+        assert_eq!(o["group"], 1, "{o}");
+        assert!(o["total"].as_u64().unwrap() > 0, "{o}");
+        let (_, session) = api.observe(&format!("/observe/{}/session", o["token"].as_str().unwrap()), None).await;
+        assert_eq!(session["done"], false, "{session}");
+    }
+}
+
+/// The sources are shuffled by a seed before the Latin square spreads them over the groups:
+/// a given seed is recorded and makes the same groups again; without one a seed is drawn and
+/// reported; different seeds make different groups.
+#[tokio::test]
+async fn sources_are_spread_over_the_groups_by_a_recorded_seed() {
+    let (_root, _images, _data, s, job, _) = finished_job("").await;
+    let api = Api { s: &s };
+    let groups_of = |puzzles: &Value| -> Vec<(String, String, u64)> {
+        let mut v: Vec<_> = puzzles
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                let text = |k: &str| p[k].as_str().unwrap().to_string();
+                (text("source"), text("category"), p["group"].as_u64().unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut made = Vec::new();
+    for seed in [42u64, 42, 1, 2, 3, 4, 5] {
+        let (status, study) = api.post("/studies", json!({"job": job, "seed": seed, "references": 0})).await;
+        assert_eq!(status, 201, "{study}");
+        assert_eq!(study["seed"], seed, "{study}");
+        let (_, puzzles) = api.get(&format!("/studies/{}/puzzles", study["id"].as_str().unwrap())).await;
+        made.push(groups_of(&puzzles));
+    }
+    assert_eq!(made[0], made[1], "the same seed makes the same groups");
+    assert!(made[1..].iter().any(|g| *g != made[0]), "every seed made the same groups: {made:?}");
+    let (status, drawn) = api.post("/studies", json!({"job": job, "references": 0})).await;
+    assert_eq!(status, 201, "{drawn}");
+    assert!(drawn["seed"].as_u64().is_some(), "{drawn}");
+}
+
+/// SplitMix64: a deterministic draw for the synthetic observers.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The paper's numbers recovered from a known confusion model: 30 synthetic observers answer
+/// through their links (the real routes, without the key), each misjudging a clean puzzle with
+/// probability 0.1, an FGSM one with 0.3 and a DeepFool one with 0.2, so the true PG is
+/// (0.3 − 0.1)/0.1 = 2 and (0.2 − 0.1)/0.1 = 1. The results' pooled PG comes with a bootstrap
+/// interval that holds the true PG and is narrower with 30 observers than with the first 10;
+/// every answer's time is stored and in the CSV.
+#[tokio::test]
+async fn a_simulated_study_recovers_the_true_gain_within_its_interval() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    let s = Server::start(&config(root.path()));
+    let api = Api { s: &s };
+    copy_named_as_classified(&s, KEY, &images, &sample_images()).await;
+    let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm", "deepfool"]})).await;
+    assert_eq!(status, 201, "{job}");
+    let job = job["id"].as_str().unwrap().to_string();
+    api.wait_done(&job).await;
+    let (status, study) = api.post("/studies", json!({"job": job, "observers": 30, "seed": 7, "references": 0})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    let (_, puzzles) = api.get(&format!("/studies/{id}/puzzles")).await;
+    let truth: HashMap<i64, (String, String, bool)> = puzzles
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let text = |k: &str| p[k].as_str().unwrap().to_string();
+            (p["id"].as_i64().unwrap(), (text("source"), text("category"), p["truth"].as_bool().unwrap()))
+        })
+        .collect();
+    let model = |category: &str| match category {
+        "clean" => 0.1,
+        "fgsm" => 0.3,
+        "deepfool" => 0.2,
+        other => panic!("{other}"),
+    };
+    let true_pg = [("fgsm", 2.0), ("deepfool", 1.0)];
+    // The interval's width per method after 10 and after 30 observers.
+    let mut widths: Vec<HashMap<String, f64>> = Vec::new();
+    let mut sent = 0;
+    for (n, o) in study["observers"].as_array().unwrap().iter().enumerate() {
+        let token = o["token"].as_str().unwrap();
+        let (_, mut session) = api.observe(&format!("/observe/{token}/session"), None).await;
+        while let Some(p) = session["puzzle"].as_object().cloned() {
+            let pid = p["id"].as_i64().unwrap();
+            let (source, category, label_true) = &truth[&pid];
+            // A draw fixed by the observer and the puzzle's source and category (not its id, which
+            // a study draws anew), uniform in [0, 1).
+            let key = format!("{n}/{source}/{category}").bytes().fold(0u64, |h, b| mix(h ^ u64::from(b)));
+            let misjudged = (mix(key) >> 11) as f64 / (1u64 << 53) as f64 <= model(category);
+            let said_correct = *label_true != misjudged;
+            let answer = json!({"puzzle": pid, "answer": if said_correct { "correct" } else { "incorrect" },
+                "elapsed_ms": 400 + n});
+            let (status, next) = api.observe(&format!("/observe/{token}/answers"), Some(answer)).await;
+            assert_eq!(status, 200, "{next}");
+            sent += 1;
+            session = next;
+        }
+        if n + 1 == 10 || n + 1 == 30 {
+            let (status, results) = api.get(&format!("/studies/{id}/results")).await;
+            assert_eq!(status, 200, "{results}");
+            let mut w = HashMap::new();
+            for sm in results["all"]["summary"].as_array().unwrap().iter().filter(|sm| sm["category"] != "clean") {
+                let ci = &sm["pooled_pg_ci"];
+                let (low, high) = (ci["low"].as_f64().unwrap(), ci["high"].as_f64().unwrap());
+                let method = sm["category"].as_str().unwrap();
+                assert!(low <= sm["pooled"]["pg"].as_f64().unwrap() && sm["pooled"]["pg"].as_f64().unwrap() <= high);
+                if n + 1 == 30 {
+                    let pg = true_pg.iter().find(|(m, _)| *m == method).unwrap().1;
+                    assert!(low <= pg && pg <= high, "{method}: the true PG {pg} is outside [{low}, {high}]: {sm}");
+                    assert!(sm["answer_ms_median"].as_f64().is_some_and(|ms| (400.0..430.0).contains(&ms)), "{sm}");
+                }
+                w.insert(method.to_string(), high - low);
+            }
+            widths.push(w);
+        }
+    }
+    for (method, _) in true_pg {
+        assert!(widths[1][method] < widths[0][method], "{method}: 30 observers {widths:?} vs 10");
+    }
+    // Every answer with its time in the CSV; an answer time past an hour is refused.
+    let res = client().get(s.url(&format!("/studies/{id}/answers.csv"))).bearer_auth(KEY).send().await.unwrap();
+    let text = res.text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let at = reader.headers().unwrap().iter().position(|h| h == "elapsed_ms").expect("an elapsed_ms column");
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), sent);
+    assert!(rows.iter().all(|r| r[at].parse::<u32>().is_ok_and(|ms| (400..430).contains(&ms))), "{text}");
+    let (status, o) = api.post(&format!("/studies/{id}/observers"), json!({})).await;
+    assert_eq!(status, 201, "{o}");
+    let token = o["token"].as_str().unwrap();
+    let (_, session) = api.observe(&format!("/observe/{token}/session"), None).await;
+    let pid = session["puzzle"]["id"].as_i64().unwrap();
+    let late = json!({"puzzle": pid, "answer": "correct", "elapsed_ms": 3_600_001});
+    let (status, v) = api.observe(&format!("/observe/{token}/answers"), Some(late)).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("elapsed_ms")), "{v}");
 }

@@ -249,7 +249,8 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
                 .unwrap()
                 .parse()
                 .unwrap();
-            until(&c, "document.querySelector('#puzzle-image').complete && document.querySelector('#puzzle-image').naturalWidth > 0", minute).await;
+            // The buttons are enabled once the picture has loaded.
+            until(&c, "document.body.dataset.answerable === 'true' && document.querySelector('#puzzle-image').naturalWidth > 0", minute).await;
             if n == 0 && k == 0 {
                 screenshot(&c, "studio-observer.png").await;
             }
@@ -307,5 +308,215 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
         until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute)
             .await;
     assert!(err.as_str().unwrap().starts_with("403 forbidden"), "{err}");
+    c.close().await.unwrap();
+}
+
+/// A finished FGSM job of the tiny model on four pictures named as it classifies them, and a
+/// study of it with `observers` observers: (the server, the study as `POST /studies` answered).
+async fn tiny_study(root: &std::path::Path, key: &str, observers: u32) -> (Server, Value) {
+    let images = root.join("images");
+    std::fs::create_dir(&images).unwrap();
+    let extra = format!("[server]\napi_key = \"{key}\"\n[jobs]\nallowed_dirs = [\"{}\"]\n", root.display());
+    let s = Server::start(&tiny_config(&extra));
+    copy_named_as_classified(&s, key, &images, &sample_images()[..4]).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Value| http.post(s.url(path)).bearer_auth(key).json(&body).send();
+    let (status, job) = json(post("/jobs", json!({"images": images, "methods": ["fgsm"]})).await.unwrap()).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    loop {
+        let (_, job) = json(http.get(s.url(&format!("/jobs/{id}"))).bearer_auth(key).send().await.unwrap()).await;
+        if job["state"] == "done" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "{job}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, study) = json(post("/studies", json!({"job": id, "observers": observers})).await.unwrap()).await;
+    assert_eq!(status, 201, "{study}");
+    (s, study)
+}
+
+/// An answer always judges the picture on screen: once an answer is stored, the buttons stay
+/// disabled until the next puzzle's own picture has loaded, so clicks made the moment the new
+/// puzzle is shown (its picture not loaded yet) do nothing. Each answer carries its time from
+/// the picture's display, stored with it.
+#[ignore = "partner tier (headless Chromium): scripts/test runs it"]
+#[tokio::test]
+async fn an_observer_cannot_answer_before_the_new_picture_has_loaded() {
+    let root = tempfile::tempdir().unwrap();
+    let (s, study) = tiny_study(root.path(), "k3y", 1).await;
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+    c.goto(&s.url(study["observers"][0]["link"].as_str().unwrap())).await.unwrap();
+    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    // Each time a new puzzle is shown: note whether its picture had loaded and the buttons were
+    // disabled, and click both at once, as a quick observer would.
+    c.execute(
+        "window.early = [];
+         new MutationObserver(() => {
+           const img = document.querySelector('#puzzle-image');
+           const ok = document.querySelector('#answer-correct'), no = document.querySelector('#answer-incorrect');
+           window.early.push({ loaded: img.complete && img.naturalWidth > 0, disabled: ok.disabled && no.disabled });
+           ok.click();
+           no.click();
+         }).observe(document.querySelector('#puzzle'), { attributes: true, attributeFilter: ['data-puzzle'] });",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let total = study["observers"][0]["total"].as_u64().unwrap();
+    assert!(total > 1, "{study}");
+    let answerable = "!document.querySelector('#answer-correct').disabled \
+        && document.querySelector('#puzzle-image').complete && document.querySelector('#puzzle-image').naturalWidth > 0";
+    for k in 0..total {
+        until(&c, answerable, minute).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.find(Locator::Css("#answer-incorrect")).await.unwrap().click().await.unwrap();
+        until(&c, &format!("document.body.dataset.answered === '{}'", k + 1), minute).await;
+        // Give any early click the time to reach the server.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let answered = c.execute("return document.body.dataset.answered", vec![]).await.unwrap();
+        assert_eq!(answered, Value::String((k + 1).to_string()), "a click before the picture loaded was taken");
+    }
+    until(&c, "document.body.dataset.done === 'true'", minute).await;
+    let early = c.execute("return window.early", vec![]).await.unwrap();
+    let early = early.as_array().unwrap();
+    assert_eq!(early.len() as u64, total - 1, "{early:?}");
+    assert!(early.iter().all(|e| e["disabled"] == true), "buttons enabled before the picture loaded: {early:?}");
+    assert!(early.iter().any(|e| e["loaded"] == false), "no click came before a load: {early:?}");
+    // Every answer's time from display, at least the 300 ms waited.
+    let id = study["id"].as_str().unwrap();
+    let res = reqwest::Client::new().get(s.url(&format!("/studies/{id}/answers.csv"))).bearer_auth("k3y").send();
+    let text = res.await.unwrap().text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let at = reader.headers().unwrap().iter().position(|h| h == "elapsed_ms").expect("an elapsed_ms column");
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len() as u64, total);
+    assert!(rows.iter().all(|r| r[at].parse::<u32>().is_ok_and(|ms| (300..60_000).contains(&ms))), "{text}");
+    c.close().await.unwrap();
+}
+
+/// The studio's rough edges, on the tiny model: before any upload no broken-image icon shows
+/// (the `hidden` picture stays hidden); Run is disabled while attacks run, so a double click
+/// starts one run; a file the server refuses clears the previous image's classification,
+/// decision and ranking and leaves Run disabled.
+#[ignore = "partner tier (headless Chromium): scripts/test runs it"]
+#[tokio::test]
+async fn the_studio_shows_only_what_belongs_to_the_current_image() {
+    let s = Server::start(&tiny_config(""));
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+    c.goto(&s.url("/studio")).await.unwrap();
+    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    let shown =
+        c.execute("return getComputedStyle(document.querySelector('#original')).display", vec![]).await.unwrap();
+    assert_eq!(shown, "none", "the empty picture is displayed before any upload");
+
+    // A good picture: classified, decided, Run enabled.
+    let good = sample_images()[0].clone();
+    c.find(Locator::Css("#file")).await.unwrap().send_keys(good.to_str().unwrap()).await.unwrap();
+    until(
+        &c,
+        "document.querySelectorAll('#ranking tbody tr').length && !document.querySelector('#run').disabled",
+        minute,
+    )
+    .await;
+    // Two quick clicks: the first disables Run at once, the second does nothing.
+    let disabled = c
+        .execute(
+            "const run = document.querySelector('#run'); run.click(); const after = run.disabled; run.click(); \
+             return after;",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(disabled, true, "Run stays enabled while attacks run");
+    let checked =
+        c.execute("return document.querySelectorAll('input[name=method]:checked').length", vec![]).await.unwrap();
+    until(&c, "!document.querySelector('#run').disabled", Duration::from_secs(300)).await;
+    let cards = c.execute("return document.querySelectorAll('#results .result').length", vec![]).await.unwrap();
+    assert_eq!(cards, checked, "one card per checked method, one run");
+    let statuses = c
+        .execute("return [...document.querySelectorAll('#results .result .status')].map(s => s.textContent)", vec![])
+        .await
+        .unwrap();
+    assert!(statuses.as_array().unwrap().iter().all(|s| !s.as_str().unwrap().starts_with("running")), "{statuses}");
+
+    // A text file named .jpg: the error, and nothing of the previous picture left to act on.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("not-a-picture.jpg");
+    std::fs::write(&bad, "this is text, not a JPEG\n").unwrap();
+    c.find(Locator::Css("#file")).await.unwrap().send_keys(bad.to_str().unwrap()).await.unwrap();
+    until(&c, "!document.querySelector('#error').hidden", minute).await;
+    let left = c
+        .execute(
+            "return { classes: document.querySelectorAll('#classification li').length, \
+               ranking: document.querySelectorAll('#ranking tbody tr').length, \
+               decision: document.querySelector('#decision').childElementCount, \
+               results: document.querySelectorAll('#results .result').length, \
+               run: document.querySelector('#run').disabled, \
+               picture: getComputedStyle(document.querySelector('#original')).display }",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        json!({"classes": 0, "ranking": 0, "decision": 0, "results": 0, "run": true, "picture": "none"}),
+        "after a refused upload"
+    );
+    c.close().await.unwrap();
+}
+
+/// A key typed to the page as a person would (WebDriver's key actions, to whatever has focus).
+async fn press(c: &Client, key: char) {
+    use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+    let keys =
+        KeyActions::new("keyboard".into()).then(KeyAction::Down { value: key }).then(KeyAction::Up { value: key });
+    c.perform_actions(keys).await.unwrap();
+}
+
+/// The observer answers with the keyboard: c (or y) is "Correct", i (or n) "Incorrect"; after an
+/// answer the focus returns to the button used once the next picture is up, never to the page.
+#[ignore = "partner tier (headless Chromium): scripts/test runs it"]
+#[tokio::test]
+async fn an_observer_answers_with_keys_and_keeps_the_focus() {
+    let root = tempfile::tempdir().unwrap();
+    let (s, study) = tiny_study(root.path(), "k3y", 1).await;
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+    c.goto(&s.url(study["observers"][0]["link"].as_str().unwrap())).await.unwrap();
+    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    let answerable = "document.body.dataset.answerable === 'true'";
+    let total = study["observers"][0]["total"].as_u64().unwrap();
+    assert!(total >= 3, "{study}");
+    // A key answers; then a click, after which the focus comes back to that button.
+    until(&c, answerable, minute).await;
+    let first = c.find(Locator::Css("#puzzle")).await.unwrap().attr("data-puzzle").await.unwrap().unwrap();
+    press(&c, 'c').await;
+    until(&c, "document.body.dataset.answered === '1'", minute).await;
+    until(&c, answerable, minute).await;
+    c.find(Locator::Css("#answer-incorrect")).await.unwrap().click().await.unwrap();
+    until(&c, "document.body.dataset.answered === '2'", minute).await;
+    until(&c, answerable, minute).await;
+    let focused = c.execute("return document.activeElement.id", vec![]).await.unwrap();
+    assert_eq!(focused, "answer-incorrect", "the focus fell off the answer buttons");
+    press(&c, 'i').await;
+    until(&c, "document.body.dataset.answered === '3'", minute).await;
+    // The answers stored: correct for the first puzzle (the key), then incorrect twice.
+    let id = study["id"].as_str().unwrap();
+    let res = reqwest::Client::new().get(s.url(&format!("/studies/{id}/answers.csv"))).bearer_auth("k3y").send();
+    let text = res.await.unwrap().text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let (puzzle, answer) = (col("puzzle"), col("answer"));
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let mut answers: Vec<&str> = rows.iter().map(|r| &r[answer]).collect();
+    answers.sort();
+    assert_eq!(answers, ["correct", "incorrect", "incorrect"], "{text}");
+    assert!(rows.iter().any(|r| r[puzzle] == first && &r[answer] == "correct"), "{text}");
     c.close().await.unwrap();
 }

@@ -129,7 +129,7 @@ pub async fn study_csv(State(state): State<AppState>, UrlPath(id): UrlPath<Strin
         .into_response())
 }
 
-/// The confusion rate per method (mean over observers ± one standard deviation), all images
+/// The Performance Gain per method (mean over observers ± one standard deviation), all images
 /// and animals, as a PNG chart (the paper's Figure 3).
 #[utoipa::path(get, path = "/studies/{id}/chart.png", tag = "studies", params(("id" = String, Path)),
     responses((status = 200, content_type = "image/png", description = "the chart"), (status = 404, body = ErrorBody)))]

@@ -95,6 +95,14 @@ fn migrations() -> Migrations<'static> {
         ALTER TABLE observers ADD COLUMN revoked_ms INTEGER;
         UPDATE observers SET expires_ms = created_ms + 604800000;",
         ),
+        // v4: each answer's time from its picture's display to the answer (None before), the
+        // seed the study's sources were shuffled with (None before: alphabetical), and the
+        // puzzles indexed by group, so an observer's group is counted without a scan.
+        M::up(
+            "ALTER TABLE answers ADD COLUMN elapsed_ms INTEGER;
+        ALTER TABLE studies ADD COLUMN seed INTEGER;
+        CREATE INDEX puzzles_by_group ON puzzles (study_id, grp);",
+        ),
     ])
 }
 

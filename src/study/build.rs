@@ -28,11 +28,17 @@ pub(super) struct Planned {
 }
 
 /// The puzzles a job's records give: each source with a true class, clean, and each method's
-/// delivered image whose label is no longer the true class.
+/// delivered image where the attack did what the paper counts as an adversarial example: the
+/// model classified the source correctly, the attack reports success, and the label it now
+/// gives is not the true class (an image the model already got wrong is no adversarial
+/// puzzle). Sources are numbered for the Latin square in an order shuffled by `seed`, not
+/// alphabetically. A method without one such image fails the study (422 `methods`, naming it):
+/// its group would have nothing of it to show.
 pub(super) fn plan(
     results: &[crate::jobs::StoredResult],
     model: &str,
     categories: &[String],
+    seed: u64,
 ) -> Result<Vec<Planned>, StudyError> {
     let wn = WordNet::embedded();
     let mut by_source: BTreeMap<String, HashMap<String, (Record, Option<String>)>> = BTreeMap::new();
@@ -41,9 +47,11 @@ pub(super) fn plan(
             .map_err(|e| StoreError::Corrupt(r.file.clone(), format!("stored result: {e}")))?;
         by_source.entry(r.file.clone()).or_default().insert(r.method.clone(), (record, r.png.clone()));
     }
+    let mut sources: Vec<_> = by_source.into_iter().collect();
+    design::shuffle_sources(seed, &mut sources);
     let mut out = Vec::new();
     let mut source_index = 0;
-    for (source, methods) in by_source {
+    for (source, methods) in sources {
         let Some(truth) = methods.values().find_map(|(r, _)| r.true_class.clone()) else { continue };
         let animal = truth.wnid.as_deref().and_then(|w| wn.group(w)) == Some("animal");
         out.push(Planned {
@@ -61,7 +69,7 @@ pub(super) fn plan(
         for (k, method) in categories.iter().enumerate().skip(1) {
             let Some((record, Some(png))) = methods.get(method) else { continue };
             let Some(result) = &record.result else { continue };
-            if result.final_.index == truth.index {
+            if !adversarial(result, truth.index) {
                 continue;
             }
             out.push(Planned {
@@ -79,7 +87,23 @@ pub(super) fn plan(
         }
         source_index += 1;
     }
+    if let Some(empty) = categories.iter().enumerate().skip(1).find(|(k, _)| !out.iter().any(|p| p.kind == *k)) {
+        return Err(StudyError::invalid(
+            "methods",
+            format!(
+                "{:?} fooled the model on no image it classified correctly, so it has no puzzle; \
+                 leave it out of `methods`",
+                empty.1
+            ),
+        ));
+    }
     Ok(out)
+}
+
+/// An attack's result is an adversarial puzzle: the source was classified as its true class,
+/// the attack reports success, and the final label is another class.
+fn adversarial(result: &crate::eval::ResultFields, truth: usize) -> bool {
+    result.original.index == truth && result.success && result.final_.index != truth
 }
 
 /// `path` resolved (links followed), when that is a file inside `root` (itself resolved): a
@@ -91,7 +115,8 @@ fn inside(path: &Path, root: &Path) -> Option<PathBuf> {
 }
 
 /// Copies the puzzle images (as PNGs, under shuffled ids) and up to `per_label` reference
-/// pictures per shown class into the study's folder; only files inside the folder they are
+/// pictures per shown class into the study's folder, each puzzle in one of `groups` groups
+/// (the study's categories: one number, stored with the study); only files inside the folder they are
 /// named from ([`inside`]): a puzzle's image elsewhere fails the study (422 `job`), a reference
 /// picture elsewhere is skipped.
 pub(super) fn materialise(
@@ -101,6 +126,7 @@ pub(super) fn materialise(
     job_dir: &Path,
     dir: &Path,
     per_label: usize,
+    groups: usize,
 ) -> Result<(Vec<Puzzle>, Vec<store::Reference>), StudyError> {
     use rand::seq::SliceRandom;
     let io = |e: std::io::Error| StudyError::Store(StoreError::Io(e));
@@ -112,7 +138,6 @@ pub(super) fn materialise(
     let mut puzzles = Vec::with_capacity(plan.len());
     let mut refs = Vec::new();
     let mut labels_done = std::collections::HashSet::new();
-    let groups = plan.iter().map(|p| p.kind).max().map_or(1, |k| k + 1);
     for (n, p) in plan.into_iter().enumerate() {
         let id = n as i64 + 1;
         let (src, root) =

@@ -16,8 +16,22 @@ pub fn order(seed: u64, puzzles: &mut [i64]) {
     puzzles.sort_by_key(|&id| (mix(seed ^ mix(id as u64)), id));
 }
 
+/// `sources` (in their alphabetical order) reordered by `seed`: the order the Latin square
+/// numbers them in, so which source's clean picture lands in which group is drawn, not set by
+/// file names, and the same seed gives the same groups.
+pub fn shuffle_sources<T>(seed: u64, sources: &mut Vec<T>) {
+    let mut keyed: Vec<(u64, T)> = sources.drain(..).enumerate().map(|(i, s)| (mix(seed ^ mix(i as u64)), s)).collect();
+    keyed.sort_by_key(|(k, _)| *k);
+    sources.extend(keyed.into_iter().map(|(_, s)| s));
+}
+
+/// A 64-bit seed from a text (a study's id): FNV-1a, then [`mix`].
+pub fn seed_of(text: &str) -> u64 {
+    mix(text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)))
+}
+
 /// SplitMix64's finaliser: a well-spread 64-bit hash.
-fn mix(mut z: u64) -> u64 {
+pub(crate) fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -44,6 +58,24 @@ mod tests {
                 assert_eq!(seen.len(), sources * kinds);
             }
         }
+    }
+
+    #[test]
+    fn sources_are_shuffled_by_the_seed_reproducibly() {
+        let names: Vec<String> = (0..20).map(|i| format!("n{i:02}.JPEG")).collect();
+        let shuffled = |seed| {
+            let mut v = names.clone();
+            shuffle_sources(seed, &mut v);
+            v
+        };
+        assert_eq!(shuffled(7), shuffled(7));
+        assert_ne!(shuffled(7), shuffled(8));
+        assert_ne!(shuffled(7), names, "not alphabetical");
+        let mut sorted = shuffled(7);
+        sorted.sort();
+        assert_eq!(sorted, names);
+        assert_eq!(seed_of("abc"), seed_of("abc"));
+        assert_ne!(seed_of("abc"), seed_of("abd"));
     }
 
     #[test]

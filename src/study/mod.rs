@@ -12,6 +12,7 @@
 //! An observer link expires (`[studies]`, or per link) and can be revoked on its own; an
 //! expired link answers 410 Gone, a revoked one 404 like a link that never existed.
 
+pub mod bootstrap;
 mod build;
 pub mod design;
 pub mod results;
@@ -54,6 +55,10 @@ pub struct StudySpec {
     /// Reference pictures per label, from the job's folder (other images of the label's class).
     #[serde(default = "default_references")]
     pub references: u32,
+    /// The seed the sources are shuffled with before they are spread over the groups (default:
+    /// drawn; the study reports it, so the same groups can be made again).
+    #[serde(default)]
+    pub seed: Option<u64>,
 }
 
 fn default_references() -> u32 {
@@ -97,6 +102,8 @@ pub struct StudyInfo {
     /// Answers given so far.
     pub answers: u32,
     pub created_ms: i64,
+    /// The seed the sources were shuffled with (None: a study made before seeds, alphabetical).
+    pub seed: Option<u64>,
 }
 
 /// An observer: their link (the token is the only credential) and progress.
@@ -195,7 +202,15 @@ pub enum Judgement {
 pub struct AnswerIn {
     pub puzzle: i64,
     pub answer: Judgement,
+    /// Milliseconds from the picture's display (its `load`) to the answer, 0 to 3 600 000;
+    /// the observer's page always sends it.
+    #[serde(default)]
+    #[cfg_attr(feature = "http", schema(maximum = 3_600_000))]
+    pub elapsed_ms: Option<u32>,
 }
+
+/// The longest answer time stored, in ms (an hour: a page left open is no answer time).
+const MAX_ELAPSED_MS: u32 = 3_600_000;
 
 /// `GET /studies/{id}/results`.
 #[derive(Debug, Clone, Serialize)]
@@ -255,6 +270,8 @@ pub struct StudyRow {
     /// Reference pictures shown per puzzle.
     pub references: u32,
     pub created_ms: i64,
+    /// The seed the sources were shuffled with (None for studies made before seeds).
+    pub seed: Option<u64>,
 }
 
 /// The studies service: on the jobs' store and folder.
@@ -320,6 +337,11 @@ impl Studies {
         let (_, info) = self.engine.model(Some(&model))?;
         let results = self.jobs.results(&job.id).await?;
         let id = crate::jobs::new_id();
+        // 53 bits: the seed survives a round trip through a JavaScript number.
+        let seed = spec.seed.unwrap_or_else(|| {
+            use rand::Rng;
+            rand::rng().random::<u64>() >> 11
+        });
         let mut categories = vec![CLEAN.to_string()];
         categories.extend(methods.iter().cloned());
         let row = StudyRow {
@@ -331,19 +353,21 @@ impl Studies {
             categories: categories.clone(),
             references: spec.references,
             created_ms: crate::jobs::store::now_ms(),
+            seed: Some(seed),
         };
+        let groups = row.groups as usize;
         let folder = PathBuf::from(&job.spec.images);
         let job_dir = self.jobs.job_dir(&job.id);
         let dir = self.dir(&id);
         let refs_per_label = spec.references as usize;
         let built = tokio::task::spawn_blocking(move || -> Result<_, StudyError> {
-            let plan = build::plan(&results, &model, &categories)?;
+            let plan = build::plan(&results, &model, &categories, seed)?;
             if plan.is_empty() {
                 return Err(StudyError::invalid("job", "no image of the job has a true class (from its file name)"));
             }
             let samples = crate::dataset::discover(&folder, info.classes())
                 .map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
-            let built = build::materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label);
+            let built = build::materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label, groups);
             if built.is_err() {
                 // What was copied before the failure belongs to no study.
                 let _ = std::fs::remove_dir_all(&dir);
@@ -406,7 +430,8 @@ impl Studies {
         Ok(self.jobs.store().with(move |c| store::puzzles(c, &i)).await?)
     }
 
-    /// Adds an observer to the group with the fewest observers (the lowest on ties).
+    /// Adds an observer to the group with the fewest observers (the lowest on ties) among the
+    /// groups that have puzzles: an observer is never given nothing to answer.
     pub async fn add_observer(&self, id: &str, new: NewObserver) -> Result<ObserverInfo, StudyError> {
         let study = self.get(id).await?;
         if study.observers.len() as u32 >= MAX_OBSERVERS {
@@ -439,7 +464,11 @@ impl Studies {
                 *c += 1;
             }
         }
-        let group = (0..counts.len()).min_by_key(|&g| (counts[g], g)).unwrap_or(0) as u32;
+        let group = (0..counts.len())
+            .filter(|&g| study.groups[g] > 0)
+            .min_by_key(|&g| (counts[g], g))
+            .ok_or_else(|| StudyError::Conflict(format!("study {id} has no puzzle to answer")))?
+            as u32;
         let token = format!("{}{}", crate::jobs::new_id(), crate::jobs::new_id());
         let seed = {
             use rand::Rng;
@@ -486,7 +515,7 @@ impl Studies {
             .with(move |c| {
                 let Some(o) = store::observer(c, &t)? else { return Ok(None) };
                 let Some(study) = store::study(c, &o.study)? else { return Ok(None) };
-                let puzzles = store::puzzles(c, &o.study)?;
+                let puzzles = store::group_puzzles(c, &o.study, o.group)?;
                 let answers = store::answers_of(c, &t)?;
                 Ok(Some((study, o, puzzles, answers)))
             })
@@ -547,9 +576,16 @@ impl Studies {
                 format!("{} is not one of this observer's puzzles", answer.puzzle),
             ));
         }
+        if answer.elapsed_ms.is_some_and(|ms| ms > MAX_ELAPSED_MS) {
+            return Err(StudyError::invalid("elapsed_ms", format!("0 to {MAX_ELAPSED_MS} ms")));
+        }
         let t = token.to_string();
         let said = answer.answer == Judgement::Correct;
-        let stored = self.jobs.store().with(move |c| store::insert_answer(c, &t, answer.puzzle, said)).await?;
+        let stored = self
+            .jobs
+            .store()
+            .with(move |c| store::insert_answer(c, &t, answer.puzzle, said, answer.elapsed_ms))
+            .await?;
         if !stored {
             return Err(StudyError::Conflict(format!("puzzle {} is already answered", answer.puzzle)));
         }
@@ -581,89 +617,66 @@ impl Studies {
         Ok((bytes, mime(&path)))
     }
 
+    /// CR and PG (computed on a blocking thread: a study's answers can be many); the bootstrap
+    /// is seeded by the study's id, so its intervals are the same on every call and restart.
     pub async fn results(&self, id: &str) -> Result<StudyResults, StudyError> {
         let study = self.get(id).await?;
         let i = id.to_string();
         let rows = self.jobs.store().with(move |c| store::answers(c, &i)).await?;
-        let answers: Vec<results::Answer> = rows
-            .iter()
-            .map(|r| results::Answer {
-                observer: r.observer.clone(),
-                category: r.puzzle.category.clone(),
-                animal: r.puzzle.animal,
-                truth: r.puzzle.truth,
-                said_correct: r.correct,
+        blocking(move || {
+            let answers: Vec<results::Answer> = rows
+                .iter()
+                .map(|r| results::Answer {
+                    observer: r.observer.clone(),
+                    category: r.puzzle.category.clone(),
+                    animal: r.puzzle.animal,
+                    truth: r.puzzle.truth,
+                    said_correct: r.correct,
+                    elapsed_ms: r.elapsed_ms,
+                })
+                .collect();
+            let seed = design::seed_of(&study.id);
+            Ok(StudyResults {
+                definition: DEFINITION,
+                all: results::rates(&answers, &study.categories, seed),
+                animals: results::rates(answers.iter().filter(|a| a.animal), &study.categories, seed ^ 1),
+                categories: study.categories,
+                study: study.id,
             })
-            .collect();
-        Ok(StudyResults {
-            study: study.id,
-            definition: DEFINITION,
-            all: results::rates(&answers, &study.categories),
-            animals: results::rates(answers.iter().filter(|a| a.animal), &study.categories),
-            categories: study.categories,
         })
+        .await
     }
 
-    /// Every answer as CSV (one row each, with its puzzle and whether it was misjudged).
+    /// Every answer as CSV (one row each, with its puzzle, whether it was misjudged and how
+    /// long the observer took), written on a blocking thread.
     pub async fn csv(&self, id: &str) -> Result<Vec<u8>, StudyError> {
         let study = self.get(id).await?;
         let i = id.to_string();
         let rows = self.jobs.store().with(move |c| store::answers(c, &i)).await?;
-        let mut w = csv::Writer::from_writer(Vec::new());
-        let io = |e: csv::Error| StoreError::Io(std::io::Error::other(e.to_string()));
-        w.write_record([
-            "study",
-            "observer",
-            "group",
-            "puzzle",
-            "source",
-            "category",
-            "label",
-            "label_wnid",
-            "label_is_true",
-            "answer",
-            "misjudged",
-            "animal",
-            "answered_ms",
-        ])
-        .map_err(io)?;
-        for r in rows {
-            let p = &r.puzzle;
-            w.write_record([
-                study.id.clone(),
-                r.observer,
-                r.group.to_string(),
-                p.id.to_string(),
-                p.source.clone(),
-                p.category.clone(),
-                p.label.clone(),
-                p.label_wnid.clone().unwrap_or_default(),
-                p.truth.to_string(),
-                if r.correct { "correct" } else { "incorrect" }.to_string(),
-                (r.correct != p.truth).to_string(),
-                p.animal.to_string(),
-                r.answered_ms.to_string(),
-            ])
-            .map_err(io)?;
-        }
-        w.into_inner().map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
+        blocking(move || answers_csv(&study.id, rows)).await
     }
 
-    /// The paper's Figure 3 for this study: CR per category (mean over observers, whiskers one
-    /// standard deviation), all puzzles and the animal subset side by side, as a PNG.
+    /// The paper's Figure 3 for this study: the Performance Gain per method (the mean over
+    /// observers, whiskers one standard deviation), all puzzles and the animal subset side by
+    /// side, as a PNG. A method without a PG (no observer with one) shows as 0 without whisker.
     pub async fn chart(&self, id: &str) -> Result<Vec<u8>, StudyError> {
         let r = self.results(id).await?;
         let series = |rates: &Rates| -> Vec<(f64, f64)> {
-            rates.summary.iter().map(|s| (s.cr_mean.unwrap_or(0.0), s.cr_std.unwrap_or(0.0))).collect()
+            rates
+                .summary
+                .iter()
+                .filter(|s| s.category != CLEAN)
+                .map(|s| (s.pg_mean.unwrap_or(0.0), s.pg_std.unwrap_or(0.0)))
+                .collect()
         };
         let (all, animals) = (series(&r.all), series(&r.animals));
-        let categories = r.categories.clone();
-        let title = format!("Confusion rate, study {}", r.study);
+        let methods: Vec<String> = r.categories.iter().filter(|c| *c != CLEAN).cloned().collect();
+        let title = format!("Performance gain, study {}", r.study);
         tokio::task::spawn_blocking(move || {
             crate::charts::grouped_bars_png(
                 &title,
-                "confusion rate (%)",
-                &categories,
+                "PG = (CR - CR_clean) / CR_clean",
+                &methods,
                 &[("all images", all.as_slice()), ("animals", animals.as_slice())],
             )
         })
@@ -671,6 +684,57 @@ impl Studies {
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
         .map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
     }
+}
+
+/// `rows` as the answers CSV.
+fn answers_csv(study: &str, rows: Vec<store::AnswerRow>) -> Result<Vec<u8>, StudyError> {
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let io = |e: csv::Error| StoreError::Io(std::io::Error::other(e.to_string()));
+    w.write_record([
+        "study",
+        "observer",
+        "group",
+        "puzzle",
+        "source",
+        "category",
+        "label",
+        "label_wnid",
+        "label_is_true",
+        "answer",
+        "misjudged",
+        "animal",
+        "answered_ms",
+        "elapsed_ms",
+    ])
+    .map_err(io)?;
+    for r in rows {
+        let p = &r.puzzle;
+        w.write_record([
+            study.to_string(),
+            r.observer,
+            r.group.to_string(),
+            p.id.to_string(),
+            p.source.clone(),
+            p.category.clone(),
+            p.label.clone(),
+            p.label_wnid.clone().unwrap_or_default(),
+            p.truth.to_string(),
+            if r.correct { "correct" } else { "incorrect" }.to_string(),
+            (r.correct != p.truth).to_string(),
+            p.animal.to_string(),
+            r.answered_ms.to_string(),
+            r.elapsed_ms.map(|ms| ms.to_string()).unwrap_or_default(),
+        ])
+        .map_err(io)?;
+    }
+    w.into_inner().map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
+}
+
+/// Runs `f` on a blocking thread: numbers and files over every answer stay off the async ones.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StudyError> + Send + 'static,
+) -> Result<T, StudyError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
 }
 
 fn mime(path: &Path) -> &'static str {

@@ -4,8 +4,15 @@
 //! image with the label the model now gives it. Confusion Rate CR = misjudged ÷ answered, per
 //! observer and category (`clean` or a method); Performance Gain (the paper's Eq. 5) against the
 //! clean baseline PG = (CR_method − CR_clean) ÷ CR_clean, undefined where CR_clean = 0.
+//! The mean of the observers' PGs leaves out those with CR_clean = 0 (they are counted, as
+//! `observers_dropped`); the pooled PG keeps every answer and comes with a bootstrap interval
+//! over observers ([`super::bootstrap`]).
+
+use std::collections::HashMap;
 
 use serde::Serialize;
+
+use super::bootstrap::{self, Interval};
 
 /// The category of clean puzzles; the others are named after the attack method.
 pub const CLEAN: &str = "clean";
@@ -22,6 +29,8 @@ pub struct Answer {
     pub truth: bool,
     /// The observer answered "Correct".
     pub said_correct: bool,
+    /// Milliseconds from the picture's display to the answer, where the page said.
+    pub elapsed_ms: Option<u32>,
 }
 
 impl Answer {
@@ -64,7 +73,14 @@ pub struct CategorySummary {
     pub cr_std: Option<f64>,
     pub pg_mean: Option<f64>,
     pub pg_std: Option<f64>,
+    /// Observers with a CR for this method but no PG (their clean CR is 0 or unknown): left out
+    /// of `pg_mean` and `pg_std`, which therefore lean towards the less accurate observers.
+    pub observers_dropped: u32,
     pub pooled: CategoryRate,
+    /// The 95% bootstrap interval of `pooled.pg`, resampling observers (None for `clean`).
+    pub pooled_pg_ci: Option<Interval>,
+    /// The median time from a picture's display to its answer, in ms (None without times).
+    pub answer_ms_median: Option<f64>,
 }
 
 /// The numbers for one set of answers (all of them, or the animal subset).
@@ -77,29 +93,43 @@ pub struct Rates {
 }
 
 /// CR and PG per observer and category, and their summaries. `categories` fixes the order
-/// (`clean` first, then the methods); observers come in the order of their first answer.
-pub fn rates<'a>(answers: impl IntoIterator<Item = &'a Answer>, categories: &[String]) -> Rates {
+/// (`clean` first, then the methods); observers come in the order of their first answer; the
+/// bootstrap draws from `seed`.
+pub fn rates<'a>(answers: impl IntoIterator<Item = &'a Answer>, categories: &[String], seed: u64) -> Rates {
     let answers: Vec<&Answer> = answers.into_iter().collect();
     let mut observers: Vec<&str> = Vec::new();
+    let mut theirs: HashMap<&str, Vec<&Answer>> = HashMap::new();
     for a in &answers {
-        if !observers.contains(&a.observer.as_str()) {
+        let mine = theirs.entry(&a.observer).or_default();
+        if mine.is_empty() {
             observers.push(&a.observer);
         }
+        mine.push(a);
     }
     let per_observer: Vec<ObserverRates> = observers
         .iter()
         .map(|o| ObserverRates {
             observer: o.to_string(),
-            rates: category_rates(answers.iter().copied().filter(|a| a.observer == *o), categories),
+            rates: category_rates(theirs[o].iter().copied(), categories),
         })
         .collect();
     let pooled = category_rates(answers.iter().copied(), categories);
+    let clean = categories.iter().position(|c| c == CLEAN);
     let summary = categories
         .iter()
         .enumerate()
         .map(|(i, c)| {
             let crs: Vec<f64> = per_observer.iter().filter_map(|o| o.rates[i].cr).collect();
             let pgs: Vec<f64> = per_observer.iter().filter_map(|o| o.rates[i].pg).collect();
+            let ci = clean.filter(|&k| k != i).and_then(|k| {
+                let counts: Vec<bootstrap::Counts> = per_observer
+                    .iter()
+                    .map(|o| (o.rates[k].answered, o.rates[k].misjudged, o.rates[i].answered, o.rates[i].misjudged))
+                    .collect();
+                bootstrap::interval(&counts, seed ^ super::design::mix(i as u64))
+            });
+            let mut times: Vec<u32> =
+                answers.iter().filter(|a| a.category == *c).filter_map(|a| a.elapsed_ms).collect();
             CategorySummary {
                 category: c.clone(),
                 observers: crs.len() as u32,
@@ -108,7 +138,10 @@ pub fn rates<'a>(answers: impl IntoIterator<Item = &'a Answer>, categories: &[St
                 cr_std: std(&crs),
                 pg_mean: mean(&pgs),
                 pg_std: std(&pgs),
+                observers_dropped: if c == CLEAN { 0 } else { (crs.len() - pgs.len()) as u32 },
                 pooled: pooled[i].clone(),
+                pooled_pg_ci: ci,
+                answer_ms_median: median(&mut times),
             }
         })
         .collect();
@@ -143,6 +176,16 @@ fn mean(x: &[f64]) -> Option<f64> {
     (!x.is_empty()).then(|| x.iter().sum::<f64>() / x.len() as f64)
 }
 
+fn median(x: &mut [u32]) -> Option<f64> {
+    x.sort_unstable();
+    let n = x.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(f64::from(x[n / 2])),
+        _ => Some((f64::from(x[n / 2 - 1]) + f64::from(x[n / 2])) / 2.0),
+    }
+}
+
 /// Sample standard deviation (n − 1); None below two values.
 fn std(x: &[f64]) -> Option<f64> {
     let m = mean(x)?;
@@ -154,7 +197,14 @@ mod tests {
     use super::*;
 
     fn a(observer: &str, category: &str, animal: bool, said_correct: bool) -> Answer {
-        Answer { observer: observer.into(), category: category.into(), animal, truth: category == CLEAN, said_correct }
+        Answer {
+            observer: observer.into(),
+            category: category.into(),
+            animal,
+            truth: category == CLEAN,
+            said_correct,
+            elapsed_ms: None,
+        }
     }
 
     /// Two observers, four clean and four LabelFool puzzles each, two DeepFool puzzles each.
@@ -194,7 +244,7 @@ mod tests {
     #[test]
     fn confusion_rate_and_performance_gain_match_a_hand_computation() {
         let cats: Vec<String> = [CLEAN, "labelfool", "deepfool"].map(String::from).to_vec();
-        let r = rates(&fixed(), &cats);
+        let r = rates(&fixed(), &cats, 1);
         assert_eq!(r.answers, 20);
         let ann = &r.per_observer[0];
         let bob = &r.per_observer[1];
@@ -227,13 +277,19 @@ mod tests {
         close(r.summary[2].pg_mean, 0.0);
         close(r.summary[2].pooled.pg, -1.0 / 3.0);
         assert_eq!(r.summary[0].pooled.pg, None);
+        // Resampling two observers gives Ann twice (PG 2), Bob twice (PG 0) or both (2/3): the
+        // interval spans 0 to 2; none is dropped from the mean; clean has no interval.
+        let ci = lf.pooled_pg_ci.clone().unwrap();
+        assert_eq!((ci.low, ci.high, ci.undefined), (Some(0.0), Some(2.0), 0));
+        assert_eq!(lf.observers_dropped, 0);
+        assert_eq!(r.summary[0].pooled_pg_ci, None);
     }
 
     #[test]
     fn the_animal_subset_and_undefined_gains() {
         let cats: Vec<String> = [CLEAN, "labelfool", "deepfool"].map(String::from).to_vec();
         let fixed = fixed();
-        let r = rates(fixed.iter().filter(|a| a.animal), &cats);
+        let r = rates(fixed.iter().filter(|a| a.animal), &cats, 1);
         assert_eq!(r.answers, 10);
         // Ann's animal clean puzzles: 1 of 2 misjudged; LabelFool 2 of 2 → PG (1 − 0.5)/0.5 = 1.
         close(r.per_observer[0].rates[1].pg, 1.0);
@@ -241,11 +297,16 @@ mod tests {
         close(r.per_observer[1].rates[2].pg, -1.0);
         // A clean CR of 0 leaves PG undefined; one observer has no standard deviation.
         let perfect = [a("cy", CLEAN, true, true), a("cy", "labelfool", true, true)];
-        let r = rates(&perfect, &cats);
+        let r = rates(&perfect, &cats, 1);
         close(r.per_observer[0].rates[1].cr, 1.0);
         assert_eq!(r.per_observer[0].rates[1].pg, None);
         assert_eq!(r.per_observer[0].rates[2].cr, None);
         assert_eq!(r.summary[1].cr_std, None);
         assert_eq!(r.summary[1].observers_with_pg, 0);
+        // The observer left out of the mean PG is counted, not silently dropped; every resample
+        // of them has CR_clean = 0.
+        assert_eq!(r.summary[1].observers_dropped, 1);
+        let ci = r.summary[1].pooled_pg_ci.clone().unwrap();
+        assert_eq!((ci.low, ci.high, ci.undefined), (None, None, ci.resamples));
     }
 }

@@ -20,9 +20,19 @@ pub fn insert_study(
     let tx = c.transaction()?;
     let categories = serde_json::to_string(&s.categories).unwrap_or_default();
     tx.execute(
-        "INSERT INTO studies (id, job_id, name, model, categories, groups, refs, created_ms) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![s.id, s.job, s.name, s.model, categories, s.groups, s.references, s.created_ms],
+        "INSERT INTO studies (id, job_id, name, model, categories, groups, refs, created_ms, seed) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![
+            s.id,
+            s.job,
+            s.name,
+            s.model,
+            categories,
+            s.groups,
+            s.references,
+            s.created_ms,
+            s.seed.map(|v| v as i64)
+        ],
     )?;
     for p in puzzles {
         tx.execute(
@@ -44,7 +54,7 @@ pub fn insert_study(
 pub fn study(c: &Connection, id: &str) -> Result<Option<StudyRow>, StoreError> {
     let row = c
         .query_row(
-            "SELECT id, job_id, name, model, categories, groups, refs, created_ms FROM studies WHERE id = ?1",
+            "SELECT id, job_id, name, model, categories, groups, refs, created_ms, seed FROM studies WHERE id = ?1",
             [id],
             |r| {
                 Ok((
@@ -56,14 +66,15 @@ pub fn study(c: &Connection, id: &str) -> Result<Option<StudyRow>, StoreError> {
                     r.get::<_, u32>(5)?,
                     r.get::<_, u32>(6)?,
                     r.get::<_, i64>(7)?,
+                    r.get::<_, Option<i64>>(8)?,
                 ))
             },
         )
         .optional()?;
-    row.map(|(id, job, name, model, categories, groups, references, created_ms)| {
+    row.map(|(id, job, name, model, categories, groups, references, created_ms, seed)| {
         let categories =
             serde_json::from_str(&categories).map_err(|e| StoreError::Corrupt(id.clone(), format!("study: {e}")))?;
-        Ok(StudyRow { id, job, name, model, categories, groups, references, created_ms })
+        Ok(StudyRow { id, job, name, model, categories, groups, references, created_ms, seed: seed.map(|v| v as u64) })
     })
     .transpose()
 }
@@ -80,6 +91,17 @@ pub fn puzzles(c: &Connection, study: &str) -> Result<Vec<Puzzle>, StoreError> {
          WHERE study_id = ?1 ORDER BY id",
     )?;
     let rows = st.query_map([study], |r| puzzle_at(r, 0))?.collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+/// The puzzles of one group (on the `(study_id, grp)` index): what an observer's every call
+/// needs, without reading the whole study.
+pub fn group_puzzles(c: &Connection, study: &str, group: u32) -> Result<Vec<Puzzle>, StoreError> {
+    let mut st = c.prepare(
+        "SELECT id, source, category, image, label, label_wnid, truth, animal, grp FROM puzzles \
+         WHERE study_id = ?1 AND grp = ?2 ORDER BY id",
+    )?;
+    let rows = st.query_map(params![study, group], |r| puzzle_at(r, 0))?.collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
@@ -174,14 +196,17 @@ pub fn revoke_observer(c: &Connection, study: &str, name: &str) -> Result<Option
     Ok(exists.map(|()| false))
 }
 
-/// The study's observers in the order they were added, with their progress.
+/// The study's observers in the order they were added, with their progress: the puzzles are
+/// counted once per group (on the `(study_id, grp)` index), each observer's answers on the
+/// answers' primary key.
 pub fn observers(c: &Connection, study: &str) -> Result<Vec<ObserverInfo>, StoreError> {
     let mut st = c.prepare(
-        "SELECT o.token, o.name, o.grp, \
+        "WITH sizes AS (SELECT grp, COUNT(*) AS n FROM puzzles WHERE study_id = ?1 GROUP BY grp) \
+         SELECT o.token, o.name, o.grp, \
            (SELECT COUNT(*) FROM answers a WHERE a.token = o.token), \
-           (SELECT COUNT(*) FROM puzzles p WHERE p.study_id = o.study_id AND p.grp = o.grp), \
-           o.expires_ms, o.revoked_ms \
-         FROM observers o WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid",
+           COALESCE(s.n, 0), o.expires_ms, o.revoked_ms \
+         FROM observers o LEFT JOIN sizes s ON s.grp = o.grp \
+         WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid",
     )?;
     let rows = st
         .query_map([study], |r| {
@@ -215,10 +240,16 @@ pub fn delete_study(c: &Connection, id: &str) -> Result<bool, StoreError> {
 }
 
 /// Stores an answer; false when the puzzle was already answered (the first answer stands).
-pub fn insert_answer(c: &Connection, token: &str, puzzle: i64, correct: bool) -> Result<bool, StoreError> {
+pub fn insert_answer(
+    c: &Connection,
+    token: &str,
+    puzzle: i64,
+    correct: bool,
+    elapsed_ms: Option<u32>,
+) -> Result<bool, StoreError> {
     let n = c.execute(
-        "INSERT OR IGNORE INTO answers (token, puzzle, correct, answered_ms) VALUES (?1, ?2, ?3, ?4)",
-        params![token, puzzle, correct, now_ms()],
+        "INSERT OR IGNORE INTO answers (token, puzzle, correct, answered_ms, elapsed_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![token, puzzle, correct, now_ms(), elapsed_ms],
     )?;
     Ok(n == 1)
 }
@@ -231,13 +262,15 @@ pub struct AnswerRow {
     pub puzzle: Puzzle,
     pub correct: bool,
     pub answered_ms: i64,
+    /// Time from the picture's display to the answer (None: not sent, or answered before v4).
+    pub elapsed_ms: Option<u32>,
 }
 
 /// Every answer of the study, observers in the order they were added, then by time.
 pub fn answers(c: &Connection, study: &str) -> Result<Vec<AnswerRow>, StoreError> {
     let mut st = c.prepare(
         "SELECT o.name, o.grp, p.id, p.source, p.category, p.image, p.label, p.label_wnid, p.truth, p.animal, p.grp, \
-                a.correct, a.answered_ms \
+                a.correct, a.answered_ms, a.elapsed_ms \
          FROM answers a JOIN observers o ON o.token = a.token \
          JOIN puzzles p ON p.study_id = o.study_id AND p.id = a.puzzle \
          WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid, a.answered_ms, p.id",
@@ -250,6 +283,7 @@ pub fn answers(c: &Connection, study: &str) -> Result<Vec<AnswerRow>, StoreError
                 puzzle: puzzle_at(r, 2)?,
                 correct: r.get(11)?,
                 answered_ms: r.get(12)?,
+                elapsed_ms: r.get(13)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -278,5 +312,6 @@ pub fn info(c: &Connection, row: StudyRow) -> Result<StudyInfo, StoreError> {
         groups,
         observers,
         created_ms: row.created_ms,
+        seed: row.seed,
     })
 }

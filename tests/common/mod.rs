@@ -312,3 +312,36 @@ pub fn outcome_report(o: &labelfool::attack::AttackOutcome) -> serde_json::Value
         "final": {"index": o.final_.index},
     })
 }
+
+/// Copies `images` into `dir`, each named `<wnid>_<its name>` after the class the server's
+/// default model (the tiny one, in the tests that use this) gives it through `POST /classify`,
+/// so the class its file name claims is the one the model predicts: every source counts as
+/// correctly classified, as a study's adversarial puzzles require. `key`: the server's API key
+/// ("" for none).
+/// Returns the new file names with their wnids, in `images`' order.
+pub async fn copy_named_as_classified(
+    s: &Server,
+    key: &str,
+    dir: &std::path::Path,
+    images: &[PathBuf],
+) -> Vec<(String, String)> {
+    let classes = std::fs::read_to_string(models_dir().join("tiny/classes.txt")).unwrap();
+    let wnids: Vec<&str> = classes.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    let mut out = Vec::new();
+    for p in images {
+        let bytes = std::fs::read(p).unwrap();
+        let mut req = client().post(s.url("/classify?top_k=1")).header("content-type", "image/jpeg").body(bytes);
+        if !key.is_empty() {
+            req = req.bearer_auth(key);
+        }
+        let res = req.send().await.unwrap();
+        let (status, v) = json(res).await;
+        assert_eq!(status, 200, "{v}");
+        let wnid = wnids[v["top"][0]["index"].as_u64().unwrap() as usize].to_string();
+        let rest = p.file_name().unwrap().to_str().unwrap().split_once('_').map_or("image.JPEG", |(_, r)| r);
+        let name = format!("{wnid}_{rest}");
+        std::fs::copy(p, dir.join(&name)).unwrap();
+        out.push((name, wnid));
+    }
+    out
+}

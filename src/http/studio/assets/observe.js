@@ -6,6 +6,18 @@
 const $ = (sel) => document.querySelector(sel);
 const token = decodeURIComponent(location.pathname.split("/").filter(Boolean)[1] || "");
 let current = null;
+// When the current puzzle's picture was displayed (its `load`), for the answer's `elapsed_ms`.
+let shownAt = null;
+// The answer button last used, focused again once the next picture is answerable (so the
+// focus never drops to the page, where Tab then Enter would answer with the other button).
+let lastUsed = null;
+// The longest answer time sent (the server's bound): a page left open is no answer time.
+const MAX_ELAPSED_MS = 3600000;
+
+function setAnswerable(on) {
+  for (const b of document.querySelectorAll(".answers button")) b.disabled = !on;
+  document.body.dataset.answerable = String(on);
+}
 
 function showError(message) {
   const box = $("#error");
@@ -46,7 +58,21 @@ function show(session) {
   $("#puzzle").dataset.puzzle = String(current.id);
   $("#label").textContent = current.label;
   $("#reference-label").textContent = current.label;
-  $("#puzzle-image").src = current.image;
+  // The buttons stay disabled until this puzzle's own picture is on screen (or failed to
+  // load): a quick click must never judge the previous picture under the new label.
+  setAnswerable(false);
+  shownAt = null;
+  const img = $("#puzzle-image");
+  const id = current.id;
+  const ready = () => {
+    if (!current || current.id !== id) return;
+    shownAt = performance.now();
+    setAnswerable(true);
+    if (lastUsed) lastUsed.focus();
+  };
+  img.onload = ready;
+  img.onerror = ready;
+  img.src = current.image;
   const refs = $("#references");
   refs.replaceChildren();
   for (const url of current.references) {
@@ -56,27 +82,37 @@ function show(session) {
     refs.append(img);
   }
   $("#references-section").hidden = current.references.length === 0;
-  for (const b of document.querySelectorAll(".answers button")) b.disabled = false;
 }
 
 async function answer(judgement) {
-  if (!current) return;
-  for (const b of document.querySelectorAll(".answers button")) b.disabled = true;
+  if (!current || shownAt === null || document.body.dataset.answerable !== "true") return;
+  lastUsed = document.querySelector(`.answers button[data-answer="${judgement}"]`);
+  const elapsed = Math.min(MAX_ELAPSED_MS, Math.max(0, Math.round(performance.now() - shownAt)));
+  setAnswerable(false);
   $("#error").hidden = true;
   try {
     const session = await call(`/observe/${encodeURIComponent(token)}/answers`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ puzzle: current.id, answer: judgement }),
+      body: JSON.stringify({ puzzle: current.id, answer: judgement, elapsed_ms: elapsed }),
     });
     show(session);
   } catch (_) {
-    for (const b of document.querySelectorAll(".answers button")) b.disabled = false;
+    setAnswerable(true);
   }
 }
 
 async function start() {
   for (const b of document.querySelectorAll(".answers button")) b.addEventListener("click", () => answer(b.dataset.answer));
+  // Keys: c or y answers "Correct", i or n "Incorrect" (only while the buttons are enabled).
+  document.addEventListener("keydown", (e) => {
+    if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;
+    const judgement = { c: "correct", y: "correct", i: "incorrect", n: "incorrect" }[e.key.toLowerCase()];
+    if (judgement) {
+      e.preventDefault();
+      answer(judgement);
+    }
+  });
   try {
     show(await call(`/observe/${encodeURIComponent(token)}/session`));
   } catch (_) { /* shown */ }

@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { key: sessionStorage.getItem("labelfool-key") || "", image: null, imageName: "", decision: null, target: null };
+const state = { key: sessionStorage.getItem("labelfool-key") || "", image: null, imageName: "", decision: null, target: null, running: false };
 const SAMPLES = ["zebra", "tench", "siberian-husky"];
 
 function el(tag, attrs = {}, ...children) {
@@ -62,17 +62,29 @@ async function loadModels() {
   }
 }
 
+// A new image replaces everything the previous one showed at once; Run stays disabled until
+// this one is classified and decided (a file the server refuses leaves nothing to attack).
 async function setImage(blob, name) {
   clearError();
+  $("#run").disabled = true;
+  for (const sel of ["#classification", "#decision", "#ranking tbody", "#results"]) $(sel).replaceChildren();
+  state.decision = null;
+  state.target = null;
   state.image = blob;
   state.imageName = name;
   const img = $("#original");
   img.src = URL.createObjectURL(blob);
   img.hidden = false;
-  $("#results").replaceChildren();
-  await classify();
-  await decide();
-  $("#run").disabled = false;
+  try {
+    await classify();
+    await decide();
+  } catch (e) {
+    img.hidden = true;
+    img.removeAttribute("src");
+    state.image = null;
+    throw e;
+  }
+  $("#run").disabled = state.running;
 }
 
 async function classify() {
@@ -170,7 +182,20 @@ function fillCard(card, r) {
   drawDifference(canvas).catch((e) => showError("cannot draw the difference: " + e));
 }
 
+// One run at a time: Run is disabled until every attack of this one has ended.
 async function runAttacks() {
+  if (state.running || !state.image) return;
+  state.running = true;
+  $("#run").disabled = true;
+  try {
+    await attackAll();
+  } finally {
+    state.running = false;
+    $("#run").disabled = !state.image;
+  }
+}
+
+async function attackAll() {
   clearError();
   $("#results").replaceChildren();
   const methods = [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value);
@@ -306,14 +331,23 @@ async function loadJobs() {
 const num = (x) => (x === null || x === undefined ? "–" : x.toFixed(3));
 const spread = (m, s) => (m === null || m === undefined ? "–" : s === null || s === undefined ? num(m) : `${num(m)} ± ${num(s)}`);
 
+// The pooled PG's 95% bootstrap interval (resampling observers), "–" where there is none.
+const interval = (ci) => (!ci || ci.low === null ? "–" : `${num(ci.low)} to ${num(ci.high)}`);
+const ms = (x) => (x === null || x === undefined ? "–" : `${Math.round(x)} ms`);
+
 function summaryTable(scope, rates) {
-  const head = el("tr", {}, ...["category", "answers", "observers", "CR mean ± sd", "PG mean ± sd", "pooled CR", "pooled PG"].map((h) => el("th", {}, h)));
+  const head = el("tr", {}, ...["category", "answers", "observers", "CR mean ± sd", "PG mean ± sd", "left out of PG mean",
+    "pooled CR", "pooled PG", "pooled PG 95% CI", "median answer time"].map((h) => el("th", {}, h)));
   const rows = rates.summary.map((s) => el("tr", { "data-category": s.category },
     el("td", {}, s.category), el("td", { class: "num" }, s.pooled.answered), el("td", { class: "num" }, s.observers),
     el("td", { class: "num", "data-scope": scope, "data-stat": "cr_mean" }, spread(s.cr_mean, s.cr_std)),
     el("td", { class: "num", "data-scope": scope, "data-stat": "pg_mean" }, spread(s.pg_mean, s.pg_std)),
+    el("td", { class: "num", "data-scope": scope, "data-stat": "observers_dropped", title: "observers with a clean CR of 0: their PG is undefined" },
+      s.category === "clean" ? "–" : String(s.observers_dropped)),
     el("td", { class: "num", "data-scope": scope, "data-stat": "pooled_cr" }, num(s.pooled.cr)),
-    el("td", { class: "num", "data-scope": scope, "data-stat": "pooled_pg" }, num(s.pooled.pg))));
+    el("td", { class: "num", "data-scope": scope, "data-stat": "pooled_pg" }, num(s.pooled.pg)),
+    el("td", { class: "num", "data-scope": scope, "data-stat": "pooled_pg_ci" }, interval(s.pooled_pg_ci)),
+    el("td", { class: "num", "data-scope": scope, "data-stat": "answer_ms_median" }, ms(s.answer_ms_median))));
   return el("table", { class: "study-results", "data-scope": scope }, el("thead", {}, head), el("tbody", {}, ...rows));
 }
 
@@ -336,7 +370,7 @@ async function showResults(card, id) {
     el("h3", {}, "All images"), summaryTable("all", r.all),
     el("h3", {}, "Animals (WordNet)"), summaryTable("animals", r.animals),
     el("h3", {}, "Per observer"), observerTable(r.all),
-    el("img", { id: "study-chart", src: URL.createObjectURL(chart), alt: "confusion rate per method" }),
+    el("img", { id: "study-chart", src: URL.createObjectURL(chart), alt: "performance gain per method (mean over observers ± sd)" }),
     el("p", { class: "definition" }, r.definition));
   card.dataset.results = "true";
 }

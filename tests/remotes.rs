@@ -17,6 +17,10 @@ async fn post_zebra(s: &Server, query: &str) -> (u16, Value) {
     json(client().post(s.url(query)).multipart(image).send().await.unwrap()).await
 }
 
+/// The two search tests drive two servers each at full CPU: beside each other on 2 cores (libtorch
+/// threads spinning against each other) they took 192 s, one after the other about a third.
+static SEARCHES_ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn remote(name: &str, url: &str, model: &str, extra: &str) -> String {
     format!("[[remotes]]\nname = \"{name}\"\nurl = \"{url}\"\nmodel = \"{model}\"\n{extra}\n")
 }
@@ -331,6 +335,7 @@ async fn attack_remote(s: &Server, path: &std::path::Path, query: &str, budget: 
 /// budget on the remote's scores, on the 8-bit lattice, within ε of the upload.
 #[tokio::test]
 async fn the_score_based_search_takes_over_when_the_prior_does_not_transfer() {
+    let _one = SEARCHES_ONE_AT_A_TIME.lock().await;
     let prod = Server::start(&tiny_config(""));
     let classes = format!("classes = \"{}\"", models_dir().join("tiny/classes.txt").display());
     // The remote sees a zoomed-in centre (resize to 48, crop 32) where the surrogate sees nearly
@@ -384,6 +389,7 @@ async fn the_score_based_search_takes_over_when_the_prior_does_not_transfer() {
 /// PNG that the remote, asked again afterwards, puts in the target class.
 #[tokio::test]
 async fn the_score_based_search_reaches_targets_the_prior_misses_on_a_real_network() {
+    let _one = SEARCHES_ONE_AT_A_TIME.lock().await;
     let prod = Server::start(&default_model_config(""));
     let zoomed = "input = \"fp32\"\ndescription = { size = 224, resize_short_side = 448 }";
     let s = Server::start(&default_model_config(&remote("prod", &prod.base, "efficientnet-lite0", zoomed)));

@@ -95,19 +95,6 @@ fn wait_ready(m: &MlServer, limit: Duration) {
     }
 }
 
-/// `path` posted as the multipart `image` to `route` of `s`: the answer's status and JSON.
-async fn post(s: &Server, route: &str, path: &Path) -> (u16, Value) {
-    let form = multipart_image(std::fs::read(path).unwrap(), "x.jpg");
-    json(client().post(s.url(route)).multipart(form).send().await.unwrap()).await
-}
-
-/// [`post`], answered 200: its JSON.
-async fn post_image(s: &Server, route: &str, path: &Path) -> Value {
-    let (status, v) = post(s, route, path).await;
-    assert_eq!(status, 200, "{route}: {v}");
-    v
-}
-
 async fn post_png_to_mlserver(m: &MlServer, png: &[u8]) -> usize {
     let body = serde_json::json!({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
         "data": [base64::engine::general_purpose::STANDARD.encode(png)]}]});
@@ -269,7 +256,7 @@ async fn an_https_remote_is_trusted_through_its_ca_file() {
     let png = base64::engine::general_purpose::STANDARD.decode(v["png_base64"].as_str().unwrap()).unwrap();
     assert_eq!(t["adversarial"]["index"].as_u64(), Some(post_png_to_mlserver(&m, &png).await as u64), "{t}");
 
-    let (status, v) = post(&s, "/attack?verify=remote:untrusted", image).await;
+    let (status, v) = post_file(&s, "/attack?verify=remote:untrusted", image).await;
     assert_eq!(status, 502, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().to_lowercase().contains("certificate"), "{v}");
     assert_eq!(client().get(s.url("/health")).send().await.unwrap().status(), 200);

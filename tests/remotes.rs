@@ -49,14 +49,7 @@ async fn verify_against_a_remote_in_every_input_mode() {
     assert!(list.as_array().unwrap().iter().all(|r| r["health"] == "ready"), "{list}");
     let mut transferred = 0;
     for path in sample_images().iter().take(3) {
-        let res = client()
-            .post(s.url("/attack?model=tiny&verify=remote:b64,remote:binary,remote:fp32,tiny"))
-            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
-            .send()
-            .await
-            .unwrap();
-        let (status, v) = json(res).await;
-        assert_eq!(status, 200, "{v}");
+        let v = post_image(&s, "/attack?model=tiny&verify=remote:b64,remote:binary,remote:fp32,tiny", path).await;
         let t = v["transfer"].as_array().unwrap();
         assert_eq!(t.len(), 4, "{v}");
         // The remote serves the same network: every mode sees what the local copy sees.
@@ -311,14 +304,7 @@ async fn query_based_labelfool_spends_at_most_its_budget() {
 /// A query-based attack on `path` with `query`, answered 200 within `budget` queries; its outcome
 /// is printed for the log.
 async fn attack_remote(s: &Server, path: &std::path::Path, query: &str, budget: u64) -> Value {
-    let res = client()
-        .post(s.url(query))
-        .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
-        .send()
-        .await
-        .unwrap();
-    let (status, v) = json(res).await;
-    assert_eq!(status, 200, "{v}");
+    let v = post_image(s, query, path).await;
     assert!(v["queries"].as_u64().unwrap() <= budget, "{v}");
     eprintln!(
         "{}: {} queries, success {}, search {}, linf {}",

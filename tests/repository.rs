@@ -330,14 +330,7 @@ async fn verify_reports_transfer_to_other_models() {
     let c = client();
     let mut transferred = 0;
     for path in sample_images().iter().take(4) {
-        let res = c
-            .post(s.url("/attack?model=tiny&verify=tiny-triton,tiny-triton"))
-            .multipart(multipart_image(std::fs::read(path).unwrap(), "x.jpg"))
-            .send()
-            .await
-            .unwrap();
-        let (status, v) = json(res).await;
-        assert_eq!(status, 200, "{v}");
+        let v = post_image(&s, "/attack?model=tiny&verify=tiny-triton,tiny-triton", path).await;
         let t = v["transfer"].as_array().unwrap();
         assert_eq!(t.len(), 1, "duplicates are verified once: {v}");
         // The Triton copy is the same network: the attack transfers exactly when it succeeded,

@@ -245,6 +245,19 @@ where
     }
 }
 
+/// `path` posted as the multipart `image` to `route` of `s`: the answer's status and JSON.
+pub async fn post_file(s: &Server, route: &str, path: &std::path::Path) -> (u16, serde_json::Value) {
+    let form = multipart_image(std::fs::read(path).unwrap(), "x.jpg");
+    json(client().post(s.url(route)).multipart(form).send().await.unwrap()).await
+}
+
+/// [`post_file`], answered 200: its JSON.
+pub async fn post_image(s: &Server, route: &str, path: &std::path::Path) -> serde_json::Value {
+    let (status, v) = post_file(s, route, path).await;
+    assert_eq!(status, 200, "{route}: {v}");
+    v
+}
+
 /// An image re-classified through the server's own `POST /classify` (`model`, or the server's
 /// default): its top-1 class index and label.
 pub async fn classify_top1(s: &Server, model: Option<&str>, image: &[u8]) -> (u64, String) {

@@ -94,8 +94,9 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
     let s = Server::start_with_env(&config(root.path()), &env);
     let api = Api { s: &s };
     // Four pictures named as the tiny model's class for each (so each is classified correctly,
-    // as an adversarial puzzle needs), and a second, different picture of the first's class: the
-    // reference shown with that label.
+    // as an adversarial puzzle needs), and a second, different picture of the first's class: a
+    // picture of that label in the job's folder, which a study without a reference set never
+    // shows as a reference.
     let named = copy_named_as_classified(&s, KEY, &images, &sample_images()[..4]).await;
     let (first, wnid) = (images.join(&named[0].0), named[0].1.clone());
     let twin = format!("{wnid}_second.JPEG");
@@ -152,7 +153,6 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
     let (status, v) = api.observe("/observe/nobody/session", None).await;
     assert_eq!((status, v["error"]["code"].as_str()), (404, Some("unknown_observer")), "{v}");
     let mut given: Vec<(String, String, bool, bool)> = Vec::new();
-    let mut reference_checked = false;
     for (n, o) in observers.iter().enumerate() {
         let token = o["token"].as_str().unwrap();
         let page = client().get(s.url(o["link"].as_str().unwrap())).send().await.unwrap();
@@ -172,13 +172,9 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
             let img = client().get(s.url(p["image"].as_str().unwrap())).send().await.unwrap();
             assert_eq!(img.headers()["content-type"], "image/png");
             image::load_from_memory_with_format(&img.bytes().await.unwrap(), image::ImageFormat::Png).unwrap();
-            // A reference picture of the label's class is never the puzzle's own source.
-            for r in p["references"].as_array().unwrap() {
-                let bytes = client().get(s.url(r.as_str().unwrap())).send().await.unwrap().bytes().await.unwrap();
-                let source = std::fs::read(images.join(truth["source"].as_str().unwrap())).unwrap();
-                assert_ne!(bytes.as_ref(), source.as_slice(), "the puzzle's own image as its reference");
-                reference_checked |= truth["label_wnid"] == wnid.as_str();
-            }
+            // Without a reference set no puzzle has reference pictures, clean or adversarial:
+            // they never come from the job's folder.
+            assert_eq!(p["references"], json!([]), "{p:?}");
             let said_correct = match n {
                 0 => false,
                 1 => true,
@@ -214,7 +210,6 @@ async fn a_study_of_a_finished_job_is_answered_by_observers_and_scored_as_by_han
             .await;
         assert!(status == 400 || status == 422, "{status}");
     }
-    assert!(reference_checked, "the twin picture was shown as a reference of its class");
 
     // Results equal the hand computation, per observer and pooled.
     let (status, results) = api.get(&format!("/studies/{id}/results")).await;
@@ -442,29 +437,31 @@ async fn observer_links_expire_and_are_revoked_one_by_one() {
     assert_eq!(status, 200, "{v}");
 }
 
-/// A study copies only files whose real path lies in the job's folder: a reference picture that
-/// is a link out of it (a file or a whole class folder) is skipped, a puzzle's source that is
-/// one fails the study (422 `job`), and nothing from outside reaches the study's folder.
+/// A study copies only files whose real path lies inside the folder they were named from: a
+/// reference picture that is a link out of the reference set (a file, or a whole class folder) is
+/// skipped, a puzzle's source that is a link out of the job's folder fails the study (422 `job`),
+/// and nothing from outside reaches the study's folder.
 #[tokio::test]
-async fn a_study_never_copies_files_linked_from_outside_the_job_folder() {
-    let (_root, images, data, s, job, (wnid, first)) = finished_job("").await;
+async fn a_study_never_copies_files_linked_from_outside_its_folders() {
+    let (root, images, data, s, job, (wnid, first)) = finished_job("").await;
     let api = Api { s: &s };
-    // Placed after the job ran, as anyone with write access to the folder could.
+    let refs = root.path().join("refs");
+    reference_set(&refs, 1, true, &[]);
+    // Placed as anyone with write access to the folders could.
     let outside = tempfile::tempdir().unwrap();
     let secret = outside.path().join("secret.JPEG");
     image::open(&sample_images()[6]).unwrap().to_rgb8().save(&secret).unwrap();
-    let secret_bytes = std::fs::read(&secret).unwrap();
-    std::os::unix::fs::symlink(&secret, images.join(format!("{wnid}_leak.JPEG"))).unwrap();
-    std::os::unix::fs::symlink(outside.path(), images.join(&wnid)).unwrap();
-    let twin = std::fs::read(images.join(format!("{wnid}_second.JPEG"))).unwrap();
+    let secret_pixels = image::open(&secret).unwrap().to_rgb8();
+    std::os::unix::fs::symlink(&secret, refs.join(format!("{wnid}_leak.JPEG"))).unwrap();
+    std::os::unix::fs::symlink(outside.path(), refs.join(&wnid)).unwrap();
 
-    let (status, study) = api.post("/studies", json!({"job": job, "references": 10})).await;
+    let (status, study) = api.post("/studies", json!({"job": job, "reference_images": refs, "references": 10})).await;
     assert_eq!(status, 201, "{study}");
-    let refs = data.join("jobs/studies").join(study["id"].as_str().unwrap()).join("references");
-    let copied: Vec<Vec<u8>> =
-        std::fs::read_dir(&refs).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
-    assert!(copied.contains(&twin), "the class's own second picture is a reference");
-    assert!(!copied.contains(&secret_bytes), "a file from outside the job's folder was copied");
+    let copies = data.join("jobs/studies").join(study["id"].as_str().unwrap()).join("references");
+    let copied: Vec<image::RgbImage> =
+        std::fs::read_dir(&copies).unwrap().map(|e| image::open(e.unwrap().path()).unwrap().to_rgb8()).collect();
+    assert!(copied.iter().any(|c| reference_of(c) == Some((class_index(&wnid), 0))), "the class's own picture");
+    assert!(!copied.contains(&secret_pixels), "a file from outside the reference set was copied");
 
     // A puzzle's own source swapped for a link out of the folder: refused, naming the file.
     let source = images.join(&first);
@@ -473,6 +470,107 @@ async fn a_study_never_copies_files_linked_from_outside_the_job_folder() {
     let (status, v) = api.post("/studies", json!({"job": job})).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("job")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("outside its folder"), "{v}");
+}
+
+/// Point 2 of issue 32: reference pictures come only from the reference set given when the study
+/// is made, for the label the puzzle shows — the same rule for clean and adversarial puzzles, so
+/// whether a puzzle has references says nothing of its truth — and never from the job's folder.
+/// A set that misses a label shown is refused (422 naming it), as is one in the job's folder or
+/// outside the folders the server may read. Whether the observer opened them is stored with
+/// each answer, reported as a rate per category and in the CSV.
+#[tokio::test]
+async fn references_come_from_the_reference_set_by_the_same_rule_for_clean_and_adversarial_puzzles() {
+    let (root, images, _data, s, job, (wnid, _)) = finished_job("").await;
+    let api = Api { s: &s };
+    let refs = root.path().join("refs");
+    reference_set(&refs, 2, false, &[]);
+    let (status, study) =
+        api.post("/studies", json!({"job": job, "reference_images": refs, "references": 2, "observers": 2})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    let (_, puzzles) = api.get(&format!("/studies/{id}/puzzles")).await;
+    let by_id: HashMap<i64, Value> =
+        puzzles.as_array().unwrap().iter().map(|p| (p["id"].as_i64().unwrap(), p.clone())).collect();
+    let mut given: Vec<(String, bool)> = Vec::new();
+    let mut with_refs: HashSet<String> = HashSet::new();
+    for o in study["observers"].as_array().unwrap() {
+        let token = o["token"].as_str().unwrap();
+        let (_, mut session) = api.observe(&format!("/observe/{token}/session"), None).await;
+        let mut k = 0;
+        while let Some(p) = session["puzzle"].as_object().cloned() {
+            let pid = p["id"].as_i64().unwrap();
+            let puzzle = &by_id[&pid];
+            let label = class_index(puzzle["label_wnid"].as_str().unwrap());
+            // Both of the label's pictures from the set, whatever the puzzle's category.
+            let shown: Vec<Option<(usize, usize)>> = served_references(&s, &p["references"]).await;
+            let mut want = vec![Some((label, 0)), Some((label, 1))];
+            let mut got = shown.clone();
+            got.sort();
+            want.sort();
+            assert_eq!(got, want, "{} puzzle {pid} ({}): {shown:?}", puzzle["category"], puzzle["label"]);
+            with_refs.insert(puzzle["category"].as_str().unwrap().to_string());
+            let opened = k % 2 == 0;
+            let answer = json!({"puzzle": pid, "answer": "correct", "references_opened": opened});
+            let (status, next) = api.observe(&format!("/observe/{token}/answers"), Some(answer)).await;
+            assert_eq!(status, 200, "{next}");
+            given.push((puzzle["category"].as_str().unwrap().to_string(), opened));
+            k += 1;
+            session = next;
+        }
+    }
+    assert_eq!(with_refs, HashSet::from(["clean".to_string(), "fgsm".to_string()]), "both kinds got references");
+    // The rate at which references were opened, per category, and each answer's flag in the CSV.
+    let (_, results) = api.get(&format!("/studies/{id}/results")).await;
+    for sm in results["all"]["summary"].as_array().unwrap() {
+        let c = sm["category"].as_str().unwrap();
+        let mine: Vec<bool> = given.iter().filter(|g| g.0 == c).map(|g| g.1).collect();
+        let rate = mine.iter().filter(|o| **o).count() as f64 / mine.len() as f64;
+        close(&sm["references_opened_rate"], Some(rate), &format!("{c}: references opened"));
+    }
+    let csv = client().get(s.url(&format!("/studies/{id}/answers.csv"))).bearer_auth(KEY).send().await.unwrap();
+    let text = csv.text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let at =
+        reader.headers().unwrap().iter().position(|h| h == "references_opened").expect("a references_opened column");
+    let mut flags: Vec<String> = reader.records().map(|r| r.unwrap()[at].to_string()).collect();
+    let mut want: Vec<String> = given.iter().map(|g| g.1.to_string()).collect();
+    flags.sort();
+    want.sort();
+    assert_eq!(flags, want, "{text}");
+
+    // Without a reference set, no puzzle has any, though the job's folder has a second picture
+    // of a class shown.
+    assert!(images.join(format!("{wnid}_second.JPEG")).is_file());
+    let (status, bare) = api.post("/studies", json!({"job": job, "observers": 2, "references": 10})).await;
+    assert_eq!(status, 201, "{bare}");
+    for o in bare["observers"].as_array().unwrap() {
+        let (_, session) = api.observe(&format!("/observe/{}/session", o["token"].as_str().unwrap()), None).await;
+        assert_eq!(session["puzzle"]["references"], json!([]), "{session}");
+    }
+    // A set without a label the study shows is refused, naming it; so is the job's own folder,
+    // and a folder the server may not read.
+    let partial = root.path().join("partial");
+    reference_set(&partial, 1, false, &[wnid.as_str()]);
+    let (status, v) = api.post("/studies", json!({"job": job, "reference_images": partial})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("reference_images")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(&wnid), "{v}");
+    let (status, v) = api.post("/studies", json!({"job": job, "reference_images": images})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("reference_images")), "{v}");
+    let (status, v) = api.post("/studies", json!({"job": job, "reference_images": "/etc"})).await;
+    assert_eq!(status, 403, "{v}");
+}
+
+/// The reference pictures a session's puzzle lists, fetched as its observer would: the (class,
+/// k) each stands for.
+async fn served_references(s: &Server, urls: &Value) -> Vec<Option<(usize, usize)>> {
+    let mut out = Vec::new();
+    for u in urls.as_array().unwrap() {
+        let res = client().get(s.url(u.as_str().unwrap())).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+        let img = image::load_from_memory(&res.bytes().await.unwrap()).unwrap().to_rgb8();
+        out.push(reference_of(&img));
+    }
+    out
 }
 
 /// An adversarial puzzle is an image the model classified correctly and the attack fooled: a
@@ -675,4 +773,94 @@ async fn a_simulated_study_recovers_the_true_gain_within_its_interval() {
     let late = json!({"puzzle": pid, "answer": "correct", "elapsed_ms": 3_600_001});
     let (status, v) = api.observe(&format!("/observe/{token}/answers"), Some(late)).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("elapsed_ms")), "{v}");
+}
+
+/// Point 6 of issue 32, the paper's mode: with `design: "all_groups"` each observer answers every
+/// puzzle of every group exactly once, one group after the other (from their own group on, so
+/// observers start in different groups), each group in an order of their own. The default stays
+/// one group per observer.
+#[tokio::test]
+async fn in_the_all_groups_design_an_observer_answers_every_group_in_sequence() {
+    let (_root, images, _data, s, _, _) = finished_job("").await;
+    let api = Api { s: &s };
+    let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm", "deepfool"]})).await;
+    assert_eq!(status, 201, "{job}");
+    let job = job["id"].as_str().unwrap().to_string();
+    api.wait_done(&job).await;
+
+    let (status, one) = api.post("/studies", json!({"job": job, "observers": 1})).await;
+    assert_eq!(status, 201, "{one}");
+    assert_eq!(one["design"], "one_group", "{one}");
+    let sizes: Vec<u64> = one["groups"].as_array().unwrap().iter().map(|g| g.as_u64().unwrap()).collect();
+    assert_eq!(one["observers"][0]["total"].as_u64(), Some(sizes[0]), "{one}");
+
+    let (status, study) = api.post("/studies", json!({"job": job, "observers": 3, "design": "all_groups"})).await;
+    assert_eq!(status, 201, "{study}");
+    assert_eq!(study["design"], "all_groups", "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    let groups = study["groups"].as_array().unwrap().len();
+    assert_eq!(groups, 3, "{study}");
+    let (_, puzzles) = api.get(&format!("/studies/{id}/puzzles")).await;
+    let group_of: HashMap<i64, u64> =
+        puzzles.as_array().unwrap().iter().map(|p| (p["id"].as_i64().unwrap(), p["group"].as_u64().unwrap())).collect();
+    let mut firsts = HashSet::new();
+    for o in study["observers"].as_array().unwrap() {
+        assert_eq!(o["total"].as_u64(), Some(group_of.len() as u64), "{o}");
+        let token = o["token"].as_str().unwrap();
+        let (_, mut session) = api.observe(&format!("/observe/{token}/session"), None).await;
+        let mut seen: Vec<i64> = Vec::new();
+        while let Some(p) = session["puzzle"].as_object().cloned() {
+            let pid = p["id"].as_i64().unwrap();
+            seen.push(pid);
+            let (status, next) = api
+                .observe(&format!("/observe/{token}/answers"), Some(json!({"puzzle": pid, "answer": "correct"})))
+                .await;
+            assert_eq!(status, 200, "{next}");
+            session = next;
+            assert!(seen.len() <= group_of.len(), "more puzzles than the study has");
+        }
+        // Every puzzle exactly once.
+        let mut sorted = seen.clone();
+        sorted.sort();
+        let mut all: Vec<i64> = group_of.keys().copied().collect();
+        all.sort();
+        assert_eq!(sorted, all, "{} did not answer every puzzle once", o["name"]);
+        // The groups one after the other: each group's puzzles in one run, from their own group on.
+        let mut runs: Vec<u64> = seen.iter().map(|p| group_of[p]).collect();
+        runs.dedup();
+        assert_eq!(runs.len(), groups, "groups interleaved for {}: {runs:?}", o["name"]);
+        let start = o["group"].as_u64().unwrap();
+        let want: Vec<u64> = (0..groups as u64).map(|k| (start + k) % groups as u64).collect();
+        assert_eq!(runs, want, "{}", o["name"]);
+        firsts.insert(start);
+    }
+    assert_eq!(firsts.len(), 3, "the observers start in different groups");
+    let (_, results) = api.get(&format!("/studies/{id}/results")).await;
+    assert_eq!(results["all"]["answers"].as_u64(), Some(3 * group_of.len() as u64), "{results}");
+}
+
+/// A study with fewer observers than groups leaves a group unanswered: the study and its
+/// results say which (`groups_without_observers`), until an observer is added; an observer whose
+/// link was revoked before they finished no longer covers their group.
+#[tokio::test]
+async fn groups_without_observers_are_reported() {
+    let (_root, _images, _data, s, job, _) = finished_job("").await;
+    let api = Api { s: &s };
+    let (status, study) = api.post("/studies", json!({"job": job, "observers": 1})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    assert_eq!(study["groups"].as_array().unwrap().len(), 2, "{study}");
+    assert_eq!(study["groups_without_observers"], json!([1]), "{study}");
+    let (_, results) = api.get(&format!("/studies/{id}/results")).await;
+    assert_eq!(results["groups_without_observers"], json!([1]), "{results}");
+    let (status, o) = api.post(&format!("/studies/{id}/observers"), json!({"name": "bea"})).await;
+    assert_eq!((status, o["group"].as_u64()), (201, Some(1)), "{o}");
+    let (_, study) = api.get(&format!("/studies/{id}")).await;
+    assert_eq!(study["groups_without_observers"], json!([]), "{study}");
+    let (_, results) = api.get(&format!("/studies/{id}/results")).await;
+    assert_eq!(results["groups_without_observers"], json!([]), "{results}");
+    let res = client().delete(s.url(&format!("/studies/{id}/observers/bea"))).bearer_auth(KEY).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    let (_, study) = api.get(&format!("/studies/{id}")).await;
+    assert_eq!(study["groups_without_observers"], json!([1]), "{study}");
 }

@@ -314,6 +314,12 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
 /// A finished FGSM job of the tiny model on four pictures named as it classifies them, and a
 /// study of it with `observers` observers: (the server, the study as `POST /studies` answered).
 async fn tiny_study(root: &std::path::Path, key: &str, observers: u32) -> (Server, Value) {
+    tiny_study_with(root, key, json!({"observers": observers})).await
+}
+
+/// [`tiny_study`] with `body` as `POST /studies`'s body (the job is filled in); `root` is the
+/// folder the server may read.
+async fn tiny_study_with(root: &std::path::Path, key: &str, mut body: Value) -> (Server, Value) {
     let images = root.join("images");
     std::fs::create_dir(&images).unwrap();
     let extra = format!("[server]\napi_key = \"{key}\"\n[jobs]\nallowed_dirs = [\"{}\"]\n", root.display());
@@ -333,7 +339,8 @@ async fn tiny_study(root: &std::path::Path, key: &str, observers: u32) -> (Serve
         assert!(started.elapsed() < Duration::from_secs(300), "{job}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (status, study) = json(post("/studies", json!({"job": id, "observers": observers})).await.unwrap()).await;
+    body["job"] = json!(id);
+    let (status, study) = json(post("/studies", body).await.unwrap()).await;
     assert_eq!(status, 201, "{study}");
     (s, study)
 }
@@ -518,5 +525,67 @@ async fn an_observer_answers_with_keys_and_keeps_the_focus() {
     answers.sort();
     assert_eq!(answers, ["correct", "incorrect", "incorrect"], "{text}");
     assert!(rows.iter().any(|r| r[puzzle] == first && &r[answer] == "correct"), "{text}");
+    c.close().await.unwrap();
+}
+
+/// The observer's reference pictures stay hidden — not on the page, not even fetched — until
+/// "Show reference pictures" is pressed; each answer records whether they were opened (in the
+/// CSV), and the next puzzle starts with them hidden again.
+#[ignore = "partner tier (headless Chromium): scripts/test runs it"]
+#[tokio::test]
+async fn reference_pictures_stay_hidden_until_asked_for_and_opening_them_is_recorded() {
+    let root = tempfile::tempdir().unwrap();
+    let refs = root.path().join("refs");
+    reference_set(&refs, 2, false, &[]);
+    let body = json!({"observers": 1, "reference_images": refs, "references": 2});
+    let (s, study) = tiny_study_with(root.path(), "k3y", body).await;
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+    c.goto(&s.url(study["observers"][0]["link"].as_str().unwrap())).await.unwrap();
+    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    let total = study["observers"][0]["total"].as_u64().unwrap();
+    assert!(total >= 3, "{study}");
+    let answerable = "document.body.dataset.answerable === 'true'";
+    let hidden = "return { shown: [...document.querySelectorAll('#references img')].filter((i) => i.offsetParent !== null).length, \
+        fetched: performance.getEntriesByType('resource').filter((e) => e.name.includes('/references/')).length, \
+        button: (() => { const b = document.querySelector('#show-references'); return b && b.offsetParent !== null ? b.textContent.trim() : null; })() }";
+    until(&c, answerable, minute).await;
+    let before = c.execute(hidden, vec![]).await.unwrap();
+    assert_eq!(before, json!({"shown": 0, "fetched": 0, "button": "Show reference pictures"}), "before asking");
+    let puzzle =
+        || async { c.find(Locator::Css("#puzzle")).await.unwrap().attr("data-puzzle").await.unwrap().unwrap() };
+    let first = puzzle().await;
+    c.find(Locator::Css("#answer-incorrect")).await.unwrap().click().await.unwrap();
+    until(&c, "document.body.dataset.answered === '1'", minute).await;
+    until(&c, answerable, minute).await;
+    let second = puzzle().await;
+    c.find(Locator::Css("#show-references")).await.unwrap().click().await.unwrap();
+    until(
+        &c,
+        "[...document.querySelectorAll('#references img')].filter((i) => i.offsetParent !== null && i.complete && i.naturalWidth > 0).length === 2",
+        minute,
+    )
+    .await;
+    let expanded = c
+        .execute("return document.querySelector('#show-references').getAttribute('aria-expanded')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(expanded, "true");
+    c.find(Locator::Css("#answer-correct")).await.unwrap().click().await.unwrap();
+    until(&c, "document.body.dataset.answered === '2'", minute).await;
+    until(&c, answerable, minute).await;
+    let next = c.execute(hidden, vec![]).await.unwrap();
+    assert_eq!((next["shown"].as_u64(), next["button"].as_str()), (Some(0), Some("Show reference pictures")), "{next}");
+
+    let id = study["id"].as_str().unwrap();
+    let res = reqwest::Client::new().get(s.url(&format!("/studies/{id}/answers.csv"))).bearer_auth("k3y").send();
+    let text = res.await.unwrap().text().await.unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    let headers = reader.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap_or_else(|| panic!("no {name}: {text}"));
+    let (at, opened) = (col("puzzle"), col("references_opened"));
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let flag = |p: &str| rows.iter().find(|r| &r[at] == p).map(|r| r[opened].to_string());
+    assert_eq!((flag(&first).as_deref(), flag(&second).as_deref()), (Some("false"), Some("true")), "{text}");
     c.close().await.unwrap();
 }

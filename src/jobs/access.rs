@@ -43,21 +43,26 @@ impl Roots {
     /// The folder a client named, resolved, or why not. Outside the allowed folders nothing is
     /// looked at: existing or not, the answer is the same 403.
     pub fn folder(&self, raw: &str) -> Result<PathBuf, JobError> {
+        self.folder_for("images", raw)
+    }
+
+    /// [`Self::folder`], for the request's parameter `param`.
+    pub fn folder_for(&self, param: &'static str, raw: &str) -> Result<PathBuf, JobError> {
         let path = Path::new(raw);
         if !path.is_absolute() || path.components().any(|c| c == Component::ParentDir) {
-            return Err(JobError::invalid("images", format!("{raw:?} must be an absolute path without `..`")));
+            return Err(JobError::invalid(param, format!("{raw:?} must be an absolute path without `..`")));
         }
         let path = normalise(path);
         let under = |roots: &[PathBuf]| roots.iter().any(|r| path.starts_with(r));
         if !under(&self.configured) && !under(&self.resolved) {
             return Err(self.forbidden(raw));
         }
-        let folder = path.canonicalize().map_err(|e| JobError::invalid("images", format!("{raw}: {e}")))?;
+        let folder = path.canonicalize().map_err(|e| JobError::invalid(param, format!("{raw}: {e}")))?;
         if !self.resolved.iter().any(|r| folder.starts_with(r)) {
             return Err(self.forbidden(raw));
         }
         if !folder.is_dir() {
-            return Err(JobError::invalid("images", format!("{raw} is not a folder")));
+            return Err(JobError::invalid(param, format!("{raw} is not a folder")));
         }
         Ok(folder)
     }

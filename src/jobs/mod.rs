@@ -273,6 +273,12 @@ impl Jobs {
         &self.inner.config
     }
 
+    /// A folder a client named for `param` (a study's reference set), resolved, when it lies
+    /// under `jobs.allowed_dirs` as a job's folder must (403 otherwise, nothing looked at).
+    pub fn readable_folder(&self, param: &'static str, raw: &str) -> Result<PathBuf, JobError> {
+        self.inner.roots.folder_for(param, raw)
+    }
+
     /// Validates the spec (its folder checked as `access` says, nothing looked at outside the
     /// allowed folders), counts its attacks and queues it; refused while the jobs' folder is
     /// over its quota.

@@ -103,6 +103,15 @@ fn migrations() -> Migrations<'static> {
         ALTER TABLE studies ADD COLUMN seed INTEGER;
         CREATE INDEX puzzles_by_group ON puzzles (study_id, grp);",
         ),
+        // v5: a study's design (one group per observer, or every group in sequence), the
+        // reference set it was made with (NULL: none; for a study made before v5, its references
+        // came from the job's folder and keep doing so), and whether each answer's observer
+        // opened the reference pictures (NULL: not said, or answered before v5).
+        M::up(
+            "ALTER TABLE studies ADD COLUMN design TEXT NOT NULL DEFAULT 'one_group';
+        ALTER TABLE studies ADD COLUMN reference_images TEXT;
+        ALTER TABLE answers ADD COLUMN references_opened INTEGER;",
+        ),
     ])
 }
 

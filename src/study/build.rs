@@ -1,7 +1,9 @@
-//! A study's making: the puzzles a finished job's records give ([`plan`]) and the copies of
-//! their images and reference pictures in the study's folder ([`materialise`]). Only files
+//! A study's making: the puzzles a finished job's records give ([`plan`]), the copies of their
+//! images in the study's folder ([`materialise`]) and of the reference pictures of the labels
+//! they show, from a reference set apart from the job's folder ([`references`]). Only files
 //! whose real path lies inside the folder they were found in are copied ([`inside`]), so a link
-//! in a job's folder cannot make the study serve a file from elsewhere to its observers.
+//! in a job's folder or a reference set cannot make the study serve a file from elsewhere to its
+//! observers.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -114,20 +116,27 @@ fn inside(path: &Path, root: &Path) -> Option<PathBuf> {
     (real.starts_with(root) && real.is_file()).then_some(real)
 }
 
-/// Copies the puzzle images (as PNGs, under shuffled ids) and up to `per_label` reference
-/// pictures per shown class into the study's folder, each puzzle in one of `groups` groups
-/// (the study's categories: one number, stored with the study); only files inside the folder they are
-/// named from ([`inside`]): a puzzle's image elsewhere fails the study (422 `job`), a reference
-/// picture elsewhere is skipped.
+/// The labels the puzzles show, each once: (class index, the key its reference pictures are
+/// stored under — its wnid, else its name — and its name).
+pub(super) fn labels(plan: &[Planned]) -> Vec<(usize, String, String)> {
+    let mut seen = std::collections::HashSet::new();
+    plan.iter()
+        .filter(|p| seen.insert(p.label_index))
+        .map(|p| (p.label_index, super::reference_key(p.label_wnid.as_deref(), &p.label), p.label.clone()))
+        .collect()
+}
+
+/// Copies the puzzle images (as PNGs, under shuffled ids) into the study's folder, each puzzle
+/// in one of `groups` groups (the study's categories: one number, stored with the study); only
+/// files inside the folder they are named from ([`inside`]): a puzzle's image elsewhere fails
+/// the study (422 `job`).
 pub(super) fn materialise(
     mut plan: Vec<Planned>,
-    samples: &[crate::dataset::Sample],
     folder: &Path,
     job_dir: &Path,
     dir: &Path,
-    per_label: usize,
     groups: usize,
-) -> Result<(Vec<Puzzle>, Vec<store::Reference>), StudyError> {
+) -> Result<Vec<Puzzle>, StudyError> {
     use rand::seq::SliceRandom;
     let io = |e: std::io::Error| StudyError::Store(StoreError::Io(e));
     let real_folder = folder.canonicalize().map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
@@ -136,8 +145,6 @@ pub(super) fn materialise(
     // Ids in a random order, so an id tells nothing of its source or category.
     plan.shuffle(&mut rand::rng());
     let mut puzzles = Vec::with_capacity(plan.len());
-    let mut refs = Vec::new();
-    let mut labels_done = std::collections::HashSet::new();
     for (n, p) in plan.into_iter().enumerate() {
         let id = n as i64 + 1;
         let (src, root) =
@@ -148,25 +155,6 @@ pub(super) fn materialise(
         let rel = format!("images/{id}.png");
         let img = image::open(&src).map_err(|e| StudyError::invalid("job", format!("{}: {e}", p.from)))?;
         img.to_rgb8().save(dir.join(&rel)).map_err(|e| io(std::io::Error::other(e.to_string())))?;
-        if let Some(w) = &p.label_wnid
-            && per_label > 0
-            && labels_done.insert(w.clone())
-        {
-            // One more than shown: a puzzle never shows its own source as a reference.
-            let others = samples
-                .iter()
-                .filter(|s| s.label == Some(p.label_index))
-                .filter_map(|s| inside(&s.path, &real_folder).map(|real| (s, real)))
-                .take(per_label + 1);
-            for (k, (s, real)) in others.enumerate() {
-                let ext = s.path.extension().and_then(|e| e.to_str()).unwrap_or("img").to_ascii_lowercase();
-                let rel = format!("references/{w}-{k}.{ext}");
-                std::fs::create_dir_all(dir.join("references")).map_err(io)?;
-                std::fs::copy(&real, dir.join(&rel)).map_err(io)?;
-                let source = s.path.strip_prefix(folder).unwrap_or(&s.path).to_string_lossy().into_owned();
-                refs.push((w.clone(), rel, source));
-            }
-        }
         puzzles.push(Puzzle {
             id,
             group: design::group_of(p.source_index, p.kind, groups) as u32,
@@ -179,7 +167,74 @@ pub(super) fn materialise(
             animal: p.animal,
         });
     }
-    Ok((puzzles, refs))
+    Ok(puzzles)
+}
+
+/// Labels named in a refusal before "and N more".
+const NAMED_LABELS: usize = 10;
+
+/// The reference pictures of every label shown (`labels`, from [`labels`]): up to `per_label`
+/// pictures of each from the reference set `set` (resolved; `samples` its discovered files),
+/// copied into the study's folder as PNGs under opaque names — the same rule for every label,
+/// whether a clean or an adversarial puzzle shows it. Only pictures inside the set that decode
+/// count. The set must lie apart from the job's pictures and folder (`apart_from`: neither one of
+/// them, nor inside or around one), and hold a picture of every label: else 422
+/// `reference_images`, naming what is missing.
+pub(super) fn references(
+    labels: &[(usize, String, String)],
+    set: &Path,
+    samples: &[crate::dataset::Sample],
+    apart_from: &[&Path],
+    dir: &Path,
+    per_label: usize,
+) -> Result<Vec<store::Reference>, StudyError> {
+    let io = |e: std::io::Error| StudyError::Store(StoreError::Io(e));
+    let invalid = |m: String| StudyError::invalid("reference_images", m);
+    for other in apart_from.iter().filter_map(|p| p.canonicalize().ok()) {
+        if set.starts_with(&other) || other.starts_with(set) {
+            return Err(invalid(format!(
+                "{} is, holds or lies in the job's own folder ({}): give a reference set apart from the pictures \
+                 the study shows",
+                set.display(),
+                other.display()
+            )));
+        }
+    }
+    if per_label == 0 {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(dir.join("references")).map_err(io)?;
+    let (mut refs, mut missing) = (Vec::new(), Vec::new());
+    for (index, key, name) in labels {
+        let mut copied = 0;
+        for s in samples.iter().filter(|s| s.label == Some(*index)) {
+            if copied == per_label {
+                break;
+            }
+            let Some(real) = inside(&s.path, set) else { continue };
+            let Ok(img) = image::open(&real) else { continue };
+            let rel = format!("references/{}.png", refs.len() + 1);
+            img.to_rgb8().save(dir.join(&rel)).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            let source = s.path.strip_prefix(set).unwrap_or(&s.path).to_string_lossy().into_owned();
+            refs.push((key.clone(), rel, source));
+            copied += 1;
+        }
+        if copied == 0 {
+            missing.push(format!("{name:?} ({key})"));
+        }
+    }
+    if !missing.is_empty() {
+        let more = missing.len().saturating_sub(NAMED_LABELS);
+        missing.truncate(NAMED_LABELS);
+        let tail = if more > 0 { format!(" and {more} more") } else { String::new() };
+        return Err(invalid(format!(
+            "{} has no picture of {}{tail}: a reference set holds every label a puzzle shows (a folder per class, \
+             `<wnid>/…`, or files `<wnid>_….jpg`)",
+            set.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(refs)
 }
 
 #[cfg(test)]

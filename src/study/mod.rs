@@ -9,6 +9,10 @@
 //! image from an adversarial one; its rows live in the jobs' SQLite database. Only files whose
 //! real path (links resolved) lies inside the folder they were found in are copied.
 //!
+//! Reference pictures come only from a reference set given when the study is made, by one rule
+//! for every puzzle: pictures of the label it shows. The observer's page shows them on request,
+//! and each answer records whether they were opened.
+//!
 //! An observer link expires (`[studies]`, or per link) and can be revoked on its own; an
 //! expired link answers 410 Gone, a revoked one 404 like a link that never existed.
 
@@ -25,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, EngineError};
 use crate::jobs::{JobState, Jobs, StoreError};
+pub use design::StudyDesign;
 pub use results::{CLEAN, Rates};
 
 pub use crate::config::studies::StudiesConfig;
@@ -52,9 +57,22 @@ pub struct StudySpec {
     /// Observers to create at once, named "observer 1", "observer 2", … (more can be added).
     #[serde(default)]
     pub observers: u32,
-    /// Reference pictures per label, from the job's folder (other images of the label's class).
+    /// Reference pictures per puzzle, at most: pictures of the label it shows, from
+    /// `reference_images` (without a reference set, none).
     #[serde(default = "default_references")]
     pub references: u32,
+    /// A folder of reference pictures the server may read (under `jobs.allowed_dirs`), apart
+    /// from the job's pictures, laid out as a job's: a folder per class (`<wnid>/…` or the
+    /// class's name) or files named `<wnid>_….jpg`. It must hold a picture of every label a
+    /// puzzle shows; every puzzle, clean or adversarial, gets up to `references` pictures of its
+    /// label from it. Without one, no puzzle has reference pictures.
+    #[serde(default)]
+    #[cfg_attr(feature = "http", schema(max_length = 4096))]
+    pub reference_images: Option<String>,
+    /// `one_group` (default): each observer answers one group; `all_groups`: each answers every
+    /// group, one after the other (the paper's mode).
+    #[serde(default)]
+    pub design: StudyDesign,
     /// The seed the sources are shuffled with before they are spread over the groups (default:
     /// drawn; the study reports it, so the same groups can be made again).
     #[serde(default)]
@@ -75,6 +93,12 @@ const MAX_OBSERVER_NAME: usize = 100;
 const MAX_ID: usize = 64;
 const MAX_METHOD: usize = 100;
 const MAX_METHODS: usize = 64;
+const MAX_PATH: usize = 4096;
+
+/// The key a label's reference pictures are stored under: its wnid, else its name.
+fn reference_key(wnid: Option<&str>, label: &str) -> String {
+    wnid.unwrap_or(label).to_string()
+}
 
 /// `value` trimmed, when it has 1 to `max` characters; else 422 naming `param`.
 fn bounded(param: &'static str, value: &str, max: usize) -> Result<String, StudyError> {
@@ -95,8 +119,19 @@ pub struct StudyInfo {
     pub model: String,
     /// `clean`, then the methods.
     pub categories: Vec<String>,
-    /// Puzzles per group (an observer answers one group).
+    /// Puzzles per group, groups numbered from 0 (as `group` everywhere: observers, puzzles,
+    /// the CSV and the studio).
     pub groups: Vec<u32>,
+    /// How observers take the puzzles: one group each, or every group in sequence.
+    pub design: StudyDesign,
+    /// Groups with puzzles that no observer will answer: none is placed in them (or, in
+    /// `all_groups`, there is no observer), or only observers whose links were revoked before
+    /// they finished. Add observers until it is empty.
+    pub groups_without_observers: Vec<u32>,
+    /// Reference pictures per puzzle, at most.
+    pub references: u32,
+    /// The reference set the study was made with (None: no puzzle has reference pictures).
+    pub reference_images: Option<String>,
     pub puzzles: u32,
     pub observers: Vec<ObserverInfo>,
     /// Answers given so far.
@@ -114,6 +149,7 @@ pub struct ObserverInfo {
     pub token: String,
     /// The observer's page.
     pub link: String,
+    /// Their group (from 0); in `all_groups`, the group they start with.
     pub group: u32,
     pub answered: u32,
     pub total: u32,
@@ -182,7 +218,8 @@ pub struct PuzzleView {
     pub image: String,
     /// The label to judge.
     pub label: String,
-    /// Pictures of the label's class, when the job's folder had some.
+    /// Pictures of the label's class from the study's reference set (none without one); the
+    /// observer's page shows them only on request.
     pub references: Vec<String>,
 }
 
@@ -207,6 +244,10 @@ pub struct AnswerIn {
     #[serde(default)]
     #[cfg_attr(feature = "http", schema(maximum = 3_600_000))]
     pub elapsed_ms: Option<u32>,
+    /// Whether the observer opened the puzzle's reference pictures before answering (false
+    /// where it had none); the observer's page always sends it.
+    #[serde(default)]
+    pub references_opened: Option<bool>,
 }
 
 /// The longest answer time stored, in ms (an hour: a page left open is no answer time).
@@ -220,6 +261,10 @@ pub struct StudyResults {
     /// How CR and PG are computed.
     pub definition: &'static str,
     pub categories: Vec<String>,
+    pub design: StudyDesign,
+    /// Groups with puzzles that no observer will answer (as in the study): their puzzles are
+    /// missing from every number below until observers are added.
+    pub groups_without_observers: Vec<u32>,
     pub all: Rates,
     /// The puzzles whose source's true class is an animal (WordNet).
     pub animals: Rates,
@@ -272,6 +317,10 @@ pub struct StudyRow {
     pub created_ms: i64,
     /// The seed the sources were shuffled with (None for studies made before seeds).
     pub seed: Option<u64>,
+    pub design: StudyDesign,
+    /// The reference set's folder (None: none; or, for a study made before reference sets,
+    /// references copied from the job's folder).
+    pub reference_images: Option<String>,
 }
 
 /// The studies service: on the jobs' store and folder.
@@ -334,6 +383,13 @@ impl Studies {
         if spec.references > MAX_REFERENCES {
             return Err(StudyError::invalid("references", format!("at most {MAX_REFERENCES} per label")));
         }
+        let reference_set = match &spec.reference_images {
+            Some(raw) => {
+                bounded("reference_images", raw, MAX_PATH)?;
+                Some(self.jobs.readable_folder("reference_images", raw)?)
+            }
+            None => None,
+        };
         let (_, info) = self.engine.model(Some(&model))?;
         let results = self.jobs.results(&job.id).await?;
         let id = crate::jobs::new_id();
@@ -351,23 +407,35 @@ impl Studies {
             model: model.clone(),
             groups: categories.len() as u32,
             categories: categories.clone(),
-            references: spec.references,
+            references: if reference_set.is_some() { spec.references } else { 0 },
             created_ms: crate::jobs::store::now_ms(),
             seed: Some(seed),
+            design: spec.design,
+            reference_images: reference_set.as_ref().map(|p| p.to_string_lossy().into_owned()),
         };
         let groups = row.groups as usize;
         let folder = PathBuf::from(&job.spec.images);
         let job_dir = self.jobs.job_dir(&job.id);
         let dir = self.dir(&id);
-        let refs_per_label = spec.references as usize;
+        let refs_per_label = row.references as usize;
         let built = tokio::task::spawn_blocking(move || -> Result<_, StudyError> {
             let plan = build::plan(&results, &model, &categories, seed)?;
             if plan.is_empty() {
                 return Err(StudyError::invalid("job", "no image of the job has a true class (from its file name)"));
             }
-            let samples = crate::dataset::discover(&folder, info.classes())
-                .map_err(|e| StudyError::invalid("job", format!("its folder: {e}")))?;
-            let built = build::materialise(plan, &samples, &folder, &job_dir, &dir, refs_per_label, groups);
+            let built = (|| {
+                let labels = build::labels(&plan);
+                let puzzles = build::materialise(plan, &folder, &job_dir, &dir, groups)?;
+                let refs = match &reference_set {
+                    Some(set) => {
+                        let samples = crate::dataset::discover(set, info.classes())
+                            .map_err(|e| StudyError::invalid("reference_images", e.to_string()))?;
+                        build::references(&labels, set, &samples, &[&folder, &job_dir], &dir, refs_per_label)?
+                    }
+                    None => Vec::new(),
+                };
+                Ok((puzzles, refs))
+            })();
             if built.is_err() {
                 // What was copied before the failure belongs to no study.
                 let _ = std::fs::remove_dir_all(&dir);
@@ -431,7 +499,8 @@ impl Studies {
     }
 
     /// Adds an observer to the group with the fewest observers (the lowest on ties) among the
-    /// groups that have puzzles: an observer is never given nothing to answer.
+    /// groups that have puzzles: an observer is never given nothing to answer. In `all_groups`
+    /// that is the group they start with, so observers start in different groups.
     pub async fn add_observer(&self, id: &str, new: NewObserver) -> Result<ObserverInfo, StudyError> {
         let study = self.get(id).await?;
         if study.observers.len() as u32 >= MAX_OBSERVERS {
@@ -515,7 +584,10 @@ impl Studies {
             .with(move |c| {
                 let Some(o) = store::observer(c, &t)? else { return Ok(None) };
                 let Some(study) = store::study(c, &o.study)? else { return Ok(None) };
-                let puzzles = store::group_puzzles(c, &o.study, o.group)?;
+                let puzzles = match study.design {
+                    StudyDesign::OneGroup => store::group_puzzles(c, &o.study, o.group)?,
+                    StudyDesign::AllGroups => store::puzzles(c, &o.study)?,
+                };
                 let answers = store::answers_of(c, &t)?;
                 Ok(Some((study, o, puzzles, answers)))
             })
@@ -524,11 +596,11 @@ impl Studies {
         if o.expires_ms <= crate::jobs::store::now_ms() {
             return Err(StudyError::Expired);
         }
-        let mut mine: Vec<Puzzle> = puzzles.into_iter().filter(|p| p.group == o.group).collect();
-        let mut ids: Vec<i64> = mine.iter().map(|p| p.id).collect();
-        design::order(o.seed as u64, &mut ids);
+        let pairs: Vec<(i64, u32)> = puzzles.iter().map(|p| (p.id, p.group)).collect();
+        let ids = design::sequence(study.design, o.seed as u64, o.group, study.groups, &pairs);
         let rank: HashMap<i64, usize> = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
-        mine.sort_by_key(|p| rank.get(&p.id).copied().unwrap_or(usize::MAX));
+        let mut mine: Vec<Puzzle> = puzzles.into_iter().filter(|p| rank.contains_key(&p.id)).collect();
+        mine.sort_by_key(|p| rank[&p.id]);
         Ok((study, o, mine, answers.into_iter().collect()))
     }
 
@@ -560,11 +632,14 @@ impl Studies {
         })
     }
 
-    /// The puzzle's reference pictures (paths within the study's folder).
+    /// The puzzle's reference pictures (paths within the study's folder): those of the label it
+    /// shows, whatever its category. A study made before reference sets took them from the job's
+    /// folder: for it, never a copy of the puzzle's own source.
     async fn references(&self, study: &StudyRow, p: &Puzzle) -> Result<Vec<String>, StudyError> {
-        let Some(w) = p.label_wnid.clone() else { return Ok(Vec::new()) };
-        let (s, source, n) = (study.id.clone(), p.source.clone(), study.references);
-        Ok(self.jobs.store().with(move |c| store::references(c, &s, &w, &source, n)).await?)
+        let key = reference_key(p.label_wnid.as_deref(), &p.label);
+        let except = study.reference_images.is_none().then(|| p.source.clone());
+        let (s, n) = (study.id.clone(), study.references);
+        Ok(self.jobs.store().with(move |c| store::references(c, &s, &key, except.as_deref(), n)).await?)
     }
 
     /// Stores an answer as it is given; the first answer to a puzzle stands (409 after it).
@@ -584,7 +659,9 @@ impl Studies {
         let stored = self
             .jobs
             .store()
-            .with(move |c| store::insert_answer(c, &t, answer.puzzle, said, answer.elapsed_ms))
+            .with(move |c| {
+                store::insert_answer(c, &t, answer.puzzle, said, answer.elapsed_ms, answer.references_opened)
+            })
             .await?;
         if !stored {
             return Err(StudyError::Conflict(format!("puzzle {} is already answered", answer.puzzle)));
@@ -633,6 +710,7 @@ impl Studies {
                     truth: r.puzzle.truth,
                     said_correct: r.correct,
                     elapsed_ms: r.elapsed_ms,
+                    references_opened: r.references_opened,
                 })
                 .collect();
             let seed = design::seed_of(&study.id);
@@ -641,6 +719,8 @@ impl Studies {
                 all: results::rates(&answers, &study.categories, seed),
                 animals: results::rates(answers.iter().filter(|a| a.animal), &study.categories, seed ^ 1),
                 categories: study.categories,
+                design: study.design,
+                groups_without_observers: study.groups_without_observers,
                 study: study.id,
             })
         })
@@ -705,6 +785,7 @@ fn answers_csv(study: &str, rows: Vec<store::AnswerRow>) -> Result<Vec<u8>, Stud
         "animal",
         "answered_ms",
         "elapsed_ms",
+        "references_opened",
     ])
     .map_err(io)?;
     for r in rows {
@@ -724,6 +805,7 @@ fn answers_csv(study: &str, rows: Vec<store::AnswerRow>) -> Result<Vec<u8>, Stud
             p.animal.to_string(),
             r.answered_ms.to_string(),
             r.elapsed_ms.map(|ms| ms.to_string()).unwrap_or_default(),
+            r.references_opened.map(|o| o.to_string()).unwrap_or_default(),
         ])
         .map_err(io)?;
     }

@@ -31,6 +31,8 @@ pub struct Answer {
     pub said_correct: bool,
     /// Milliseconds from the picture's display to the answer, where the page said.
     pub elapsed_ms: Option<u32>,
+    /// The observer opened the puzzle's reference pictures, where the page said.
+    pub references_opened: Option<bool>,
 }
 
 impl Answer {
@@ -81,6 +83,9 @@ pub struct CategorySummary {
     pub pooled_pg_ci: Option<Interval>,
     /// The median time from a picture's display to its answer, in ms (None without times).
     pub answer_ms_median: Option<f64>,
+    /// The share of answers given with the reference pictures opened, of those that say (a
+    /// puzzle without references counts as not opened; None when no answer said).
+    pub references_opened_rate: Option<f64>,
 }
 
 /// The numbers for one set of answers (all of them, or the animal subset).
@@ -130,6 +135,12 @@ pub fn rates<'a>(answers: impl IntoIterator<Item = &'a Answer>, categories: &[St
             });
             let mut times: Vec<u32> =
                 answers.iter().filter(|a| a.category == *c).filter_map(|a| a.elapsed_ms).collect();
+            let opened: Vec<f64> = answers
+                .iter()
+                .filter(|a| a.category == *c)
+                .filter_map(|a| a.references_opened)
+                .map(|o| f64::from(u8::from(o)))
+                .collect();
             CategorySummary {
                 category: c.clone(),
                 observers: crs.len() as u32,
@@ -142,6 +153,7 @@ pub fn rates<'a>(answers: impl IntoIterator<Item = &'a Answer>, categories: &[St
                 pooled: pooled[i].clone(),
                 pooled_pg_ci: ci,
                 answer_ms_median: median(&mut times),
+                references_opened_rate: mean(&opened),
             }
         })
         .collect();
@@ -204,6 +216,7 @@ mod tests {
             truth: category == CLEAN,
             said_correct,
             elapsed_ms: None,
+            references_opened: None,
         }
     }
 
@@ -283,6 +296,20 @@ mod tests {
         assert_eq!((ci.low, ci.high, ci.undefined), (Some(0.0), Some(2.0), 0));
         assert_eq!(lf.observers_dropped, 0);
         assert_eq!(r.summary[0].pooled_pg_ci, None);
+        // No answer said whether references were opened: no rate.
+        assert_eq!(lf.references_opened_rate, None);
+    }
+
+    #[test]
+    fn the_rate_of_opened_references_counts_the_answers_that_say() {
+        let cats: Vec<String> = [CLEAN, "labelfool"].map(String::from).to_vec();
+        let mut answers =
+            vec![a("ann", CLEAN, true, true), a("ann", CLEAN, true, true), a("ann", "labelfool", true, true)];
+        answers[0].references_opened = Some(true);
+        answers[1].references_opened = Some(false);
+        let r = rates(&answers, &cats, 1);
+        close(r.summary[0].references_opened_rate, 0.5);
+        assert_eq!(r.summary[1].references_opened_rate, None);
     }
 
     #[test]

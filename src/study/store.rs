@@ -3,12 +3,14 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::design::{self, StudyDesign};
 use super::{ObserverInfo, Puzzle, StudyInfo, StudyRow};
 use crate::jobs::StoreError;
 use crate::jobs::store::now_ms;
 
-/// A reference picture: (class wnid, path within the study's folder, the source image it was
-/// copied from, relative to the job's folder).
+/// A reference picture: (the label it shows: its wnid, else its name; path within the study's
+/// folder; the picture it was copied from, relative to the reference set — to the job's folder
+/// for a study made before reference sets).
 pub type Reference = (String, String, String);
 
 pub fn insert_study(
@@ -20,8 +22,8 @@ pub fn insert_study(
     let tx = c.transaction()?;
     let categories = serde_json::to_string(&s.categories).unwrap_or_default();
     tx.execute(
-        "INSERT INTO studies (id, job_id, name, model, categories, groups, refs, created_ms, seed) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO studies (id, job_id, name, model, categories, groups, refs, created_ms, seed, design, \
+         reference_images) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         params![
             s.id,
             s.job,
@@ -31,7 +33,9 @@ pub fn insert_study(
             s.groups,
             s.references,
             s.created_ms,
-            s.seed.map(|v| v as i64)
+            s.seed.map(|v| v as i64),
+            s.design.as_str(),
+            s.reference_images,
         ],
     )?;
     for p in puzzles {
@@ -54,27 +58,41 @@ pub fn insert_study(
 pub fn study(c: &Connection, id: &str) -> Result<Option<StudyRow>, StoreError> {
     let row = c
         .query_row(
-            "SELECT id, job_id, name, model, categories, groups, refs, created_ms, seed FROM studies WHERE id = ?1",
+            "SELECT id, job_id, name, model, categories, groups, refs, created_ms, seed, design, reference_images \
+             FROM studies WHERE id = ?1",
             [id],
             |r| {
                 Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
+                    (r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, String>(3)?),
                     r.get::<_, String>(4)?,
                     r.get::<_, u32>(5)?,
                     r.get::<_, u32>(6)?,
                     r.get::<_, i64>(7)?,
                     r.get::<_, Option<i64>>(8)?,
+                    r.get::<_, String>(9)?,
+                    r.get::<_, Option<String>>(10)?,
                 ))
             },
         )
         .optional()?;
-    row.map(|(id, job, name, model, categories, groups, references, created_ms, seed)| {
+    row.map(|((id, job, name, model), categories, groups, references, created_ms, seed, design, reference_images)| {
         let categories =
             serde_json::from_str(&categories).map_err(|e| StoreError::Corrupt(id.clone(), format!("study: {e}")))?;
-        Ok(StudyRow { id, job, name, model, categories, groups, references, created_ms, seed: seed.map(|v| v as u64) })
+        let design = StudyDesign::parse(&design)
+            .ok_or_else(|| StoreError::Corrupt(id.clone(), format!("study: design {design:?}")))?;
+        Ok(StudyRow {
+            id,
+            job,
+            name,
+            model,
+            categories,
+            groups,
+            references,
+            created_ms,
+            seed: seed.map(|v| v as u64),
+            design,
+            reference_images,
+        })
     })
     .transpose()
 }
@@ -121,20 +139,21 @@ fn puzzle_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Puzzle> {
     })
 }
 
-/// Reference pictures of a class for a puzzle (paths within the study's folder): never a copy
-/// of the puzzle's own source, which would give the answer away.
+/// The reference pictures of a label (paths within the study's folder), at most `limit`; none
+/// copied from `except` (a study made before reference sets took them from the job's folder,
+/// where one could be the puzzle's own source).
 pub fn references(
     c: &Connection,
     study: &str,
-    wnid: &str,
-    source: &str,
+    label: &str,
+    except: Option<&str>,
     limit: u32,
 ) -> Result<Vec<String>, StoreError> {
     let mut st = c.prepare(
-        "SELECT image FROM study_references WHERE study_id = ?1 AND label_wnid = ?2 AND source != ?3 \
-         ORDER BY image LIMIT ?4",
+        "SELECT image FROM study_references WHERE study_id = ?1 AND label_wnid = ?2 \
+         AND (?3 IS NULL OR source != ?3) ORDER BY image LIMIT ?4",
     )?;
-    let rows = st.query_map(params![study, wnid, source, limit], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
+    let rows = st.query_map(params![study, label, except, limit], |r| r.get(0))?.collect::<Result<Vec<_>, _>>()?;
     Ok(rows)
 }
 
@@ -198,14 +217,16 @@ pub fn revoke_observer(c: &Connection, study: &str, name: &str) -> Result<Option
 
 /// The study's observers in the order they were added, with their progress: the puzzles are
 /// counted once per group (on the `(study_id, grp)` index), each observer's answers on the
-/// answers' primary key.
+/// answers' primary key. In the `all_groups` design an observer's total is every puzzle.
 pub fn observers(c: &Connection, study: &str) -> Result<Vec<ObserverInfo>, StoreError> {
     let mut st = c.prepare(
-        "WITH sizes AS (SELECT grp, COUNT(*) AS n FROM puzzles WHERE study_id = ?1 GROUP BY grp) \
+        "WITH sizes AS (SELECT grp, COUNT(*) AS n FROM puzzles WHERE study_id = ?1 GROUP BY grp), \
+              every AS (SELECT COALESCE(SUM(n), 0) AS n FROM sizes) \
          SELECT o.token, o.name, o.grp, \
            (SELECT COUNT(*) FROM answers a WHERE a.token = o.token), \
-           COALESCE(s.n, 0), o.expires_ms, o.revoked_ms \
-         FROM observers o LEFT JOIN sizes s ON s.grp = o.grp \
+           CASE WHEN st.design = 'all_groups' THEN (SELECT n FROM every) ELSE COALESCE(s.n, 0) END, \
+           o.expires_ms, o.revoked_ms \
+         FROM observers o JOIN studies st ON st.id = o.study_id LEFT JOIN sizes s ON s.grp = o.grp \
          WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid",
     )?;
     let rows = st
@@ -246,10 +267,12 @@ pub fn insert_answer(
     puzzle: i64,
     correct: bool,
     elapsed_ms: Option<u32>,
+    references_opened: Option<bool>,
 ) -> Result<bool, StoreError> {
     let n = c.execute(
-        "INSERT OR IGNORE INTO answers (token, puzzle, correct, answered_ms, elapsed_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![token, puzzle, correct, now_ms(), elapsed_ms],
+        "INSERT OR IGNORE INTO answers (token, puzzle, correct, answered_ms, elapsed_ms, references_opened) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![token, puzzle, correct, now_ms(), elapsed_ms, references_opened],
     )?;
     Ok(n == 1)
 }
@@ -264,13 +287,15 @@ pub struct AnswerRow {
     pub answered_ms: i64,
     /// Time from the picture's display to the answer (None: not sent, or answered before v4).
     pub elapsed_ms: Option<u32>,
+    /// The observer opened the reference pictures (None: not said, or answered before v5).
+    pub references_opened: Option<bool>,
 }
 
 /// Every answer of the study, observers in the order they were added, then by time.
 pub fn answers(c: &Connection, study: &str) -> Result<Vec<AnswerRow>, StoreError> {
     let mut st = c.prepare(
         "SELECT o.name, o.grp, p.id, p.source, p.category, p.image, p.label, p.label_wnid, p.truth, p.animal, p.grp, \
-                a.correct, a.answered_ms, a.elapsed_ms \
+                a.correct, a.answered_ms, a.elapsed_ms, a.references_opened \
          FROM answers a JOIN observers o ON o.token = a.token \
          JOIN puzzles p ON p.study_id = o.study_id AND p.id = a.puzzle \
          WHERE o.study_id = ?1 ORDER BY o.created_ms, o.rowid, a.answered_ms, p.id",
@@ -284,6 +309,7 @@ pub fn answers(c: &Connection, study: &str) -> Result<Vec<AnswerRow>, StoreError
                 correct: r.get(11)?,
                 answered_ms: r.get(12)?,
                 elapsed_ms: r.get(13)?,
+                references_opened: r.get(14)?,
             })
         })?
         .collect::<Result<Vec<_>, _>>()?;
@@ -301,6 +327,11 @@ pub fn info(c: &Connection, row: StudyRow) -> Result<StudyInfo, StoreError> {
         }
     }
     let observers = observers(c, &row.id)?;
+    let without = design::groups_without_observers(
+        row.design,
+        &groups,
+        observers.iter().map(|o| (o.group, o.revoked_ms.is_none() || o.answered >= o.total)),
+    );
     Ok(StudyInfo {
         puzzles: groups.iter().sum(),
         answers: observers.iter().map(|o| o.answered).sum(),
@@ -313,5 +344,9 @@ pub fn info(c: &Connection, row: StudyRow) -> Result<StudyInfo, StoreError> {
         observers,
         created_ms: row.created_ms,
         seed: row.seed,
+        design: row.design,
+        references: row.references,
+        reference_images: row.reference_images,
+        groups_without_observers: without,
     })
 }

@@ -358,3 +358,39 @@ pub async fn copy_named_as_classified(
     }
     out
 }
+
+/// The tiny model's classes (wnids), in its order.
+pub fn tiny_wnids() -> Vec<String> {
+    let classes = std::fs::read_to_string(models_dir().join("tiny/classes.txt")).unwrap();
+    classes.lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
+}
+
+pub fn class_index(wnid: &str) -> usize {
+    tiny_wnids().iter().position(|w| w == wnid).unwrap()
+}
+
+/// A reference set in `dir` for the tiny model's classes but `skip`: `per_class` pictures each,
+/// as `<wnid>/ref-<k>.png` or (`flat`) `<wnid>_ref-<k>.png`, each a flat colour that says its
+/// class and k ([`reference_of`]).
+pub fn reference_set(dir: &std::path::Path, per_class: usize, flat: bool, skip: &[&str]) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (c, wnid) in tiny_wnids().iter().enumerate().filter(|(_, w)| !skip.contains(&w.as_str())) {
+        for k in 0..per_class {
+            let img = image::RgbImage::from_pixel(24, 16, image::Rgb([c as u8 * 20, k as u8 * 60 + 30, 200]));
+            let path = if flat {
+                dir.join(format!("{wnid}_ref-{k}.png"))
+            } else {
+                std::fs::create_dir_all(dir.join(wnid)).unwrap();
+                dir.join(wnid).join(format!("ref-{k}.png"))
+            };
+            img.save(path).unwrap();
+        }
+    }
+}
+
+/// The (class, k) a picture of [`reference_set`] stands for; None for any other picture.
+pub fn reference_of(img: &image::RgbImage) -> Option<(usize, usize)> {
+    let p = img.get_pixel(0, 0);
+    let flat = img.pixels().all(|q| q == p) && p[2] == 200 && p[0] % 20 == 0 && p[1] >= 30 && (p[1] - 30) % 60 == 0;
+    flat.then(|| ((p[0] / 20) as usize, ((p[1] - 30) / 60) as usize))
+}

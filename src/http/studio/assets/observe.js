@@ -13,6 +13,9 @@ let shownAt = null;
 let lastUsed = null;
 // The longest answer time sent (the server's bound): a page left open is no answer time.
 const MAX_ELAPSED_MS = 3600000;
+// Whether the observer opened the current puzzle's reference pictures (sent with the answer).
+// They are hidden, and not even fetched, until "Show reference pictures" is pressed.
+let referencesOpened = false;
 
 function setAnswerable(on) {
   for (const b of document.querySelectorAll(".answers button")) b.disabled = !on;
@@ -73,15 +76,26 @@ function show(session) {
   img.onload = ready;
   img.onerror = ready;
   img.src = current.image;
+  referencesOpened = false;
+  $("#references").replaceChildren();
+  $("#references-shown").hidden = true;
+  $("#show-references").setAttribute("aria-expanded", "false");
+  $("#references-section").hidden = current.references.length === 0;
+}
+
+// The current puzzle's reference pictures, on request: fetched and shown only now.
+function openReferences() {
+  if (!current || referencesOpened) return;
+  referencesOpened = true;
   const refs = $("#references");
-  refs.replaceChildren();
   for (const url of current.references) {
     const img = document.createElement("img");
     img.src = url;
     img.alt = `a picture of ${current.label}`;
     refs.append(img);
   }
-  $("#references-section").hidden = current.references.length === 0;
+  $("#references-shown").hidden = false;
+  $("#show-references").setAttribute("aria-expanded", "true");
 }
 
 async function answer(judgement) {
@@ -94,7 +108,7 @@ async function answer(judgement) {
     const session = await call(`/observe/${encodeURIComponent(token)}/answers`, {
       method: "POST",
       headers: { "content-type": "application/json" },
-      body: JSON.stringify({ puzzle: current.id, answer: judgement, elapsed_ms: elapsed }),
+      body: JSON.stringify({ puzzle: current.id, answer: judgement, elapsed_ms: elapsed, references_opened: referencesOpened }),
     });
     show(session);
   } catch (_) {
@@ -104,6 +118,7 @@ async function answer(judgement) {
 
 async function start() {
   for (const b of document.querySelectorAll(".answers button")) b.addEventListener("click", () => answer(b.dataset.answer));
+  $("#show-references").addEventListener("click", openReferences);
   // Keys: c or y answers "Correct", i or n "Incorrect" (only while the buttons are enabled).
   document.addEventListener("keydown", (e) => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat) return;

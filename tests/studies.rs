@@ -864,3 +864,46 @@ async fn groups_without_observers_are_reported() {
     let (_, study) = api.get(&format!("/studies/{id}")).await;
     assert_eq!(study["groups_without_observers"], json!([1]), "{study}");
 }
+
+/// Downloads carry names that say what they are: a job's results `job-<id>-results.jsonl`, a
+/// study's answers `study-<id>-answers.csv`; a job's report is served as one HTML page (its
+/// charts inside it), `job-<id>-report-<model>.html`, not as raw Markdown.
+#[tokio::test]
+async fn downloads_are_named_and_the_report_is_a_page() {
+    let (_root, _images, _data, s, job, _) = finished_job("").await;
+    let api = Api { s: &s };
+    let get = |path: String| client().get(s.url(&path)).bearer_auth(KEY).send();
+    let disposition = |res: &reqwest::Response| {
+        res.headers().get("content-disposition").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    };
+    let res = get(format!("/jobs/{job}/results")).await.unwrap();
+    assert_eq!(disposition(&res), format!("attachment; filename=\"job-{job}-results.jsonl\""));
+    let (status, study) = api.post("/studies", json!({"job": job})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap();
+    let res = get(format!("/studies/{id}/answers.csv")).await.unwrap();
+    assert_eq!(disposition(&res), format!("attachment; filename=\"study-{id}-answers.csv\""));
+
+    let res = get(format!("/jobs/{job}/report/tiny")).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/html"), "{:?}", res.headers());
+    assert_eq!(disposition(&res), format!("inline; filename=\"job-{job}-report-tiny.html\""));
+    let html = res.text().await.unwrap();
+    assert!(html.contains("<h1>LabelFool evaluation: tiny</h1>"), "{html}");
+    assert!(html.contains("<table") && html.contains("<th>method</th>"), "{html}");
+    assert!(!html.contains("](charts/") && !html.contains("|---|"), "Markdown left in the page: {html}");
+    // Every chart inside the page, as a PNG that decodes.
+    let charts: Vec<&str> =
+        html.split("src=\"data:image/png;base64,").skip(1).map(|t| t.split('"').next().unwrap()).collect();
+    assert!(!charts.is_empty(), "{html}");
+    for b64 in charts {
+        let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+        image::load_from_memory_with_format(&png, image::ImageFormat::Png).unwrap();
+    }
+    for bad in ["/jobs/{job}/report/nomodel", "/jobs/0000000000000000/report/tiny", "/jobs/{job}/report/..%2F..%2Fetc"]
+    {
+        let res = get(bad.replace("{job}", &job)).await.unwrap();
+        assert_eq!(res.status(), 404, "{bad}");
+    }
+    assert_eq!(client().get(s.url(&format!("/jobs/{job}/report/tiny"))).send().await.unwrap().status(), 401);
+}

@@ -1,5 +1,6 @@
 //! `/jobs`: durable background evals — create, list, follow (Server-Sent Events), cancel, and
-//! download what they produced (per-image records, delivered PNGs, the report and its charts).
+//! download what they produced (per-image records, delivered PNGs, the report and its charts,
+//! the report as one HTML page). Downloads are named for what they are (`job-<id>-…`).
 
 use std::convert::Infallible;
 use std::path::{Component, Path};
@@ -253,7 +254,8 @@ pub struct JobResultLine {
     pub record: serde_json::Value,
 }
 
-/// Every finished image (JSON lines, one per image and method and model), as stored.
+/// Every finished image (JSON lines, one per image and method and model), as stored; a
+/// download named `job-<id>-results.jsonl`.
 #[utoipa::path(get, path = "/jobs/{id}/results", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, content_type = "application/x-ndjson", body = JobResultLine), (status = 404, body = ErrorBody)))]
 pub async fn job_results(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
@@ -270,7 +272,66 @@ pub async fn job_results(State(state): State<AppState>, UrlPath(id): UrlPath<Str
         body.push_str(&serde_json::to_string(&line).unwrap_or_default());
         body.push('\n');
     }
-    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+    let disposition = format!("attachment; filename=\"job-{}-results.jsonl\"", file_safe(&id));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson".to_string()), (header::CONTENT_DISPOSITION, disposition)], body)
+        .into_response())
+}
+
+/// A job's report on one of its models as one HTML page: `report.md` rendered, its charts
+/// inside it (`data:` URIs), so it opens whole in a browser tab or saved, without another
+/// request; named `job-<id>-report-<model>.html`. 404 until the job is done. The Markdown,
+/// `summary.json` and the charts themselves are under `/jobs/{id}/files/report/<model>/`.
+#[utoipa::path(get, path = "/jobs/{id}/report/{model}", tag = "jobs",
+    params(("id" = String, Path), ("model" = String, Path, description = "one of the job's models")),
+    responses((status = 200, content_type = "text/html", description = "the report"), (status = 404, body = ErrorBody)))]
+pub async fn job_report(
+    State(state): State<AppState>,
+    UrlPath((id, model)): UrlPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    let jobs = jobs(&state)?;
+    jobs.get(&id).await?;
+    let not_found =
+        || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("job {id} has no report on {model:?}"));
+    if !plain(Path::new(&model)) || model.contains('/') {
+        return Err(not_found());
+    }
+    let dir = jobs.job_dir(&id).join("report").join(&model);
+    let md = tokio::fs::read_to_string(dir.join("report.md")).await.map_err(|_| not_found())?;
+    let title = format!("LabelFool job {id}: report on {model}");
+    let page = tokio::task::spawn_blocking(move || {
+        super::report::html(&title, &md, |rel| {
+            let rel = Path::new(rel);
+            let png = rel.extension().is_some_and(|e| e.eq_ignore_ascii_case("png"));
+            (png && plain(rel)).then(|| std::fs::read(dir.join(rel)).ok()).flatten()
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(e.to_string()))?;
+    let disposition = format!("inline; filename=\"job-{}-report-{}.html\"", file_safe(&id), file_safe(&model));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
+            // The page is the server's own rendering; it runs nothing and fetches nothing.
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; img-src data:; style-src 'unsafe-inline'".to_string(),
+            ),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        page,
+    )
+        .into_response())
+}
+
+/// A relative path of plain names only: no `..`, no root, not empty.
+fn plain(rel: &Path) -> bool {
+    !rel.as_os_str().is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// `name` as it may stand in a download's file name: letters, digits, `.`, `-` and `_`.
+fn file_safe(name: &str) -> String {
+    name.chars().map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' }).collect()
 }
 
 /// A file the job produced: `images/<model>/<method>/<file>.png`, `report/<model>/report.md`,
@@ -289,7 +350,7 @@ pub async fn job_file(
     let rel = Path::new(&path);
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("job {id} has no file {path:?}"));
     // Plain names only: no `..`, no absolute path, no way out of the job's folder.
-    if rel.components().any(|c| !matches!(c, Component::Normal(_))) || rel.as_os_str().is_empty() {
+    if !plain(rel) {
         return Err(not_found());
     }
     let full = jobs.job_dir(&id).join(rel);

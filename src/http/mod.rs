@@ -12,6 +12,7 @@ pub mod middleware;
 pub mod openapi;
 pub mod ops;
 pub mod remotes;
+pub mod report;
 pub mod repository;
 pub mod routes;
 pub mod server;

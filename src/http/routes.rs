@@ -125,6 +125,7 @@ fn table() -> Vec<(Class, UtoipaMethodRouter<AppState>)> {
         (Api, routes!(jobs::job_events)),
         (Api, routes!(jobs::job_results)),
         (Api, routes!(jobs::job_file)),
+        (Api, routes!(jobs::job_report)),
         (Api, routes!(studies::create_study, studies::list_studies)),
         (Api, routes!(studies::get_study, studies::delete_study)),
         (Api, routes!(studies::study_puzzles)),

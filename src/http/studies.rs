@@ -116,12 +116,12 @@ pub async fn study_results(
     Ok(Json(studies(&state)?.results(&id).await?))
 }
 
-/// Every answer as CSV, one row per answer.
+/// Every answer as CSV, one row per answer, named `study-<id>-answers.csv`.
 #[utoipa::path(get, path = "/studies/{id}/answers.csv", tag = "studies", params(("id" = String, Path)),
     responses((status = 200, content_type = "text/csv", body = String), (status = 404, body = ErrorBody)))]
 pub async fn study_csv(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
     let csv = studies(&state)?.csv(&id).await?;
-    let disposition = format!("attachment; filename=\"study-{id}.csv\"");
+    let disposition = format!("attachment; filename=\"study-{id}-answers.csv\"");
     Ok((
         [(header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()), (header::CONTENT_DISPOSITION, disposition)],
         csv,
@@ -135,7 +135,9 @@ pub async fn study_csv(State(state): State<AppState>, UrlPath(id): UrlPath<Strin
     responses((status = 200, content_type = "image/png", description = "the chart"), (status = 404, body = ErrorBody)))]
 pub async fn study_chart(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Result<Response, ApiError> {
     let png = studies(&state)?.chart(&id).await?;
-    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+    let disposition = format!("inline; filename=\"study-{id}-chart.png\"");
+    Ok(([(header::CONTENT_TYPE, "image/png".to_string()), (header::CONTENT_DISPOSITION, disposition)], png)
+        .into_response())
 }
 
 /// The observer's page.

@@ -528,6 +528,28 @@ async fn an_observer_answers_with_keys_and_keeps_the_focus() {
     c.close().await.unwrap();
 }
 
+/// Records the downloads the page starts (a link with `download` to a `blob:`) instead of
+/// saving them: `window.downloads` holds each one's file name and, once read, its text.
+const CAPTURE_DOWNLOADS: &str = "window.downloads = [];
+    document.addEventListener('click', (e) => {
+      const a = e.target.closest && e.target.closest('a[download]');
+      if (!a || !a.href.startsWith('blob:')) return;
+      e.preventDefault();
+      const entry = { name: a.download, text: null };
+      window.downloads.push(entry);
+      fetch(a.href).then((r) => r.text()).then((t) => { entry.text = t; });
+    }, true);";
+
+/// The studio opened with `key` typed in, as a person would.
+async fn studio_with_key(c: &Client, s: &Server, key: &str) {
+    let minute = Duration::from_secs(60);
+    c.goto(&s.url("/studio")).await.unwrap();
+    until(c, "document.body.dataset.ready === 'true'", minute).await;
+    c.find(Locator::Css("#api-key")).await.unwrap().send_keys(key).await.unwrap();
+    c.find(Locator::Css("#save-key")).await.unwrap().click().await.unwrap();
+    until(c, "document.querySelectorAll('#model option').length", minute).await;
+}
+
 /// The observer's reference pictures stay hidden — not on the page, not even fetched — until
 /// "Show reference pictures" is pressed; each answer records whether they were opened (in the
 /// CSV), and the next puzzle starts with them hidden again.
@@ -587,5 +609,187 @@ async fn reference_pictures_stay_hidden_until_asked_for_and_opening_them_is_reco
     let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
     let flag = |p: &str| rows.iter().find(|r| &r[at] == p).map(|r| r[opened].to_string());
     assert_eq!((flag(&first).as_deref(), flag(&second).as_deref()), (Some("false"), Some("true")), "{text}");
+    c.close().await.unwrap();
+}
+
+/// A job made in the studio runs the methods ticked in the job form — its own boxes, not the
+/// attack section's — and the jobs table lists them; its report opens as an HTML page with its
+/// charts, and its results download as `job-<id>-results.jsonl`.
+#[ignore = "partner tier (headless Chromium): scripts/test runs it"]
+#[tokio::test]
+async fn a_job_made_in_the_studio_runs_its_own_methods_and_its_files_open_as_what_they_are() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir(&images).unwrap();
+    for p in &sample_images()[..2] {
+        std::fs::copy(p, images.join(p.file_name().unwrap())).unwrap();
+    }
+    let extra = format!("[server]\napi_key = \"k3y\"\n[jobs]\nallowed_dirs = [\"{}\"]\n", root.path().display());
+    let s = Server::start(&tiny_config(&extra));
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+    studio_with_key(&c, &s, "k3y").await;
+    // The attack section keeps its defaults; the job form gets FGSM alone.
+    let attack = c
+        .execute(
+            "return [...document.querySelectorAll('#methods input[type=checkbox]:checked')].map((b) => b.value)",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(attack, json!(["labelfool", "deepfool"]));
+    let boxes = c.find_all(Locator::Css("#jobs-section input[name=job-method]")).await.unwrap();
+    assert!(boxes.len() >= 4, "the job form has no method boxes of its own");
+    for b in boxes {
+        let want = b.attr("value").await.unwrap().as_deref() == Some("fgsm");
+        if b.is_selected().await.unwrap() != want {
+            b.click().await.unwrap();
+        }
+    }
+    c.find(Locator::Css("#job-folder")).await.unwrap().send_keys(images.to_str().unwrap()).await.unwrap();
+    c.find(Locator::Css("#job-create")).await.unwrap().click().await.unwrap();
+    until(&c, "document.querySelector('tr.job .job-state')", minute).await;
+    until(&c, "document.querySelector('tr.job .job-state').textContent === 'done'", Duration::from_secs(300)).await;
+    let id = c.find(Locator::Css("tr.job")).await.unwrap().attr("data-id").await.unwrap().unwrap();
+    assert_eq!(text(&c, "tr.job .job-methods").await, "fgsm");
+    let (_, job) =
+        json(reqwest::Client::new().get(s.url(&format!("/jobs/{id}"))).bearer_auth("k3y").send().await.unwrap()).await;
+    assert_eq!(job["spec"]["methods"], json!(["fgsm"]), "{job}");
+
+    // Results: a download with a name that says what it is.
+    c.execute(CAPTURE_DOWNLOADS, vec![]).await.unwrap();
+    c.find(Locator::Css("tr.job a.results")).await.unwrap().click().await.unwrap();
+    until(&c, "window.downloads.length === 1 && window.downloads[0].text !== null", minute).await;
+    let got = c.execute("return window.downloads[0]", vec![]).await.unwrap();
+    assert_eq!(got["name"], format!("job-{id}-results.jsonl"));
+    let first: Value = serde_json::from_str(got["text"].as_str().unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["method"], "fgsm", "{first}");
+
+    // The report: an HTML page in a new tab, its charts drawn.
+    let studio = c.window().await.unwrap();
+    c.find(Locator::Css("tr.job a.report")).await.unwrap().click().await.unwrap();
+    let started = Instant::now();
+    let report = loop {
+        let windows = c.windows().await.unwrap();
+        if let Some(w) = windows.into_iter().find(|w| *w != studio) {
+            break w;
+        }
+        assert!(started.elapsed() < minute, "the report opened no tab");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    c.switch_to_window(report).await.unwrap();
+    let page = until(
+        &c,
+        "document.readyState === 'complete' && document.querySelector('h1') && document.images.length > 0 \
+         && [...document.images].every((i) => i.complete) \
+         && { type: document.contentType, h1: document.querySelector('h1').textContent, tables: document.querySelectorAll('table').length, \
+              broken: [...document.images].filter((i) => i.naturalWidth === 0).length, text: document.body.innerText }",
+        minute,
+    )
+    .await;
+    assert_eq!(page["type"], "text/html", "{page}");
+    assert_eq!(page["h1"], "LabelFool evaluation: tiny", "{page}");
+    assert!(page["tables"].as_u64().unwrap() >= 1, "{page}");
+    assert_eq!(page["broken"], 0, "broken chart images: {page}");
+    assert!(!page["text"].as_str().unwrap().contains("|---"), "Markdown shown raw: {page}");
+    c.close().await.unwrap();
+}
+
+/// The study card numbers groups as the API and the CSV do (from 0), warns when a group has no
+/// observer (2 groups, 1 observer: group 1 would go unanswered), and downloads the answers as
+/// `study-<id>-answers.csv`.
+#[ignore = "partner tier (headless Chromium): scripts/test runs it"]
+#[tokio::test]
+async fn the_study_card_numbers_groups_as_the_csv_and_warns_of_a_group_nobody_answers() {
+    let root = tempfile::tempdir().unwrap();
+    let (s, study) = tiny_study(root.path(), "k3y", 1).await;
+    assert_eq!(study["groups"].as_array().unwrap().len(), 2, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    // The observer answers one puzzle, so the CSV has a row with their group.
+    let token = study["observers"][0]["token"].as_str().unwrap();
+    let http = reqwest::Client::new();
+    let (_, session) = json(http.get(s.url(&format!("/observe/{token}/session"))).send().await.unwrap()).await;
+    let answer = json!({"puzzle": session["puzzle"]["id"], "answer": "correct"});
+    let res = http.post(s.url(&format!("/observe/{token}/answers"))).json(&answer).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+    studio_with_key(&c, &s, "k3y").await;
+    let card = format!(".study[data-id='{id}']");
+    until(&c, &format!("document.querySelector(\"{card} .observers li\")"), minute).await;
+    let warning = until(
+        &c,
+        &format!("(() => {{ const w = document.querySelector(\"{card} .warning\"); return w && w.offsetParent !== null && w.textContent; }})()"),
+        minute,
+    )
+    .await;
+    let warning = warning.as_str().unwrap();
+    assert!(warning.contains("group 1") && warning.contains("no observer"), "{warning}");
+    let line = text(&c, &format!("{card} .observers li")).await;
+    let shown: u64 = line
+        .split("group ")
+        .nth(1)
+        .and_then(|t| t.split(|ch: char| !ch.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no group in {line:?}"));
+
+    c.execute(CAPTURE_DOWNLOADS, vec![]).await.unwrap();
+    c.find(Locator::Css(&format!("{card} a.study-csv"))).await.unwrap().click().await.unwrap();
+    until(&c, "window.downloads.length === 1 && window.downloads[0].text !== null", minute).await;
+    let got = c.execute("return window.downloads[0]", vec![]).await.unwrap();
+    assert_eq!(got["name"], format!("study-{id}-answers.csv"));
+    let csv_text = got["text"].as_str().unwrap();
+    let mut reader = csv::Reader::from_reader(csv_text.as_bytes());
+    let at = reader.headers().unwrap().iter().position(|h| h == "group").unwrap();
+    let rows: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    assert_eq!(rows.len(), 1, "{csv_text}");
+    assert_eq!(
+        rows[0][at].parse::<u64>().unwrap(),
+        shown,
+        "the page says group {shown}: {line:?}; the CSV: {csv_text}"
+    );
+    assert_eq!(Some(shown), study["observers"][0]["group"].as_u64(), "the API's group");
+    c.close().await.unwrap();
+}
+
+/// LabelFool's ranking: each radio button has an accessible name (its class), and the target
+/// the decision shows sits in a live region, so choosing another is announced to a screen reader.
+#[ignore = "partner tier (headless Chromium): scripts/test runs it"]
+#[tokio::test]
+async fn the_rankings_radio_buttons_are_labelled_and_a_new_target_is_announced() {
+    // The default model: the tiny one ranks a single candidate, EfficientNet-Lite0 seven for the
+    // zebra (no attack runs here).
+    let s = Server::start(&default_model_config(""));
+    let (_driver, c) = browser().await;
+    let minute = Duration::from_secs(60);
+    c.goto(&s.url("/studio")).await.unwrap();
+    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    let picture = fixture("images/n02391049_zebra.JPEG");
+    c.find(Locator::Css("#file")).await.unwrap().send_keys(picture.to_str().unwrap()).await.unwrap();
+    until(&c, "document.querySelectorAll('#ranking tbody tr').length > 1", minute).await;
+    let radios = c
+        .execute(
+            "return [...document.querySelectorAll('#ranking tbody input[type=radio]')].map((r) => ({ \
+               name: r.labels && r.labels.length ? [...r.labels].map((l) => l.textContent.trim()).join(' ') : (r.getAttribute('aria-label') || ''), \
+               class: r.closest('tr').children[1].textContent.trim() }))",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let radios = radios.as_array().unwrap();
+    assert!(radios.len() > 1);
+    for r in radios {
+        let (name, class) = (r["name"].as_str().unwrap(), r["class"].as_str().unwrap());
+        assert!(!class.is_empty() && name.contains(class), "a radio button named {name:?} for {class:?}");
+    }
+    let live = c
+        .execute("const r = document.querySelector('#target').closest('[aria-live]'); return r && r.getAttribute('aria-live')", vec![])
+        .await
+        .unwrap();
+    assert_eq!(live, "polite", "the target is in no live region");
+    c.find(Locator::Css("#ranking tbody tr:nth-child(2) input[type=radio]")).await.unwrap().click().await.unwrap();
+    let second = radios[1]["class"].as_str().unwrap();
+    until(&c, &format!("document.querySelector('#target').textContent === {}", json!(second)), minute).await;
     c.close().await.unwrap();
 }

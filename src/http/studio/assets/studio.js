@@ -8,7 +8,7 @@ const SAMPLES = ["zebra", "tench", "siberian-husky"];
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
-    if (k === "class") e.className = v; else if (k.startsWith("data-")) e.setAttribute(k, v); else e[k] = v;
+    if (k === "class") e.className = v; else if (k.startsWith("data-") || k.startsWith("aria-") || k === "role") e.setAttribute(k, v); else e[k] = v;
   }
   for (const c of children) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
   return e;
@@ -103,12 +103,16 @@ async function decide() {
   $("#decision").replaceChildren(
     el("p", {}, "Branch: ", el("strong", { id: "branch" }, d.branch), ` (p̂1 = ${pct(d.p1)}, δ1 = ${d.delta1}, δ2 = ${d.delta2})`),
     el("p", {}, "Candidate set S: ", el("span", { id: "candidates" }, s)),
-    el("p", {}, "Target: ", el("strong", { id: "target" }, d.target.label)),
+    // A live region: a screen reader announces the target when another is chosen below.
+    el("p", { "aria-live": "polite" }, "Target: ", el("strong", { id: "target" }, d.target.label)),
   );
+  // Each radio button is named by its class (the label in the next cell), so a screen reader
+  // says which target it chooses.
   const rows = d.ranking.map((r, i) => {
-    const radio = el("input", { type: "radio", name: "target", value: r.index, checked: i === 0 });
+    const id = `target-${i}`;
+    const radio = el("input", { type: "radio", name: "target", id, value: r.index, checked: i === 0 });
     radio.addEventListener("change", () => { state.target = r.index; $("#target").textContent = r.label; });
-    return el("tr", { "data-index": r.index }, el("td", {}, radio), el("td", {}, r.label), el("td", {}, fmt(r.distance)));
+    return el("tr", { "data-index": r.index }, el("td", {}, radio), el("td", {}, el("label", { htmlFor: id }, r.label)), el("td", {}, fmt(r.distance)));
   });
   $("#ranking tbody").replaceChildren(...rows);
 }
@@ -235,8 +239,10 @@ async function attackAll() {
 function jobRow(job) {
   let row = document.querySelector(`tr.job[data-id="${job.id}"]`);
   if (!row) {
+    const methods = job.spec ? job.spec.methods : state.jobMethods[job.id] || [];
     row = el("tr", { class: "job", "data-id": job.id },
-      el("td", {}, job.id), el("td", { class: "job-state" }), el("td", {}, el("progress", { max: 1, value: 0 }), el("span", { class: "job-count" })),
+      el("td", {}, job.id), el("td", { class: "job-methods" }, methods.join(", ")), el("td", { class: "job-state" }),
+      el("td", {}, el("progress", { max: 1, value: 0 }), el("span", { class: "job-count" })),
       el("td", { class: "job-links" }));
     $("#jobs tbody").prepend(row);
   }
@@ -250,18 +256,41 @@ function jobRow(job) {
     const links = row.querySelector(".job-links");
     if (!links.childElementCount) {
       for (const m of (job.spec ? job.spec.models : state.jobModels[job.id] || [])) {
-        links.append(el("a", { class: "report", href: "#", onclick: (e) => { e.preventDefault(); openFile(`/jobs/${job.id}/files/report/${m}/report.md`); } }, `report (${m})`), " ");
+        links.append(el("a", { class: "report", href: "#", onclick: (e) => { e.preventDefault(); openReport(job.id, m).catch(() => {}); } }, `report (${m})`), " ");
       }
-      links.append(el("a", { class: "results", href: "#", onclick: (e) => { e.preventDefault(); openFile(`/jobs/${job.id}/results`); } }, "results"));
+      links.append(el("a", { class: "results", href: "#", title: `job-${job.id}-results.jsonl`,
+        onclick: (e) => { e.preventDefault(); download(`/jobs/${job.id}/results`, `job-${job.id}-results.jsonl`).catch(() => {}); } }, "results (JSON lines)"));
     }
   }
 }
 state.jobModels = {};
+state.jobMethods = {};
 
-async function openFile(path) {
+// A download named for what it is: fetched with the key, saved as `name`.
+async function download(path, name) {
   const res = await api(path);
   const url = URL.createObjectURL(await res.blob());
-  window.open(url, "_blank");
+  const a = el("a", { href: url, download: name, hidden: true });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60000);
+}
+
+// A job's report: the server's HTML page (its charts inside it) in a new tab. The tab opens on
+// the click itself, which pop-up blockers allow, and gets the page once it is fetched with the
+// key; where no tab may open, the page is downloaded instead.
+async function openReport(id, model) {
+  const tab = window.open("", "_blank");
+  const path = `/jobs/${id}/report/${encodeURIComponent(model)}`;
+  if (!tab) return download(path, `job-${id}-report-${model}.html`);
+  try {
+    const res = await api(path);
+    tab.location.href = URL.createObjectURL(await res.blob());
+  } catch (e) {
+    tab.close();
+    throw e;
+  }
 }
 
 // Server-Sent Events read with fetch (EventSource cannot send the API key or POST an image):
@@ -296,7 +325,8 @@ async function follow(id) {
 
 async function createJob() {
   clearError();
-  const spec = { methods: [...document.querySelectorAll("input[name=method]:checked")].map((i) => i.value), models: [$("#model").value] };
+  // The job form's own method boxes (the attack section's are for the attacks above).
+  const spec = { methods: [...document.querySelectorAll("input[name=job-method]:checked")].map((i) => i.value), models: [$("#model").value] };
   const limit = Number($("#job-limit").value);
   if (limit > 0) spec.limit = limit;
   const archive = $("#job-archive").files[0];
@@ -313,6 +343,7 @@ async function createJob() {
   }
   const job = await res.json();
   state.jobModels[job.id] = job.spec.models;
+  state.jobMethods[job.id] = job.spec.methods;
   jobRow(job);
   follow(job.id).catch((e) => showError(String(e.message || e)));
 }
@@ -321,6 +352,7 @@ async function loadJobs() {
   const res = await api("/jobs");
   for (const job of (await res.json()).reverse()) {
     state.jobModels[job.id] = job.spec.models;
+    state.jobMethods[job.id] = job.spec.methods;
     jobRow(job);
     if (job.state === "queued" || job.state === "running") follow(job.id).catch(() => {});
   }
@@ -381,16 +413,35 @@ function studyCard(study) {
     card = el("div", { class: "result study", "data-id": study.id });
     $("#studies").prepend(card);
   }
-  const links = el("ul", { class: "observers" }, ...study.observers.map((o) => el("li", {},
+  // Groups are numbered from 0 here as in the API and the CSV.
+  const allGroups = study.design === "all_groups";
+  const links = el("ul", { class: "observers" }, ...study.observers.map((o) => el("li", { "data-group": o.group },
     el("a", { class: "observer-link", href: o.link, target: "_blank", "data-observer": o.name }, o.name),
-    ` — group ${o.group + 1}, ${o.answered}/${o.total} answered`)));
+    ` — ${allGroups ? "every group, from group" : "group"} ${o.group}, ${o.answered}/${o.total} answered${o.revoked_ms ? " (link revoked)" : ""}`)));
   const refresh = el("button", { type: "button", class: "study-refresh" }, "Results");
   refresh.addEventListener("click", () => refreshStudy(study.id).catch(() => {}));
-  const csv = el("a", { class: "study-csv", href: "#", onclick: (e) => { e.preventDefault(); openFile(`/studies/${study.id}/answers.csv`); } }, "answers (CSV)");
+  const add = el("button", { type: "button", class: "study-add-observer" }, "Add observer");
+  add.addEventListener("click", () => addObserver(study.id).catch(() => {}));
+  const csv = el("a", { class: "study-csv", href: "#", title: `study-${study.id}-answers.csv`,
+    onclick: (e) => { e.preventDefault(); download(`/studies/${study.id}/answers.csv`, `study-${study.id}-answers.csv`).catch(() => {}); } }, "answers (CSV)");
+  // A group nobody is placed in would go unanswered: said where the observers are listed.
+  const without = study.groups_without_observers || [];
+  const warning = el("p", { class: "warning", role: "status", hidden: without.length === 0 },
+    without.length === 1
+      ? `Warning: group ${without[0]} has no observer, so its puzzles go unanswered. Add an observer.`
+      : `Warning: groups ${without.join(", ")} have no observer, so their puzzles go unanswered. Add observers.`);
+  const sizes = study.groups.map((n, g) => `group ${g}: ${n}`).join(", ");
+  const refs = study.reference_images ? `up to ${study.references} reference pictures each from ${study.reference_images}` : "no reference pictures";
   card.replaceChildren(
     el("h3", {}, `${study.name} (${study.id})`),
-    el("p", {}, `${study.puzzles} puzzles in ${study.groups.length} groups (${study.groups.join(", ")}); categories: ${study.categories.join(", ")}; ${study.answers} answers`),
-    links, refresh, " ", csv, el("div", { class: "study-output" }));
+    el("p", {}, `${study.puzzles} puzzles (${sizes}); ${allGroups ? "each observer answers every group in sequence" : "each observer answers one group"}; ${refs}; categories: ${study.categories.join(", ")}; ${study.answers} answers`),
+    warning, links, refresh, " ", add, " ", csv, el("div", { class: "study-output" }));
+}
+
+async function addObserver(id) {
+  clearError();
+  await api(`/studies/${id}/observers`, { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
+  studyCard(await (await api(`/studies/${id}`)).json());
 }
 
 async function refreshStudy(id) {
@@ -402,7 +453,9 @@ async function refreshStudy(id) {
 
 async function createStudy() {
   clearError();
-  const body = { job: $("#study-job").value, observers: Number($("#study-observers").value) || 0 };
+  const body = { job: $("#study-job").value, observers: Number($("#study-observers").value) || 0, design: $("#study-design").value };
+  const refs = $("#study-references").value.trim();
+  if (refs) body.reference_images = refs;
   const res = await api("/studies", { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) });
   studyCard(await res.json());
 }

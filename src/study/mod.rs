@@ -424,16 +424,18 @@ impl Studies {
                 return Err(StudyError::invalid("job", "no image of the job has a true class (from its file name)"));
             }
             let built = (|| {
-                let labels = build::labels(&plan);
-                let puzzles = build::materialise(plan, &folder, &job_dir, &dir, groups)?;
+                // The reference set first: a set refused (in the job's folder, or missing a
+                // label) fails before the puzzles are copied.
                 let refs = match &reference_set {
                     Some(set) => {
                         let samples = crate::dataset::discover(set, info.classes())
                             .map_err(|e| StudyError::invalid("reference_images", e.to_string()))?;
+                        let labels = build::labels(&plan);
                         build::references(&labels, set, &samples, &[&folder, &job_dir], &dir, refs_per_label)?
                     }
                     None => Vec::new(),
                 };
+                let puzzles = build::materialise(plan, &folder, &job_dir, &dir, groups)?;
                 Ok((puzzles, refs))
             })();
             if built.is_err() {

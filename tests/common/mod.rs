@@ -391,6 +391,10 @@ pub fn reference_set(dir: &std::path::Path, per_class: usize, flat: bool, skip: 
 /// The (class, k) a picture of [`reference_set`] stands for; None for any other picture.
 pub fn reference_of(img: &image::RgbImage) -> Option<(usize, usize)> {
     let p = img.get_pixel(0, 0);
-    let flat = img.pixels().all(|q| q == p) && p[2] == 200 && p[0] % 20 == 0 && p[1] >= 30 && (p[1] - 30) % 60 == 0;
+    let flat = img.pixels().all(|q| q == p)
+        && p[2] == 200
+        && p[0].is_multiple_of(20)
+        && p[1] >= 30
+        && (p[1] - 30).is_multiple_of(60);
     flat.then(|| ((p[0] / 20) as usize, ((p[1] - 30) / 60) as usize))
 }

@@ -280,8 +280,7 @@ async fn query_based_labelfool_against_mlserver() {
         ("lite2-bytes", &images[0], 6, ""),
         ("lite2-fp32", &images[1], 6, ""),
         ("lite2-bytes", &husky, 12, ""),
-        ("lite2-fp32", &husky, 12, ""),
-        ("lite2-bytes", &alligator, 100, "&epsilon=0.008"),
+        ("lite2-bytes", &alligator, 40, "&epsilon=0.008"),
     ];
     let mut searched_runs = 0;
     let mut bytes_successes = 0;

@@ -129,8 +129,10 @@ async fn lite2_from_a_triton_repository_is_served_next_to_lite0() {
 #[tokio::test]
 async fn lite2_attacks_round_trip_on_the_fixture_images() {
     let s = Arc::new(Server::start(&lite_config("")));
-    let images = sample_images();
-    assert!(images.len() >= 10);
+    // Every other fixture (tench, alligator, black swan, husky, jaguar, zebra): Lite2's attacks are the suite's
+    // dearest on the CPU, and six round trips show the property as well as twelve.
+    let images: Vec<_> = sample_images().into_iter().step_by(2).collect();
+    assert!(images.len() >= 6);
     let mut tasks = Vec::new();
     for path in images.clone() {
         let s = s.clone();

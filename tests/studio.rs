@@ -89,6 +89,13 @@ async fn until(c: &Client, expr: &str, limit: Duration) -> Value {
     }
 }
 
+/// Opens one of the server's pages (the studio or an observer's link) and waits until its
+/// script says it is ready.
+async fn open(c: &Client, url: &str) {
+    c.goto(url).await.unwrap();
+    until(c, "document.body.dataset.ready === 'true'", Duration::from_secs(60)).await;
+}
+
 async fn text(c: &Client, css: &str) -> String {
     c.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
 }
@@ -115,8 +122,7 @@ async fn a_person_attacks_the_zebra_and_follows_a_job_in_the_studio() {
     let minute = Duration::from_secs(60);
 
     // The page loads without the key; the API it calls does not, and says so.
-    c.goto(&s.url("/studio")).await.unwrap();
-    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    open(&c, &s.url("/studio")).await;
     let err =
         until(&c, "!document.querySelector('#error').hidden && document.querySelector('#error').textContent", minute)
             .await;
@@ -356,8 +362,7 @@ async fn an_observer_cannot_answer_before_the_new_picture_has_loaded() {
     let (s, study) = tiny_study(root.path(), "k3y", 1).await;
     let (_driver, c) = browser().await;
     let minute = Duration::from_secs(60);
-    c.goto(&s.url(study["observers"][0]["link"].as_str().unwrap())).await.unwrap();
-    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    open(&c, &s.url(study["observers"][0]["link"].as_str().unwrap())).await;
     // Each time a new puzzle is shown: note whether its picture had loaded and the buttons were
     // disabled, and click both at once, as a quick observer would.
     c.execute(
@@ -415,8 +420,7 @@ async fn the_studio_shows_only_what_belongs_to_the_current_image() {
     let s = Server::start(&tiny_config(""));
     let (_driver, c) = browser().await;
     let minute = Duration::from_secs(60);
-    c.goto(&s.url("/studio")).await.unwrap();
-    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    open(&c, &s.url("/studio")).await;
     let shown =
         c.execute("return getComputedStyle(document.querySelector('#original')).display", vec![]).await.unwrap();
     assert_eq!(shown, "none", "the empty picture is displayed before any upload");
@@ -494,8 +498,7 @@ async fn an_observer_answers_with_keys_and_keeps_the_focus() {
     let (s, study) = tiny_study(root.path(), "k3y", 1).await;
     let (_driver, c) = browser().await;
     let minute = Duration::from_secs(60);
-    c.goto(&s.url(study["observers"][0]["link"].as_str().unwrap())).await.unwrap();
-    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    open(&c, &s.url(study["observers"][0]["link"].as_str().unwrap())).await;
     let answerable = "document.body.dataset.answerable === 'true'";
     let total = study["observers"][0]["total"].as_u64().unwrap();
     assert!(total >= 3, "{study}");
@@ -563,8 +566,7 @@ async fn reference_pictures_stay_hidden_until_asked_for_and_opening_them_is_reco
     let (s, study) = tiny_study_with(root.path(), "k3y", body).await;
     let (_driver, c) = browser().await;
     let minute = Duration::from_secs(60);
-    c.goto(&s.url(study["observers"][0]["link"].as_str().unwrap())).await.unwrap();
-    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    open(&c, &s.url(study["observers"][0]["link"].as_str().unwrap())).await;
     let total = study["observers"][0]["total"].as_u64().unwrap();
     assert!(total >= 3, "{study}");
     let answerable = "document.body.dataset.answerable === 'true'";
@@ -763,8 +765,7 @@ async fn the_rankings_radio_buttons_are_labelled_and_a_new_target_is_announced()
     let s = Server::start(&default_model_config(""));
     let (_driver, c) = browser().await;
     let minute = Duration::from_secs(60);
-    c.goto(&s.url("/studio")).await.unwrap();
-    until(&c, "document.body.dataset.ready === 'true'", minute).await;
+    open(&c, &s.url("/studio")).await;
     let picture = fixture("images/n02391049_zebra.JPEG");
     c.find(Locator::Css("#file")).await.unwrap().send_keys(picture.to_str().unwrap()).await.unwrap();
     until(&c, "document.querySelectorAll('#ranking tbody tr').length > 1", minute).await;

@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use labelfool::config::Config;
+use labelfool::config::{Config, DeviceSpec};
 use labelfool::engine::{AttackRequest, Engine};
 use labelfool::model::preprocess::{prepare_rgb8, resize_crop, rgb8_to_tensor};
 use labelfool::model::{Catalog, LoadedModel};
@@ -54,7 +54,7 @@ fn forward_only(model: &LoadedModel, rgb: &[u8], w: u32, h: u32) -> f64 {
 fn load_config(root: &Path) -> anyhow::Result<Config> {
     let mut config = Config::load(Some(&root.join("config/default.toml")))?;
     if let Some(d) = arg("--device") {
-        config.engine.device = d;
+        config.engine.device = DeviceSpec::parse(&d).map_err(anyhow::Error::msg)?;
     }
     config.validate()?;
     Ok(config)

@@ -13,6 +13,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::OnceLock;
 
+/// A synset's hypernyms by index, each with its distance (steps up) from the synset.
+type Distances = HashMap<usize, u32>;
+
 pub struct WordNet {
     index: HashMap<String, usize>,
     wnids: Vec<String>,
@@ -121,7 +124,7 @@ impl WordNet {
     }
 
     /// Shortest upward (hypernym) distances from `i` to each of its ancestors, itself at 0.
-    fn up_distances(&self, i: usize) -> HashMap<usize, u32> {
+    fn up_distances(&self, i: usize) -> Distances {
         let mut dist = HashMap::from([(i, 0)]);
         let mut queue = VecDeque::from([i]);
         while let Some(x) = queue.pop_front() {
@@ -142,7 +145,7 @@ impl WordNet {
 
     /// The lowest common subsumer as NLTK picks it (deepest minimum depth; the first synset itself,
     /// then the first by name), with both synsets' hypernym distances.
-    fn lcs(&self, a: &str, b: &str) -> Option<(usize, HashMap<usize, u32>, HashMap<usize, u32>)> {
+    fn lcs(&self, a: &str, b: &str) -> Option<(usize, Distances, Distances)> {
         let (&ia, &ib) = (self.index.get(a)?, self.index.get(b)?);
         let (da, db) = (self.up_distances(ia), self.up_distances(ib));
         let common: HashSet<usize> = da.keys().filter(|k| db.contains_key(k)).copied().collect();

@@ -341,7 +341,7 @@ async fn the_score_based_search_takes_over_when_the_prior_does_not_transfer() {
             assert_eq!(v["method"], "labelfool-transfer+square", "{v}");
             assert!((v["search"]["epsilon"].as_f64().unwrap() - EPS).abs() < 1e-9, "{v}");
             let asked = v["search"]["asked"].as_u64().unwrap();
-            assert!(asked >= 1 && asked <= 200, "{v}");
+            assert!((1..=200).contains(&asked), "{v}");
             if v["search"]["delivered"] == true {
                 // The search's image: within ε of the upload.
                 assert!(v["perturbation"]["linf"].as_f64().unwrap() <= EPS + 1e-9, "{v}");

@@ -150,8 +150,6 @@ pub(crate) async fn start_engine(config: &Config) -> anyhow::Result<(Engine, Wor
     Ok((engine, info))
 }
 
-/// Offline commands wait as long as the work takes.
-
 /// Closes the engine's queues and waits for the worker to exit.
 pub(crate) async fn stop_engine(engine: Engine) {
     let _ = tokio::task::spawn_blocking(move || engine.shutdown()).await;

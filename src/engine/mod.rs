@@ -691,6 +691,7 @@ impl Engine {
     }
 
     /// One attack job on the worker, start to outcome.
+    #[expect(clippy::too_many_arguments, reason = "the job's fields, passed once from attack_upload's two calls")]
     async fn run_attack(
         &self,
         idx: usize,

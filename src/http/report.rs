@@ -17,9 +17,9 @@ pub fn html(title: &str, markdown: &str, picture: impl Fn(&str) -> Option<Vec<u8
         escape(title)
     );
     let mut missing = false;
-    let events = Parser::new_ext(markdown, Options::ENABLE_TABLES).filter_map(|event| match event {
+    let events = Parser::new_ext(markdown, Options::ENABLE_TABLES).map(|event| match event {
         // Raw HTML in a report is text someone uploaded: shown, never interpreted.
-        Event::Html(s) | Event::InlineHtml(s) => Some(Event::Text(s)),
+        Event::Html(s) | Event::InlineHtml(s) => Event::Text(s),
         Event::Start(Tag::Image { link_type, dest_url, title, id }) => {
             let dest_url = match picture(&dest_url) {
                 Some(png) => {
@@ -31,16 +31,16 @@ pub fn html(title: &str, markdown: &str, picture: impl Fn(&str) -> Option<Vec<u8
                 }
                 None => {
                     missing = true;
-                    return Some(Event::Text("(".into()));
+                    return Event::Text("(".into());
                 }
             };
-            Some(Event::Start(Tag::Image { link_type, dest_url, title, id }))
+            Event::Start(Tag::Image { link_type, dest_url, title, id })
         }
         Event::End(TagEnd::Image) if missing => {
             missing = false;
-            Some(Event::Text(": picture missing)".into()))
+            Event::Text(": picture missing)".into())
         }
-        e => Some(e),
+        e => e,
     });
     push_html(&mut out, events);
     out.push_str("</body>\n</html>\n");

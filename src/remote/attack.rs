@@ -231,6 +231,10 @@ impl Start {
     }
 }
 
+/// The candidate the remote put closest to the target: loss, PNG, pixels, the remote's
+/// probabilities and its perturbation.
+type Closest = (f64, Vec<u8>, Vec<u8>, Vec<f32>, Perturbation);
+
 /// Runs query-based LabelFool: the transfer prior, then (unless it reached the target or
 /// `options.search` is off) the score-based search from its best candidate. `options.budget`
 /// counts every remote query, the upload's included.
@@ -272,7 +276,7 @@ pub async fn run(
     let original = top(&before, Some(t));
     let mut candidates = Vec::new();
     // The candidate the remote found closest to the target: (loss, PNG, pixels, probabilities).
-    let mut best: Option<(f64, Vec<u8>, Vec<u8>, Vec<f32>, Perturbation)> = None;
+    let mut best: Option<Closest> = None;
     // Where the search starts (see [`Start`]).
     let mut start = Start::default();
     let mut success = false;

@@ -35,6 +35,14 @@ impl Api<'_> {
             None => self.send(client().get(self.s.url(path))).await,
         }
     }
+    /// Posts a job (201 expected) and waits until it is done: its id.
+    async fn finished_job(&self, body: Value) -> String {
+        let (status, job) = self.post("/jobs", body).await;
+        assert_eq!(status, 201, "{job}");
+        let id = job["id"].as_str().unwrap().to_string();
+        self.wait_done(&id).await;
+        id
+    }
     async fn wait_done(&self, id: &str) {
         let started = Instant::now();
         loop {
@@ -305,14 +313,7 @@ async fn finished_job(
         .to_rgb8()
         .save(images.join(format!("{wnid}_second.JPEG")))
         .unwrap();
-    let job = {
-        let api = Api { s: &s };
-        let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm"]})).await;
-        assert_eq!(status, 201, "{job}");
-        let job = job["id"].as_str().unwrap().to_string();
-        api.wait_done(&job).await;
-        job
-    };
+    let job = Api { s: &s }.finished_job(json!({"images": images, "methods": ["fgsm"]})).await;
     (root, images, data, s, job, (wnid, first))
 }
 
@@ -594,10 +595,7 @@ async fn a_method_without_a_fooled_correct_image_is_refused_by_name() {
         let rest = name.split_once('_').unwrap().1;
         std::fs::copy(scratch.path().join(&name), images.join(format!("{wrong}_{rest}"))).unwrap();
     }
-    let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm"]})).await;
-    assert_eq!(status, 201, "{job}");
-    let job = job["id"].as_str().unwrap().to_string();
-    api.wait_done(&job).await;
+    let job = api.finished_job(json!({"images": images, "methods": ["fgsm"]})).await;
     let (status, v) = api.post("/studies", json!({"job": job, "observers": 2})).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("methods")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("fgsm"), "{v}");
@@ -690,10 +688,7 @@ async fn a_simulated_study_recovers_the_true_gain_within_its_interval() {
     let s = Server::start(&config(root.path()));
     let api = Api { s: &s };
     copy_named_as_classified(&s, KEY, &images, &sample_images()).await;
-    let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm", "deepfool"]})).await;
-    assert_eq!(status, 201, "{job}");
-    let job = job["id"].as_str().unwrap().to_string();
-    api.wait_done(&job).await;
+    let job = api.finished_job(json!({"images": images, "methods": ["fgsm", "deepfool"]})).await;
     let (status, study) = api.post("/studies", json!({"job": job, "observers": 30, "seed": 7, "references": 0})).await;
     assert_eq!(status, 201, "{study}");
     let id = study["id"].as_str().unwrap().to_string();
@@ -783,10 +778,7 @@ async fn a_simulated_study_recovers_the_true_gain_within_its_interval() {
 async fn in_the_all_groups_design_an_observer_answers_every_group_in_sequence() {
     let (_root, images, _data, s, _, _) = finished_job("").await;
     let api = Api { s: &s };
-    let (status, job) = api.post("/jobs", json!({"images": images, "methods": ["fgsm", "deepfool"]})).await;
-    assert_eq!(status, 201, "{job}");
-    let job = job["id"].as_str().unwrap().to_string();
-    api.wait_done(&job).await;
+    let job = api.finished_job(json!({"images": images, "methods": ["fgsm", "deepfool"]})).await;
 
     let (status, one) = api.post("/studies", json!({"job": job, "observers": 1})).await;
     assert_eq!(status, 201, "{one}");

@@ -555,6 +555,15 @@ async fn references_come_from_the_reference_set_by_the_same_rule_for_clean_and_a
     let (status, v) = api.post("/studies", json!({"job": job, "reference_images": partial})).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("reference_images")), "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains(&wnid), "{v}");
+    // A picture past the server's upload limits (12 000 pixels a side) is not decoded: a label
+    // with no other picture is missing as well.
+    let wide = root.path().join("wide");
+    reference_set(&wide, 1, false, &[wnid.as_str()]);
+    std::fs::create_dir_all(wide.join(&wnid)).unwrap();
+    image::RgbImage::new(12_001, 1).save(wide.join(&wnid).join("wide.png")).unwrap();
+    let (status, v) = api.post("/studies", json!({"job": job, "reference_images": wide})).await;
+    assert_eq!((status, v["error"]["param"].as_str()), (422, Some("reference_images")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains(&wnid), "{v}");
     let (status, v) = api.post("/studies", json!({"job": job, "reference_images": images})).await;
     assert_eq!((status, v["error"]["param"].as_str()), (422, Some("reference_images")), "{v}");
     let (status, v) = api.post("/studies", json!({"job": job, "reference_images": "/etc"})).await;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::{CLEAN, Puzzle, StudyError, design, store};
 use crate::eval::Record;
+use crate::imaging::{self, DecodeLimits};
 use crate::jobs::StoreError;
 use crate::wordnet::WordNet;
 
@@ -177,7 +178,7 @@ const NAMED_LABELS: usize = 10;
 /// pictures of each from the reference set `set` (resolved; `samples` its discovered files),
 /// copied into the study's folder as PNGs under opaque names — the same rule for every label,
 /// whether a clean or an adversarial puzzle shows it. Only pictures inside the set that decode
-/// count. The set must lie apart from the job's pictures and folder (`apart_from`: neither one of
+/// within the server's upload limits (`limits`: a client names the set) count. The set must lie apart from the job's pictures and folder (`apart_from`: neither one of
 /// them, nor inside or around one), and hold a picture of every label: else 422
 /// `reference_images`, naming what is missing.
 pub(super) fn references(
@@ -187,6 +188,7 @@ pub(super) fn references(
     apart_from: &[&Path],
     dir: &Path,
     per_label: usize,
+    limits: &DecodeLimits,
 ) -> Result<Vec<store::Reference>, StudyError> {
     let io = |e: std::io::Error| StudyError::Store(StoreError::Io(e));
     let invalid = |m: String| StudyError::invalid("reference_images", m);
@@ -212,9 +214,13 @@ pub(super) fn references(
                 break;
             }
             let Some(real) = inside(&s.path, set) else { continue };
-            let Ok(img) = image::open(&real) else { continue };
+            let too_big = std::fs::metadata(&real).map_or(true, |m| m.len() > limits.max_bytes as u64);
+            let Some(img) = (!too_big).then(|| std::fs::read(&real).ok()).flatten() else { continue };
+            let Ok(img) = imaging::decode(&img, limits) else { continue };
+            let png = imaging::encode_png(img.width, img.height, &img.rgb, None)
+                .map_err(|e| io(std::io::Error::other(e.to_string())))?;
             let rel = format!("references/{}.png", refs.len() + 1);
-            img.to_rgb8().save(dir.join(&rel)).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+            std::fs::write(dir.join(&rel), png).map_err(io)?;
             let source = s.path.strip_prefix(set).unwrap_or(&s.path).to_string_lossy().into_owned();
             refs.push((key.clone(), rel, source));
             copied += 1;

@@ -130,6 +130,7 @@ impl Studies {
         let job_dir = self.jobs.job_dir(&job.id);
         let dir = self.dir(&id);
         let refs_per_label = row.references as usize;
+        let limits = self.engine.settings().decode;
         let built = tokio::task::spawn_blocking(move || -> Result<_, StudyError> {
             let plan = build::plan(&results, &model, &categories, seed)?;
             if plan.is_empty() {
@@ -143,7 +144,7 @@ impl Studies {
                         let samples = crate::dataset::discover(set, info.classes())
                             .map_err(|e| StudyError::invalid("reference_images", e.to_string()))?;
                         let labels = build::labels(&plan);
-                        build::references(&labels, set, &samples, &[&folder, &job_dir], &dir, refs_per_label)?
+                        build::references(&labels, set, &samples, &[&folder, &job_dir], &dir, refs_per_label, &limits)?
                     }
                     None => Vec::new(),
                 };

@@ -21,15 +21,8 @@ use labelfool::model::preprocess::{prepare_rgb8, resize_crop, rgb8_to_tensor};
 use labelfool::model::{Catalog, LoadedModel};
 use tch::Kind;
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
+mod common;
+use common::{arg, median};
 
 /// One forward + backward of the attack's graph (resize, crop, model, f_1 − f_0) at full size.
 fn forward_backward(model: &LoadedModel, rgb: &[u8], w: u32, h: u32) -> f64 {

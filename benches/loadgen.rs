@@ -16,10 +16,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
+mod common;
+use common::arg;
 
 fn flag(name: &str) -> bool {
     std::env::args().any(|a| a == name)

@@ -18,17 +18,10 @@ use labelfool::config::{Config, DeviceSpec};
 use labelfool::model::preprocess::rgb8_to_tensor;
 use labelfool::model::{Catalog, LoadedModel};
 
+mod common;
+use common::{arg, median};
+
 const ROWS: usize = 16;
-
-fn arg(name: &str) -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// A smooth, non-constant test picture of `w`×`h` (the model sees structure, not noise).
 fn picture(w: u32, h: u32) -> Vec<u8> {

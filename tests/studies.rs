@@ -43,6 +43,12 @@ impl Api<'_> {
         self.wait_done(&id).await;
         id
     }
+    /// Posts a study of `job` with the defaults (201 expected): its id and body.
+    async fn study_of(&self, job: &str) -> (String, Value) {
+        let (status, study) = self.post("/studies", json!({"job": job})).await;
+        assert_eq!(status, 201, "{study}");
+        (study["id"].as_str().unwrap().to_string(), study)
+    }
     async fn wait_done(&self, id: &str) {
         let started = Instant::now();
         loop {
@@ -351,6 +357,38 @@ async fn study_and_observer_strings_are_bounded_field_by_field() {
     assert_eq!(status, 201, "{v}");
 }
 
+/// Links added at once: each gets its own name and the groups stay balanced, and of several
+/// asking for one name exactly one gets it (the others 409). The cap, the name and the group
+/// were read in one store call and written in another, so two at once saw the same free
+/// `observer k` and the second insert failed on the table's UNIQUE (study, name).
+#[tokio::test]
+async fn observers_added_at_once_get_their_own_names_and_balanced_groups() {
+    let (_root, _images, _data, s, job, _) = finished_job("").await;
+    let api = Api { s: &s };
+    let (id, _) = api.study_of(&job).await;
+    let observers = format!("/studies/{id}/observers");
+    let unnamed = futures::future::join_all((0..12).map(|_| api.post(&observers, json!({})))).await;
+    let named = futures::future::join_all((0..6).map(|_| api.post(&observers, json!({"name": "dup"})))).await;
+    for (status, v) in &unnamed {
+        assert_eq!(*status, 201, "{v}");
+    }
+    let statuses: Vec<u16> = named.iter().map(|(s, _)| *s).collect();
+    assert_eq!(statuses.iter().filter(|&&s| s == 201).count(), 1, "{named:?}");
+    assert!(statuses.iter().all(|&s| s == 201 || s == 409), "{named:?}");
+    let (_, study) = api.get(&format!("/studies/{id}")).await;
+    let listed = study["observers"].as_array().unwrap();
+    assert_eq!(listed.len(), 13, "{study}");
+    let names: std::collections::HashSet<&str> = listed.iter().map(|o| o["name"].as_str().unwrap()).collect();
+    assert_eq!(names.len(), 13, "{study}");
+    let sizes: Vec<u64> = study["groups"].as_array().unwrap().iter().map(|g| g.as_u64().unwrap()).collect();
+    let mut counts = vec![0u64; sizes.len()];
+    for o in listed {
+        counts[o["group"].as_u64().unwrap() as usize] += 1;
+    }
+    let used: Vec<u64> = counts.iter().zip(&sizes).filter(|(_, n)| **n > 0).map(|(c, _)| *c).collect();
+    assert!(used.iter().max().unwrap() - used.iter().min().unwrap() <= 1, "groups {sizes:?}, observers {counts:?}");
+}
+
 /// An observer link lives `studies.observer_link_ttl_hours` (or its own `expires_in_hours`, up to
 /// the maximum); past it every `/observe/{token}/…` route answers 410 Gone. One link can be
 /// revoked: it then answers 404 like an unknown one, while its answers still count.
@@ -359,9 +397,7 @@ async fn observer_links_expire_and_are_revoked_one_by_one() {
     let settings = "[studies]\nobserver_link_ttl_hours = 24\nmax_observer_link_ttl_hours = 48\n";
     let (root, _images, data, s, job, _) = finished_job(settings).await;
     let api = Api { s: &s };
-    let (status, study) = api.post("/studies", json!({"job": job})).await;
-    assert_eq!(status, 201, "{study}");
-    let id = study["id"].as_str().unwrap().to_string();
+    let (id, _) = api.study_of(&job).await;
     let observers = format!("/studies/{id}/observers");
     let hour = 3_600_000;
     let (status, alice) = api.post(&observers, json!({"name": "alice"})).await;
@@ -617,9 +653,7 @@ async fn a_method_without_a_fooled_correct_image_is_refused_by_name() {
 async fn no_observer_is_placed_in_a_group_without_puzzles() {
     let (root, _images, data, s, job, _) = finished_job("").await;
     let api = Api { s: &s };
-    let (status, study) = api.post("/studies", json!({"job": job})).await;
-    assert_eq!(status, 201, "{study}");
-    let id = study["id"].as_str().unwrap().to_string();
+    let (id, study) = api.study_of(&job).await;
     assert_eq!(study["groups"].as_array().unwrap().len(), 2, "{study}");
     drop(s);
     let db = rusqlite::Connection::open(data.join("jobs.sqlite3")).unwrap();
@@ -879,9 +913,7 @@ async fn downloads_are_named_and_the_report_is_a_page() {
     };
     let res = get(format!("/jobs/{job}/results")).await.unwrap();
     assert_eq!(disposition(&res), format!("attachment; filename=\"job-{job}-results.jsonl\""));
-    let (status, study) = api.post("/studies", json!({"job": job})).await;
-    assert_eq!(status, 201, "{study}");
-    let id = study["id"].as_str().unwrap();
+    let (id, _) = api.study_of(&job).await;
     let res = get(format!("/studies/{id}/answers.csv")).await.unwrap();
     assert_eq!(disposition(&res), format!("attachment; filename=\"study-{id}-answers.csv\""));
 

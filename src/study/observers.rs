@@ -11,9 +11,6 @@ impl Studies {
     /// that is the group they start with, so observers start in different groups.
     pub async fn add_observer(&self, id: &str, new: NewObserver) -> Result<ObserverInfo, StudyError> {
         let study = self.get(id).await?;
-        if study.observers.len() as u32 >= MAX_OBSERVERS {
-            return Err(StudyError::Conflict(format!("study {id} has {MAX_OBSERVERS} observers already")));
-        }
         let max_hours = self.config.max_observer_link_ttl_hours;
         let hours = match new.expires_in_hours {
             Some(h) if h == 0 || h > max_hours => {
@@ -22,44 +19,36 @@ impl Studies {
             Some(h) => h,
             None => self.config.observer_link_ttl_hours,
         };
-        let name = match new.name {
-            Some(n) => bounded("name", &n, MAX_OBSERVER_NAME)?,
-            None => {
-                let mut k = study.observers.len() + 1;
-                while study.observers.iter().any(|o| o.name == format!("observer {k}")) {
-                    k += 1;
-                }
-                format!("observer {k}")
-            }
-        };
-        if study.observers.iter().any(|o| o.name == name) {
-            return Err(StudyError::Conflict(format!("study {id} has an observer named {name:?}")));
-        }
-        let mut counts = vec![0usize; study.groups.len()];
-        for o in &study.observers {
-            if let Some(c) = counts.get_mut(o.group as usize) {
-                *c += 1;
-            }
-        }
-        let group = (0..counts.len())
-            .filter(|&g| study.groups[g] > 0)
-            .min_by_key(|&g| (counts[g], g))
-            .ok_or_else(|| StudyError::Conflict(format!("study {id} has no puzzle to answer")))?
-            as u32;
+        let name = new.name.map(|n| bounded("name", &n, MAX_OBSERVER_NAME)).transpose()?;
         let token = format!("{}{}", crate::jobs::new_id(), crate::jobs::new_id());
         let seed = {
             use rand::Rng;
             rand::rng().random::<i64>()
         };
-        let row = store::ObserverRow {
-            token: token.clone(),
-            study: id.to_string(),
-            name,
-            group,
-            seed,
-            expires_ms: crate::jobs::store::now_ms().saturating_add(i64::from(hours) * 3_600_000),
-        };
-        self.jobs.store().with(move |c| store::insert_observer(c, &row)).await?;
+        let expires_ms = crate::jobs::store::now_ms().saturating_add(i64::from(hours) * 3_600_000);
+        // The cap, the name and the emptiest group are read and the observer written in one
+        // transaction: two links added at once must not both see the same free name or group.
+        let (sid, tok, groups) = (id.to_string(), token.clone(), study.groups.clone());
+        self.jobs
+            .store()
+            .with(move |c| {
+                let tx = c.transaction()?;
+                let placed = place_observer(&store::observers(&tx, &sid)?, &groups, name, &sid);
+                if let Ok((name, group)) = &placed {
+                    let row = store::ObserverRow {
+                        token: tok,
+                        study: sid,
+                        name: name.clone(),
+                        group: *group,
+                        seed,
+                        expires_ms,
+                    };
+                    store::insert_observer(&tx, &row)?;
+                    tx.commit()?;
+                }
+                Ok(placed)
+            })
+            .await??;
         let study = self.get(id).await?;
         study.observers.into_iter().find(|o| o.token == token).ok_or_else(|| StudyError::NotFound(id.to_string()))
     }
@@ -210,4 +199,39 @@ fn mime(path: &Path) -> &'static str {
         Some("webp") => "image/webp",
         _ => "application/octet-stream",
     }
+}
+
+/// The name and group of a new observer of study `id`, given its observers and its groups'
+/// puzzle counts: within the cap, the name free (by default the first free `observer k`), the
+/// group the emptiest of those with puzzles (the lowest on ties).
+fn place_observer(
+    observers: &[ObserverInfo],
+    groups: &[u32],
+    name: Option<String>,
+    id: &str,
+) -> Result<(String, u32), StudyError> {
+    if observers.len() as u32 >= MAX_OBSERVERS {
+        return Err(StudyError::Conflict(format!("study {id} has {MAX_OBSERVERS} observers already")));
+    }
+    let name = name.unwrap_or_else(|| {
+        let mut k = observers.len() + 1;
+        while observers.iter().any(|o| o.name == format!("observer {k}")) {
+            k += 1;
+        }
+        format!("observer {k}")
+    });
+    if observers.iter().any(|o| o.name == name) {
+        return Err(StudyError::Conflict(format!("study {id} has an observer named {name:?}")));
+    }
+    let mut counts = vec![0usize; groups.len()];
+    for o in observers {
+        if let Some(c) = counts.get_mut(o.group as usize) {
+            *c += 1;
+        }
+    }
+    let group = (0..counts.len())
+        .filter(|&g| groups[g] > 0)
+        .min_by_key(|&g| (counts[g], g))
+        .ok_or_else(|| StudyError::Conflict(format!("study {id} has no puzzle to answer")))?;
+    Ok((name, group as u32))
 }

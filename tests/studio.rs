@@ -667,7 +667,7 @@ async fn a_job_made_in_the_studio_runs_its_own_methods_and_its_files_open_as_wha
     let first: Value = serde_json::from_str(got["text"].as_str().unwrap().lines().next().unwrap()).unwrap();
     assert_eq!(first["method"], "fgsm", "{first}");
 
-    // The report: an HTML page in a new tab, its charts drawn.
+    // The report: an HTML page in a new tab, its charts drawn, its tables styled.
     let studio = c.window().await.unwrap();
     c.find(Locator::Css("tr.job a.report")).await.unwrap().click().await.unwrap();
     let started = Instant::now();
@@ -685,7 +685,9 @@ async fn a_job_made_in_the_studio_runs_its_own_methods_and_its_files_open_as_wha
         "document.readyState === 'complete' && document.querySelector('h1') && document.images.length > 0 \
          && [...document.images].every((i) => i.complete) \
          && { type: document.contentType, h1: document.querySelector('h1').textContent, tables: document.querySelectorAll('table').length, \
-              broken: [...document.images].filter((i) => i.naturalWidth === 0).length, text: document.body.innerText }",
+              broken: [...document.images].filter((i) => i.naturalWidth === 0).length, text: document.body.innerText, \
+              border: getComputedStyle(document.querySelector('td')).borderTopStyle, \
+              right: [...document.querySelectorAll('td.right')].map((td) => getComputedStyle(td).textAlign) }",
         minute,
     )
     .await;
@@ -694,6 +696,11 @@ async fn a_job_made_in_the_studio_runs_its_own_methods_and_its_files_open_as_wha
     assert!(page["tables"].as_u64().unwrap() >= 1, "{page}");
     assert_eq!(page["broken"], 0, "broken chart images: {page}");
     assert!(!page["text"].as_str().unwrap().contains("|---"), "Markdown shown raw: {page}");
+    // Styled: the tab keeps the studio's CSP, which allows the page's stylesheet by its hash (an
+    // inline stylesheet the policy did not allow left the tables without borders or alignment).
+    assert_eq!(page["border"], "solid", "the report's stylesheet was blocked: {page}");
+    let right = page["right"].as_array().unwrap();
+    assert!(!right.is_empty() && right.iter().all(|a| a == "right"), "numbers right-aligned: {page}");
     c.close().await.unwrap();
 }
 

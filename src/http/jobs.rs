@@ -312,11 +312,7 @@ pub async fn job_report(
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8".to_string()),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_string()),
-            // The page is the server's own rendering; it runs nothing and fetches nothing.
-            (
-                header::CONTENT_SECURITY_POLICY,
-                "default-src 'none'; img-src data:; style-src 'unsafe-inline'".to_string(),
-            ),
+            (header::CONTENT_SECURITY_POLICY, super::report::content_security_policy()),
             (header::CONTENT_DISPOSITION, disposition),
         ],
         page,

@@ -22,15 +22,19 @@ pub const SAMPLES: &[(&str, &[u8])] = &[
 fn asset(mime: &'static str, body: &'static [u8]) -> Response {
     let mut res = body.into_response();
     res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
-    // The page talks to this origin only.
-    res.headers_mut().insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' blob:; style-src 'self'",
-        ),
-    );
+    res.headers_mut().insert(header::CONTENT_SECURITY_POLICY, STUDIO_CSP.clone());
     res
 }
+
+/// The page talks to this origin only. A job's report opens in a `blob:` tab, which keeps this
+/// policy: its one stylesheet is allowed by hash.
+static STUDIO_CSP: std::sync::LazyLock<HeaderValue> = std::sync::LazyLock::new(|| {
+    let csp = format!(
+        "default-src 'self'; img-src 'self' data: blob:; connect-src 'self' blob:; style-src 'self' {}",
+        *super::report::STYLE_SOURCE
+    );
+    HeaderValue::from_str(&csp).unwrap_or_else(|_| HeaderValue::from_static("default-src 'self'"))
+});
 
 /// The studio: a web page to classify, see LabelFool's decision, run the attacks side by side
 /// and follow jobs. Public, like `/health` (it holds no data; the API calls it makes carry the

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use labelfool::attack::params::AttackLimits;
-use labelfool::attack::{AttackRequest, new_row, runner};
+use labelfool::attack::{AttackParams, AttackRequest, new_row, runner};
 use labelfool::config::{Config, DeviceSpec};
 use labelfool::model::preprocess::rgb8_to_tensor;
 use labelfool::model::{Catalog, LoadedModel};
@@ -37,14 +37,8 @@ fn picture(w: u32, h: u32) -> Vec<u8> {
     rgb
 }
 
-/// Seconds of one tick of fresh rows at `sizes` (width, height).
-fn tick(model: &LoadedModel, config: &Config, pictures: &[(u32, u32, Vec<u8>)]) -> anyhow::Result<f64> {
-    let limits = AttackLimits {
-        max_iter: config.limits.max_iter,
-        max_candidates: config.limits.max_candidates,
-        max_backward_passes: config.limits.max_backward_passes,
-    };
-    let params = AttackRequest::default().validate(&model.info, &config.attack, &limits)?;
+/// Seconds of one tick of fresh rows with `params` on `pictures` (width, height, RGB).
+fn tick(model: &LoadedModel, params: &AttackParams, pictures: &[(u32, u32, Vec<u8>)]) -> anyhow::Result<f64> {
     let mut rows = pictures
         .iter()
         .map(|(w, h, rgb)| {
@@ -72,6 +66,8 @@ fn main() -> anyhow::Result<()> {
     let catalog = Catalog::from_config(&config)?;
     let device = config.device().resolve().map_err(anyhow::Error::msg)?;
     let model = LoadedModel::load(catalog.get(None).ok_or_else(|| anyhow::anyhow!("no model"))?.1, device)?;
+    let limits = AttackLimits::from_config(&config.limits);
+    let params = AttackRequest::default().validate(&model.info, &config.attack, &limits)?;
 
     // One size: ImageNet's commonest, 500×375. Mixed: 16 sizes around it (pixels within ±40%).
     let one: Vec<(u32, u32, Vec<u8>)> = (0..ROWS).map(|_| (500, 375, picture(500, 375))).collect();
@@ -83,12 +79,12 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let pixels = |p: &[(u32, u32, Vec<u8>)]| p.iter().map(|(w, h, _)| f64::from(w * h)).sum::<f64>();
 
-    let first_one = tick(&model, &config, &one)?;
-    let first_mixed = tick(&model, &config, &mixed)?;
+    let first_one = tick(&model, &params, &one)?;
+    let first_mixed = tick(&model, &params, &mixed)?;
     let (mut t_one, mut t_mixed) = (Vec::new(), Vec::new());
     for _ in 0..reps {
-        t_one.push(tick(&model, &config, &one)?);
-        t_mixed.push(tick(&model, &config, &mixed)?);
+        t_one.push(tick(&model, &params, &one)?);
+        t_mixed.push(tick(&model, &params, &mixed)?);
     }
     let (one_s, mixed_s) = (median(t_one), median(t_mixed));
     println!(

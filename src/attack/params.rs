@@ -29,6 +29,12 @@ pub struct AttackLimits {
     pub max_backward_passes: u64,
 }
 
+impl AttackLimits {
+    pub fn from_config(l: &crate::config::Limits) -> Self {
+        Self { max_iter: l.max_iter, max_candidates: l.max_candidates, max_backward_passes: l.max_backward_passes }
+    }
+}
+
 /// Why a request's parameters were refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ParamError {

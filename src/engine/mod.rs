@@ -114,11 +114,7 @@ impl Engine {
             max_attack_pixels: config.limits.max_attack_pixels,
             max_top_k: config.limits.max_top_k,
             max_resized_side: config.limits.max_resized_side,
-            attack_limits: AttackLimits {
-                max_iter: config.limits.max_iter,
-                max_candidates: config.limits.max_candidates,
-                max_backward_passes: config.limits.max_backward_passes,
-            },
+            attack_limits: AttackLimits::from_config(&config.limits),
             attack: config.attack.clone(),
         };
         let (queues, inbox) = queue::new(config.engine.queue_capacity);

@@ -178,9 +178,10 @@ const NAMED_LABELS: usize = 10;
 /// pictures of each from the reference set `set` (resolved; `samples` its discovered files),
 /// copied into the study's folder as PNGs under opaque names — the same rule for every label,
 /// whether a clean or an adversarial puzzle shows it. Only pictures inside the set that decode
-/// within the server's upload limits (`limits`: a client names the set) count. The set must lie apart from the job's pictures and folder (`apart_from`: neither one of
-/// them, nor inside or around one), and hold a picture of every label: else 422
-/// `reference_images`, naming what is missing.
+/// within the server's upload limits (`limits`: a client names the set) count. The set must lie
+/// apart from the job's pictures and folder (`apart_from`: neither one of them, nor inside or
+/// around one), and hold a picture of every label: else 422 `reference_images`, naming what is
+/// missing.
 pub(super) fn references(
     labels: &[(usize, String, String)],
     set: &Path,

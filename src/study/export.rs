@@ -62,17 +62,16 @@ impl Studies {
         let (all, animals) = (series(&r.all), series(&r.animals));
         let methods: Vec<String> = r.categories.iter().filter(|c| *c != CLEAN).cloned().collect();
         let title = format!("Performance gain, study {}", r.study);
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             crate::charts::grouped_bars_png(
                 &title,
                 "PG = (CR - CR_clean) / CR_clean",
                 &methods,
                 &[("all images", all.as_slice()), ("animals", animals.as_slice())],
             )
+            .map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
         })
         .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-        .map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
     }
 }
 

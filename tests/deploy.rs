@@ -314,6 +314,46 @@ fn deployments_require_a_key_and_the_server_refuses_to_serve_without_one() {
     assert!(deployments >= 2, "the CPU and CUDA deployments");
 }
 
+/// The replicas share one PostgreSQL: every Deployment reads `LABELFOOL_JOBS__DATABASE` from the
+/// secret that `docker/k8s/postgres/` defines, whose DSN names that folder's Service, which
+/// selects the StatefulSet's pods on its port; and they mount one ReadWriteMany jobs volume.
+#[test]
+fn replicas_share_the_postgres_of_docker_k8s_postgres() {
+    let pg: Vec<Yaml> = ["statefulset", "service", "secret"]
+        .iter()
+        .flat_map(|f| docs(&format!("docker/k8s/postgres/{f}.yaml")))
+        .collect();
+    let of = |kind: &str| pg.iter().find(|d| d["kind"].as_str() == Some(kind)).unwrap_or_else(|| panic!("no {kind}"));
+    let (sts, svc, secret) = (of("StatefulSet"), of("Service"), of("Secret"));
+    let pods = labels(&sts["spec"]["template"]["metadata"]["labels"]);
+    assert!(labels(&svc["spec"]["selector"]).iter().all(|l| pods.contains(l)), "the Service selects no database pod");
+    let port = svc["spec"]["ports"][0]["port"].as_i64().unwrap();
+    let dsn = secret["stringData"]["dsn"].as_str().unwrap();
+    let host = format!("@{}:{port}/", svc["metadata"]["name"].as_str().unwrap());
+    assert!(dsn.starts_with("postgres://") && dsn.contains(&host), "{dsn} does not name the Service ({host})");
+    let secret_name = secret["metadata"]["name"].as_str().unwrap();
+    let claims: Vec<String> = k8s_objects()
+        .into_iter()
+        .filter(|(_, d)| d["kind"].as_str() == Some("PersistentVolumeClaim"))
+        .inspect(|(f, d)| {
+            let modes = d["spec"]["accessModes"].as_vec().unwrap();
+            assert!(modes.iter().any(|m| m.as_str() == Some("ReadWriteMany")), "{f}: the jobs volume must be RWX");
+        })
+        .map(|(_, d)| d["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    for (file, d) in k8s_objects().iter().filter(|(_, d)| d["kind"].as_str() == Some("Deployment")) {
+        let pod = &d["spec"]["template"]["spec"];
+        let env = pod["containers"][0]["env"].as_vec().unwrap();
+        let db = env.iter().find(|e| e["name"].as_str() == Some("LABELFOOL_JOBS__DATABASE"));
+        let key = db.map(|e| &e["valueFrom"]["secretKeyRef"]).unwrap_or_else(|| panic!("{file}: no jobs database"));
+        assert_eq!((key["name"].as_str(), key["key"].as_str()), (Some(secret_name), Some("dsn")), "{file}");
+        let claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"].as_str().unwrap_or_default();
+        assert!(claims.iter().any(|c| c == claim), "{file}: mounts {claim:?}, which no claim here defines");
+        let mount = &pod["containers"][0]["volumeMounts"][0];
+        assert_eq!(mount["mountPath"].as_str(), Some("/var/lib/labelfool/jobs"), "{file}: the image's jobs.dir");
+    }
+}
+
 /// The manifests against Kubernetes' own schemas (kubernetes-validate, strict: unknown fields
 /// fail too), and a broken manifest to show the check can fail.
 #[ignore = "partner tier (kubernetes-validate): scripts/test runs it"]
@@ -321,8 +361,9 @@ fn deployments_require_a_key_and_the_server_refuses_to_serve_without_one() {
 fn kubernetes_manifests_validate_against_the_schemas() {
     let venv = std::env::var("LABELFOOL_VENV").expect("scripts/env.sh sets LABELFOOL_VENV");
     let tool = Path::new(&venv).join("bin/kubernetes-validate");
-    let manifests: Vec<PathBuf> = std::fs::read_dir(repo("docker/k8s"))
-        .unwrap()
+    let manifests: Vec<PathBuf> = ["docker/k8s", "docker/k8s/postgres"]
+        .into_iter()
+        .flat_map(|d| std::fs::read_dir(repo(d)).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();

@@ -41,18 +41,6 @@ async fn get(s: &Server, id: &str) -> Value {
     json(client().get(s.url(&format!("/jobs/{id}"))).send().await.unwrap()).await.1
 }
 
-/// The `data:` payloads of an SSE stream, until it ends.
-async fn sse_events(s: &Server, id: &str) -> Vec<Value> {
-    let mut res = client().get(s.url(&format!("/jobs/{id}/events"))).send().await.unwrap();
-    assert_eq!(res.status(), 200);
-    assert_eq!(res.headers()["content-type"], "text/event-stream");
-    let mut text = String::new();
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(120), res.chunk()).await.unwrap().unwrap() {
-        text.push_str(&String::from_utf8_lossy(&chunk));
-    }
-    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect()
-}
-
 #[tokio::test]
 async fn a_job_runs_in_the_background_and_everything_it_made_can_be_downloaded() {
     let root = tempfile::tempdir().unwrap();
@@ -157,6 +145,8 @@ async fn a_cancelled_job_stops_and_keeps_what_it_finished() {
     let (_, long) = create(&s, json!({"images": images, "models": ["tiny"]})).await;
     let (_, queued) = create(&s, json!({"images": images, "models": ["tiny"], "methods": ["fgsm"]})).await;
     let (long, queued) = (long["id"].as_str().unwrap().to_string(), queued["id"].as_str().unwrap().to_string());
+    // The second job's 12 items wait behind the first's 48.
+    assert!(pending_items(&s).await >= 12.0);
     let (status, v) = json(client().delete(s.url(&format!("/jobs/{queued}"))).send().await.unwrap()).await;
     assert_eq!((status, v["state"].as_str()), (200, Some("cancelled")), "{v}");
     let (status, _) = json(client().delete(s.url(&format!("/jobs/{long}"))).send().await.unwrap()).await;
@@ -176,6 +166,16 @@ async fn a_cancelled_job_stops_and_keeps_what_it_finished() {
     assert_eq!(lines.lines().count() as u64, done);
     // The queued one never ran.
     assert_eq!(get(&s, &queued).await["done"], 0);
+    assert_eq!(pending_items(&s).await, 0.0, "a cancelled job's items wait for nobody");
+}
+
+/// `labelfool_job_items_pending` from `/metrics`.
+async fn pending_items(s: &Server) -> f64 {
+    let text = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("labelfool_job_items_pending "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no labelfool_job_items_pending in {text}"))
 }
 
 /// SIGKILL in the middle of a job: after a restart every finished image's result is still there,
@@ -323,6 +323,50 @@ async fn uploads_left_by_a_dead_server_are_removed_at_start() {
     let job = get(&s, &id).await;
     assert_eq!((job["done"].as_u64(), job["resumed"].as_u64()), (Some(2), Some(1)), "{job}");
     assert!(gone.is_file(), "the lost PNG was not made again");
+}
+
+/// Two servers started with the default configuration on one host (jobs under the same
+/// `LABELFOOL_CACHE`) both serve, and a job posted to one is worked by both: each claims the
+/// job's items from the shared SQLite file. Either serves every result and PNG.
+#[tokio::test]
+async fn two_default_servers_on_one_host_share_a_job() {
+    let cache = tempfile::tempdir().unwrap();
+    let env = [("LABELFOOL_CACHE", cache.path().to_str().unwrap())];
+    let a = Server::start_default(&tiny_config(""), &env);
+    let b = Server::start_default(&tiny_config(""), &env);
+    let db = cache.path().join("jobs/jobs.sqlite3");
+    assert!(db.is_file(), "not the default database");
+    let (status, job) =
+        upload(&a, zip_of(&batch(12)), Some(r#"{"methods": ["labelfool", "fgsm"], "models": ["tiny"]}"#)).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    // Followed on the server it was not posted to.
+    let events = sse_events(&b, &id).await;
+    assert_eq!(events.last().unwrap()["state"], "done", "{events:?}");
+    let per_server: Vec<i64> = {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        let mut st = c
+            .prepare("SELECT COUNT(*) FROM work_items WHERE job_id = ?1 AND kind = 'attack' GROUP BY done_by")
+            .unwrap();
+        st.query_map([&id], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    eprintln!("items done per server: {per_server:?}");
+    assert_eq!((per_server.len(), per_server.iter().sum::<i64>()), (2, 24), "every item once, by both: {per_server:?}");
+    let lines = |s: &Server| {
+        let url = s.url(&format!("/jobs/{id}/results"));
+        async move { client().get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let (from_a, from_b) = (lines(&a).await, lines(&b).await);
+    assert_eq!(from_a, from_b);
+    assert_eq!(from_a.lines().count(), 24);
+    for l in from_a.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()) {
+        if let Some(png) = l["png"].as_str() {
+            let get = |s: &Server| client().get(s.url(png)).send();
+            let (ra, rb) = (get(&a).await.unwrap(), get(&b).await.unwrap());
+            assert_eq!((ra.status().as_u16(), rb.status().as_u16()), (200, 200), "{l}");
+            assert_eq!(ra.bytes().await.unwrap(), rb.bytes().await.unwrap(), "{l}");
+        }
+    }
 }
 
 /// `n` sample images as archive entries under `batch/`.

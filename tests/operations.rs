@@ -66,6 +66,8 @@ async fn metrics_are_scraped_and_parsed() {
     assert!(value(&m, "labelfool_backward_passes_total", &[]).unwrap() >= 1.0);
     assert_eq!(value(&m, "labelfool_queue_depth", &[("queue", "classify")]), Some(0.0));
     assert_eq!(value(&m, "labelfool_inflight_attacks", &[]), Some(0.0));
+    assert_eq!(value(&m, "labelfool_job_items_pending", &[]), Some(0.0));
+    assert_eq!(value(&m, "labelfool_job_items_held", &[]), Some(0.0));
 }
 
 #[tokio::test]

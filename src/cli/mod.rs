@@ -111,6 +111,7 @@ fn print_config(cli: &Cli) -> anyhow::Result<ExitCode> {
     if config.server.api_key.is_some() {
         config.server.api_key = Some("<redacted>".into());
     }
+    config.jobs.database = crate::jobs::store::redact_dsn(&config.jobs.database);
     // Remote targets' headers and URLs carry their credentials.
     for r in &mut config.remotes {
         *r = r.redacted();

@@ -121,7 +121,9 @@ pub struct Config {
 pub struct JobsConfig {
     /// Durable jobs (`/jobs`) at all; off, their routes answer 503 `jobs_unavailable`.
     pub enabled: bool,
-    /// The SQLite database of jobs and per-image results (`${LABELFOOL_CACHE}` is expanded).
+    /// The jobs database: a SQLite file (`${LABELFOOL_CACHE}` is expanded; servers on one host
+    /// may share it, and then share its jobs' work) or a PostgreSQL DSN (`postgres://…`: servers
+    /// on many hosts, which must share `dir` too).
     pub database: String,
     /// Where delivered PNGs and reports are written, a folder per job.
     pub dir: String,
@@ -146,6 +148,13 @@ pub struct JobsConfig {
     /// their files, at start-up and then hourly; a job a study uses is kept. 0: kept forever.
     /// A float, so that a fraction of a day (or a test's second) can be said.
     pub retention_days: f64,
+    /// How long a server holds a claimed work item without renewing it (it renews every third
+    /// of this): a server that hangs loses its items to the others after this. A server that
+    /// dies loses them at once (its lock file is free).
+    pub lease_secs: f64,
+    /// How often an idle runner looks for work another server queued, and how often a
+    /// progress stream (`/jobs/{id}/events`) reads the job's counts.
+    pub poll_ms: u64,
 }
 
 impl Default for JobsConfig {
@@ -163,6 +172,8 @@ impl Default for JobsConfig {
             max_unpacked_bytes: 2 << 30,
             max_total_bytes: 10 << 30,
             retention_days: 30.0,
+            lease_secs: 30.0,
+            poll_ms: 500,
         }
     }
 }

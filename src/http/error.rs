@@ -133,8 +133,20 @@ impl From<crate::jobs::JobError> for ApiError {
             J::Forbidden(_) => Self::new(StatusCode::FORBIDDEN, "forbidden", msg),
             J::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", msg),
             J::QuotaExceeded(_) => Self::new(StatusCode::INSUFFICIENT_STORAGE, "quota_exceeded", msg),
-            J::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "jobs_store", msg),
+            J::Store(e) => e.into(),
             J::Engine(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::jobs::StoreError> for ApiError {
+    fn from(e: crate::jobs::StoreError) -> Self {
+        use crate::jobs::StoreError as S;
+        let msg = e.to_string();
+        match e {
+            S::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", msg),
+            S::SqliteOnly(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "studies_unavailable", msg),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "jobs_store", msg),
         }
     }
 }
@@ -150,7 +162,7 @@ impl From<crate::study::StudyError> for ApiError {
             S::Invalid { param, message } => Self::invalid(param, message),
             S::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", msg),
             S::Job(e) => e.into(),
-            S::Store(_) => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "jobs_store", msg),
+            S::Store(e) => e.into(),
             S::Engine(e) => e.into(),
         }
     }

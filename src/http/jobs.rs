@@ -32,7 +32,7 @@ fn jobs(state: &AppState) -> Result<&Jobs, ApiError> {
 /// under `jobs.allowed_dirs`), or of an uploaded zip of images (multipart: `archive`, and
 /// optionally `spec` with methods/models/limit/max_iter as JSON), unpacked into the job's own
 /// folder within `jobs.max_archive_bytes`, `max_archive_files` and `max_unpacked_bytes`. Jobs
-/// run one at a time, in the order they were created. Both are refused (507) when the jobs'
+/// run in the order they were created, on every server sharing the jobs database. Both are refused (507) when the jobs'
 /// folder would pass `jobs.max_total_bytes`; a JSON body is at most `limits.max_small_body_bytes`.
 #[utoipa::path(post, path = "/jobs", tag = "jobs",
     request_body(content((JobSpec = "application/json"), (ArchiveUpload = "multipart/form-data"))),

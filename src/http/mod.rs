@@ -99,6 +99,20 @@ impl AppState {
     pub fn is_ready(&self) -> bool {
         self.device.get().is_some() && self.engine.is_ready()
     }
+
+    /// Ready, and the jobs database answers (within 2 s): a server that cannot reach a shared
+    /// database leaves the Service until it can.
+    pub async fn is_ready_with_store(&self) -> bool {
+        if !self.is_ready() {
+            return false;
+        }
+        match &self.jobs {
+            None => true,
+            Some(jobs) => {
+                matches!(tokio::time::timeout(std::time::Duration::from_secs(2), jobs.store().ping()).await, Ok(Ok(())))
+            }
+        }
+    }
 }
 
 /// The server's router: the route table ([`routes`], each route behind its class's gate), the

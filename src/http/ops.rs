@@ -26,10 +26,10 @@ pub async fn health() -> Json<Health> {
 /// Readiness: 200 once every model is loaded on its device; 503 before that and while draining.
 #[utoipa::path(get, path = "/ready", tag = "operations", responses(
     (status = 200, body = Health),
-    (status = 503, body = Health, description = "Loading the start-up models, or shutting down"),
+    (status = 503, body = Health, description = "Loading the start-up models, shutting down, or the jobs database is unreachable"),
 ))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    if state.is_ready() {
+    if state.is_ready_with_store().await {
         (StatusCode::OK, Json(Health { status: "ready" }))
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(Health { status: "not_ready" }))
@@ -145,6 +145,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let (classify, attack) = state.engine.queue_depths();
     metrics::gauge!("labelfool_queue_depth", "queue" => "classify").set(classify as f64);
     metrics::gauge!("labelfool_queue_depth", "queue" => "attack").set(attack as f64);
+    if let Some(jobs) = &state.jobs {
+        // Every server sharing the database reports the same count: an autoscaler takes the max.
+        match jobs.pending_items().await {
+            Ok(n) => metrics::gauge!("labelfool_job_items_pending").set(n as f64),
+            Err(e) => tracing::warn!(error = %e, "metrics: cannot count pending work items"),
+        }
+        metrics::gauge!("labelfool_job_items_held").set(jobs.held_items() as f64);
+    }
     let cuda = state.device.get().and_then(|d| d.strip_prefix("cuda:")).and_then(|n| n.parse::<u32>().ok());
     if let Some((used, total)) = cuda.and_then(crate::telemetry::cuda_memory) {
         let device = format!("cuda:{}", cuda.unwrap_or_default());

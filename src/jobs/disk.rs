@@ -3,7 +3,7 @@
 //! row that names it commits), and the jobs' folder measured for `jobs.max_total_bytes`.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::JobError;
 
@@ -15,22 +15,52 @@ pub const PART: &str = "part";
 /// folder created for it, up to the one that already existed (a name is durable only once the
 /// folder holding it is synced).
 pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().ok_or_else(|| std::io::Error::other(format!("{} has no folder", path.display())))?;
-    let existing = dir.ancestors().find(|d| d.is_dir()).unwrap_or(dir).to_path_buf();
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!("{name}.{}.{PART}", super::new_id()));
-    let written = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+    Part::write(path, bytes)?.place()
+}
+
+/// A file written and synced under a temporary name beside its final one, not yet in place:
+/// `place` renames it (when its row may commit); dropped unplaced, it is removed.
+pub struct Part {
+    tmp: PathBuf,
+    path: PathBuf,
+    /// The folder above `path` that existed before: folders from here down are synced.
+    existing: PathBuf,
+    placed: bool,
+}
+
+impl Part {
+    pub fn write(path: &Path, bytes: &[u8]) -> std::io::Result<Self> {
+        let dir = path.parent().ok_or_else(|| std::io::Error::other(format!("{} has no folder", path.display())))?;
+        let existing = dir.ancestors().find(|d| d.is_dir()).unwrap_or(dir).to_path_buf();
+        std::fs::create_dir_all(dir)?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let part = Self {
+            tmp: dir.join(format!("{name}.{}.{PART}", super::new_id())),
+            path: path.into(),
+            existing,
+            placed: false,
+        };
+        let mut f = std::fs::File::create(&part.tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        Ok(part)
     }
-    written?;
-    sync_up(dir, &existing)
+
+    /// Renames the file into place and syncs its folder (and those made for it).
+    pub fn place(mut self) -> std::io::Result<()> {
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.placed = true;
+        let dir = self.path.parent().unwrap_or(&self.path);
+        sync_up(dir, &self.existing)
+    }
+}
+
+impl Drop for Part {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// Fsyncs `dir` and each folder above it up to and including `root` (a folder's entry is

@@ -1,14 +1,18 @@
 //! Jobs: work longer than a request — an `eval` of a folder for chosen methods and models — run
-//! in the background one at a time, every finished image stored at once in SQLite (and its PNG
-//! in the job's folder), progress published to subscribers (`/jobs/{id}/events`). A restart
-//! resumes the jobs that were running (or marks them `interrupted`, `jobs.resume = false`); no
-//! finished image is lost or done twice. The jobs' folder is bounded (`jobs.max_total_bytes`),
+//! in the background as work items (one per image × method × model, then the report) that
+//! every server sharing the database claims with a lease (`store::work`, `lease`, `runner`),
+//! every finished image stored at once in SQLite (and its PNG in the job's folder), progress
+//! streamed to subscribers (`/jobs/{id}/events`, `progress`). A restart resumes the jobs that
+//! were running (or marks them `interrupted`, `jobs.resume = false`); no finished image is lost
+//! or done twice. The jobs' folder is bounded (`jobs.max_total_bytes`),
 //! swept of what a killed process left at start-up (`sweep`), and finished jobs are deleted
 //! on request or after `jobs.retention_days` (`purge`).
 
 pub mod access;
 pub mod archive;
 pub mod disk;
+pub mod lease;
+mod progress;
 pub mod purge;
 pub mod runner;
 pub mod store;
@@ -20,13 +24,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::attack::Method;
 use crate::config::JobsConfig;
 use crate::engine::{Engine, EngineError};
-pub use store::{Store, StoreError, StoredResult};
+pub use store::{ItemKey, Store, StoreError, StoredResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "http", derive(utoipa::ToSchema))]
@@ -188,7 +192,8 @@ impl JobError {
     }
 }
 
-/// The jobs service: the store, the queue of jobs to run and their live progress.
+/// The jobs service: the store, this server's part in the shared work and the jobs' live
+/// progress.
 #[derive(Clone)]
 pub struct Jobs {
     inner: Arc<Inner>,
@@ -201,57 +206,125 @@ struct Inner {
     /// `allowed_dirs`, as written and resolved.
     roots: access::Roots,
     engine: Engine,
-    queue: mpsc::UnboundedSender<String>,
-    events: Mutex<HashMap<String, broadcast::Sender<JobEvent>>>,
-    cancel: Mutex<HashMap<String, CancellationToken>>,
+    /// This server among those sharing the database.
+    me: lease::Instance,
+    /// The items this server works on now, by item id: their job and what stops them.
+    held: Mutex<HashMap<i64, (String, CancellationToken)>>,
+    /// Wakes the runner before its next poll (a job queued or an item freed here).
+    wake: Notify,
+    events: Mutex<HashMap<String, progress::Channel>>,
 }
 
 impl Jobs {
-    /// Opens the store, recovers what a previous process left running and starts the runner.
-    /// Finished jobs past `jobs.retention_days` are purged before it returns.
+    /// Opens the store, takes this server's place among those sharing it and starts the
+    /// runner. A server that starts alone (every other recorded server is dead) sweeps the
+    /// folder and resumes what its predecessors left running; one that starts beside live
+    /// servers frees only the dead ones' items. Finished jobs past `jobs.retention_days` are
+    /// purged before it returns.
     pub async fn start(engine: Engine, config: &JobsConfig) -> anyhow::Result<Self> {
         if !(config.retention_days.is_finite() && config.retention_days >= 0.0) {
             anyhow::bail!("jobs.retention_days must be a number of days ≥ 0 (0: keep forever)");
         }
-        let db = crate::config::expand_path(&config.database)?;
+        if !(config.lease_secs.is_finite() && config.lease_secs >= 0.3) {
+            anyhow::bail!("jobs.lease_secs must be a number of seconds ≥ 0.3");
+        }
         let dir = crate::config::expand_path(&config.dir)?;
         std::fs::create_dir_all(&dir)?;
-        let store = Store::open(&db)?;
-        let roots = access::Roots::new(&config.allowed_dirs);
-        let resume = config.resume;
-        let (d, uploads) = (dir.clone(), dir.join(UPLOADS));
-        let swept = store.with(move |c| sweep::sweep(c, &d, &uploads, resume)).await?;
-        if swept != sweep::Swept::default() {
-            tracing::info!(?swept, "swept what the previous process left unfinished");
+        let lease_ms = (config.lease_secs * 1e3) as i64;
+        // Claims, completions, renewals and reads in flight at once, and one to spare.
+        let store = Store::open(&config.database, config.concurrency.max(1) * 2 + 4).await?;
+        let me = lease::Instance::new(store.sqlite_path(), lease_ms)?;
+        // One server starts at a time: a sweep never meets another server's first upload.
+        let gate = startup_gate(&store).await?;
+        store.register(&me.record()).await?;
+        let recorded = store.instances().await?;
+        let probe = me.probe();
+        let (others, dead) = tokio::task::spawn_blocking(move || (recorded.len() - 1, probe.dead(&recorded))).await?;
+        if others == dead.len() {
+            let swept = sweep::sweep(&store, &dir, &dir.join(UPLOADS), config.resume).await?;
+            if swept != sweep::Swept::default() {
+                tracing::info!(?swept, "swept what the previous process left unfinished");
+            }
+            let recovered = store.recover_alone(&me.id, config.resume).await?;
+            if !recovered.is_empty() {
+                tracing::info!(jobs = ?recovered, "resuming jobs left queued or running by the previous process");
+            }
+        } else {
+            let reaped = store.reap(dead, config.resume).await?;
+            tracing::info!(others = others, reaped = ?reaped, "sharing the jobs database with other servers");
         }
-        let recovered = store.with(move |c| Store::recover(c, resume)).await?;
-        if !recovered.is_empty() {
-            tracing::info!(jobs = ?recovered, "resuming jobs left queued or running by the previous process");
-        }
-        let (queue, rx) = mpsc::unbounded_channel();
+        drop(gate);
         let jobs = Self {
             inner: Arc::new(Inner {
                 store,
                 dir,
                 config: config.clone(),
-                roots,
+                roots: access::Roots::new(&config.allowed_dirs),
                 engine,
-                queue,
+                me,
+                held: Mutex::default(),
+                wake: Notify::new(),
                 events: Mutex::default(),
-                cancel: Mutex::default(),
             }),
         };
-        for id in recovered {
-            let _ = jobs.inner.queue.send(id);
-        }
         jobs.purge_expired().await;
         purge::spawn_retention(jobs.clone());
-        tokio::spawn(runner::run(jobs.clone(), rx));
+        lease::spawn_tick(jobs.clone());
+        tokio::spawn(runner::run(jobs.clone()));
         Ok(jobs)
     }
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// This server's identity among those sharing the database.
+    pub fn instance(&self) -> &lease::Instance {
+        &self.inner.me
+    }
+
+    pub fn lease_ms(&self) -> i64 {
+        (self.inner.config.lease_secs * 1e3) as i64
+    }
+
+    /// Work items of live jobs waiting for any server.
+    pub async fn pending_items(&self) -> Result<u64, JobError> {
+        Ok(self.inner.store.pending().await?)
+    }
+
+    /// Work items this server is working on now.
+    pub fn held_items(&self) -> usize {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Wakes the runner (work was queued or freed).
+    fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// The items this server works on now.
+    fn held_ids(&self) -> Vec<i64> {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
+    /// Stops this server's work on the given items (their job ended).
+    fn stop_items(&self, items: &[i64]) {
+        let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        for id in items {
+            if let Some((_, token)) = held.get(id) {
+                token.cancel();
+            }
+        }
+    }
+
+    /// Stops this server's work on every item of `job`.
+    fn stop_job(&self, job: &str) {
+        let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        for (j, token) in held.values() {
+            if j == job {
+                token.cancel();
+            }
+        }
     }
 
     /// The folder of every job's files (and of the studies', under `studies/`).
@@ -289,10 +362,10 @@ impl Jobs {
         self.queue_new(new_id(), spec).await
     }
 
-    /// Fills the spec's defaults, counts its attacks (refusing too many, or any file that
-    /// leads outside the folders a job may read) and queues it as `id`.
+    /// Fills the spec's defaults, lists its attacks (refusing too many, or any file that
+    /// leads outside the folders a job may read) and queues it as `id`, with one work item
+    /// per attack.
     async fn queue_new(&self, id: String, mut spec: JobSpec) -> Result<JobInfo, JobError> {
-        let folder = PathBuf::from(&spec.images);
         if spec.methods.is_empty() {
             spec.methods = ["labelfool", "deepfool", "fgsm", "sparsefool"].map(String::from).to_vec();
         }
@@ -309,17 +382,8 @@ impl Jobs {
             spec.models = vec![self.inner.engine.model(None)?.1.name.clone()];
         }
         once(&mut spec.models);
-        let mut total = 0;
-        for m in &spec.models {
-            let (_, info) = self.inner.engine.model(Some(m))?;
-            let mut samples = crate::dataset::discover(&folder, info.classes())
-                .map_err(|e| JobError::invalid("images", e.to_string()))?;
-            if let Some(n) = spec.limit {
-                samples.truncate(n);
-            }
-            self.check_samples(&id, &samples)?;
-            total += samples.len() * spec.methods.len();
-        }
+        let items = self.plan(&id, &spec)?;
+        let total = items.len();
         if total == 0 {
             return Err(JobError::invalid("images", format!("no files in {}", spec.images)));
         }
@@ -329,11 +393,43 @@ impl Jobs {
                 format!("{total} attacks; at most {} per job (jobs.max_attacks)", self.inner.config.max_attacks),
             ));
         }
-        let (s, i) = (spec.clone(), id.clone());
-        self.inner.store.with(move |c| Store::insert_job(c, &i, &s, total)).await?;
+        self.inner.store.insert_job(&id, &spec, total, items).await?;
         let info = self.get(&id).await?;
-        let _ = self.inner.queue.send(id);
+        self.wake();
         Ok(info)
+    }
+
+    /// The job's attacks in the order they run: each model, each method, each image (sorted
+    /// by path); every file checked as `check_samples` says.
+    fn plan(&self, id: &str, spec: &JobSpec) -> Result<Vec<ItemKey>, JobError> {
+        let folder = PathBuf::from(&spec.images);
+        let mut items = Vec::new();
+        for model in &spec.models {
+            let samples = self.samples(id, spec, model)?;
+            for method in &spec.methods {
+                items.extend(samples.iter().map(|s| ItemKey {
+                    model: model.clone(),
+                    method: method.clone(),
+                    file: runner::key(&folder, &s.path),
+                }));
+            }
+        }
+        if items.len() > self.inner.config.max_attacks {
+            items.truncate(self.inner.config.max_attacks + 1);
+        }
+        Ok(items)
+    }
+
+    /// The images a job attacks with `model` (its classes name their labels), checked.
+    fn samples(&self, id: &str, spec: &JobSpec, model: &str) -> Result<Vec<crate::dataset::Sample>, JobError> {
+        let (_, info) = self.inner.engine.model(Some(model))?;
+        let mut samples = crate::dataset::discover(Path::new(&spec.images), info.classes())
+            .map_err(|e| JobError::invalid("images", e.to_string()))?;
+        if let Some(n) = spec.limit {
+            samples.truncate(n);
+        }
+        self.check_samples(id, &samples)?;
+        Ok(samples)
     }
 
     /// Every file a job reads lies (links followed) under `jobs.allowed_dirs` or its own folder.
@@ -343,64 +439,64 @@ impl Jobs {
     }
 
     pub async fn get(&self, id: &str) -> Result<JobInfo, JobError> {
-        let i = id.to_string();
-        self.inner.store.with(move |c| Store::job(c, &i)).await?.ok_or_else(|| JobError::NotFound(id.to_string()))
+        self.inner.store.job(id).await?.ok_or_else(|| JobError::NotFound(id.to_string()))
     }
 
     pub async fn list(&self) -> Result<Vec<JobInfo>, JobError> {
-        Ok(self.inner.store.with(|c| Store::jobs(c)).await?)
+        Ok(self.inner.store.jobs().await?)
     }
 
     pub async fn results(&self, id: &str) -> Result<Vec<StoredResult>, JobError> {
         self.get(id).await?;
-        let i = id.to_string();
-        Ok(self.inner.store.with(move |c| Store::results(c, &i)).await?)
+        Ok(self.inner.store.results(id).await?)
     }
 
-    /// Cancels a queued or running job (a running one stops scheduling at once; its finished
-    /// images stay).
+    /// Cancels a queued or running job: no item of it is claimed or completed from now on,
+    /// on any server; this server's stop at once, the others' at their next renewal (a third
+    /// of `jobs.lease_secs`). Its finished images stay.
     pub async fn cancel(&self, id: &str) -> Result<JobInfo, JobError> {
+        self.get(id).await?;
+        let cancelled = self.inner.store.end_live(id, JobState::Cancelled, None).await?;
         let job = self.get(id).await?;
-        if job.state.is_terminal() {
+        if !cancelled {
             return Err(JobError::Conflict(format!("job {id} is already {}", job.state.as_str())));
         }
-        let token = self.inner.cancel.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-        match token {
-            Some(t) => t.cancel(),
-            None => {
-                let i = id.to_string();
-                self.inner.store.with(move |c| Store::set_state(c, &i, JobState::Cancelled, None)).await?;
-            }
-        }
-        let job = self.get(id).await?;
+        self.stop_job(id);
         self.publish(&job, None);
         Ok(job)
     }
 
-    /// Progress of a job from now on (None once it is finished and nobody publishes).
-    pub fn subscribe(&self, id: &str) -> broadcast::Receiver<JobEvent> {
-        let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
-        // A channel nobody listens to carries nothing: a request for a missing or finished job
-        // leaves one behind, and without this every such request would keep one for good.
-        events.retain(|_, tx| tx.receiver_count() > 0);
-        events.entry(id.to_string()).or_insert_with(|| broadcast::channel(256).0).subscribe()
-    }
-
-    /// Channels held for progress subscribers (one per job somebody follows).
-    pub fn event_channels(&self) -> usize {
-        self.inner.events.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-
-    fn publish(&self, job: &JobInfo, last: Option<FinishedAttack>) {
-        let event = JobEvent::of(job, last);
-        let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(tx) = events.get(&job.id) {
-            let _ = tx.send(event);
-            // After a job's last event its channel closes: subscribers still read what it holds.
-            if job.state.is_terminal() || tx.receiver_count() == 0 {
-                events.remove(&job.id);
-            }
+    /// Fails a queued or running job with `error` (on every server, as `cancel` does).
+    async fn fail(&self, id: &str, error: &str) {
+        tracing::error!(job = %id, error, "job failed");
+        let _ = self.inner.store.end_live(id, JobState::Failed, Some(error)).await;
+        self.stop_job(id);
+        if let Ok(job) = self.get(id).await {
+            self.publish(&job, None);
         }
+    }
+}
+
+/// Held while a server starts: a lock file beside a SQLite database, or a PostgreSQL advisory
+/// lock on a connection of its own, which closes (and so unlocks) when this is dropped.
+enum StartupGate {
+    File(#[allow(dead_code)] std::fs::File),
+    Postgres(#[allow(dead_code)] tokio_postgres::Client),
+}
+
+async fn startup_gate(store: &Store) -> anyhow::Result<StartupGate> {
+    match store {
+        Store::Sqlite(s) => {
+            let path = store::lock_path(s.path(), "start");
+            let file = tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                let f = std::fs::File::create(path)?;
+                f.lock()?;
+                Ok(f)
+            })
+            .await??;
+            Ok(StartupGate::File(file))
+        }
+        Store::Postgres(p) => Ok(StartupGate::Postgres(p.startup_lock().await?)),
     }
 }
 

@@ -1,11 +1,11 @@
 //! Deleting jobs for good: `DELETE /jobs/{id}?purge=true` and `jobs.retention_days`. The rows
 //! go first (one transaction, refused while a study uses the job), then the folder: a crash
 //! between the two leaves a folder with no row, which the start-up sweep removes. A running job
-//! is cancelled first, and its folder removed only once the runner has stopped writing to it.
+//! is cancelled first, and its folder removed only once no server holds an item of it.
 
 use std::time::Duration;
 
-use super::{JobError, Jobs, Store, StoreError};
+use super::{JobError, Jobs, StoreError};
 
 /// How long a purge waits for a cancelled job's runner to stop (an attack in flight finishes
 /// its current step first).
@@ -19,16 +19,14 @@ impl Jobs {
     /// Refused (409, naming them) while a study uses it.
     pub async fn purge(&self, id: &str) -> Result<(), JobError> {
         let job = self.get(id).await?;
-        let i = id.to_string();
-        let studies = self.store().with(move |c| Store::studies_of(c, &i)).await?;
+        let studies = self.store().studies_of(id).await?;
         if !studies.is_empty() {
             return Err(in_use(id, &studies));
         }
         if !job.state.is_terminal() {
             self.stop(id).await?;
         }
-        let i = id.to_string();
-        let studies = self.store().with(move |c| Store::delete_job(c, &i)).await?;
+        let studies = self.store().delete_job(id).await?;
         if !studies.is_empty() {
             return Err(in_use(id, &studies));
         }
@@ -45,8 +43,9 @@ impl Jobs {
         Ok(())
     }
 
-    /// Cancels a queued or running job and waits until the runner has left it (within
-    /// [`STOP_WAIT`]).
+    /// Cancels a queued or running job and waits until no server holds an item of it (within
+    /// [`STOP_WAIT`]): a server that died holds its items until it is reaped or its lease runs
+    /// out.
     async fn stop(&self, id: &str) -> Result<(), JobError> {
         match self.cancel(id).await {
             Ok(_) | Err(JobError::Conflict(_)) => {}
@@ -54,13 +53,7 @@ impl Jobs {
         }
         let started = tokio::time::Instant::now();
         loop {
-            // The runner may have picked the job up just as it was cancelled (and marked it
-            // running again): its token is cancelled here too.
-            let token = self.inner.cancel.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
-            if let Some(t) = &token {
-                t.cancel();
-            }
-            if token.is_none() && self.get(id).await?.state.is_terminal() {
+            if self.store().leased(id).await? == 0 {
                 return Ok(());
             }
             if started.elapsed() > STOP_WAIT {
@@ -78,7 +71,7 @@ impl Jobs {
             return 0;
         }
         let before = super::store::now_ms() - (days * 86_400_000.0) as i64;
-        let ids = match self.store().with(move |c| Store::expired(c, before)).await {
+        let ids = match self.store().expired(before).await {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(error = %e, "cannot list expired jobs");

@@ -1,193 +1,300 @@
-//! Runs queued jobs one at a time. Each finished attack is stored before the next is reported —
-//! its PNG synced to disk before its row commits (`disk::write_durably`), the report synced
-//! before the job is marked done; an attack the engine could not take because it is shutting
-//! down leaves the job `running` in the store, so the next process resumes it exactly where it
-//! stopped. Before each pass the job's files are checked again against `jobs.allowed_dirs`: a
-//! link leading out that appeared since the job was created fails it.
+//! This server's share of the jobs: it claims pending work items (`store::work`) as it has room
+//! for them (`jobs.concurrency` in flight), from whichever job is oldest, alongside any other
+//! server that shares the database. Each finished attack is stored before it is reported — its
+//! PNG synced to a temporary, renamed into place while the completing transaction holds the
+//! write lock, then its row commits; the report is written and synced before its item marks the
+//! job done. An item the engine could not take because it is stopping is given back, for the
+//! next server (or the next process) to claim. Before a server starts on a job, the job's files
+//! are checked again against `jobs.allowed_dirs`: a link leading out that appeared since the job
+//! was created fails it.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use futures::StreamExt;
-use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::{FinishedAttack, JobError, JobState, Jobs, Store, StoredResult};
+use super::store::{Claimed, Kind};
+use super::{FinishedAttack, JobError, JobSpec, Jobs, StoreError, StoredResult};
 use crate::attack::Method;
+use crate::dataset::Sample;
 use crate::engine::AttackRequest;
 use crate::eval::{self, EvalOutput, MethodRun, Record};
+use crate::model::ModelInfo;
+use crate::service::AttackService;
 
-pub async fn run(jobs: Jobs, mut queue: mpsc::UnboundedReceiver<String>) {
+pub async fn run(jobs: Jobs) {
     // Jobs resumed at start-up wait for the models; a start-up that fails ends the process.
     while !jobs.inner.engine.is_ready() {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    while let Some(id) = queue.recv().await {
-        let span = tracing::info_span!("job", id = %id);
-        match run_job(&jobs, &id).instrument(span).await {
-            Ok(()) => {}
-            // Purged before its turn came.
-            Err(JobError::NotFound(_)) => tracing::debug!(job = %id, "job deleted before it ran"),
-            Err(e) => {
-                tracing::error!(job = %id, error = %e, "job failed");
-                let (i, msg) = (id.clone(), e.to_string());
-                let _ = jobs.store().with(move |c| Store::set_state(c, &i, JobState::Failed, Some(&msg))).await;
-                if let Ok(job) = jobs.get(&id).await {
-                    jobs.publish(&job, None);
-                }
-            }
-        }
-        jobs.inner.cancel.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-    }
-}
-
-/// How a job's loop ended.
-enum Ending {
-    Finished,
-    Cancelled,
-    /// The engine is shutting down: the job stays `running` for the next process.
-    Stopping,
-}
-
-async fn run_job(jobs: &Jobs, id: &str) -> Result<(), JobError> {
-    let job = jobs.get(id).await?;
-    if job.state != JobState::Queued {
-        return Ok(());
-    }
-    let token = CancellationToken::new();
-    jobs.inner.cancel.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), token.clone());
-    let i = id.to_string();
-    jobs.store().with(move |c| Store::set_state(c, &i, JobState::Running, None)).await?;
-    // Progress is counted here from now on: one look-up per finished image would re-count
-    // every stored result each time.
-    let mut progress = jobs.get(id).await?;
-    jobs.publish(&progress, None);
-    tracing::info!(images = %job.spec.images, methods = ?job.spec.methods, models = ?job.spec.models, "job started");
-    let i = id.to_string();
-    let done: HashSet<(String, String, String)> =
-        jobs.store().with(move |c| Store::result_keys(c, &i)).await?.into_iter().collect();
-    let folder = PathBuf::from(&job.spec.images);
-    let engine = &jobs.inner.engine;
+    give_legacy_items(&jobs).await;
     // Jobs verify against no other model: the service needs no remote targets.
-    let service = crate::service::AttackService::new(
-        engine.clone(),
-        std::sync::Arc::new(crate::remote::Remotes::none()),
+    let service = AttackService::new(
+        jobs.inner.engine.clone(),
+        Arc::new(crate::remote::Remotes::none()),
         crate::engine::OFFLINE_DEADLINE,
     );
-    let mut ending = Ending::Finished;
-    'models: for model in &job.spec.models {
-        let (_, info) = engine.model(Some(model))?;
-        let mut samples = crate::dataset::discover(&folder, info.classes())
-            .map_err(|e| JobError::invalid("images", e.to_string()))?;
-        if let Some(n) = job.spec.limit {
-            samples.truncate(n);
-        }
-        jobs.check_samples(id, &samples)?;
-        for name in &job.spec.methods {
-            let method = Method::parse(name).ok_or_else(|| JobError::invalid("methods", name.clone()))?;
-            let req =
-                AttackRequest { method: Some(method.name().into()), max_iter: job.spec.max_iter, ..Default::default() };
-            let todo: Vec<_> = samples
-                .iter()
-                .filter(|s| !done.contains(&(model.clone(), method.name().to_string(), key(&folder, &s.path))))
-                .cloned()
-                .collect();
-            let info = info.clone();
-            let attacks = futures::stream::iter(todo).map(|sample| {
-                let (info, req, service) = (info.clone(), req.clone(), &service);
-                async move {
-                    let a = eval::attack_one(service, &info, Some(model), &sample, req, method, false, &[]).await;
-                    (sample, a)
+    let poll = Duration::from_millis(jobs.config().poll_ms.max(10));
+    let mut tasks = JoinSet::new();
+    let mut contexts: HashMap<String, Arc<JobContext>> = HashMap::new();
+    loop {
+        let free = jobs.config().concurrency.max(1).saturating_sub(tasks.len());
+        // A server that is stopping takes no more work.
+        if free > 0 && jobs.inner.engine.is_ready() {
+            match claim(&jobs, free).await {
+                Ok(items) => {
+                    for it in items {
+                        let ctx = match context(&jobs, &mut contexts, &it).await {
+                            Ok(ctx) => ctx,
+                            Err(e) => {
+                                end_with(&jobs, &it.job, e).await;
+                                continue;
+                            }
+                        };
+                        let token = CancellationToken::new();
+                        jobs.inner
+                            .held
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(it.id, (it.job.clone(), token.clone()));
+                        let span = tracing::info_span!("job", id = %it.job, item = it.id, attempt = it.attempts);
+                        tasks.spawn(work(jobs.clone(), ctx, service.clone(), it, token).instrument(span));
+                    }
                 }
-            });
-            let mut stream = std::pin::pin!(
-                attacks.buffer_unordered(jobs.inner.config.concurrency.max(1)).take_until(token.cancelled())
-            );
-            while let Some((sample, attacked)) = stream.next().await {
-                if attacked.transient {
-                    ending = Ending::Stopping;
-                    break 'models;
-                }
-                let file = key(&folder, &sample.path);
-                let last = store_one(jobs, id, model, method.name(), &file, attacked).await?;
-                progress.done += 1;
-                progress.successes += u64::from(last.success == Some(true));
-                jobs.publish(&progress, Some(last));
-            }
-            if token.is_cancelled() {
-                ending = Ending::Cancelled;
-                break 'models;
+                Err(e) => tracing::warn!(error = %e, "jobs: cannot claim work; trying again"),
             }
         }
-    }
-    let i = id.to_string();
-    match ending {
-        Ending::Stopping => {
-            tracing::info!("the server is stopping: the job is left running, to be resumed");
-            return Ok(());
+        if tasks.is_empty() || contexts.len() > 16 {
+            // Nothing in flight (or many jobs seen): contexts are rebuilt when next needed.
+            contexts.retain(|_, ctx| Arc::strong_count(ctx) > 1);
         }
-        Ending::Cancelled => {
-            jobs.store().with(move |c| Store::set_state(c, &i, JobState::Cancelled, None)).await?;
-        }
-        Ending::Finished => {
-            write_reports(jobs, id).await?;
-            jobs.store().with(move |c| Store::set_state(c, &i, JobState::Done, None)).await?;
+        tokio::select! {
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            _ = jobs.inner.wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
         }
     }
-    let job = jobs.get(id).await?;
-    tracing::info!(state = job.state.as_str(), done = job.done, "job ended");
-    jobs.publish(&job, None);
-    Ok(())
+}
+
+/// Claims up to `n` items for this server, of the models it has ready.
+async fn claim(jobs: &Jobs, n: usize) -> Result<Vec<Claimed>, StoreError> {
+    let models: Vec<String> = jobs
+        .inner
+        .engine
+        .models()
+        .into_iter()
+        .filter(|m| m.info.is_some() && jobs.inner.engine.model(Some(&m.name)).is_ok())
+        .map(|m| m.name)
+        .collect();
+    jobs.store().claim(&jobs.instance().id, models, n, jobs.lease_ms()).await
+}
+
+/// What a server needs to work on a job's items: its spec, and per model the model and the
+/// job's images (listed and checked once per job and server).
+struct JobContext {
+    spec: JobSpec,
+    folder: PathBuf,
+    models: std::sync::Mutex<HashMap<String, Arc<ModelImages>>>,
+}
+
+/// A model and a job's images keyed by their path within the job's folder.
+type ModelImages = (Arc<ModelInfo>, HashMap<String, Sample>);
+
+async fn context(
+    jobs: &Jobs,
+    contexts: &mut HashMap<String, Arc<JobContext>>,
+    it: &Claimed,
+) -> Result<Arc<JobContext>, JobError> {
+    if let Some(ctx) = contexts.get(&it.job) {
+        return Ok(ctx.clone());
+    }
+    let job = jobs.get(&it.job).await?;
+    tracing::info!(job = %it.job, images = %job.spec.images, methods = ?job.spec.methods, models = ?job.spec.models, "working on a job");
+    let ctx = Arc::new(JobContext {
+        folder: PathBuf::from(&job.spec.images),
+        spec: job.spec,
+        models: std::sync::Mutex::default(),
+    });
+    contexts.insert(it.job.clone(), ctx.clone());
+    Ok(ctx)
+}
+
+impl JobContext {
+    /// The model and the image an attack item names (an image gone since the job was made is
+    /// attacked all the same: its record says it cannot be read).
+    fn sample(&self, jobs: &Jobs, job: &str, model: &str, file: &str) -> Result<(Arc<ModelInfo>, Sample), JobError> {
+        let known = {
+            let mut models = self.models.lock().unwrap_or_else(|p| p.into_inner());
+            match models.get(model) {
+                Some(m) => m.clone(),
+                None => {
+                    let samples = jobs.samples(job, &self.spec, model)?;
+                    let (_, info) = jobs.inner.engine.model(Some(model))?;
+                    let by_key = samples.into_iter().map(|s| (key(&self.folder, &s.path), s)).collect();
+                    let m = Arc::new((info, by_key));
+                    models.insert(model.to_string(), m.clone());
+                    m
+                }
+            }
+        };
+        let sample = known.1.get(file).cloned().unwrap_or_else(|| Sample {
+            path: self.folder.join(file),
+            label: None,
+            class_key: None,
+        });
+        Ok((known.0.clone(), sample))
+    }
+}
+
+/// One claimed item, to its end: done and stored, given back, or its job failed.
+async fn work(jobs: Jobs, ctx: Arc<JobContext>, service: AttackService, it: Claimed, token: CancellationToken) {
+    let outcome = match it.kind {
+        Kind::Attack => attack(&jobs, &ctx, &service, &it, &token).await,
+        Kind::Report => report(&jobs, &it).await,
+    };
+    jobs.inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&it.id);
+    match outcome {
+        Ok(Some(last)) if jobs.followed(&it.job) => {
+            if let Ok(job) = jobs.get(&it.job).await {
+                jobs.publish(&job, Some(last));
+            }
+        }
+        Ok(_) => {}
+        Err(e) => end_with(&jobs, &it.job, e).await,
+    }
+}
+
+/// A job that cannot go on fails (on every server); one purged meanwhile is let go, and an
+/// item whose result could not be stored for want of the database is left to its lease (it
+/// runs out, and a server claims the item again).
+async fn end_with(jobs: &Jobs, job: &str, e: JobError) {
+    match e {
+        JobError::NotFound(_) => tracing::debug!(job, "job deleted while it ran"),
+        JobError::Store(StoreError::Unavailable(e)) => {
+            tracing::warn!(job, error = %e, "the database is unreachable: the item is left to its lease")
+        }
+        e => jobs.fail(job, &e.to_string()).await,
+    }
+}
+
+/// Attacks the item's image and stores the result; `Ok(None)`: given back or lost, nothing
+/// stored by this server.
+async fn attack(
+    jobs: &Jobs,
+    ctx: &JobContext,
+    service: &AttackService,
+    it: &Claimed,
+    token: &CancellationToken,
+) -> Result<Option<FinishedAttack>, JobError> {
+    let method = Method::parse(&it.method).ok_or_else(|| JobError::invalid("methods", it.method.clone()))?;
+    let (info, sample) = ctx.sample(jobs, &it.job, &it.model, &it.file)?;
+    let req = AttackRequest { method: Some(method.name().into()), max_iter: ctx.spec.max_iter, ..Default::default() };
+    let attacked = tokio::select! {
+        a = eval::attack_one(service, &info, Some(&it.model), &sample, req, method, false, &[]) => a,
+        () = token.cancelled() => {
+            give_back(jobs, it).await;
+            return Ok(None);
+        }
+    };
+    if attacked.transient {
+        tracing::info!("the server is stopping: the item is given back, to be resumed");
+        give_back(jobs, it).await;
+        return Ok(None);
+    }
+    store_one(jobs, it, method.name(), attacked).await
+}
+
+/// The item goes back to pending (only while this server still holds it).
+async fn give_back(jobs: &Jobs, it: &Claimed) {
+    if let Err(e) = jobs.store().release(it, &jobs.instance().id).await {
+        tracing::warn!(error = %e, "cannot give an item back; its lease will run out");
+    }
 }
 
 /// The image's key within its job: its path relative to the job's folder.
-fn key(folder: &Path, path: &Path) -> String {
+pub(super) fn key(folder: &Path, path: &Path) -> String {
     path.strip_prefix(folder).unwrap_or(path).to_string_lossy().into_owned()
 }
 
-/// The PNG first (durably: a synced temporary renamed into place, its folder synced), then
-/// the result row.
+/// The PNG to a synced temporary first; then, in the completing transaction, renamed into place
+/// (its folder synced) and the result row written. A lost lease writes nothing and removes the
+/// temporary (`Ok(None)`).
 async fn store_one(
     jobs: &Jobs,
-    id: &str,
-    model: &str,
+    it: &Claimed,
     method: &str,
-    file: &str,
     attacked: eval::Attacked,
-) -> Result<FinishedAttack, JobError> {
+) -> Result<Option<FinishedAttack>, JobError> {
     let record = &attacked.record;
     let success = record.result.as_ref().map(|r| r.success);
-    let png = match &attacked.png {
+    let (part, png) = match attacked.png {
         Some(bytes) => {
-            let rel = Path::new("images").join(model).join(method).join(Path::new(file).with_extension("png"));
-            let path = jobs.job_dir(id).join(&rel);
-            let bytes = bytes.clone();
-            tokio::task::spawn_blocking(move || super::disk::write_durably(&path, &bytes))
+            let rel = Path::new("images").join(&it.model).join(method).join(Path::new(&it.file).with_extension("png"));
+            let path = jobs.job_dir(&it.job).join(&rel);
+            let part = tokio::task::spawn_blocking(move || super::disk::Part::write(&path, &bytes))
                 .await
-                .map_err(|e| super::StoreError::Io(std::io::Error::other(e.to_string())))?
-                .map_err(super::StoreError::Io)?;
-            Some(rel.to_string_lossy().into_owned())
+                .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+                .map_err(StoreError::Io)?;
+            (Some(part), Some(rel.to_string_lossy().into_owned()))
         }
-        None => None,
+        None => (None, None),
     };
     let row = StoredResult {
-        model: model.into(),
+        model: it.model.clone(),
         method: method.into(),
-        file: file.into(),
+        file: it.file.clone(),
         record: serde_json::to_string(record).unwrap_or_default(),
         png,
         success,
     };
-    let job = id.to_string();
-    jobs.store().with(move |c| Store::insert_result(c, &job, &row)).await?;
-    Ok(FinishedAttack {
-        model: model.into(),
+    let stored =
+        jobs.store().complete(it, &jobs.instance().id, Some(row), move || part.map_or(Ok(()), |p| p.place())).await?;
+    if stored.is_err() {
+        tracing::debug!("the item's lease was lost: another server does it, or its job ended");
+        return Ok(None);
+    }
+    Ok(Some(FinishedAttack {
+        model: it.model.clone(),
         method: method.into(),
-        file: file.into(),
+        file: it.file.clone(),
         success,
         error: record.error.clone(),
-    })
+    }))
+}
+
+/// The job's report, then the job marked done (under the report item's lease).
+async fn report(jobs: &Jobs, it: &Claimed) -> Result<Option<FinishedAttack>, JobError> {
+    write_reports(jobs, &it.job).await?;
+    let done = jobs.store().complete(it, &jobs.instance().id, None, || Ok(())).await?;
+    if done.is_ok() {
+        let job = jobs.get(&it.job).await?;
+        tracing::info!(job = %it.job, state = job.state.as_str(), done = job.done, "job ended");
+        jobs.publish(&job, None);
+    }
+    Ok(None)
+}
+
+/// Jobs made before work items get theirs (their stored results count as done).
+async fn give_legacy_items(jobs: &Jobs) {
+    let ids = match jobs.store().jobs_without_items().await {
+        Ok(ids) => ids,
+        Err(e) => return tracing::error!(error = %e, "cannot list jobs made before work items"),
+    };
+    for id in ids {
+        let planned = async {
+            let job = jobs.get(&id).await?;
+            let items = jobs.plan(&id, &job.spec)?;
+            jobs.store().add_legacy_items(&id, items).await?;
+            Ok::<_, JobError>(())
+        };
+        if let Err(e) = planned.await {
+            end_with(jobs, &id, e).await;
+        }
+    }
 }
 
 /// One report per model under `report/<model>/`, from the stored records (so a resumed job's

@@ -1,5 +1,6 @@
 //! The start-up sweep: what a process killed in the middle of its work left in the jobs' folder,
-//! put right before anything runs (one server per jobs folder, so nothing else is writing).
+//! put right before anything runs. It runs only when the server starts alone on its database
+//! (no other server is writing to the folder: an upload or a PNG in flight would look the same).
 //! The database is the truth; the folder is made to agree with it:
 //! - uploads being received (`.uploads/*`) are removed: no upload survives a restart;
 //! - a job-named folder (16 hex digits) with no job row is removed: an archive half-unpacked
@@ -8,18 +9,17 @@
 //! - a delivered PNG under `images/` that no result row names is removed: it was renamed into
 //!   place but its row never committed, so the image is not finished and will be redone;
 //! - a result row whose PNG is missing (written by a version that did not fsync, then a power
-//!   cut; or deleted by hand) is removed: without its file the image is not finished. Its job,
-//!   if it was `done`, is queued again to redo it (or marked `interrupted` with the count when
-//!   `jobs.resume` is off); a job in another state keeps it, its `done` count now honest.
+//!   cut; or deleted by hand) is removed: without its file the image is not finished, and its
+//!   work item is pending again. Its job, if it was `done`, is queued again to redo it (or
+//!   marked `interrupted` with the count when `jobs.resume` is off); a job in another state
+//!   keeps going, its `done` count now honest.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use rusqlite::{Connection, params};
-
 use super::StoreError;
 use super::disk::PART;
-use super::store::now_ms;
+use super::store::{MissingPng, Store, SweepView};
 
 /// What the sweep removed or changed (logged; returned for tests).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -34,19 +34,30 @@ pub struct Swept {
 }
 
 /// Sweeps `dir` (the jobs' folder) against the database; see the module doc.
-pub fn sweep(c: &mut Connection, dir: &Path, uploads: &Path, resume: bool) -> Result<Swept, StoreError> {
+pub async fn sweep(store: &Store, dir: &Path, uploads: &Path, resume: bool) -> Result<Swept, StoreError> {
+    let view = store.sweep_view().await?;
+    let (dir, uploads) = (dir.to_path_buf(), uploads.to_path_buf());
+    let (mut out, missing) = tokio::task::spawn_blocking(move || walk(view, &dir, &uploads))
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+    if !missing.is_empty() {
+        out.missing_pngs = missing.len();
+        out.reopened = store.drop_missing(missing, resume).await?;
+        out.reopened.sort();
+    }
+    Ok(out)
+}
+
+/// The folder's half of the sweep: removes what no row accounts for and returns the rows whose
+/// PNG is gone.
+fn walk(view: SweepView, dir: &Path, uploads: &Path) -> Result<(Swept, Vec<MissingPng>), StoreError> {
     let mut out = Swept { uploads: remove_all_in(uploads), ..Swept::default() };
-    let jobs: HashSet<String> = {
-        let mut st = c.prepare("SELECT id FROM jobs")?;
-        st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?
-    };
+    let jobs: HashSet<String> = view.jobs.into_iter().collect();
     let mut named: HashMap<String, HashSet<String>> = HashMap::new();
-    {
-        let mut st = c.prepare("SELECT job_id, png FROM results WHERE png IS NOT NULL")?;
-        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
-            let (job, png) = row?;
-            named.entry(job).or_default().insert(png);
-        }
+    let mut rows: Vec<MissingPng> = Vec::new();
+    for (job, png, model, method, file) in view.pngs {
+        named.entry(job.clone()).or_default().insert(png.clone());
+        rows.push(MissingPng { job, png, model, method, file });
     }
     for entry in std::fs::read_dir(dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -63,44 +74,8 @@ pub fn sweep(c: &mut Connection, dir: &Path, uploads: &Path, resume: bool) -> Re
         sweep_job(&entry.path(), &entry.path(), &pngs, &mut out);
     }
     // Rows whose PNG is gone.
-    let mut missing: Vec<(String, String)> = Vec::new();
-    for (job, pngs) in &named {
-        for png in pngs {
-            if !dir.join(job).join(png).is_file() {
-                missing.push((job.clone(), png.clone()));
-            }
-        }
-    }
-    if !missing.is_empty() {
-        let tx = c.transaction()?;
-        let mut reopen = HashSet::new();
-        for (job, png) in &missing {
-            tx.execute("DELETE FROM results WHERE job_id = ?1 AND png = ?2", params![job, png])?;
-            reopen.insert(job.clone());
-        }
-        for job in reopen {
-            let changed = if resume {
-                tx.execute(
-                    "UPDATE jobs SET state = 'queued', resumed = resumed + 1 WHERE id = ?1 AND state = 'done'",
-                    params![job],
-                )?
-            } else {
-                tx.execute(
-                    "UPDATE jobs SET state = 'interrupted', finished_ms = ?2, \
-                     error = 'result files were missing at start-up; their results were removed' \
-                     WHERE id = ?1 AND state = 'done'",
-                    params![job, now_ms()],
-                )?
-            };
-            if changed > 0 {
-                out.reopened.push(job);
-            }
-        }
-        tx.commit()?;
-        out.missing_pngs = missing.len();
-    }
-    out.reopened.sort();
-    Ok(out)
+    let missing = rows.into_iter().filter(|m| !dir.join(&m.job).join(&m.png).is_file()).collect();
+    Ok((out, missing))
 }
 
 /// Removes `*.part` files anywhere under `dir`, and the PNGs under `<job>/images/` no row names.
@@ -147,7 +122,8 @@ fn is_job_id(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::{JobSpec, JobState, Store, StoredResult};
+    use crate::jobs::store::Sqlite;
+    use crate::jobs::{JobSpec, JobState, StoredResult};
 
     fn result(file: &str, png: Option<&str>) -> StoredResult {
         StoredResult {
@@ -160,29 +136,30 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_folder_is_made_to_agree_with_the_database() {
+    #[tokio::test]
+    async fn the_folder_is_made_to_agree_with_the_database() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("jobs");
         let uploads = dir.join(".uploads");
         std::fs::create_dir_all(&uploads).unwrap();
         std::fs::write(uploads.join("0123456789abcdef.zip"), b"zip").unwrap();
-        let store = Store::open(&tmp.path().join("db.sqlite3")).unwrap();
-        let mut c = store.lock();
+        let sqlite = Sqlite::open(&tmp.path().join("db.sqlite3")).unwrap();
+        let store = Store::Sqlite(sqlite.clone());
+        let mut c = sqlite.lock();
         let spec = JobSpec { images: "/x".into(), methods: vec![], models: vec![], limit: None, max_iter: None };
         let (job, other) = ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb");
         for id in [job, other] {
-            Store::insert_job(&c, id, &spec, 3).unwrap();
-            Store::set_state(&c, id, JobState::Done, None).unwrap();
+            Sqlite::insert_job(&mut c, id, &spec, 3, &[]).unwrap();
+            Sqlite::set_state(&c, id, JobState::Done, None).unwrap();
         }
         let images = dir.join(job).join("images/m/fgsm");
         std::fs::create_dir_all(&images).unwrap();
         std::fs::write(images.join("kept.png"), b"png").unwrap();
         std::fs::write(images.join("norow.png"), b"png").unwrap();
         std::fs::write(images.join("half.png.0123456789abcdef.part"), b"pn").unwrap();
-        Store::insert_result(&c, job, &result("kept.jpg", Some("images/m/fgsm/kept.png"))).unwrap();
-        Store::insert_result(&c, job, &result("gone.jpg", Some("images/m/fgsm/gone.png"))).unwrap();
-        Store::insert_result(&c, job, &result("nopng.jpg", None)).unwrap();
+        Sqlite::insert_result(&c, job, &result("kept.jpg", Some("images/m/fgsm/kept.png"))).unwrap();
+        Sqlite::insert_result(&c, job, &result("gone.jpg", Some("images/m/fgsm/gone.png"))).unwrap();
+        Sqlite::insert_result(&c, job, &result("nopng.jpg", None)).unwrap();
         std::fs::create_dir_all(dir.join(other).join("report")).unwrap();
         std::fs::write(dir.join(other).join("report/report.md"), b"# r").unwrap();
         // Half-unpacked, no row; and what is not a job's is left alone.
@@ -190,7 +167,8 @@ mod tests {
         std::fs::create_dir_all(dir.join("studies/dddddddddddddddd")).unwrap();
         std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
 
-        let swept = sweep(&mut c, &dir, &uploads, true).unwrap();
+        drop(c);
+        let swept = sweep(&store, &dir, &uploads, true).await.unwrap();
         assert_eq!(
             swept,
             Swept {
@@ -206,10 +184,12 @@ mod tests {
         assert!(!dir.join("cccccccccccccccc").exists());
         assert!(dir.join("studies/dddddddddddddddd").is_dir() && dir.join("notes.txt").is_file());
         assert!(dir.join(other).join("report/report.md").is_file());
-        let job_now = Store::job(&c, job).unwrap().unwrap();
+        let c = sqlite.lock();
+        let job_now = Sqlite::job(&c, job).unwrap().unwrap();
         assert_eq!((job_now.state, job_now.done, job_now.resumed), (JobState::Queued, 2, 1));
-        assert_eq!(Store::job(&c, other).unwrap().unwrap().state, JobState::Done);
+        assert_eq!(Sqlite::job(&c, other).unwrap().unwrap().state, JobState::Done);
         // A second sweep finds nothing.
-        assert_eq!(sweep(&mut c, &dir, &uploads, true).unwrap(), Swept::default());
+        drop(c);
+        assert_eq!(sweep(&store, &dir, &uploads, true).await.unwrap(), Swept::default());
     }
 }

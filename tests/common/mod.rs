@@ -2,6 +2,8 @@
 //! written for the test, and speaks real HTTP to it.
 #![allow(dead_code)]
 
+pub mod pg;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -85,6 +87,17 @@ impl Server {
     }
 
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn(config, env, true)
+    }
+
+    /// Starts the server with its jobs where the configuration says (by default under
+    /// `LABELFOOL_CACHE`, which `env` should point at a temporary folder), not in a folder of
+    /// its own.
+    pub fn start_default(config: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn(config, env, false)
+    }
+
+    fn spawn(config: &str, env: &[(&str, &str)], own_jobs: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         let cfg = if config.contains("[engine]") {
@@ -100,13 +113,17 @@ impl Server {
             .args(["--bind", "127.0.0.1:0"])
             .env_remove("LABELFOOL_BIND")
             .env_remove("LABELFOOL_API_KEY")
-            // Each test server keeps its jobs to itself.
-            .env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
-            .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"))
+            .env_remove("LABELFOOL_JOBS__DATABASE")
+            .env_remove("LABELFOOL_JOBS__DIR")
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap());
+        if own_jobs {
+            // Each test server keeps its jobs to itself.
+            cmd.env("LABELFOOL_JOBS__DATABASE", dir.path().join("jobs.sqlite3"))
+                .env("LABELFOOL_JOBS__DIR", dir.path().join("jobs"));
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -397,4 +414,18 @@ pub fn reference_of(img: &image::RgbImage) -> Option<(usize, usize)> {
         && p[1] >= 30
         && (p[1] - 30).is_multiple_of(60);
     flat.then(|| ((p[0] / 20) as usize, ((p[1] - 30) / 60) as usize))
+}
+
+/// The `data:` payloads of an SSE stream, until it ends.
+pub async fn sse_events(s: &Server, id: &str) -> Vec<serde_json::Value> {
+    let mut res = client().get(s.url(&format!("/jobs/{id}/events"))).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    while let Some(chunk) =
+        tokio::time::timeout(std::time::Duration::from_secs(120), res.chunk()).await.unwrap().unwrap()
+    {
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text.lines().filter_map(|l| l.strip_prefix("data: ")).map(|d| serde_json::from_str(d).unwrap()).collect()
 }

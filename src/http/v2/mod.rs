@@ -65,7 +65,7 @@ pub async fn live() -> Json<Live> {
 /// Server readiness (OIP): 200 once models are loaded.
 #[utoipa::path(get, path = "/v2/health/ready", operation_id = "v2_ready", tag = "kserve-v2", responses((status = 200, body = Ready), (status = 503, body = Ready)))]
 pub async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    let ready = state.is_ready();
+    let ready = state.is_ready_with_store().await;
     (if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, Json(Ready { ready }))
 }
 

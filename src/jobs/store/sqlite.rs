@@ -1,171 +1,100 @@
-//! The server's durable state: one SQLite database (jobs and their results here; the human
-//! studies' rows in `crate::study::store`) (schema versioned with `rusqlite_migration`).
-//! A result row is written only after its PNG is on disk and synced (`disk::write_durably`), in
-//! one statement, so a crash or a power cut at any moment leaves every finished image's result
-//! whole and nothing half-written; what a crash leaves besides is swept at start-up (`sweep`).
+//! The jobs store on SQLite (the default; `jobs.database` is a path): one connection per
+//! server behind a mutex, its calls on the blocking pool. Several servers on one host may share
+//! the file: WAL, every write transaction `BEGIN IMMEDIATE`, a wait of up to 30 s for another
+//! server's write, and migrations under a lock file. The claim protocol's statements are in
+//! `work`, the studies' in `crate::study::store`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OptionalExtension, params};
-use rusqlite_migration::{M, Migrations};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
-use super::{JobInfo, JobSpec, JobState};
-
-/// Schema versions, oldest first; a new version is a new entry, never an edit.
-fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![
-        M::up(
-            "CREATE TABLE jobs (
-            id TEXT PRIMARY KEY,
-            spec TEXT NOT NULL,
-            state TEXT NOT NULL,
-            total INTEGER NOT NULL,
-            created_ms INTEGER NOT NULL,
-            started_ms INTEGER,
-            finished_ms INTEGER,
-            error TEXT,
-            resumed INTEGER NOT NULL DEFAULT 0
-        );
-        CREATE TABLE results (
-            job_id TEXT NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
-            model TEXT NOT NULL,
-            method TEXT NOT NULL,
-            file TEXT NOT NULL,
-            record TEXT NOT NULL,
-            png TEXT,
-            success INTEGER,
-            created_ms INTEGER NOT NULL,
-            PRIMARY KEY (job_id, model, method, file)
-        );",
-        ),
-        // v2: human studies (`crate::study`) made from finished jobs.
-        M::up(
-            "CREATE TABLE studies (
-            id TEXT PRIMARY KEY,
-            job_id TEXT NOT NULL REFERENCES jobs(id),
-            name TEXT NOT NULL,
-            model TEXT NOT NULL,
-            categories TEXT NOT NULL,
-            groups INTEGER NOT NULL,
-            refs INTEGER NOT NULL,
-            created_ms INTEGER NOT NULL
-        );
-        CREATE TABLE puzzles (
-            study_id TEXT NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-            id INTEGER NOT NULL,
-            source TEXT NOT NULL,
-            category TEXT NOT NULL,
-            image TEXT NOT NULL,
-            label TEXT NOT NULL,
-            label_wnid TEXT,
-            truth INTEGER NOT NULL,
-            animal INTEGER NOT NULL,
-            grp INTEGER NOT NULL,
-            PRIMARY KEY (study_id, id)
-        );
-        CREATE TABLE study_references (
-            study_id TEXT NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-            label_wnid TEXT NOT NULL,
-            image TEXT NOT NULL,
-            source TEXT NOT NULL,
-            PRIMARY KEY (study_id, label_wnid, image)
-        );
-        CREATE TABLE observers (
-            token TEXT PRIMARY KEY,
-            study_id TEXT NOT NULL REFERENCES studies(id) ON DELETE CASCADE,
-            name TEXT NOT NULL,
-            grp INTEGER NOT NULL,
-            seed INTEGER NOT NULL,
-            created_ms INTEGER NOT NULL,
-            UNIQUE (study_id, name)
-        );
-        CREATE TABLE answers (
-            token TEXT NOT NULL REFERENCES observers(token) ON DELETE CASCADE,
-            puzzle INTEGER NOT NULL,
-            correct INTEGER NOT NULL,
-            answered_ms INTEGER NOT NULL,
-            PRIMARY KEY (token, puzzle)
-        );",
-        ),
-        // v3: observer links expire and are revoked one by one (`crate::study`); links made
-        // before expire a week (the default TTL) after they were made.
-        M::up(
-            "ALTER TABLE observers ADD COLUMN expires_ms INTEGER NOT NULL DEFAULT 0;
-        ALTER TABLE observers ADD COLUMN revoked_ms INTEGER;
-        UPDATE observers SET expires_ms = created_ms + 604800000;",
-        ),
-        // v4: each answer's time from its picture's display to the answer (None before), the
-        // seed the study's sources were shuffled with (None before: alphabetical), and the
-        // puzzles indexed by group, so an observer's group is counted without a scan.
-        M::up(
-            "ALTER TABLE answers ADD COLUMN elapsed_ms INTEGER;
-        ALTER TABLE studies ADD COLUMN seed INTEGER;
-        CREATE INDEX puzzles_by_group ON puzzles (study_id, grp);",
-        ),
-        // v5: a study's design (one group per observer, or every group in sequence), the
-        // reference set it was made with (NULL: none; for a study made before v5, its references
-        // came from the job's folder and keep doing so), and whether each answer's observer
-        // opened the reference pictures (NULL: not said, or answered before v5).
-        M::up(
-            "ALTER TABLE studies ADD COLUMN design TEXT NOT NULL DEFAULT 'one_group';
-        ALTER TABLE studies ADD COLUMN reference_images TEXT;
-        ALTER TABLE answers ADD COLUMN references_opened INTEGER;",
-        ),
-    ])
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("jobs database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("jobs database schema: {0}")]
-    Migration(#[from] rusqlite_migration::Error),
-    #[error("jobs database: stored job {0} is unreadable: {1}")]
-    Corrupt(String, String),
-    #[error("jobs database: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// One stored per-image result.
-#[derive(Debug, Clone)]
-pub struct StoredResult {
-    pub model: String,
-    pub method: String,
-    pub file: String,
-    /// The record as `results.jsonl` has it.
-    pub record: String,
-    /// The delivered PNG, relative to the job's folder.
-    pub png: Option<String>,
-    pub success: Option<bool>,
-}
+use super::work::{self, ItemKey};
+use super::{StoreError, StoredResult, lock_path, now_ms, schema};
+use crate::jobs::{JobInfo, JobSpec, JobState};
 
 #[derive(Clone)]
-pub struct Store {
+pub struct Sqlite {
     conn: Arc<Mutex<Connection>>,
+    path: Arc<Path>,
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-impl Store {
+impl Sqlite {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
         let mut conn = Connection::open(path)?;
-        // One server per database: a second process sharing it would resume the first one's
-        // running jobs as its own. The lock goes with the process, even when it is killed.
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
-        // WAL: the runner's writes are cheap appends; FULL sync: a result the API has shown
+        // Another server's write holds the lock for milliseconds (a claim, a result); a start-up
+        // migration may hold it longer.
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        // A deferred transaction that reads, then writes, fails at once (SQLITE_BUSY, no wait)
+        // when another server wrote in between: every transaction takes the write lock first.
+        conn.set_transaction_behavior(TransactionBehavior::Immediate);
+        // Set up and migrated by one server at a time: the others wait here, then find it done.
+        let lock = std::fs::File::create(lock_path(path, "migrate"))?;
+        lock.lock()?;
+        // WAL: readers never wait for the writer and the runner's writes are cheap appends (it
+        // needs shared memory: one host, local disk); FULL sync: a result the API has shown
         // survives a power cut.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        migrations().to_latest(&mut conn)?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        schema::migrations().to_latest(&mut conn)?;
+        drop(lock);
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), path: path.into() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every job's id, and every stored PNG with its result's key.
+    pub fn sweep_view(c: &mut Connection) -> Result<super::SweepView, StoreError> {
+        let mut st = c.prepare("SELECT id FROM jobs")?;
+        let jobs = st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<_, _>>()?;
+        let mut st = c.prepare("SELECT job_id, png, model, method, file FROM results WHERE png IS NOT NULL")?;
+        let pngs = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(super::SweepView { jobs, pngs })
+    }
+
+    /// Removes the results whose PNG is gone (their items pending again) and reopens their
+    /// `done` jobs (queued again, or interrupted with `resume` off); returns those jobs.
+    pub fn drop_missing(
+        c: &mut Connection,
+        missing: &[super::MissingPng],
+        resume: bool,
+    ) -> Result<Vec<String>, StoreError> {
+        let tx = c.transaction()?;
+        let mut reopen = std::collections::BTreeSet::new();
+        for m in missing {
+            tx.execute("DELETE FROM results WHERE job_id = ?1 AND png = ?2", params![m.job, m.png])?;
+            work::redo(&tx, &m.job, &m.model, &m.method, &m.file)?;
+            reopen.insert(m.job.clone());
+        }
+        let mut reopened = Vec::new();
+        for job in reopen {
+            let changed = if resume {
+                tx.execute(
+                    "UPDATE jobs SET state = 'queued', resumed = resumed + 1 WHERE id = ?1 AND state = 'done'",
+                    params![job],
+                )?
+            } else {
+                tx.execute(
+                    "UPDATE jobs SET state = 'interrupted', finished_ms = ?2, \
+                     error = 'result files were missing at start-up; their results were removed' \
+                     WHERE id = ?1 AND state = 'done'",
+                    params![job, now_ms()],
+                )?
+            };
+            if changed > 0 {
+                reopened.push(job);
+            }
+        }
+        tx.commit()?;
+        Ok(reopened)
     }
 
     /// The connection, for tests that call the statements directly.
@@ -188,15 +117,29 @@ impl Store {
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
     }
 
-    pub fn insert_job(c: &Connection, id: &str, spec: &JobSpec, total: usize) -> Result<(), StoreError> {
+    /// The job's row and its work items (`items`, in the order they are to run, then its
+    /// report) in one transaction.
+    pub fn insert_job(
+        c: &mut Connection,
+        id: &str,
+        spec: &JobSpec,
+        total: usize,
+        items: &[ItemKey],
+    ) -> Result<(), StoreError> {
         let spec = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(id.into(), e.to_string()))?;
-        c.execute(
+        let tx = c.transaction()?;
+        let created = now_ms();
+        tx.execute(
             "INSERT INTO jobs (id, spec, state, total, created_ms) VALUES (?1, ?2, 'queued', ?3, ?4)",
-            params![id, spec, total as i64, now_ms()],
+            params![id, spec, total as i64, created],
         )?;
+        work::insert_items(&tx, id, created, items)?;
+        tx.commit()?;
         Ok(())
     }
 
+    /// Sets a job's state directly (tests; the runner's states come from claims and completions).
+    #[cfg(test)]
     pub fn set_state(c: &Connection, id: &str, state: JobState, error: Option<&str>) -> Result<(), StoreError> {
         let now = now_ms();
         match state {
@@ -213,23 +156,17 @@ impl Store {
         Ok(())
     }
 
-    /// After a restart: jobs that were running are queued again (`resume`) or `interrupted`.
-    /// Returns the ids queued again, oldest first.
-    pub fn recover(c: &Connection, resume: bool) -> Result<Vec<String>, StoreError> {
-        if resume {
-            c.execute("UPDATE jobs SET state = 'queued', resumed = resumed + 1 WHERE state = 'running'", [])?;
-        } else {
-            c.execute(
-                "UPDATE jobs SET state = 'interrupted', finished_ms = ?1, error = 'the server stopped while it ran' \
-                 WHERE state = 'running'",
-                params![now_ms()],
-            )?;
-        }
-        let mut st = c.prepare("SELECT id FROM jobs WHERE state = 'queued' ORDER BY created_ms, id")?;
-        let ids = st.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
-        Ok(ids)
+    /// Ends a queued or running job (cancelled or failed); false if it had ended already.
+    pub fn end_live(c: &Connection, id: &str, state: JobState, error: Option<&str>) -> Result<bool, StoreError> {
+        let n = c.execute(
+            "UPDATE jobs SET state = ?2, finished_ms = ?3, error = ?4 WHERE id = ?1 AND state IN ('queued', 'running')",
+            params![id, state.as_str(), now_ms(), error],
+        )?;
+        Ok(n > 0)
     }
 
+    /// Stores a result directly (tests; the runner's come from `work::complete`).
+    #[cfg(test)]
     pub fn insert_result(c: &Connection, job: &str, r: &StoredResult) -> Result<(), StoreError> {
         c.execute(
             "INSERT OR REPLACE INTO results (job_id, model, method, file, record, png, success, created_ms) \
@@ -256,13 +193,6 @@ impl Store {
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-
-    /// The (model, method, file) of every stored result: what a resumed job skips.
-    pub fn result_keys(c: &Connection, job: &str) -> Result<Vec<(String, String, String)>, StoreError> {
-        let mut st = c.prepare("SELECT model, method, file FROM results WHERE job_id = ?1")?;
-        let rows = st.query_map([job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
     }
 
@@ -369,10 +299,11 @@ impl RawJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::store::work;
 
     #[test]
     fn migrations_are_valid() {
-        assert!(migrations().validate().is_ok());
+        assert!(schema::migrations().validate().is_ok());
     }
 
     #[test]
@@ -385,13 +316,18 @@ mod tests {
             limit: None,
             max_iter: None,
         };
+        let items: Vec<ItemKey> = ["x.jpg", "y.jpg"]
+            .map(|f| ItemKey { model: "m".into(), method: "labelfool".into(), file: f.into() })
+            .to_vec();
         for (resume, expect) in [(true, JobState::Queued), (false, JobState::Interrupted)] {
             let path = dir.path().join(format!("{resume}.sqlite3"));
             {
-                let s = Store::open(&path).unwrap();
-                let c = s.conn.lock().unwrap();
-                Store::insert_job(&c, "a", &spec, 2).unwrap();
-                Store::set_state(&c, "a", JobState::Running, None).unwrap();
+                let s = Sqlite::open(&path).unwrap();
+                let mut c = s.conn.lock().unwrap();
+                Sqlite::insert_job(&mut c, "a", &spec, 2, &items).unwrap();
+                let held = work::claim(&mut c, "dead", &["m".into()], 2, 60_000).unwrap();
+                assert_eq!(held.len(), 2);
+                assert_eq!(Sqlite::job(&c, "a").unwrap().unwrap().state, JobState::Running);
                 let r = StoredResult {
                     model: "m".into(),
                     method: "labelfool".into(),
@@ -400,15 +336,19 @@ mod tests {
                     png: None,
                     success: Some(true),
                 };
-                Store::insert_result(&c, "a", &r).unwrap();
+                assert_eq!(work::complete(&mut c, &held[0], "dead", Some(&r), || Ok(())).unwrap(), Ok(()));
             }
-            // A new process opens the same file.
-            let s = Store::open(&path).unwrap();
-            let c = s.conn.lock().unwrap();
-            let queued = Store::recover(&c, resume).unwrap();
+            // A new process opens the same file, alone.
+            let s = Sqlite::open(&path).unwrap();
+            let mut c = s.conn.lock().unwrap();
+            let queued = work::recover_alone(&mut c, "me", resume).unwrap();
             assert_eq!(queued.len(), usize::from(resume));
-            let job = Store::job(&c, "a").unwrap().unwrap();
+            let job = Sqlite::job(&c, "a").unwrap().unwrap();
             assert_eq!((job.state, job.done, job.successes, job.resumed), (expect, 1, 1, u32::from(resume)));
+            // The unfinished image is claimable again (when the job was resumed), once.
+            let again = work::claim(&mut c, "me", &["m".into()], 5, 60_000).unwrap();
+            let files: Vec<&str> = again.iter().map(|i| i.file.as_str()).collect();
+            assert_eq!(files, if resume { vec!["y.jpg"] } else { vec![] });
         }
     }
 }

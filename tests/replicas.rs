@@ -264,8 +264,13 @@ async fn both_stores_share_one_schema_history() {
     let opened = futures::future::join_all((0..3).map(|_| labelfool::jobs::Store::open(&dsn, 2))).await;
     assert!(opened.iter().all(Result::is_ok), "a concurrent migration failed");
     let db = sql(&dsn).await;
-    let history: Vec<i64> =
-        db.query("SELECT version FROM labelfool_schema ORDER BY version", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    let history: Vec<i64> = db
+        .query("SELECT version FROM labelfool_schema ORDER BY version", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     assert_eq!(history, (1..=6).collect::<Vec<i64>>());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("jobs.sqlite3");

@@ -12,11 +12,18 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     pub port: u16,
     user: Option<(u32, u32)>,
+    durable: bool,
 }
 
 impl PgCluster {
     /// initdb and start (fsync off: a test's cluster need not survive a power cut).
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// initdb and start; `durable`: fsync, full-page writes and synchronous commits on, as a
+    /// production server runs (benchmarks).
+    pub fn start_with(durable: bool) -> Self {
         let bin = bin_dir();
         let dir = tempfile::Builder::new().prefix("labelfool-pg").tempdir().unwrap();
         let user = if unsafe { libc::geteuid() } == 0 { Some(postgres_user()) } else { None };
@@ -24,7 +31,7 @@ impl PgCluster {
             chown(dir.path(), uid, gid);
         }
         let port = free_port();
-        let c = Self { bin, dir, port, user };
+        let c = Self { bin, dir, port, user, durable };
         c.run("initdb", |cmd| {
             cmd.arg("-D").arg(c.data()).args([
                 "-U",
@@ -65,9 +72,10 @@ impl PgCluster {
 
     /// Starts the server again (after `stop`), on the same port.
     pub fn start_server(&self) {
+        let unsafe_fast =
+            if self.durable { "" } else { "-c fsync=off -c synchronous_commit=off -c full_page_writes=off" };
         let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-             -c max_connections=200",
+            "-p {} -c listen_addresses=127.0.0.1 -k {} {unsafe_fast} -c max_connections=200",
             self.port,
             self.dir.path().display()
         );

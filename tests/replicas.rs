@@ -298,3 +298,107 @@ async fn both_stores_share_one_schema_history() {
         assert_eq!(lite_cols, pg_cols, "table {table}");
     }
 }
+
+/// Human studies on PostgreSQL: a study made on one replica is answered through the other (an
+/// observer's link works on any replica), observers added at once get their own names (the
+/// study's row is locked while one is placed), and both replicas report the same results.
+#[tokio::test]
+#[ignore = "partner tier: PostgreSQL (scripts/test runs it)"]
+async fn a_study_on_postgres_is_answered_through_any_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let cluster = PgCluster::start();
+    let dsn = cluster.database("jobs");
+    let shared = root.path().join("jobs");
+    let replicas: Vec<Server> = (0..2).map(|_| replica(root.path(), &dsn, &shared)).collect();
+    let (a, b) = (&replicas[0], &replicas[1]);
+    copy_named_as_classified(a, "", &images, &sample_images()[..4]).await;
+    let job = create(a, &images, &["fgsm"]).await;
+    wait_done(a, &job, Duration::from_secs(120)).await;
+    let post = |s: &Server, path: String, body: Value| {
+        let req = client().post(s.url(&path)).json(&body);
+        async move { json(req.send().await.unwrap()).await }
+    };
+    let (status, study) = post(a, "/studies".into(), json!({"job": job, "observers": 2})).await;
+    assert_eq!(status, 201, "{study}");
+    let id = study["id"].as_str().unwrap().to_string();
+    let path = format!("/studies/{id}/observers");
+    let dups = futures::future::join_all((0..6).map(|i| {
+        let s = if i % 2 == 0 { a } else { b };
+        post(s, path.clone(), json!({"name": "dup"}))
+    }))
+    .await;
+    let created: Vec<u16> = dups.iter().map(|(s, _)| *s).collect();
+    assert_eq!(created.iter().filter(|&&s| s == 201).count(), 1, "{dups:?}");
+    assert!(created.iter().all(|&s| s == 201 || s == 409), "{dups:?}");
+    let (_, study) = json(client().get(a.url(&format!("/studies/{id}"))).send().await.unwrap()).await;
+    let observers = study["observers"].as_array().unwrap().clone();
+    assert_eq!(observers.len(), 3, "{study}");
+    let mut answered = 0;
+    for (n, o) in observers.iter().enumerate() {
+        let token = o["token"].as_str().unwrap();
+        let (status, mut session) =
+            json(client().get(b.url(&format!("/observe/{token}/session"))).send().await.unwrap()).await;
+        assert_eq!(status, 200, "{session}");
+        while let Some(p) = session["puzzle"].as_object().cloned() {
+            let answer = if (n + answered) % 2 == 0 { "correct" } else { "incorrect" };
+            let body = json!({"puzzle": p["id"], "answer": answer});
+            let (status, next) = post(b, format!("/observe/{token}/answers"), body.clone()).await;
+            assert_eq!(status, 200, "{next}");
+            // The first answer stands, on either replica.
+            let (status, _) = post(a, format!("/observe/{token}/answers"), body).await;
+            assert_eq!(status, 409);
+            answered += 1;
+            session = next;
+        }
+    }
+    assert!(answered > 0);
+    let results = |s: &Server| client().get(s.url(&format!("/studies/{id}/results"))).send();
+    let (from_a, from_b) =
+        (results(a).await.unwrap().text().await.unwrap(), results(b).await.unwrap().text().await.unwrap());
+    assert_eq!(from_a, from_b);
+    let csv = client().get(b.url(&format!("/studies/{id}/answers.csv"))).send().await.unwrap().text().await.unwrap();
+    assert_eq!(csv.lines().count(), answered + 1, "{csv}");
+    let (_, listed) = json(client().get(b.url("/studies")).send().await.unwrap()).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    let status = client().delete(b.url(&format!("/studies/{id}"))).send().await.unwrap().status();
+    assert_eq!(status.as_u16(), 204);
+    let (status, _) = json(client().get(a.url(&format!("/studies/{id}"))).send().await.unwrap()).await;
+    assert_eq!(status, 404);
+}
+
+/// Cancelling a job on one replica stops the other's items of it within a lease: none is held
+/// any more, and no result is stored after the cancellation.
+#[tokio::test]
+#[ignore = "partner tier: PostgreSQL (scripts/test runs it)"]
+async fn a_job_cancelled_on_one_replica_stops_on_every_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let images = images_dir(root.path());
+    let cluster = PgCluster::start();
+    let dsn = cluster.database("jobs");
+    let shared = root.path().join("jobs");
+    let replicas: Vec<Server> = (0..2).map(|_| replica(root.path(), &dsn, &shared)).collect();
+    let id = create(&replicas[0], &images, &["labelfool"]).await;
+    let db = sql(&dsn).await;
+    let started = Instant::now();
+    // Both replicas hold items of the job.
+    while count(&db, "SELECT COUNT(DISTINCT owner) FROM work_items WHERE job_id = $1 AND state = 'leased'", &id).await
+        < 2
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "the replicas never both held items");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = client().delete(replicas[1].url(&format!("/jobs/{id}"))).send().await.unwrap().status();
+    assert_eq!(status.as_u16(), 200);
+    let stored = count(&db, "SELECT COUNT(*) FROM results WHERE job_id = $1", &id).await;
+    let cancelled = Instant::now();
+    while count(&db, "SELECT COUNT(*) FROM work_items WHERE job_id = $1 AND state = 'leased'", &id).await > 0 {
+        assert!(cancelled.elapsed() < Duration::from_secs(3), "items still held a lease after the cancel");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM results WHERE job_id = $1", &id).await, stored);
+    let (_, j) = job(&replicas[0], &id).await;
+    assert_eq!((j["state"].as_str(), j["done"].as_i64()), (Some("cancelled"), Some(stored)), "{j}");
+}

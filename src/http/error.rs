@@ -145,7 +145,6 @@ impl From<crate::jobs::StoreError> for ApiError {
         let msg = e.to_string();
         match e {
             S::Unavailable(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "database_unavailable", msg),
-            S::SqliteOnly(_) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "studies_unavailable", msg),
             _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "jobs_store", msg),
         }
     }

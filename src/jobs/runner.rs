@@ -255,6 +255,8 @@ async fn store_one(
         jobs.store().complete(it, &jobs.instance().id, Some(row), move || part.map_or(Ok(()), |p| p.place())).await?;
     if stored.is_err() {
         tracing::debug!("the item's lease was lost: another server does it, or its job ended");
+        // Still ours when its job ended: let it go now rather than when the lease runs out.
+        give_back(jobs, it).await;
         return Ok(None);
     }
     Ok(Some(FinishedAttack {
@@ -270,7 +272,9 @@ async fn store_one(
 async fn report(jobs: &Jobs, it: &Claimed) -> Result<Option<FinishedAttack>, JobError> {
     write_reports(jobs, &it.job).await?;
     let done = jobs.store().complete(it, &jobs.instance().id, None, || Ok(())).await?;
-    if done.is_ok() {
+    if done.is_err() {
+        give_back(jobs, it).await;
+    } else {
         let job = jobs.get(&it.job).await?;
         tracing::info!(job = %it.job, state = job.state.as_str(), done = job.done, "job ended");
         jobs.publish(&job, None);

@@ -145,21 +145,23 @@ mod tests {
         std::fs::write(uploads.join("0123456789abcdef.zip"), b"zip").unwrap();
         let sqlite = Sqlite::open(&tmp.path().join("db.sqlite3")).unwrap();
         let store = Store::Sqlite(sqlite.clone());
-        let mut c = sqlite.lock();
         let spec = JobSpec { images: "/x".into(), methods: vec![], models: vec![], limit: None, max_iter: None };
         let (job, other) = ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb");
-        for id in [job, other] {
-            Sqlite::insert_job(&mut c, id, &spec, 3, &[]).unwrap();
-            Sqlite::set_state(&c, id, JobState::Done, None).unwrap();
-        }
         let images = dir.join(job).join("images/m/fgsm");
+        {
+            let mut c = sqlite.lock();
+            for id in [job, other] {
+                Sqlite::insert_job(&mut c, id, &spec, 3, &[]).unwrap();
+                Sqlite::set_state(&c, id, JobState::Done, None).unwrap();
+            }
+            Sqlite::insert_result(&c, job, &result("kept.jpg", Some("images/m/fgsm/kept.png"))).unwrap();
+            Sqlite::insert_result(&c, job, &result("gone.jpg", Some("images/m/fgsm/gone.png"))).unwrap();
+            Sqlite::insert_result(&c, job, &result("nopng.jpg", None)).unwrap();
+        }
         std::fs::create_dir_all(&images).unwrap();
         std::fs::write(images.join("kept.png"), b"png").unwrap();
         std::fs::write(images.join("norow.png"), b"png").unwrap();
         std::fs::write(images.join("half.png.0123456789abcdef.part"), b"pn").unwrap();
-        Sqlite::insert_result(&c, job, &result("kept.jpg", Some("images/m/fgsm/kept.png"))).unwrap();
-        Sqlite::insert_result(&c, job, &result("gone.jpg", Some("images/m/fgsm/gone.png"))).unwrap();
-        Sqlite::insert_result(&c, job, &result("nopng.jpg", None)).unwrap();
         std::fs::create_dir_all(dir.join(other).join("report")).unwrap();
         std::fs::write(dir.join(other).join("report/report.md"), b"# r").unwrap();
         // Half-unpacked, no row; and what is not a job's is left alone.
@@ -167,7 +169,6 @@ mod tests {
         std::fs::create_dir_all(dir.join("studies/dddddddddddddddd")).unwrap();
         std::fs::write(dir.join("notes.txt"), b"mine").unwrap();
 
-        drop(c);
         let swept = sweep(&store, &dir, &uploads, true).await.unwrap();
         assert_eq!(
             swept,
@@ -184,12 +185,13 @@ mod tests {
         assert!(!dir.join("cccccccccccccccc").exists());
         assert!(dir.join("studies/dddddddddddddddd").is_dir() && dir.join("notes.txt").is_file());
         assert!(dir.join(other).join("report/report.md").is_file());
-        let c = sqlite.lock();
-        let job_now = Sqlite::job(&c, job).unwrap().unwrap();
-        assert_eq!((job_now.state, job_now.done, job_now.resumed), (JobState::Queued, 2, 1));
-        assert_eq!(Sqlite::job(&c, other).unwrap().unwrap().state, JobState::Done);
+        {
+            let c = sqlite.lock();
+            let job_now = Sqlite::job(&c, job).unwrap().unwrap();
+            assert_eq!((job_now.state, job_now.done, job_now.resumed), (JobState::Queued, 2, 1));
+            assert_eq!(Sqlite::job(&c, other).unwrap().unwrap().state, JobState::Done);
+        }
         // A second sweep finds nothing.
-        drop(c);
         assert_eq!(sweep(&store, &dir, &uploads, true).await.unwrap(), Swept::default());
     }
 }

@@ -8,8 +8,7 @@ impl Studies {
     /// is seeded by the study's id, so its intervals are the same on every call and restart.
     pub async fn results(&self, id: &str) -> Result<StudyResults, StudyError> {
         let study = self.get(id).await?;
-        let i = id.to_string();
-        let rows = self.jobs.store().with(move |c| store::answers(c, &i)).await?;
+        let rows = store::answers(self.jobs.store(), id).await?;
         blocking(move || {
             let answers: Vec<results::Answer> = rows
                 .iter()
@@ -41,8 +40,7 @@ impl Studies {
     /// long the observer took), written on a blocking thread.
     pub async fn csv(&self, id: &str) -> Result<Vec<u8>, StudyError> {
         let study = self.get(id).await?;
-        let i = id.to_string();
-        let rows = self.jobs.store().with(move |c| store::answers(c, &i)).await?;
+        let rows = store::answers(self.jobs.store(), id).await?;
         blocking(move || answers_csv(&study.id, rows)).await
     }
 

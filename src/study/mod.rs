@@ -160,8 +160,7 @@ impl Studies {
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
         let (puzzles, refs) = built;
-        let r = row.clone();
-        self.jobs.store().with(move |c| store::insert_study(c, &r, &puzzles, &refs)).await?;
+        store::insert_study(self.jobs.store(), row.clone(), puzzles, refs).await?;
         for _ in 0..spec.observers {
             self.add_observer(&id, NewObserver { name: None, expires_in_hours: None }).await?;
         }
@@ -170,31 +169,18 @@ impl Studies {
     }
 
     pub async fn get(&self, id: &str) -> Result<StudyInfo, StudyError> {
-        let i = id.to_string();
-        let info =
-            self.jobs.store().with(move |c| store::study(c, &i)?.map(|row| store::info(c, row)).transpose()).await?;
+        let info = store::study_info(self.jobs.store(), id).await?;
         info.ok_or_else(|| StudyError::NotFound(id.to_string()))
     }
 
     pub async fn list(&self) -> Result<Vec<StudyInfo>, StudyError> {
-        Ok(self
-            .jobs
-            .store()
-            .with(|c| {
-                store::study_ids(c)?
-                    .into_iter()
-                    .filter_map(|id| store::study(c, &id).transpose())
-                    .map(|row| store::info(c, row?))
-                    .collect()
-            })
-            .await?)
+        Ok(store::study_infos(self.jobs.store()).await?)
     }
 
     /// Deletes a study: its rows (the observers' links stop working, their answers go) and then
     /// its folder, so a folder is never left behind by a row still in use.
     pub async fn delete(&self, id: &str) -> Result<(), StudyError> {
-        let i = id.to_string();
-        if !self.jobs.store().with(move |c| store::delete_study(c, &i)).await? {
+        if !store::delete_study(self.jobs.store(), id).await? {
             return Err(StudyError::NotFound(id.to_string()));
         }
         // The id named a stored study, so the path is one this service made.
@@ -209,8 +195,7 @@ impl Studies {
     /// Every puzzle with its category and truth (the admin's view).
     pub async fn puzzles(&self, id: &str) -> Result<Vec<Puzzle>, StudyError> {
         self.get(id).await?;
-        let i = id.to_string();
-        Ok(self.jobs.store().with(move |c| store::puzzles(c, &i)).await?)
+        Ok(store::puzzles(self.jobs.store(), id).await?)
     }
 }
 

@@ -28,27 +28,17 @@ impl Studies {
         let expires_ms = crate::jobs::store::now_ms().saturating_add(i64::from(hours) * 3_600_000);
         // The cap, the name and the emptiest group are read and the observer written in one
         // transaction: two links added at once must not both see the same free name or group.
-        let (sid, tok, groups) = (id.to_string(), token.clone(), study.groups.clone());
-        self.jobs
-            .store()
-            .with(move |c| {
-                let tx = c.transaction()?;
-                let placed = place_observer(&store::observers(&tx, &sid)?, &groups, name, &sid);
-                if let Ok((name, group)) = &placed {
-                    let row = store::ObserverRow {
-                        token: tok,
-                        study: sid,
-                        name: name.clone(),
-                        group: *group,
-                        seed,
-                        expires_ms,
-                    };
-                    store::insert_observer(&tx, &row)?;
-                    tx.commit()?;
-                }
-                Ok(placed)
-            })
-            .await??;
+        let (sid, groups) = (id.to_string(), study.groups.clone());
+        let row = store::ObserverRow {
+            token: token.clone(),
+            study: sid.clone(),
+            name: String::new(),
+            group: 0,
+            seed,
+            expires_ms,
+        };
+        let place: store::Place = Box::new(move |observers| place_observer(observers, &groups, name, &sid));
+        store::add_observer(self.jobs.store(), row, place).await??;
         let study = self.get(id).await?;
         study.observers.into_iter().find(|o| o.token == token).ok_or_else(|| StudyError::NotFound(id.to_string()))
     }
@@ -57,8 +47,7 @@ impl Studies {
     /// existed; the observer stays listed and their answers count. Revoking twice is no error.
     pub async fn revoke_observer(&self, id: &str, name: &str) -> Result<(), StudyError> {
         self.get(id).await?;
-        let (i, n) = (id.to_string(), name.to_string());
-        match self.jobs.store().with(move |c| store::revoke_observer(c, &i, &n)).await? {
+        match store::revoke_observer(self.jobs.store(), id, name).await? {
             Some(_) => {
                 tracing::info!(study = %id, "observer link revoked");
                 Ok(())
@@ -74,21 +63,7 @@ impl Studies {
         &self,
         token: &str,
     ) -> Result<(StudyRow, store::ObserverRow, Vec<Puzzle>, HashMap<i64, bool>), StudyError> {
-        let t = token.to_string();
-        let found = self
-            .jobs
-            .store()
-            .with(move |c| {
-                let Some(o) = store::observer(c, &t)? else { return Ok(None) };
-                let Some(study) = store::study(c, &o.study)? else { return Ok(None) };
-                let puzzles = match study.design {
-                    StudyDesign::OneGroup => store::group_puzzles(c, &o.study, o.group)?,
-                    StudyDesign::AllGroups => store::puzzles(c, &o.study)?,
-                };
-                let answers = store::answers_of(c, &t)?;
-                Ok(Some((study, o, puzzles, answers)))
-            })
-            .await?;
+        let found = store::session(self.jobs.store(), token).await?;
         let (study, o, puzzles, answers) = found.ok_or(StudyError::UnknownObserver)?;
         if o.expires_ms <= crate::jobs::store::now_ms() {
             return Err(StudyError::Expired);
@@ -135,8 +110,7 @@ impl Studies {
     async fn references(&self, study: &StudyRow, p: &Puzzle) -> Result<Vec<String>, StudyError> {
         let key = reference_key(p.label_wnid.as_deref(), &p.label);
         let except = study.reference_images.is_none().then(|| p.source.clone());
-        let (s, n) = (study.id.clone(), study.references);
-        Ok(self.jobs.store().with(move |c| store::references(c, &s, &key, except.as_deref(), n)).await?)
+        Ok(store::references(self.jobs.store(), &study.id, &key, except, study.references).await?)
     }
 
     /// Stores an answer as it is given; the first answer to a puzzle stands (409 after it).
@@ -151,15 +125,16 @@ impl Studies {
         if answer.elapsed_ms.is_some_and(|ms| ms > MAX_ELAPSED_MS) {
             return Err(StudyError::invalid("elapsed_ms", format!("0 to {MAX_ELAPSED_MS} ms")));
         }
-        let t = token.to_string();
         let said = answer.answer == Judgement::Correct;
-        let stored = self
-            .jobs
-            .store()
-            .with(move |c| {
-                store::insert_answer(c, &t, answer.puzzle, said, answer.elapsed_ms, answer.references_opened)
-            })
-            .await?;
+        let stored = store::insert_answer(
+            self.jobs.store(),
+            token,
+            answer.puzzle,
+            said,
+            answer.elapsed_ms,
+            answer.references_opened,
+        )
+        .await?;
         if !stored {
             return Err(StudyError::Conflict(format!("puzzle {} is already answered", answer.puzzle)));
         }

@@ -9,8 +9,6 @@
 
 use std::path::Path;
 
-use rusqlite::Connection;
-
 use super::{JobInfo, JobSpec, JobState};
 
 pub mod postgres;
@@ -37,9 +35,6 @@ pub enum StoreError {
     /// The database cannot be reached now (503 `database_unavailable`; retried).
     #[error("jobs database unreachable: {0}")]
     Unavailable(String),
-    /// What only the SQLite store does yet (human studies).
-    #[error("{0} need a SQLite jobs database in this version (jobs.database is PostgreSQL)")]
-    SqliteOnly(&'static str),
 }
 
 /// A lock file beside the database (`jobs.sqlite3` → `jobs.sqlite3.<what>.lock`).
@@ -64,6 +59,43 @@ pub struct StoredResult {
 
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A `jobs` row with its result counts, as either engine reads it.
+pub(crate) struct RawJob {
+    pub id: String,
+    pub spec: String,
+    pub state: String,
+    pub total: i64,
+    pub created_ms: i64,
+    pub started_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+    pub error: Option<String>,
+    pub resumed: i64,
+    pub done: i64,
+    pub successes: i64,
+}
+
+impl RawJob {
+    pub fn into_info(self) -> Result<JobInfo, StoreError> {
+        let spec: JobSpec =
+            serde_json::from_str(&self.spec).map_err(|e| StoreError::Corrupt(self.id.clone(), e.to_string()))?;
+        let state = JobState::parse(&self.state)
+            .ok_or_else(|| StoreError::Corrupt(self.id.clone(), format!("state {:?}", self.state)))?;
+        Ok(JobInfo {
+            id: self.id,
+            state,
+            spec,
+            total: self.total as u64,
+            done: self.done as u64,
+            successes: self.successes as u64,
+            created_ms: self.created_ms,
+            started_ms: self.started_ms,
+            finished_ms: self.finished_ms,
+            error: self.error,
+            resumed: self.resumed as u32,
+        })
+    }
 }
 
 /// The jobs database: SQLite or PostgreSQL, by `jobs.database`.
@@ -144,18 +176,6 @@ impl Store {
         match self {
             Self::Sqlite(s) => Some(s.path()),
             Self::Postgres(_) => None,
-        }
-    }
-
-    /// Runs `f` with the SQLite connection on a blocking thread (the human studies' statements);
-    /// on PostgreSQL, `SqliteOnly`.
-    pub async fn with<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        match self {
-            Self::Sqlite(s) => s.with(f).await,
-            Self::Postgres(_) => Err(StoreError::SqliteOnly("human studies")),
         }
     }
 

@@ -11,7 +11,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row};
 
 use super::work::{Claimed, ItemKey, Kind, LostLease, Me};
-use super::{StoreError, StoredResult, now_ms, schema};
+use super::{RawJob, StoreError, StoredResult, now_ms, schema};
 use crate::jobs::{JobInfo, JobSpec, JobState};
 
 /// Job states whose items may still be claimed and completed.
@@ -23,7 +23,8 @@ const MIGRATION_LOCK: i64 = 0x6c61_6265_6c66_6f6f;
 #[derive(Clone)]
 pub struct Postgres {
     pool: Pool,
-    config: tokio_postgres::Config,
+    /// For the start-up lock's connection of its own.
+    config: std::sync::Arc<tokio_postgres::Config>,
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -62,12 +63,12 @@ impl Postgres {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| StoreError::Postgres(e.to_string()))?;
-        let store = Self { pool, config };
+        let store = Self { pool, config: config.into() };
         store.migrate().await?;
         Ok(store)
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+    pub(crate) async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         Ok(self.pool.get().await?)
     }
 
@@ -593,22 +594,18 @@ const SELECT_JOB: &str = "SELECT j.id, j.spec, j.state, j.total, j.created_ms, j
      (SELECT COUNT(*) FROM results r WHERE r.job_id = j.id AND r.success) FROM jobs j";
 
 fn job_info(r: &Row) -> Result<JobInfo, StoreError> {
-    let id: String = r.get(0);
-    let spec: String = r.get(1);
-    let state: String = r.get(2);
-    let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt(id.clone(), e.to_string()))?;
-    let state = JobState::parse(&state).ok_or_else(|| StoreError::Corrupt(id.clone(), format!("state {state:?}")))?;
-    Ok(JobInfo {
-        id,
-        state,
-        spec,
-        total: r.get::<_, i64>(3) as u64,
-        done: r.get::<_, i64>(9) as u64,
-        successes: r.get::<_, i64>(10) as u64,
+    RawJob {
+        id: r.get(0),
+        spec: r.get(1),
+        state: r.get(2),
+        total: r.get(3),
         created_ms: r.get(4),
         started_ms: r.get(5),
         finished_ms: r.get(6),
         error: r.get(7),
-        resumed: r.get::<_, i64>(8) as u32,
-    })
+        resumed: r.get(8),
+        done: r.get(9),
+        successes: r.get(10),
+    }
+    .into_info()
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::work::{self, ItemKey};
-use super::{StoreError, StoredResult, lock_path, now_ms, schema};
+use super::{RawJob, StoreError, StoredResult, lock_path, now_ms, schema};
 use crate::jobs::{JobInfo, JobSpec, JobState};
 
 #[derive(Clone)]
@@ -244,20 +244,6 @@ const SELECT_JOB: &str = "SELECT j.id, j.spec, j.state, j.total, j.created_ms, j
      j.resumed, (SELECT COUNT(*) FROM results r WHERE r.job_id = j.id), \
      (SELECT COUNT(*) FROM results r WHERE r.job_id = j.id AND r.success = 1) FROM jobs j";
 
-struct RawJob {
-    id: String,
-    spec: String,
-    state: String,
-    total: i64,
-    created_ms: i64,
-    started_ms: Option<i64>,
-    finished_ms: Option<i64>,
-    error: Option<String>,
-    resumed: i64,
-    done: i64,
-    successes: i64,
-}
-
 fn raw_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
     Ok(RawJob {
         id: r.get(0)?,
@@ -272,28 +258,6 @@ fn raw_job(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawJob> {
         done: r.get(9)?,
         successes: r.get(10)?,
     })
-}
-
-impl RawJob {
-    fn into_info(self) -> Result<JobInfo, StoreError> {
-        let spec: JobSpec =
-            serde_json::from_str(&self.spec).map_err(|e| StoreError::Corrupt(self.id.clone(), e.to_string()))?;
-        let state = JobState::parse(&self.state)
-            .ok_or_else(|| StoreError::Corrupt(self.id.clone(), format!("state {:?}", self.state)))?;
-        Ok(JobInfo {
-            id: self.id,
-            state,
-            spec,
-            total: self.total as u64,
-            done: self.done as u64,
-            successes: self.successes as u64,
-            created_ms: self.created_ms,
-            started_ms: self.started_ms,
-            finished_ms: self.finished_ms,
-            error: self.error,
-            resumed: self.resumed as u32,
-        })
-    }
 }
 
 #[cfg(test)]

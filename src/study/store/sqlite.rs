@@ -1,17 +1,13 @@
-//! The studies' rows in the server's SQLite database (the schema is versioned with the jobs'
-//! tables, in `jobs::store`). Answers are written one statement each, as they are given.
+//! The studies' statements on SQLite (the schema is versioned with the jobs' tables, in
+//! `jobs::store::schema`). Answers are written one statement each, as they are given.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::design::{self, StudyDesign};
-use super::{ObserverInfo, Puzzle, StudyInfo, StudyRow};
+use super::{AnswerRow, ObserverRow, Reference};
 use crate::jobs::StoreError;
 use crate::jobs::store::now_ms;
-
-/// A reference picture: (the label it shows: its wnid, else its name; path within the study's
-/// folder; the picture it was copied from, relative to the reference set — to the job's folder
-/// for a study made before reference sets).
-pub type Reference = (String, String, String);
+use crate::study::design::StudyDesign;
+use crate::study::{ObserverInfo, Puzzle, StudyInfo, StudyRow};
 
 pub fn insert_study(
     c: &mut Connection,
@@ -157,19 +153,6 @@ pub fn references(
     Ok(rows)
 }
 
-/// An observer's row (the `observers` table).
-#[derive(Debug, Clone)]
-pub struct ObserverRow {
-    pub token: String,
-    pub study: String,
-    pub name: String,
-    pub group: u32,
-    /// Their puzzle order ([`super::design::order`]).
-    pub seed: i64,
-    /// When the link stops working (ms since the Unix epoch).
-    pub expires_ms: i64,
-}
-
 pub fn insert_observer(c: &Connection, o: &ObserverRow) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO observers (token, study_id, name, grp, seed, created_ms, expires_ms) \
@@ -247,6 +230,18 @@ pub fn observers(c: &Connection, study: &str) -> Result<Vec<ObserverInfo>, Store
     Ok(rows)
 }
 
+/// The observer whose link holds `token`, with their study, puzzles and answers.
+pub fn session(c: &Connection, token: &str) -> Result<Option<super::Session>, StoreError> {
+    let Some(o) = observer(c, token)? else { return Ok(None) };
+    let Some(study) = study(c, &o.study)? else { return Ok(None) };
+    let puzzles = match study.design {
+        StudyDesign::OneGroup => group_puzzles(c, &o.study, o.group)?,
+        StudyDesign::AllGroups => puzzles(c, &o.study)?,
+    };
+    let answers = answers_of(c, token)?;
+    Ok(Some((study, o, puzzles, answers)))
+}
+
 /// The observer's answers: puzzle id → said "Correct".
 pub fn answers_of(c: &Connection, token: &str) -> Result<Vec<(i64, bool)>, StoreError> {
     let mut st = c.prepare("SELECT puzzle, correct FROM answers WHERE token = ?1")?;
@@ -275,20 +270,6 @@ pub fn insert_answer(
         params![token, puzzle, correct, now_ms(), elapsed_ms, references_opened],
     )?;
     Ok(n == 1)
-}
-
-/// One stored answer, joined with its observer and puzzle.
-#[derive(Debug, Clone)]
-pub struct AnswerRow {
-    pub observer: String,
-    pub group: u32,
-    pub puzzle: Puzzle,
-    pub correct: bool,
-    pub answered_ms: i64,
-    /// Time from the picture's display to the answer (None: not sent, or answered before v4).
-    pub elapsed_ms: Option<u32>,
-    /// The observer opened the reference pictures (None: not said, or answered before v5).
-    pub references_opened: Option<bool>,
 }
 
 /// Every answer of the study, observers in the order they were added, then by time.
@@ -320,33 +301,6 @@ pub fn answers(c: &Connection, study: &str) -> Result<Vec<AnswerRow>, StoreError
 pub fn info(c: &Connection, row: StudyRow) -> Result<StudyInfo, StoreError> {
     let mut st = c.prepare("SELECT grp, COUNT(*) FROM puzzles WHERE study_id = ?1 GROUP BY grp ORDER BY grp")?;
     let sizes: Vec<(u32, u32)> = st.query_map([&row.id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
-    let mut groups = vec![0u32; row.groups as usize];
-    for (g, n) in sizes {
-        if let Some(slot) = groups.get_mut(g as usize) {
-            *slot = n;
-        }
-    }
     let observers = observers(c, &row.id)?;
-    let without = design::groups_without_observers(
-        row.design,
-        &groups,
-        observers.iter().map(|o| (o.group, o.revoked_ms.is_none() || o.answered >= o.total)),
-    );
-    Ok(StudyInfo {
-        puzzles: groups.iter().sum(),
-        answers: observers.iter().map(|o| o.answered).sum(),
-        id: row.id,
-        job: row.job,
-        name: row.name,
-        model: row.model,
-        categories: row.categories,
-        groups,
-        observers,
-        created_ms: row.created_ms,
-        seed: row.seed,
-        design: row.design,
-        references: row.references,
-        reference_images: row.reference_images,
-        groups_without_observers: without,
-    })
+    Ok(super::assemble(row, sizes, observers))
 }

@@ -208,8 +208,9 @@ struct Inner {
     engine: Engine,
     /// This server among those sharing the database.
     me: lease::Instance,
-    /// The items this server works on now, by item id: their job and what stops them.
-    held: Mutex<HashMap<i64, (String, CancellationToken)>>,
+    /// The items this server works on now, by item id: their job, the lease token they were
+    /// claimed with and what stops them.
+    held: Mutex<HashMap<i64, Held>>,
     /// Wakes the runner before its next poll (a job queued or an item freed here).
     wake: Notify,
     events: Mutex<HashMap<String, progress::Channel>>,
@@ -240,7 +241,12 @@ impl Jobs {
         let recorded = store.instances().await?;
         let probe = me.probe();
         let (others, dead) = tokio::task::spawn_blocking(move || (recorded.len() - 1, probe.dead(&recorded))).await?;
-        if others == dead.len() {
+        if matches!(store, Store::Postgres(_)) {
+            // A heartbeat is no proof of death at start-up: after an outage every server's is
+            // stale while it still works. So a PostgreSQL server never sweeps the shared folder,
+            // and leaves reaping to the lease upkeep, which waits until the others could renew.
+            tracing::info!(others, "sharing the jobs database (PostgreSQL)");
+        } else if others == dead.len() {
             let swept = sweep::sweep(&store, &dir, &dir.join(UPLOADS), config.resume).await?;
             if swept != sweep::Swept::default() {
                 tracing::info!(?swept, "swept what the previous process left unfinished");
@@ -311,8 +317,8 @@ impl Jobs {
     fn stop_items(&self, items: &[i64]) {
         let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
         for id in items {
-            if let Some((_, token)) = held.get(id) {
-                token.cancel();
+            if let Some(h) = held.get(id) {
+                h.stop.cancel();
             }
         }
     }
@@ -320,9 +326,9 @@ impl Jobs {
     /// Stops this server's work on every item of `job`.
     fn stop_job(&self, job: &str) {
         let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
-        for (j, token) in held.values() {
-            if j == job {
-                token.cancel();
+        for h in held.values() {
+            if h.job == job {
+                h.stop.cancel();
             }
         }
     }
@@ -475,6 +481,15 @@ impl Jobs {
             self.publish(&job, None);
         }
     }
+}
+
+/// An item this server works on.
+struct Held {
+    job: String,
+    /// The lease token of the claim: a later claim of the same item (after its lease ran out)
+    /// replaces the entry, and only its own task removes it.
+    lease: i64,
+    stop: CancellationToken,
 }
 
 /// Held while a server starts: a lock file beside a SQLite database, or a PostgreSQL advisory

@@ -23,9 +23,9 @@ impl Jobs {
         if !studies.is_empty() {
             return Err(in_use(id, &studies));
         }
-        if !job.state.is_terminal() {
-            self.stop(id).await?;
-        }
+        // Even an ended job may still have items on servers that have not heard yet (they
+        // stop at their next renewal): its folder goes only once none is held.
+        self.stop(id, !job.state.is_terminal()).await?;
         let studies = self.store().delete_job(id).await?;
         if !studies.is_empty() {
             return Err(in_use(id, &studies));
@@ -43,13 +43,15 @@ impl Jobs {
         Ok(())
     }
 
-    /// Cancels a queued or running job and waits until no server holds an item of it (within
+    /// Cancels the job if it is `live`, and waits until no server holds an item of it (within
     /// [`STOP_WAIT`]): a server that died holds its items until it is reaped or its lease runs
     /// out.
-    async fn stop(&self, id: &str) -> Result<(), JobError> {
-        match self.cancel(id).await {
-            Ok(_) | Err(JobError::Conflict(_)) => {}
-            Err(e) => return Err(e),
+    async fn stop(&self, id: &str, live: bool) -> Result<(), JobError> {
+        if live {
+            match self.cancel(id).await {
+                Ok(_) | Err(JobError::Conflict(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
         let started = tokio::time::Instant::now();
         loop {

@@ -56,11 +56,8 @@ pub async fn run(jobs: Jobs) {
                             }
                         };
                         let token = CancellationToken::new();
-                        jobs.inner
-                            .held
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(it.id, (it.job.clone(), token.clone()));
+                        let held = super::Held { job: it.job.clone(), lease: it.token, stop: token.clone() };
+                        jobs.inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(it.id, held);
                         let span = tracing::info_span!("job", id = %it.job, item = it.id, attempt = it.attempts);
                         tasks.spawn(work(jobs.clone(), ctx, service.clone(), it, token).instrument(span));
                     }
@@ -152,11 +149,13 @@ impl JobContext {
 
 /// One claimed item, to its end: done and stored, given back, or its job failed.
 async fn work(jobs: Jobs, ctx: Arc<JobContext>, service: AttackService, it: Claimed, token: CancellationToken) {
+    // Off the held list however the task ends (a panic too), unless a later claim replaced it.
+    let held = Unhold { jobs: jobs.clone(), id: it.id, lease: it.token };
     let outcome = match it.kind {
         Kind::Attack => attack(&jobs, &ctx, &service, &it, &token).await,
         Kind::Report => report(&jobs, &it).await,
     };
-    jobs.inner.held.lock().unwrap_or_else(|p| p.into_inner()).remove(&it.id);
+    drop(held);
     match outcome {
         Ok(Some(last)) if jobs.followed(&it.job) => {
             if let Ok(job) = jobs.get(&it.job).await {
@@ -165,6 +164,22 @@ async fn work(jobs: Jobs, ctx: Arc<JobContext>, service: AttackService, it: Clai
         }
         Ok(_) => {}
         Err(e) => end_with(&jobs, &it.job, e).await,
+    }
+}
+
+/// Takes an item off this server's held list when its task ends.
+struct Unhold {
+    jobs: Jobs,
+    id: i64,
+    lease: i64,
+}
+
+impl Drop for Unhold {
+    fn drop(&mut self) {
+        let mut held = self.jobs.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.get(&self.id).is_some_and(|h| h.lease == self.lease) {
+            held.remove(&self.id);
+        }
     }
 }
 

@@ -31,8 +31,13 @@ impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         // No server error code: the connection itself failed (refused, reset, closed).
         match e.as_db_error() {
-            Some(db) if !e.is_closed() => Self::Postgres(format!("{}: {}", db.code().code(), db.message())),
-            _ => Self::Unavailable(e.to_string()),
+            // Connection exceptions (08), too many connections (53), the server shutting down or
+            // starting (57), deadlocks and serialization failures (40): transient, retried.
+            Some(db) if !e.is_closed() && !["08", "53", "57", "40"].contains(&&db.code().code()[..2]) => {
+                Self::Postgres(format!("{}: {}", db.code().code(), db.message()))
+            }
+            Some(db) => Self::Unavailable(format!("{}: {}", db.code().code(), db.message())),
+            None => Self::Unavailable(e.to_string()),
         }
     }
 }
@@ -383,7 +388,7 @@ impl Postgres {
             }
             Kind::Report => {
                 tx.execute(
-                    "UPDATE jobs SET state = 'done', finished_ms = $2, error = NULL WHERE id = $1 AND state = 'running'",
+                    "UPDATE jobs SET state = 'done', finished_ms = $2, error = NULL WHERE id = $1 AND state IN ('queued', 'running')",
                     &[&it.job, &now],
                 )
                 .await?;

@@ -234,7 +234,7 @@ pub fn complete(
         Kind::Attack => unblock_report(&tx, &it.job)?,
         Kind::Report => {
             tx.execute(
-                "UPDATE jobs SET state = 'done', finished_ms = ?2, error = NULL WHERE id = ?1 AND state = 'running'",
+                "UPDATE jobs SET state = 'done', finished_ms = ?2, error = NULL WHERE id = ?1 AND state IN ('queued', 'running')",
                 params![it.job, now],
             )?;
         }

@@ -13,7 +13,7 @@ use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::store::{Me, now_ms};
+use super::store::{Me, blocking, now_ms};
 use super::{Jobs, StoreError};
 
 /// This server, as the others see it.
@@ -133,9 +133,7 @@ async fn tick(jobs: &Jobs, me: &Me, reap: bool) -> Result<(), StoreError> {
     }
     let recorded = store.instances().await?;
     let probe = jobs.instance().probe();
-    let dead = tokio::task::spawn_blocking(move || probe.dead(&recorded))
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+    let dead = blocking(move || Ok::<_, StoreError>(probe.dead(&recorded))).await?;
     if !dead.is_empty() {
         let hit = store.reap(dead.clone(), jobs.config().resume).await?;
         tracing::info!(servers = ?dead, jobs = ?hit, "jobs: servers that died were reaped; their items are pending again");

@@ -231,22 +231,25 @@ impl Jobs {
         }
         let dir = crate::config::expand_path(&config.dir)?;
         std::fs::create_dir_all(&dir)?;
-        let lease_ms = (config.lease_secs * 1e3) as i64;
         // Claims, completions, renewals and reads in flight at once, and one to spare.
         let store = Store::open(&config.database, config.concurrency.max(1) * 2 + 4).await?;
-        let me = lease::Instance::new(store.sqlite_path(), lease_ms)?;
+        let me = lease::Instance::new(store.sqlite_path(), lease_ms(config))?;
         // One server starts at a time: a sweep never meets another server's first upload.
         let gate = startup_gate(&store).await?;
         store.register(&me.record()).await?;
         let recorded = store.instances().await?;
-        let probe = me.probe();
-        let (others, dead) = tokio::task::spawn_blocking(move || (recorded.len() - 1, probe.dead(&recorded))).await?;
+        let others = recorded.len() - 1;
         if matches!(store, Store::Postgres(_)) {
             // A heartbeat is no proof of death at start-up: after an outage every server's is
             // stale while it still works. So a PostgreSQL server never sweeps the shared folder,
             // and leaves reaping to the lease upkeep, which waits until the others could renew.
             tracing::info!(others, "sharing the jobs database (PostgreSQL)");
-        } else if others == dead.len() {
+            drop(gate);
+            return Ok(Self::assemble(store, dir, config, engine, me).await);
+        }
+        let probe = me.probe();
+        let dead = store::blocking(move || Ok::<_, StoreError>(probe.dead(&recorded))).await?;
+        if others == dead.len() {
             let swept = sweep::sweep(&store, &dir, &dir.join(UPLOADS), config.resume).await?;
             if swept != sweep::Swept::default() {
                 tracing::info!(?swept, "swept what the previous process left unfinished");
@@ -260,6 +263,12 @@ impl Jobs {
             tracing::info!(others = others, reaped = ?reaped, "sharing the jobs database with other servers");
         }
         drop(gate);
+        Ok(Self::assemble(store, dir, config, engine, me).await)
+    }
+
+    /// The service on its opened store, with its retention pass done and its runner and lease
+    /// upkeep started.
+    async fn assemble(store: Store, dir: PathBuf, config: &JobsConfig, engine: Engine, me: lease::Instance) -> Self {
         let jobs = Self {
             inner: Arc::new(Inner {
                 store,
@@ -277,7 +286,7 @@ impl Jobs {
         purge::spawn_retention(jobs.clone());
         lease::spawn_tick(jobs.clone());
         tokio::spawn(runner::run(jobs.clone()));
-        Ok(jobs)
+        jobs
     }
 
     pub fn store(&self) -> &Store {
@@ -290,7 +299,17 @@ impl Jobs {
     }
 
     pub fn lease_ms(&self) -> i64 {
-        (self.inner.config.lease_secs * 1e3) as i64
+        lease_ms(&self.inner.config)
+    }
+
+    /// How often an idle runner and a progress stream look again (`jobs.poll_ms`).
+    fn poll_period(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.inner.config.poll_ms.max(10))
+    }
+
+    /// The items this server works on (the lock survives a panic elsewhere: the map stays whole).
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Held>> {
+        self.inner.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Work items of live jobs waiting for any server.
@@ -300,7 +319,7 @@ impl Jobs {
 
     /// Work items this server is working on now.
     pub fn held_items(&self) -> usize {
-        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.held().len()
     }
 
     /// Wakes the runner (work was queued or freed).
@@ -310,12 +329,12 @@ impl Jobs {
 
     /// The items this server works on now.
     fn held_ids(&self) -> Vec<i64> {
-        self.inner.held.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+        self.held().keys().copied().collect()
     }
 
     /// Stops this server's work on the given items (their job ended).
     fn stop_items(&self, items: &[i64]) {
-        let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.held();
         for id in items {
             if let Some(h) = held.get(id) {
                 h.stop.cancel();
@@ -325,7 +344,7 @@ impl Jobs {
 
     /// Stops this server's work on every item of `job`.
     fn stop_job(&self, job: &str) {
-        let held = self.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        let held = self.held();
         for h in held.values() {
             if h.job == job {
                 h.stop.cancel();
@@ -411,7 +430,7 @@ impl Jobs {
         let folder = PathBuf::from(&spec.images);
         let mut items = Vec::new();
         for model in &spec.models {
-            let samples = self.samples(id, spec, model)?;
+            let (_, samples) = self.samples(id, spec, model)?;
             for method in &spec.methods {
                 items.extend(samples.iter().map(|s| ItemKey {
                     model: model.clone(),
@@ -420,14 +439,16 @@ impl Jobs {
                 }));
             }
         }
-        if items.len() > self.inner.config.max_attacks {
-            items.truncate(self.inner.config.max_attacks + 1);
-        }
         Ok(items)
     }
 
     /// The images a job attacks with `model` (its classes name their labels), checked.
-    fn samples(&self, id: &str, spec: &JobSpec, model: &str) -> Result<Vec<crate::dataset::Sample>, JobError> {
+    fn samples(
+        &self,
+        id: &str,
+        spec: &JobSpec,
+        model: &str,
+    ) -> Result<(Arc<crate::model::ModelInfo>, Vec<crate::dataset::Sample>), JobError> {
         let (_, info) = self.inner.engine.model(Some(model))?;
         let mut samples = crate::dataset::discover(Path::new(&spec.images), info.classes())
             .map_err(|e| JobError::invalid("images", e.to_string()))?;
@@ -435,7 +456,7 @@ impl Jobs {
             samples.truncate(n);
         }
         self.check_samples(id, &samples)?;
-        Ok(samples)
+        Ok((info, samples))
     }
 
     /// Every file a job reads lies (links followed) under `jobs.allowed_dirs` or its own folder.
@@ -481,6 +502,11 @@ impl Jobs {
             self.publish(&job, None);
         }
     }
+}
+
+/// `jobs.lease_secs` in milliseconds.
+fn lease_ms(config: &JobsConfig) -> i64 {
+    (config.lease_secs * 1e3) as i64
 }
 
 /// An item this server works on.

@@ -4,7 +4,7 @@
 //! and its end wherever it comes, reach the stream too. Polling, not a notification channel:
 //! SQLite has none, and a re-read after any gap is needed anyway.
 
-use std::time::Duration;
+use std::collections::HashMap;
 
 use tokio::sync::broadcast;
 
@@ -17,9 +17,14 @@ pub struct Channel {
 }
 
 impl Jobs {
+    /// The followed jobs' channels (the lock survives a panic elsewhere: the map stays whole).
+    pub(super) fn events(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+        self.inner.events.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Progress of a job from now on (None once it is finished and nobody publishes).
     pub fn subscribe(&self, id: &str) -> broadcast::Receiver<JobEvent> {
-        let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+        let mut events = self.events();
         // A channel nobody listens to carries nothing: a request for a missing or finished job
         // leaves one behind, and without this every such request would keep one for good.
         events.retain(|_, ch| ch.tx.receiver_count() > 0);
@@ -34,13 +39,13 @@ impl Jobs {
 
     /// Channels held for progress subscribers (one per job somebody follows).
     pub fn event_channels(&self) -> usize {
-        self.inner.events.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.events().len()
     }
 
     /// Sends the job as it stands to its followers, if any; after its last event (or once
     /// nobody follows) its channel closes: subscribers still read what it holds.
     pub(super) fn publish(&self, job: &JobInfo, last: Option<FinishedAttack>) {
-        let mut events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+        let mut events = self.events();
         if let Some(ch) = events.get_mut(&job.id) {
             ch.last = (job.state, job.done);
             let _ = ch.tx.send(JobEvent::of(job, last));
@@ -52,12 +57,12 @@ impl Jobs {
 
     /// Whether somebody follows the job (a finished item is read back only then).
     pub(super) fn followed(&self, id: &str) -> bool {
-        self.inner.events.lock().unwrap_or_else(|p| p.into_inner()).contains_key(id)
+        self.events().contains_key(id)
     }
 
     /// The last (state, done) the job's channel carried; None once it is closed.
     fn last_sent(&self, id: &str) -> Option<(JobState, u64)> {
-        let events = self.inner.events.lock().unwrap_or_else(|p| p.into_inner());
+        let events = self.events();
         events.get(id).filter(|ch| ch.tx.receiver_count() > 0).map(|ch| ch.last)
     }
 }
@@ -65,11 +70,11 @@ impl Jobs {
 /// Re-reads a followed job every `jobs.poll_ms` and publishes what changed, until its channel
 /// closes (the job ended, or nobody follows it).
 async fn poll(jobs: Jobs, id: String) {
-    let period = Duration::from_millis(jobs.config().poll_ms.max(10));
+    let period = jobs.poll_period();
     loop {
         tokio::time::sleep(period).await;
         let Some(last) = jobs.last_sent(&id) else {
-            jobs.inner.events.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, ch| ch.tx.receiver_count() > 0);
+            jobs.events().retain(|_, ch| ch.tx.receiver_count() > 0);
             return;
         };
         match jobs.get(&id).await {
@@ -77,7 +82,7 @@ async fn poll(jobs: Jobs, id: String) {
             Ok(_) => {}
             // Purged, or the store is unreachable for now: the stream ends with its last word.
             Err(super::JobError::NotFound(_)) => {
-                jobs.inner.events.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+                jobs.events().remove(&id);
                 return;
             }
             Err(e) => tracing::debug!(job = %id, error = %e, "progress: cannot read the job"),

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use super::store::blocking;
 use super::{JobError, Jobs, StoreError};
 
 /// How long a purge waits for a cancelled job's runner to stop (an attack in flight finishes
@@ -30,15 +31,13 @@ impl Jobs {
         if !studies.is_empty() {
             return Err(in_use(id, &studies));
         }
-        self.inner.events.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.events().remove(id);
         let dir = self.job_dir(id);
-        tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Io(e)),
             _ => Ok(()),
         })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-        .map_err(StoreError::Io)?;
+        .await?;
         tracing::info!(job = %id, "job purged");
         Ok(())
     }

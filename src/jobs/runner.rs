@@ -17,13 +17,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::store::{Claimed, Kind};
+use super::store::{Claimed, Kind, blocking};
 use super::{FinishedAttack, JobError, JobSpec, Jobs, StoreError, StoredResult};
 use crate::attack::Method;
 use crate::dataset::Sample;
 use crate::engine::AttackRequest;
 use crate::eval::{self, EvalOutput, MethodRun, Record};
-use crate::model::ModelInfo;
+use crate::model::{ModelInfo, ModelState};
 use crate::service::AttackService;
 
 pub async fn run(jobs: Jobs) {
@@ -38,7 +38,7 @@ pub async fn run(jobs: Jobs) {
         Arc::new(crate::remote::Remotes::none()),
         crate::engine::OFFLINE_DEADLINE,
     );
-    let poll = Duration::from_millis(jobs.config().poll_ms.max(10));
+    let poll = jobs.poll_period();
     let mut tasks = JoinSet::new();
     let mut contexts: HashMap<String, Arc<JobContext>> = HashMap::new();
     loop {
@@ -57,7 +57,7 @@ pub async fn run(jobs: Jobs) {
                         };
                         let token = CancellationToken::new();
                         let held = super::Held { job: it.job.clone(), lease: it.token, stop: token.clone() };
-                        jobs.inner.held.lock().unwrap_or_else(|p| p.into_inner()).insert(it.id, held);
+                        jobs.held().insert(it.id, held);
                         let span = tracing::info_span!("job", id = %it.job, item = it.id, attempt = it.attempts);
                         tasks.spawn(work(jobs.clone(), ctx, service.clone(), it, token).instrument(span));
                     }
@@ -84,7 +84,8 @@ async fn claim(jobs: &Jobs, n: usize) -> Result<Vec<Claimed>, StoreError> {
         .engine
         .models()
         .into_iter()
-        .filter(|m| m.info.is_some() && jobs.inner.engine.model(Some(&m.name)).is_ok())
+        // What `Engine::model` would serve: ready, with its description.
+        .filter(|m| matches!(m.state, ModelState::Ready) && m.info.is_some())
         .map(|m| m.name)
         .collect();
     jobs.store().claim(&jobs.instance().id, models, n, jobs.lease_ms()).await
@@ -129,8 +130,7 @@ impl JobContext {
             match models.get(model) {
                 Some(m) => m.clone(),
                 None => {
-                    let samples = jobs.samples(job, &self.spec, model)?;
-                    let (_, info) = jobs.inner.engine.model(Some(model))?;
+                    let (info, samples) = jobs.samples(job, &self.spec, model)?;
                     let by_key = samples.into_iter().map(|s| (key(&self.folder, &s.path), s)).collect();
                     let m = Arc::new((info, by_key));
                     models.insert(model.to_string(), m.clone());
@@ -176,7 +176,7 @@ struct Unhold {
 
 impl Drop for Unhold {
     fn drop(&mut self) {
-        let mut held = self.jobs.inner.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut held = self.jobs.held();
         if held.get(&self.id).is_some_and(|h| h.lease == self.lease) {
             held.remove(&self.id);
         }
@@ -250,10 +250,7 @@ async fn store_one(
         Some(bytes) => {
             let rel = Path::new("images").join(&it.model).join(method).join(Path::new(&it.file).with_extension("png"));
             let path = jobs.job_dir(&it.job).join(&rel);
-            let part = tokio::task::spawn_blocking(move || super::disk::Part::write(&path, &bytes))
-                .await
-                .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-                .map_err(StoreError::Io)?;
+            let part = blocking(move || super::disk::Part::write(&path, &bytes).map_err(StoreError::Io)).await?;
             (Some(part), Some(rel.to_string_lossy().into_owned()))
         }
         None => (None, None),
@@ -324,13 +321,13 @@ async fn write_reports(jobs: &Jobs, id: &str) -> Result<(), JobError> {
     let dir = jobs.job_dir(id).join("report");
     let root = jobs.root_dir().to_path_buf();
     let command = format!("POST /jobs {}", serde_json::to_string(&job.spec).unwrap_or_default());
-    tokio::task::spawn_blocking(move || -> Result<(), JobError> {
+    blocking(move || -> Result<(), JobError> {
         for model in &job.spec.models {
             let mut records = Vec::new();
             let mut runs: Vec<MethodRun> = Vec::new();
             for r in results.iter().filter(|r| &r.model == model) {
                 let record: Record = serde_json::from_str(&r.record)
-                    .map_err(|e| super::StoreError::Corrupt(job.id.clone(), format!("result {}: {e}", r.file)))?;
+                    .map_err(|e| StoreError::Corrupt(job.id.clone(), format!("result {}: {e}", r.file)))?;
                 // Seconds per image: the mean of the images' own wall times.
                 let wall = record.result.as_ref().map_or(0.0, |f| f.wall_ms / 1e3);
                 match runs.iter_mut().find(|m| m.method == r.method) {
@@ -349,18 +346,17 @@ async fn write_reports(jobs: &Jobs, id: &str) -> Result<(), JobError> {
             }
             let out = EvalOutput { records, runs, interrupted: false };
             let d = dir.join(model);
-            std::fs::create_dir_all(&d).map_err(super::StoreError::Io)?;
+            std::fs::create_dir_all(&d).map_err(StoreError::Io)?;
             let summary = eval::report::summarise(model, Path::new(&job.spec.images), &out);
             let md = eval::report::markdown(&d, &summary, &out, &command);
-            eval::report::write(&d, &summary, &md).map_err(super::StoreError::Io)?;
+            eval::report::write(&d, &summary, &md).map_err(StoreError::Io)?;
         }
         // On disk before the job is marked done (a torn report is rewritten on resume).
         if dir.is_dir() {
-            super::disk::sync_tree(&dir).map_err(super::StoreError::Io)?;
-            super::disk::sync_up(dir.parent().unwrap_or(&dir), &root).map_err(super::StoreError::Io)?;
+            super::disk::sync_tree(&dir).map_err(StoreError::Io)?;
+            super::disk::sync_up(dir.parent().unwrap_or(&dir), &root).map_err(StoreError::Io)?;
         }
         Ok(())
     })
     .await
-    .map_err(|e| super::StoreError::Io(std::io::Error::other(e.to_string())))?
 }

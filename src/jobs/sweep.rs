@@ -19,7 +19,7 @@ use std::path::Path;
 
 use super::StoreError;
 use super::disk::PART;
-use super::store::{MissingPng, Store, SweepView};
+use super::store::{MissingPng, Store, SweepView, blocking};
 
 /// What the sweep removed or changed (logged; returned for tests).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -37,9 +37,7 @@ pub struct Swept {
 pub async fn sweep(store: &Store, dir: &Path, uploads: &Path, resume: bool) -> Result<Swept, StoreError> {
     let view = store.sweep_view().await?;
     let (dir, uploads) = (dir.to_path_buf(), uploads.to_path_buf());
-    let (mut out, missing) = tokio::task::spawn_blocking(move || walk(view, &dir, &uploads))
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+    let (mut out, missing) = blocking(move || walk(view, &dir, &uploads)).await?;
     if !missing.is_empty() {
         out.missing_pngs = missing.len();
         out.reopened = store.drop_missing(missing, resume).await?;

@@ -4,15 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+use super::store::blocking;
 use super::{ArchiveSpec, JobError, JobInfo, JobSpec, Jobs, StoreError, archive, disk, new_id};
 
 impl Jobs {
     /// Bytes the jobs' folder holds now (walked: uploads, inputs, PNGs, reports).
     pub async fn usage(&self) -> Result<u64, JobError> {
         let dir = self.inner.dir.clone();
-        Ok(tokio::task::spawn_blocking(move || disk::usage(&dir))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?)
+        Ok(blocking(move || Ok::<_, StoreError>(disk::usage(&dir))).await?)
     }
 
     /// Bytes that may still be added to the jobs' folder, refusing (507) when `adding` more
@@ -60,7 +59,7 @@ impl Jobs {
             room,
         };
         let (d, root) = (dest.clone(), self.inner.dir.clone());
-        let unpacked = tokio::task::spawn_blocking(move || {
+        let unpacked = blocking(move || {
             let r = archive::unpack(&archive, &d, limits);
             let _ = std::fs::remove_file(&archive);
             // On disk before the job's row says it exists.
@@ -70,10 +69,9 @@ impl Jobs {
                     .map_err(StoreError::Io)?;
                 Ok(files)
             };
-            r.and_then(synced)
+            Ok::<_, StoreError>(r.and_then(synced))
         })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+        .await?;
         let files = match unpacked {
             Ok(files) => files,
             Err(e) => {

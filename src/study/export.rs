@@ -2,6 +2,7 @@
 //! the chart, each computed off the async threads.
 
 use super::*;
+use crate::jobs::store::blocking;
 
 impl Studies {
     /// CR and PG (computed on a blocking thread: a study's answers can be many); the bootstrap
@@ -117,11 +118,4 @@ fn answers_csv(study: &str, rows: Vec<store::AnswerRow>) -> Result<Vec<u8>, Stud
         .map_err(io)?;
     }
     w.into_inner().map_err(|e| StudyError::Store(StoreError::Io(std::io::Error::other(e.to_string()))))
-}
-
-/// Runs `f` on a blocking thread: numbers and files over every answer stay off the async ones.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StudyError> + Send + 'static,
-) -> Result<T, StudyError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
 }

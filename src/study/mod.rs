@@ -131,7 +131,7 @@ impl Studies {
         let dir = self.dir(&id);
         let refs_per_label = row.references as usize;
         let limits = self.engine.settings().decode;
-        let built = tokio::task::spawn_blocking(move || -> Result<_, StudyError> {
+        let built = crate::jobs::store::blocking(move || -> Result<_, StudyError> {
             let plan = build::plan(&results, &model, &categories, seed)?;
             if plan.is_empty() {
                 return Err(StudyError::invalid("job", "no image of the job has a true class (from its file name)"));
@@ -157,8 +157,7 @@ impl Studies {
             }
             built
         })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+        .await?;
         let (puzzles, refs) = built;
         store::insert_study(self.jobs.store(), row.clone(), puzzles, refs).await?;
         for _ in 0..spec.observers {

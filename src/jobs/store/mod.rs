@@ -37,6 +37,16 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// Job states whose items may still be claimed and completed (SQL, both engines).
+const LIVE: &str = "('queued', 'running')";
+
+/// A job's `error` when the server running it stopped and `jobs.resume` is off.
+const STOPPED: &str = "the server stopped while it ran";
+
+/// A `done` job's `error` when the sweep removed results whose files were gone and
+/// `jobs.resume` is off.
+const FILES_LOST: &str = "result files were missing at start-up; their results were removed";
+
 /// A lock file beside the database (`jobs.sqlite3` → `jobs.sqlite3.<what>.lock`).
 pub fn lock_path(db: &Path, what: &str) -> std::path::PathBuf {
     let mut name = db.file_name().unwrap_or_default().to_os_string();
@@ -122,6 +132,18 @@ pub struct MissingPng {
     pub file: String,
 }
 
+/// Runs blocking work (SQLite, the file system) on the blocking pool. A task that panicked comes
+/// back as an I/O error of the store, in whichever error type the caller returns.
+pub async fn blocking<T, E>(f: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e.to_string())).into()))
+}
+
 /// Whether `jobs.database` names a PostgreSQL server rather than a SQLite file.
 pub fn is_postgres(database: &str) -> bool {
     database.starts_with("postgres://") || database.starts_with("postgresql://")
@@ -165,10 +187,7 @@ impl Store {
         }
         let path = crate::config::expand_path(database.strip_prefix("sqlite:").unwrap_or(database))
             .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-        let s = tokio::task::spawn_blocking(move || Sqlite::open(&path))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
-        Ok(Self::Sqlite(s))
+        Ok(Self::Sqlite(blocking(move || Sqlite::open(&path)).await?))
     }
 
     /// The SQLite file's path (None on PostgreSQL).

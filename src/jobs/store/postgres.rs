@@ -11,11 +11,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row};
 
 use super::work::{Claimed, ItemKey, Kind, LostLease, Me};
-use super::{RawJob, StoreError, StoredResult, now_ms, schema};
+use super::{FILES_LOST, LIVE, RawJob, STOPPED, StoreError, StoredResult, now_ms, schema};
 use crate::jobs::{JobInfo, JobSpec, JobState};
-
-/// Job states whose items may still be claimed and completed.
-const LIVE: &str = "('queued', 'running')";
 
 /// `pg_advisory_lock`'s key for migrations ("labelfoo" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6c61_6265_6c66_6f6f;
@@ -287,7 +284,7 @@ impl Postgres {
                     Claimed {
                         id: r.get(0),
                         job: r.get(1),
-                        kind: if kind == "report" { Kind::Report } else { Kind::Attack },
+                        kind: Kind::parse(&kind),
                         model: r.get(3),
                         method: r.get(4),
                         file: r.get(5),
@@ -371,9 +368,7 @@ impl Postgres {
         if fenced == 0 {
             return Ok(Err(LostLease));
         }
-        tokio::task::spawn_blocking(place)
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+        super::blocking(move || place().map_err(StoreError::Io)).await?;
         if let Some(r) = row {
             tx.execute(
                 "INSERT INTO results (job_id, model, method, file, record, png, success, created_ms) \
@@ -388,7 +383,7 @@ impl Postgres {
             }
             Kind::Report => {
                 tx.execute(
-                    "UPDATE jobs SET state = 'done', finished_ms = $2, error = NULL WHERE id = $1 AND state IN ('queued', 'running')",
+                    &format!("UPDATE jobs SET state = 'done', finished_ms = $2, error = NULL WHERE id = $1 AND state IN {LIVE}"),
                     &[&it.job, &now],
                 )
                 .await?;
@@ -550,10 +545,8 @@ impl Postgres {
                 .await?
             } else {
                 tx.execute(
-                    "UPDATE jobs SET state = 'interrupted', finished_ms = $2, \
-                     error = 'result files were missing at start-up; their results were removed' \
-                     WHERE id = $1 AND state = 'done'",
-                    &[&job, &now_ms()],
+                    "UPDATE jobs SET state = 'interrupted', finished_ms = $2, error = $3 WHERE id = $1 AND state = 'done'",
+                    &[&job, &now_ms(), &FILES_LOST],
                 )
                 .await?
             };
@@ -584,10 +577,9 @@ async fn interrupt_or_resume(
     } else {
         tx.execute(
             &format!(
-                "UPDATE jobs SET state = 'interrupted', finished_ms = $2, error = 'the server stopped while it ran' \
-                 WHERE id = ANY($1) AND state IN {LIVE}"
+                "UPDATE jobs SET state = 'interrupted', finished_ms = $2, error = $3 WHERE id = ANY($1) AND state IN {LIVE}"
             ),
-            &[&jobs, &now_ms()],
+            &[&jobs, &now_ms(), &STOPPED],
         )
         .await?;
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::work::{self, ItemKey};
-use super::{RawJob, StoreError, StoredResult, lock_path, now_ms, schema};
+use super::{FILES_LOST, LIVE, RawJob, StoreError, StoredResult, lock_path, now_ms, schema};
 use crate::jobs::{JobInfo, JobSpec, JobState};
 
 #[derive(Clone)]
@@ -83,10 +83,8 @@ impl Sqlite {
                 )?
             } else {
                 tx.execute(
-                    "UPDATE jobs SET state = 'interrupted', finished_ms = ?2, \
-                     error = 'result files were missing at start-up; their results were removed' \
-                     WHERE id = ?1 AND state = 'done'",
-                    params![job, now_ms()],
+                    "UPDATE jobs SET state = 'interrupted', finished_ms = ?2, error = ?3 WHERE id = ?1 AND state = 'done'",
+                    params![job, now_ms(), FILES_LOST],
                 )?
             };
             if changed > 0 {
@@ -109,12 +107,7 @@ impl Sqlite {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut c)
-        })
-        .await
-        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+        super::blocking(move || f(&mut conn.lock().unwrap_or_else(|p| p.into_inner()))).await
     }
 
     /// The job's row and its work items (`items`, in the order they are to run, then its
@@ -159,7 +152,7 @@ impl Sqlite {
     /// Ends a queued or running job (cancelled or failed); false if it had ended already.
     pub fn end_live(c: &Connection, id: &str, state: JobState, error: Option<&str>) -> Result<bool, StoreError> {
         let n = c.execute(
-            "UPDATE jobs SET state = ?2, finished_ms = ?3, error = ?4 WHERE id = ?1 AND state IN ('queued', 'running')",
+            &format!("UPDATE jobs SET state = ?2, finished_ms = ?3, error = ?4 WHERE id = ?1 AND state IN {LIVE}"),
             params![id, state.as_str(), now_ms(), error],
         )?;
         Ok(n > 0)

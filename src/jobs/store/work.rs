@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, Transaction, params};
 
-use super::{StoreError, StoredResult, now_ms};
+use super::{LIVE, STOPPED, StoreError, StoredResult, now_ms};
 
 /// What an item does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,6 +19,11 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// As stored in `work_items.kind` (anything but `report` is an attack).
+    pub(super) fn parse(s: &str) -> Self {
+        if s == "report" { Self::Report } else { Self::Attack }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Attack => "attack",
@@ -54,9 +59,6 @@ pub struct Claimed {
 /// ended): nothing was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LostLease;
-
-/// Job states whose items may still be claimed and completed.
-const LIVE: &str = "('queued', 'running')";
 
 /// Inserts a job's attack items (pending, in order) and its report item (blocked).
 pub fn insert_items(tx: &Transaction<'_>, job: &str, created_ms: i64, items: &[ItemKey]) -> Result<(), StoreError> {
@@ -140,7 +142,7 @@ pub fn claim(
                 Claimed {
                     id: r.get(0)?,
                     job: r.get(1)?,
-                    kind: if kind == "report" { Kind::Report } else { Kind::Attack },
+                    kind: Kind::parse(&kind),
                     model: r.get(3)?,
                     method: r.get(4)?,
                     file: r.get(5)?,
@@ -234,7 +236,9 @@ pub fn complete(
         Kind::Attack => unblock_report(&tx, &it.job)?,
         Kind::Report => {
             tx.execute(
-                "UPDATE jobs SET state = 'done', finished_ms = ?2, error = NULL WHERE id = ?1 AND state IN ('queued', 'running')",
+                &format!(
+                    "UPDATE jobs SET state = 'done', finished_ms = ?2, error = NULL WHERE id = ?1 AND state IN {LIVE}"
+                ),
                 params![it.job, now],
             )?;
         }
@@ -385,10 +389,9 @@ fn interrupt_or_resume(tx: &Transaction<'_>, job: &str, resume: bool) -> Result<
     } else {
         tx.execute(
             &format!(
-                "UPDATE jobs SET state = 'interrupted', finished_ms = ?2, error = 'the server stopped while it ran' \
-                 WHERE id = ?1 AND state IN {LIVE}"
+                "UPDATE jobs SET state = 'interrupted', finished_ms = ?2, error = ?3 WHERE id = ?1 AND state IN {LIVE}"
             ),
-            params![job, now_ms()],
+            params![job, now_ms(), STOPPED],
         )?;
     }
     Ok(())

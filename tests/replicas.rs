@@ -39,6 +39,16 @@ fn replica(root: &Path, database: &str, dir: &Path) -> Server {
     )
 }
 
+/// A throwaway cluster, a database `jobs` in it (its DSN), and `n` replicas on it sharing the
+/// jobs folder `root/jobs`.
+fn on_postgres(root: &Path, n: usize) -> (PgCluster, String, Vec<Server>) {
+    let cluster = PgCluster::start();
+    let dsn = cluster.database("jobs");
+    let shared = root.join("jobs");
+    let replicas = (0..n).map(|_| replica(root, &dsn, &shared)).collect();
+    (cluster, dsn, replicas)
+}
+
 async fn create(s: &Server, images: &Path, methods: &[&str]) -> String {
     let body = json!({"images": images, "methods": methods, "models": ["tiny"]});
     let (status, job) = json(client().post(s.url("/jobs")).json(&body).send().await.unwrap()).await;
@@ -101,10 +111,7 @@ async fn count(db: &tokio_postgres::Client, query: &str, job: &str) -> i64 {
 async fn three_replicas_share_a_job_and_match_one_sqlite_server() {
     let root = tempfile::tempdir().unwrap();
     let images = images_dir(root.path());
-    let cluster = PgCluster::start();
-    let dsn = cluster.database("jobs");
-    let shared = root.path().join("jobs");
-    let replicas: Vec<Server> = (0..3).map(|_| replica(root.path(), &dsn, &shared)).collect();
+    let (_cluster, dsn, replicas) = on_postgres(root.path(), 3);
     let id = create(&replicas[0], &images, &["fgsm", "labelfool"]).await;
     // Followed on another replica than the one it was posted to.
     let events = sse_events(&replicas[2], &id).await;
@@ -154,10 +161,7 @@ async fn three_replicas_share_a_job_and_match_one_sqlite_server() {
 async fn a_replica_killed_mid_job_loses_and_doubles_nothing() {
     let root = tempfile::tempdir().unwrap();
     let images = images_dir(root.path());
-    let cluster = PgCluster::start();
-    let dsn = cluster.database("jobs");
-    let shared = root.path().join("jobs");
-    let mut replicas: Vec<Server> = (0..3).map(|_| replica(root.path(), &dsn, &shared)).collect();
+    let (_cluster, dsn, mut replicas) = on_postgres(root.path(), 3);
     let id = create(&replicas[0], &images, &["labelfool"]).await;
     let db = sql(&dsn).await;
     // Kill replica 1 while it holds items.
@@ -206,10 +210,7 @@ async fn a_replica_killed_mid_job_loses_and_doubles_nothing() {
 async fn replicas_ride_out_a_database_outage() {
     let root = tempfile::tempdir().unwrap();
     let images = images_dir(root.path());
-    let cluster = PgCluster::start();
-    let dsn = cluster.database("jobs");
-    let shared = root.path().join("jobs");
-    let replicas: Vec<Server> = (0..2).map(|_| replica(root.path(), &dsn, &shared)).collect();
+    let (cluster, dsn, replicas) = on_postgres(root.path(), 2);
     let id = create(&replicas[0], &images, &["labelfool"]).await;
     let started = Instant::now();
     while job(&replicas[0], &id).await.1["done"].as_u64().unwrap_or(0) < 3 {
@@ -308,10 +309,7 @@ async fn a_study_on_postgres_is_answered_through_any_replica() {
     let root = tempfile::tempdir().unwrap();
     let images = root.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
-    let cluster = PgCluster::start();
-    let dsn = cluster.database("jobs");
-    let shared = root.path().join("jobs");
-    let replicas: Vec<Server> = (0..2).map(|_| replica(root.path(), &dsn, &shared)).collect();
+    let (_cluster, _, replicas) = on_postgres(root.path(), 2);
     let (a, b) = (&replicas[0], &replicas[1]);
     copy_named_as_classified(a, "", &images, &sample_images()[..4]).await;
     let job = create(a, &images, &["fgsm"]).await;
@@ -375,10 +373,7 @@ async fn a_study_on_postgres_is_answered_through_any_replica() {
 async fn a_job_cancelled_on_one_replica_stops_on_every_replica() {
     let root = tempfile::tempdir().unwrap();
     let images = images_dir(root.path());
-    let cluster = PgCluster::start();
-    let dsn = cluster.database("jobs");
-    let shared = root.path().join("jobs");
-    let replicas: Vec<Server> = (0..2).map(|_| replica(root.path(), &dsn, &shared)).collect();
+    let (_cluster, dsn, replicas) = on_postgres(root.path(), 2);
     let id = create(&replicas[0], &images, &["labelfool"]).await;
     let db = sql(&dsn).await;
     let started = Instant::now();

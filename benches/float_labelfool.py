@@ -6,7 +6,7 @@ matrix the server uses:
 
   1. decode, resize the short side to 256 (bilinear, antialiased), centre-crop 224, to [0, 1];
   2. target: if p̂1 > δ1 (0.8), the class nearest the prediction in D; else the class minimising
-     Σ_{j: p̂j > δ2} p̂j·D[i, j] (δ2 = 0.01);
+     Σ_{j ∈ S} p̂j·D[i, j] over the classes i outside S = {j: p̂j > δ2} (δ2 = 0.01);
   3. while argmax f(x) ≠ t (at most 50 steps): w = ∇(f_t − f_k), x += (1 + overshoot)·
      (|f_k − f_t| + 1e-4)/‖w‖²·w, clipped to [0, 1].
 
@@ -48,8 +48,15 @@ def target(probs: torch.Tensor, d: torch.Tensor) -> int:
         row = d[:, top].clone()
         row[top] = float("inf")
         return int(row.argmin())
+    # The official code's convention (and the server's): D's diagonal counts as +inf, so no class
+    # of S can be the target. Without it the weighted branch often picks the prediction itself,
+    # and the "attack" ends at step 0.
     keep = probs > DELTA2
-    return int((d[:, keep] * probs[keep]).sum(1).argmin())
+    if not keep.any():
+        keep[top] = True
+    score = (d[:, keep] * probs[keep]).sum(1)
+    score[keep] = float("inf")
+    return int(score.argmin())
 
 
 def attack(model, x0: torch.Tensor, d: torch.Tensor):

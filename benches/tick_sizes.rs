@@ -1,9 +1,10 @@
 //! The worker's time per attack tick for 16 LabelFool rows of one size against 16 rows of 16
 //! different sizes (issue 33: within 1.2× on the CPU). Each tick is the first of fresh rows —
-//! one forward and one backward pass for all 16, each row resized by its own preprocessing —
-//! timed around `attack::runner::tick` alone, as the worker calls it.
+//! one forward and one backward pass for all 16, the rows resized by the path `--resize` picks
+//! (default: the configured `engine.batch_resize` for the device) — timed around
+//! `attack::runner::tick` alone, as the worker calls it.
 //!
-//!     cargo bench --bench tick_sizes -- [--reps N] [--device cpu|cuda]
+//!     cargo bench --bench tick_sizes -- [--reps N] [--device cpu|cuda] [--resize auto|per_row|matrix]
 //!
 //! "first" is each layout's first tick (the first time the model meets those sizes); "warm" the
 //! median of the next `--reps` ticks, one size and mixed sizes alternated so both see the same
@@ -65,7 +66,14 @@ fn main() -> anyhow::Result<()> {
     labelfool::model::configure_jit(config.engine.jit_fuser, config.engine.jit_optimize)?;
     let catalog = Catalog::from_config(&config)?;
     let device = config.device().resolve().map_err(anyhow::Error::msg)?;
-    let model = LoadedModel::load(catalog.get(None).ok_or_else(|| anyhow::anyhow!("no model"))?.1, device)?;
+    let mut model = LoadedModel::load(catalog.get(None).ok_or_else(|| anyhow::anyhow!("no model"))?.1, device)?;
+    if let Some(r) = arg("--resize") {
+        config.engine.batch_resize = serde_json::from_value(serde_json::Value::String(r))?;
+    }
+    model.set_batch_resize(config.engine.batch_resize.path_on(device.is_cuda()));
+    if config.engine.batch_resize == labelfool::config::BatchResize::Auto && device.is_cuda() {
+        eprintln!("auto on CUDA: per row and matrix timed {:?} s", model.choose_batch_resize()?);
+    }
     let limits = AttackLimits::from_config(&config.limits);
     let params = AttackRequest::default().validate(&model.info, &config.attack, &limits)?;
 
@@ -91,6 +99,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "device": format!("{device:?}"),
+            "resize": format!("{:?}", model.batch_resize()),
             "rows": ROWS,
             "reps": reps,
             "one_size": {"width": 500, "height": 375, "megapixels": pixels(&one) / 1e6, "first_s": first_one, "warm_median_s": one_s},

@@ -449,3 +449,96 @@ fn padded_batches_give_the_rows_and_gradients_of_unpadded_ones() {
     assert_eq!(padded.warm_up(4).unwrap(), vec![1, 2, 4]);
     assert_eq!(padded.warm_up(5).unwrap(), vec![1, 2, 4, 8]);
 }
+
+/// The attack tick's batched preprocessing (`engine.batch_resize = "matrix"`): `Rh · X · Rwᵀ`
+/// over zero-padded rows gives what the resize op gives each row — downscaled, upscaled, one
+/// axis kept, not resized at all, portrait and landscape, padded into one group or alone — and
+/// so does its backward pass (max abs difference ≤ 1e-5).
+#[test]
+fn matrix_resize_gives_the_ops_inputs_and_gradients_for_mixed_sizes() {
+    use labelfool::model::resize::{ResizePath, RowResizer, per_row};
+    let (short, size) = (256, 224);
+    // (h, w): down both ways, portrait, short side already 256 (no resize), short side kept but
+    // the long floored differently (257 → one axis changes), upscaled, and a far larger one.
+    let dims = [(375, 500), (500, 375), (256, 300), (257, 340), (200, 230), (380, 470), (1200, 900)];
+    tch::manual_seed(3);
+    let images: Vec<Tensor> =
+        dims.iter().map(|&(h, w)| Tensor::rand([1, 3, h, w], (Kind::Float, Device::Cpu))).collect();
+    let sides = vec![short; dims.len()];
+    let cotangent = Tensor::randn([dims.len() as i64, 3, size, size], (Kind::Float, Device::Cpu));
+    let run = |f: &dyn Fn(&[Tensor]) -> Tensor| {
+        let xs: Vec<Tensor> = images.iter().map(|x| x.copy().set_requires_grad(true)).collect();
+        let y = f(&xs);
+        let grads = Tensor::run_backward(&[(&y * &cotangent).sum(Kind::Float)], &xs, false, false);
+        (y.detach(), grads)
+    };
+    let matrices = RowResizer::new(ResizePath::Matrix);
+    let (want, want_g) = run(&|xs| per_row(xs, &sides, size).unwrap());
+    let (got, got_g) = run(&|xs| matrices.inputs(xs, &sides, short, size).unwrap());
+    assert_eq!(got.size(), vec![dims.len() as i64, 3, size, size]);
+    let diff = f64::try_from((&got - &want).abs().max()).unwrap();
+    assert!(diff <= 1e-5, "inputs differ by {diff}");
+    for ((a, b), d) in got_g.iter().zip(&want_g).zip(dims) {
+        assert_eq!(a.size(), b.size());
+        let diff = f64::try_from((a - b).abs().max()).unwrap();
+        assert!(diff <= 1e-5, "{d:?}: gradients differ by {diff}");
+    }
+    // The matrices are cached per size: a second call gives the same inputs.
+    let (again, _) = run(&|xs| matrices.inputs(xs, &sides, short, size).unwrap());
+    assert!(f64::try_from((&again - &got).abs().max()).unwrap() == 0.0);
+}
+
+/// One tick of 16 LabelFool rows of 16 sizes on each path: every row's class, probability and
+/// step agree between the resize op row by row and the batched matrix products (≤ 1e-5).
+#[test]
+fn a_tick_of_mixed_sizes_steps_alike_on_both_resize_paths() {
+    use labelfool::model::resize::ResizePath;
+    let (info, per_row) = tiny();
+    let (_, mut matrix) = tiny();
+    matrix.set_batch_resize(ResizePath::Matrix);
+    assert_eq!(per_row.batch_resize(), ResizePath::PerRow, "the op row by row unless set");
+    let images: Vec<Tensor> = (0..16)
+        .map(|i| {
+            let (w, h) = (30 + 3 * i, 52 - 2 * i);
+            let rgb: Vec<u8> = (0..w * h * 3).map(|k| (40 + (k * 7919 + i * 31) % 170) as u8).collect();
+            rgb8_to_tensor(&rgb, w as u32, h as u32).unwrap()
+        })
+        .collect();
+    let run = |model: &LoadedModel| {
+        let mut rows: Vec<Box<dyn AttackRow>> = images
+            .iter()
+            .map(|x| attack::new_row(info.clone(), x.copy(), params(Method::Labelfool)).unwrap())
+            .collect();
+        let (errors, stats) = runner::tick(model, &mut rows);
+        assert!(errors.iter().all(Option::is_none), "{errors:?}");
+        assert_eq!((stats.stepped_rows, stats.backward_passes), (16, 1));
+        rows
+    };
+    let (a, b) = (run(&per_row), run(&matrix));
+    for (i, (a, b)) in a.iter().zip(&b).enumerate() {
+        let (pa, pb) = (a.progress(), b.progress());
+        assert_eq!(pa.label, pb.label, "row {i}");
+        let p = (pa.probability.unwrap() - pb.probability.unwrap()).abs();
+        assert!(p <= 1e-5, "row {i}: probabilities differ by {p}");
+        assert!(a.image().size() == b.image().size() && a.iterations() == 1 && b.iterations() == 1);
+        let step = f64::try_from((a.image() - b.image()).abs().max()).unwrap();
+        assert!(step <= 1e-5, "row {i}: stepped images differ by {step}");
+        assert!(f64::try_from((a.image() - &images[i]).abs().max()).unwrap() > 0.0, "row {i} stepped");
+    }
+}
+
+/// `batch_resize = "auto"` on CUDA times both paths when the model loads and keeps the faster;
+/// here on the CPU the same probe runs, picks the one its timings say, and leaves no passes
+/// counted.
+#[test]
+fn the_resize_probe_keeps_the_faster_path() {
+    use labelfool::model::resize::ResizePath;
+    let (_, mut model) = tiny();
+    let (per_row, matrix) = model.choose_batch_resize().unwrap();
+    assert!(per_row > 0.0 && matrix > 0.0);
+    let want = if matrix < per_row { ResizePath::Matrix } else { ResizePath::PerRow };
+    assert_eq!(model.batch_resize(), want, "{per_row} s row by row, {matrix} s matrix");
+    let passes = &model.passes;
+    assert_eq!(passes.forward.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(passes.backward.load(std::sync::atomic::Ordering::Relaxed), 0);
+}

@@ -1,14 +1,14 @@
 //! One tick for a set of attack rows on one model: one no-grad forward for the rows that want an
 //! 8-bit check, and one forward plus one backward per requested objective (one, for LabelFool)
-//! for the rows that step. Rows may have different image sizes: each is resized by its own
-//! differentiable preprocessing, and only the model's fixed-size input is stacked, so the batch
-//! is exact whatever the sizes.
+//! for the rows that step. Rows may have different image sizes: the model's preprocessing for
+//! all of them is [`LoadedModel::attack_inputs`] (row by row, or batched matrix products; see
+//! [`crate::model::resize`]), and only the model's fixed-size input is stacked.
 
 use tch::{Kind, Tensor};
 
 use super::{AttackError, AttackRow, Need};
 use crate::model::preprocess::{prepare_rgb8, resize_crop, tensor_to_rgb8};
-use crate::model::{InputSpec, LoadedModel, tensor_rows};
+use crate::model::{LoadedModel, tensor_rows};
 
 /// Work done by one tick, for metrics and benchmarks.
 #[derive(Debug, Default, Clone, Copy)]
@@ -122,14 +122,8 @@ fn step_rows(
     let spec = model.info.input();
     let xs: Vec<Tensor> =
         idx.iter().map(|&i| rows[i].image().f_detach().map(|x| x.set_requires_grad(true))).collect::<Result<_, _>>()?;
-    let mut inputs = Vec::with_capacity(idx.len());
-    for (&i, x) in idx.iter().zip(&xs) {
-        inputs.push(match rows[i].step_resize() {
-            Some(side) => resize_crop(x, &InputSpec { resize_short_side: side, ..spec.clone() })?,
-            None => resize_crop(x, spec)?,
-        });
-    }
-    let logits = model.forward(&Tensor::f_cat(&inputs, 0)?)?;
+    let sides: Vec<i64> = idx.iter().map(|&i| rows[i].step_resize().unwrap_or(spec.resize_short_side)).collect();
+    let logits = model.forward(&model.attack_inputs(&xs, &sides)?)?;
     let values = tensor_rows(&logits)?;
 
     let mut objectives: Vec<Vec<Vec<f32>>> = Vec::with_capacity(idx.len());

@@ -258,6 +258,8 @@ pub struct EngineConfig {
     pub jit_optimize: bool,
     /// Batch sizes the models are called with; see [`BatchPadding`].
     pub batch_padding: BatchPadding,
+    /// How an attack tick resizes its rows; see [`BatchResize`].
+    pub batch_resize: BatchResize,
 }
 
 /// Batch sizes a model is called with. Continuous batching changes the batch size from tick to
@@ -285,6 +287,34 @@ impl BatchPadding {
             Self::Auto => cuda,
             Self::Off => false,
             Self::Pow2 => true,
+        }
+    }
+}
+
+/// How an attack tick runs the model's resize for its rows, whose uploads keep their own sizes
+/// (see `model::resize`): on a GPU the op row by row is launch-bound, and batched matrix
+/// products do every row in two. `/classify` and the 8-bit checks always use the op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchResize {
+    /// On CUDA, whichever of the two is faster on the card, timed when the model loads; on the
+    /// CPU `per_row` (the faster there: benches/results.md).
+    #[default]
+    Auto,
+    /// The resize op, row by row.
+    PerRow,
+    /// `Rh · X · Rwᵀ` for groups of rows at once, forward and backward.
+    Matrix,
+}
+
+impl BatchResize {
+    /// The path a model starts with (`auto` on CUDA then times both).
+    pub fn path_on(self, cuda: bool) -> crate::model::resize::ResizePath {
+        use crate::model::resize::ResizePath;
+        match self {
+            Self::Auto if cuda => ResizePath::Matrix,
+            Self::Auto | Self::PerRow => ResizePath::PerRow,
+            Self::Matrix => ResizePath::Matrix,
         }
     }
 }
@@ -424,6 +454,7 @@ impl Default for EngineConfig {
             jit_fuser: false,
             jit_optimize: true,
             batch_padding: BatchPadding::Auto,
+            batch_resize: BatchResize::Auto,
         }
     }
 }

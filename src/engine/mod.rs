@@ -128,6 +128,7 @@ impl Engine {
             jit_fuser: config.engine.jit_fuser,
             jit_optimize: config.engine.jit_optimize,
             batch_padding: config.engine.batch_padding,
+            batch_resize: config.engine.batch_resize,
         };
         let aborted = tokio::sync::watch::Sender::new(false);
         let (handle, ready) = worker::spawn(catalog.clone(), ws, inbox, stats.clone(), aborted.subscribe())

@@ -38,6 +38,7 @@ pub struct WorkerSettings {
     pub jit_fuser: bool,
     pub jit_optimize: bool,
     pub batch_padding: crate::config::BatchPadding,
+    pub batch_resize: crate::config::BatchResize,
 }
 
 /// What the worker reports once its models are loaded.
@@ -556,8 +557,8 @@ impl Worker {
     }
 }
 
-/// Sets model `i`'s batch padding and, when it pads, runs its padded batch sizes once (up to the
-/// larger of its classify batch and the attack batch).
+/// Sets model `i`'s attack resize path and batch padding and, when it pads, runs its padded
+/// batch sizes once (up to the larger of its classify batch and the attack batch).
 fn prepare(
     mut m: LoadedModel,
     settings: &WorkerSettings,
@@ -565,6 +566,11 @@ fn prepare(
     i: usize,
     device: Device,
 ) -> Result<LoadedModel, ModelError> {
+    m.set_batch_resize(settings.batch_resize.path_on(device.is_cuda()));
+    if settings.batch_resize == crate::config::BatchResize::Auto && device.is_cuda() {
+        let (per_row, matrix) = m.choose_batch_resize()?;
+        tracing::info!(model = %m.info.name, per_row_s = per_row, matrix_s = matrix, chose = ?m.batch_resize(), "attack resize path timed");
+    }
     if !settings.batch_padding.pads_on(device.is_cuda()) {
         return Ok(m);
     }

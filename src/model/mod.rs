@@ -9,6 +9,7 @@ pub mod device;
 pub mod matrix;
 pub mod preprocess;
 pub mod repository;
+pub mod resize;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,6 +139,8 @@ pub struct LoadedModel {
     max_batch: Option<i64>,
     /// Module calls padded with zero rows to a power of two (see `config::BatchPadding`).
     pad_batches: bool,
+    /// The attack tick's preprocessing (see [`resize`]).
+    resizer: resize::RowResizer,
     pub passes: Arc<PassCounts>,
 }
 
@@ -182,7 +185,16 @@ impl LoadedModel {
             _ => None,
         };
         let max_batch = info.bundle.meta.max_batch_size.map(|n| n as i64);
-        let model = Self { info, module, device, normalise, max_batch, pad_batches: false, passes: Arc::default() };
+        let model = Self {
+            info,
+            module,
+            device,
+            normalise,
+            max_batch,
+            pad_batches: false,
+            resizer: resize::RowResizer::new(resize::ResizePath::PerRow),
+            passes: Arc::default(),
+        };
         model.check_contract()?;
         if model.info.matrix().is_none() {
             let m = model.data_free_matrix()?;
@@ -278,6 +290,59 @@ impl LoadedModel {
     /// Pads every module call's batch to a power of two (see `config::BatchPadding`).
     pub fn set_batch_padding(&mut self, on: bool) {
         self.pad_batches = on;
+    }
+
+    /// How the attack tick resizes its rows (see [`resize`]).
+    pub fn set_batch_resize(&mut self, path: resize::ResizePath) {
+        self.resizer = resize::RowResizer::new(path);
+    }
+
+    pub fn batch_resize(&self) -> resize::ResizePath {
+        self.resizer.path()
+    }
+
+    /// Times one attack tick's passes (forward and backward) for 8 rows of 8 sizes on each
+    /// resize path, after one untimed tick each, and keeps the faster: what `batch_resize =
+    /// "auto"` does on CUDA, where which one wins depends on the card. Returns the median
+    /// seconds of three ticks, per row by row then matrix.
+    pub fn choose_batch_resize(&mut self) -> Result<(f64, f64), tch::TchError> {
+        use resize::ResizePath::{Matrix, PerRow};
+        let spec = self.info.input().clone();
+        let xs: Vec<Tensor> = (0..8)
+            .map(|i| {
+                let (h, w) = (spec.resize_short_side + 20 * i, spec.resize_short_side * 4 / 3 + 12 * i);
+                Tensor::f_full([1, 3, h, w], 0.5, (Kind::Float, self.device))
+            })
+            .collect::<Result<_, _>>()?;
+        let sides = vec![spec.resize_short_side; xs.len()];
+        let mut median = [0.0; 2];
+        for (k, path) in [PerRow, Matrix].into_iter().enumerate() {
+            self.set_batch_resize(path);
+            let mut secs = Vec::new();
+            for _ in 0..4 {
+                let started = std::time::Instant::now();
+                let leaves: Vec<Tensor> = xs.iter().map(|x| x.copy().set_requires_grad(true)).collect();
+                let loss = self.forward(&self.attack_inputs(&leaves, &sides)?)?.f_sum(Kind::Float)?;
+                let grads = self.backward(&loss, &leaves, false)?;
+                // Reading a value waits for the device.
+                grads.iter().map(|g| g.f_sum(Kind::Float)?.f_double_value(&[])).collect::<Result<Vec<_>, _>>()?;
+                secs.push(started.elapsed().as_secs_f64());
+            }
+            secs.remove(0);
+            secs.sort_by(f64::total_cmp);
+            median[k] = secs[1];
+        }
+        self.set_batch_resize(if median[1] < median[0] { Matrix } else { PerRow });
+        self.passes.forward.store(0, Ordering::Relaxed);
+        self.passes.backward.store(0, Ordering::Relaxed);
+        Ok((median[0], median[1]))
+    }
+
+    /// The model inputs `[B,3,S,S]` of the rows `xs` (each `[1,3,H,W]`, any sizes), row `i`'s
+    /// short side resized to `sides[i]`: the attack tick's preprocessing, differentiable.
+    pub fn attack_inputs(&self, xs: &[Tensor], sides: &[i64]) -> Result<Tensor, tch::TchError> {
+        let spec = self.info.input();
+        self.resizer.inputs(xs, sides, spec.resize_short_side, spec.size)
     }
 
     /// Runs each batch size that calls of up to `max_rows` rows are padded to once, no-grad

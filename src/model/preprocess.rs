@@ -17,16 +17,20 @@ pub fn resized_dims(h: i64, w: i64, short: i64) -> (i64, i64) {
 
 /// `[B,3,H,W]` RGB in [0,1] → `[B,3,S,S]`, differentiable w.r.t. the input.
 pub fn resize_crop(x: &Tensor, spec: &InputSpec) -> Result<Tensor, tch::TchError> {
-    let size = x.size();
-    let (h, w) = (size[2], size[3]);
-    let (nh, nw) = resized_dims(h, w, spec.resize_short_side);
+    resize_crop_to(x, spec.resize_short_side, spec.size)
+}
+
+/// [`resize_crop`] with the short side resized to `short` and a `size` crop.
+pub fn resize_crop_to(x: &Tensor, short: i64, size: i64) -> Result<Tensor, tch::TchError> {
+    let dims = x.size();
+    let (h, w) = (dims[2], dims[3]);
+    let (nh, nw) = resized_dims(h, w, short);
     let resized = if (nh, nw) == (h, w) {
         x.shallow_clone()
     } else {
         x.f_internal_upsample_bilinear2d_aa([nh, nw], false, None, None)?
     };
-    let s = spec.size;
-    resized.f_narrow(2, crop_offset(nh, s), s)?.f_narrow(3, crop_offset(nw, s), s)
+    resized.f_narrow(2, crop_offset(nh, size), size)?.f_narrow(3, crop_offset(nw, size), size)
 }
 
 /// Where a centre crop of `size` starts in `resized`: torchvision's `int(round((resized − size) / 2))`,

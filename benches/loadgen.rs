@@ -1,5 +1,6 @@
 //! Load generator: throughput and p50/p95/p99 latency of `/classify` and `/attack` at several
-//! concurrencies, plus an overload run, against a real server over HTTP.
+//! concurrencies, `/attack` at 16 clients with uploads of one size and of five sizes, plus an
+//! overload run, against a real server over HTTP.
 //!
 //!     cargo bench --bench loadgen -- [--url http://host:port] [--device cpu|cuda:0]
 //!         [--seconds 10] [--attack-seconds 15] [--overload-seconds 30] [--quick]
@@ -104,6 +105,8 @@ async fn wait_ready(url: &str) -> anyhow::Result<()> {
 #[derive(Debug, serde::Serialize)]
 struct Level {
     route: String,
+    /// Which uploads: the sample images as they are, or resized to one or five sizes.
+    uploads: &'static str,
     concurrency: usize,
     completed: u64,
     ok: u64,
@@ -178,6 +181,7 @@ async fn run_level(
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1e3;
     Level {
         route: route.into(),
+        uploads: "samples",
         concurrency,
         completed: ok + rejected + other,
         ok,
@@ -193,14 +197,42 @@ async fn run_level(
 }
 
 fn print_levels(levels: &[Level]) {
-    println!("| route | concurrency | ok | 503 | errors | throughput (ok/s) | p50 ms | p95 ms | p99 ms |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| route | uploads | concurrency | ok | 503 | errors | throughput (ok/s) | p50 ms | p95 ms | p99 ms |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for l in levels {
         println!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} |",
-            l.route, l.concurrency, l.ok, l.rejected_503, l.other_errors, l.throughput, l.p50_ms, l.p95_ms, l.p99_ms
+            "| {} | {} | {} | {} | {} | {} | {:.2} | {:.0} | {:.0} | {:.0} |",
+            l.route,
+            l.uploads,
+            l.concurrency,
+            l.ok,
+            l.rejected_503,
+            l.other_errors,
+            l.throughput,
+            l.p50_ms,
+            l.p95_ms,
+            l.p99_ms
         );
     }
+}
+
+/// The mixed-size level's uploads: ImageNet's commonest shapes, landscape and portrait.
+const FIVE_SIZES: [(u32, u32); 5] = [(500, 375), (375, 500), (500, 333), (640, 480), (400, 300)];
+const ONE_SIZE: [(u32, u32); 1] = [(500, 375)];
+
+/// Every sample resized to the sizes in turn (width × height), as JPEGs.
+fn resized(images: &[Vec<u8>], dims: &[(u32, u32)]) -> anyhow::Result<Vec<Vec<u8>>> {
+    images
+        .iter()
+        .enumerate()
+        .map(|(i, bytes)| {
+            let (w, h) = dims[i % dims.len()];
+            let img = image::load_from_memory(bytes)?.resize_exact(w, h, image::imageops::FilterType::Triangle);
+            let mut out = Vec::new();
+            img.to_rgb8().write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 92))?;
+            Ok(out)
+        })
+        .collect()
 }
 
 #[tokio::main]
@@ -240,9 +272,25 @@ async fn main() -> anyhow::Result<()> {
         levels.push(run_level(&client, &url, "/attack", &images, c, attack_time).await);
         eprintln!("attack c={c}: {:.2} ok/s", levels.last().unwrap().throughput);
     }
+    // Uploads of one size against uploads of five sizes, at 16 clients: what mixing sizes costs
+    // the attack ticks (each row keeps its upload's size through the model's resize).
+    for (uploads, dims) in [("one size", &ONE_SIZE[..]), ("five sizes", &FIVE_SIZES[..])] {
+        let set = Arc::new(resized(&images, dims)?);
+        run_level(&client, &url, "/attack", &set, 2, Duration::from_secs(2)).await;
+        let mut l = run_level(&client, &url, "/attack", &set, 16, attack_time).await;
+        l.uploads = uploads;
+        eprintln!("attack c=16, {uploads}: {:.2} ok/s", l.throughput);
+        levels.push(l);
+    }
     let tp = |route: &str, c: usize| {
-        levels.iter().find(|l| l.route == route && l.concurrency == c).map(|l| l.throughput).unwrap_or(f64::NAN)
+        levels
+            .iter()
+            .find(|l| l.route == route && l.concurrency == c && l.uploads == "samples")
+            .map(|l| l.throughput)
+            .unwrap_or(f64::NAN)
     };
+    let by_uploads = |u: &str| levels.iter().find(|l| l.uploads == u).map(|l| l.throughput).unwrap_or(f64::NAN);
+    let mixed_ratio = by_uploads("five sizes") / by_uploads("one size");
     let classify_ratio = tp("/classify", 16) / tp("/classify", 1);
     let classify_ratio_64 = tp("/classify", 64) / tp("/classify", 1);
     let attack_ratio = tp("/attack", 8) / tp("/attack", 1);
@@ -283,6 +331,7 @@ async fn main() -> anyhow::Result<()> {
     print_levels(&levels);
     println!("\nclassify throughput, concurrency 16 / 1: **{classify_ratio:.2}×** (64 / 1: {classify_ratio_64:.2}×)");
     println!("attack throughput, 8 concurrent / one at a time: **{attack_ratio:.2}×**");
+    println!("attack throughput at 16 clients, five upload sizes / one size: **{mixed_ratio:.2}×**");
     if let Some(m) = main_rss {
         println!("server peak RSS over the run: {m:.0} MiB");
     }
@@ -305,7 +354,8 @@ async fn main() -> anyhow::Result<()> {
     let result = serde_json::json!({
         "device": device, "command": "cargo bench --bench loadgen", "levels": levels,
         "classify_ratio_16_vs_1": classify_ratio, "classify_ratio_64_vs_1": classify_ratio_64,
-        "attack_ratio_8_vs_1": attack_ratio, "peak_rss_mib": main_rss, "overload": overload,
+        "attack_ratio_8_vs_1": attack_ratio, "attack_five_sizes_vs_one_at_16": mixed_ratio,
+        "peak_rss_mib": main_rss, "overload": overload,
     });
     std::fs::write(
         out.join(format!("loadgen-{}.json", device.replace(':', ""))),

@@ -244,8 +244,9 @@ pub struct EngineConfig {
     /// Largest number of attack rows sent through the model in one forward/backward pass
     /// (0 = by device, as `max_batch_size`).
     pub max_attack_batch: usize,
-    /// Images decoded and resized at once on the blocking pool (0 = one per CPU core). More would
-    /// only take CPU time from the worker.
+    /// Images decoded and resized, or a finished attack's PNG encoded and its metrics computed,
+    /// at once on the blocking pool (0 = one per CPU core). More would only take CPU time from
+    /// the worker.
     pub decode_threads: usize,
     /// Pixels (width × height, summed) of the attacks iterating at once: each holds its image,
     /// gradient and step at full size on the device. An attack that would go past it waits in the

@@ -54,8 +54,12 @@ pub struct EngineSettings {
 
 struct Inner {
     catalog: Arc<Catalog>,
-    /// Bounds decoding/resizing on the blocking pool (see `engine.decode_threads`).
+    /// Bounds decoding, resizing, and a finished attack's PNG and metrics on the blocking pool
+    /// (see `engine.decode_threads`).
     decode_slots: tokio::sync::Semaphore,
+    /// The slots a finished attack's PNG and metrics hold while they run side by side (2, or 1
+    /// when there is one).
+    post_slots: u32,
     queues: RwLock<Option<Queues>>,
     settings: EngineSettings,
     stats: Arc<EngineStats>,
@@ -140,6 +144,7 @@ impl Engine {
         let inner = Inner {
             catalog,
             decode_slots: tokio::sync::Semaphore::new(decode_threads),
+            post_slots: decode_threads.clamp(1, 2) as u32,
             queues: RwLock::new(Some(queues)),
             settings,
             stats,
@@ -639,8 +644,12 @@ impl Engine {
                 Some(FloatReference { success: o.success, perceptibility: o.float_perceptibility })
             }
         };
-        // The PNG and the metrics side by side on the blocking pool: both read the whole image.
+        // The PNG and the metrics side by side on the blocking pool, each in one of the image
+        // slots decoding uses, so that finished attacks never take more cores than there are
+        // from the worker's next tick.
         let rgb = Arc::new(outcome.rgb.clone());
+        let _slots =
+            self.inner.decode_slots.acquire_many(self.inner.post_slots).await.map_err(|_| EngineError::ShuttingDown)?;
         let encode = tokio::task::spawn_blocking({
             let (img, rgb) = (img.clone(), rgb.clone());
             move || imaging::encode_png(img.width, img.height, &rgb, img.alpha.as_deref())

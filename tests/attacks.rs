@@ -42,6 +42,7 @@ fn params(method: Method) -> AttackParams {
         float_reference: false,
         refine_rounds: 0,
         prune_rounds: 0,
+        batched_checks: labelfool::config::BatchedChecks::Off,
     }
 }
 
@@ -541,4 +542,58 @@ fn the_resize_probe_keeps_the_faster_path() {
     let passes = &model.passes;
     assert_eq!(passes.forward.load(std::sync::atomic::Ordering::Relaxed), 0);
     assert_eq!(passes.backward.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+/// `attack.batched_checks = "on"`: refinement and pruning each take one tick that checks every
+/// candidate their bisection could reach, and the delivered image keeps the goal, is what the
+/// model says of its pixels, and is never more perceptible than the unrefined one — in two ticks
+/// after success where the bisection takes up to eight.
+#[test]
+fn batched_checks_deliver_in_two_ticks_what_the_bisection_would() {
+    use labelfool::config::BatchedChecks;
+    let (info, model) = tiny();
+    for (name, method) in [
+        ("n02391049_zebra.JPEG", Method::Deepfool),
+        ("n02219486_ant.JPEG", Method::Labelfool),
+        ("n01440764_tench.JPEG", Method::Deepfool),
+    ] {
+        let x0 = photo(name);
+        let orig = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
+        let (h, w) = (x0.size()[2] as u32, x0.size()[3] as u32);
+        let p = |refine_rounds, prune_rounds, batched_checks| AttackParams {
+            refine_rounds,
+            prune_rounds,
+            batched_checks,
+            margins: vec![0.0, 0.5, 1.0],
+            ..params(method)
+        };
+        // Ticks, and the row's outcome.
+        let run = |p: AttackParams| {
+            let mut rows = vec![attack::new_row(info.clone(), x0.shallow_clone(), p).unwrap()];
+            let mut ticks = 0;
+            while !rows[0].is_done() {
+                let (errors, _) = runner::tick(&model, &mut rows);
+                assert!(errors[0].is_none(), "{:?}", errors[0]);
+                ticks += 1;
+                assert!(ticks < 5000);
+            }
+            (ticks, rows.pop().unwrap().outcome().unwrap())
+        };
+        let (plain_ticks, plain) = run(p(0, 0, BatchedChecks::Off));
+        let (bisected_ticks, bisected) = run(p(3, 5, BatchedChecks::Off));
+        let (batched_ticks, batched) = run(p(3, 5, BatchedChecks::On));
+        assert!(plain.success && bisected.success && batched.success, "{name}");
+        assert!(assert_delivers(&model, &batched, w, h, name));
+        assert_eq!((plain.iterations, plain.checks), (batched.iterations, batched.checks), "{name}: same attack");
+        assert_eq!(bisected_ticks - plain_ticks, bisected.refinements as usize, "{name}: a tick per bisection check");
+        assert!(batched_ticks <= plain_ticks + 2, "{name}: {batched_ticks} ticks against {plain_ticks} unrefined");
+        // 7 scales, then up to 31 pruning fractions, in (at most) those two ticks.
+        assert!(batched.refinements >= 7 && batched.refinements <= 7 + 31, "{name}: {}", batched.refinements);
+        let input = labelfool::model::preprocess::prepare_rgb8(&batched.rgb, w, h, model.info.input()).unwrap();
+        let logits: Vec<f32> = tch::no_grad(|| Vec::try_from(&model.forward(&input).unwrap().get(0)).unwrap());
+        assert_eq!(labelfool::attack::target::argmax(&logits), batched.final_.index, "{name}");
+        let pc = |rgb: &[u8]| labelfool::imaging::metrics::perturbation(w, h, &orig, rgb).perceptibility;
+        assert!(pc(&batched.rgb) <= pc(&plain.rgb) + 1e-12, "{name}: {} > {}", pc(&batched.rgb), pc(&plain.rgb));
+        assert!(pc(&batched.rgb) < pc(&plain.rgb), "{name}: the candidates took nothing back");
+    }
 }

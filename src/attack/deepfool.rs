@@ -69,6 +69,16 @@ impl DeepFoolRow {
         let (_, best) = best_other(logits, self.label);
         f64::from(best - logits[self.label])
     }
+
+    /// A check's probabilities, whether the label changed, and the gap.
+    fn judge(&self, logits: &[f32]) -> Result<(Vec<f32>, bool, f64), AttackError> {
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(AttackError::NonFinite);
+        }
+        let probs = softmax(logits);
+        let success = argmax(&probs) != self.label;
+        Ok((probs, success, self.gap(logits)))
+    }
 }
 
 impl AttackRow for DeepFoolRow {
@@ -111,13 +121,20 @@ impl AttackRow for DeepFoolRow {
     }
 
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError> {
-        if logits.iter().any(|v| !v.is_finite()) {
-            return Err(AttackError::NonFinite);
-        }
-        let probs = softmax(logits);
-        let success = argmax(&probs) != self.label;
-        let gap = self.gap(logits);
+        let (probs, success, gap) = self.judge(logits)?;
         self.s.checked(rgb, probs, success, gap)
+    }
+
+    fn check_images(&self) -> Vec<&Tensor> {
+        self.s.check_images()
+    }
+
+    fn on_checks(&mut self, checks: Vec<(Vec<f32>, Vec<u8>)>) -> Result<(), AttackError> {
+        let judged = checks
+            .into_iter()
+            .map(|(logits, rgb)| self.judge(&logits).map(|(p, s, g)| (rgb, p, s, g)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.s.checked_all(judged)
     }
 
     fn is_done(&self) -> bool {

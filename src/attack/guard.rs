@@ -24,6 +24,11 @@
 //!   perceptibility only falls.
 //! * **Pruning on the lattice.** Then up to `prune_rounds` checks take back the grey levels the
 //!   last step's gradient says the goal needs least (see [`super::prune`]).
+//! * **Batched checks** (`attack.batched_checks`, on CUDA by default). The two bisections cost
+//!   one tick per check. Batched, each is one tick that checks every candidate its bisection could
+//!   reach (7 scales, then 31 fractions): the smallest passing scale, then the largest passing
+//!   fraction, is delivered. That is at least as far down as the bisection would go whenever
+//!   success is monotone in the scale or fraction, for the price of 38 images in two passes.
 
 use tch::{Kind, Tensor};
 
@@ -33,6 +38,8 @@ use crate::model::preprocess::{quantize, rgb8_to_tensor};
 
 /// The smallest scale refinement considers: it shrinks the perturbation by at most a fifth.
 const REFINE_FLOOR: f64 = 0.8;
+/// The refinement bisection's resolution (0.02) stops it after this many rounds.
+const REFINE_MAX_ROUNDS: u32 = 4;
 
 /// `w` with the pixels that cannot move in its direction zeroed (already at 0 with w < 0, or at
 /// 1 with w > 0: the step would be clipped away there, so they must not count in ‖w‖), and ‖w‖².
@@ -177,10 +184,15 @@ pub struct Stepper {
     /// The float image whose rounding first succeeded, and the bisection of its scale.
     x_float: Tensor,
     scale: Bracket,
+    /// Refinement and pruning check all their candidates in one tick each.
+    batched: bool,
+    /// This tick's candidates, in order of preference (batched checks only).
+    candidates: Vec<Tensor>,
 }
 
 impl Stepper {
     pub fn new(x0: Tensor, params: &super::AttackParams) -> Self {
+        let batched = params.batched_checks.on(x0.device().is_cuda());
         Self {
             x: x0.shallow_clone(),
             x0,
@@ -194,6 +206,8 @@ impl Stepper {
             prune: None,
             x_float: Tensor::new(),
             scale: Bracket::new(1.0, REFINE_FLOOR, 0.02),
+            batched,
+            candidates: Vec::new(),
         }
     }
 
@@ -238,6 +252,16 @@ impl Stepper {
         if self.prune_left == 0 {
             return Ok(());
         }
+        if self.batched {
+            let rounds = std::mem::take(&mut self.prune_left);
+            if let Some(p) = &self.prune {
+                self.candidates = p.all(rounds)?;
+            }
+            if !self.candidates.is_empty() {
+                self.phase = Phase::Pruning;
+            }
+            return Ok(());
+        }
         if let Some(x) = self.prune.as_ref().map(|p| p.next()).transpose()?.flatten() {
             self.prune_left -= 1;
             self.x = x;
@@ -277,9 +301,52 @@ impl Stepper {
         Ok(())
     }
 
+    /// The images to check this tick: the current one, or a batch of candidates.
+    pub fn check_images(&self) -> Vec<&Tensor> {
+        if self.candidates.is_empty() { vec![&self.x] } else { self.candidates.iter().collect() }
+    }
+
+    /// The checks of [`Self::check_images`], judged by the row: (pixels, probabilities, success,
+    /// the goal's gap) each.
+    pub fn checked_all(&mut self, mut checks: Vec<(Vec<u8>, Vec<f32>, bool, f64)>) -> Result<(), AttackError> {
+        if self.candidates.is_empty() {
+            return match checks.pop() {
+                Some((rgb, probs, success, gap)) => self.checked(rgb, probs, success, gap),
+                None => Ok(()),
+            };
+        }
+        // Candidates come in order of preference: the first that succeeds is delivered, and when
+        // none does the delivered image stays the last success.
+        self.candidates.clear();
+        self.record.refinements += checks.len() as u32;
+        if let Some((rgb, probs, ..)) = checks.into_iter().find(|c| c.2) {
+            self.record.last = Some((rgb, probs));
+        }
+        match self.phase {
+            Phase::Refining => self.start_pruning(),
+            _ => {
+                self.phase = Phase::Done;
+                Ok(())
+            }
+        }
+    }
+
     /// The next refinement to check; when there is none, the first pruning (or done).
     fn refine(&mut self) -> Result<(), AttackError> {
         self.phase = Phase::Done;
+        if self.refine_left > 0 && self.batched {
+            // Every scale the bisection could reach, smallest first.
+            let steps = 1u32 << std::mem::take(&mut self.refine_left).min(REFINE_MAX_ROUNDS);
+            for k in 1..steps {
+                let alpha = REFINE_FLOOR + (1.0 - REFINE_FLOOR) * f64::from(k) / f64::from(steps);
+                self.candidates.push(self.scaled(alpha)?);
+            }
+            if self.x_float.defined() && !self.candidates.is_empty() {
+                self.phase = Phase::Refining;
+                return Ok(());
+            }
+            self.candidates.clear();
+        }
         if self.refine_left > 0 {
             self.refine_left -= 1;
             // A failed refinement only ends refining: the delivered image is already a success.
@@ -289,7 +356,12 @@ impl Stepper {
                 return Ok(());
             }
         }
-        // Pruning starts from the delivered pixels: the last successful check's.
+        self.start_pruning()
+    }
+
+    /// Pruning starts from the delivered pixels: the last successful check's.
+    fn start_pruning(&mut self) -> Result<(), AttackError> {
+        self.phase = Phase::Done;
         if self.prune_left > 0
             && let Some(w) = self.guard.direction()
             && let Some((rgb, _)) = &self.record.last
@@ -308,8 +380,13 @@ impl Stepper {
         let Some(alpha) = self.scale.next().filter(|_| self.x_float.defined()) else {
             return Ok(None);
         };
+        self.scaled(alpha).map(Some)
+    }
+
+    /// The successful float perturbation scaled by `alpha`.
+    fn scaled(&self, alpha: f64) -> Result<Tensor, AttackError> {
         let x = self.x0.f_add(&self.x_float.f_sub(&self.x0)?.f_mul_scalar(alpha)?)?;
-        Ok(Some(x.f_clamp(0.0, 1.0)?))
+        Ok(x.f_clamp(0.0, 1.0)?)
     }
 
     /// The margin that was needed, when the attack succeeded.

@@ -61,6 +61,16 @@ impl LabelFoolRow {
         Ok(())
     }
 
+    /// A check's probabilities, whether it reached the target, and the target's gap.
+    fn judge(&self, logits: &[f32]) -> Result<(Vec<f32>, bool, f64), AttackError> {
+        if logits.iter().any(|v| !v.is_finite()) {
+            return Err(AttackError::NonFinite);
+        }
+        let probs = softmax(logits);
+        let success = argmax(&probs) == self.target;
+        Ok((probs, success, self.gap(logits).0))
+    }
+
     /// `f_t − max_{j≠t} f_j` and the strongest other class.
     fn gap(&self, logits: &[f32]) -> (f64, usize) {
         let (k, fk) = best_other(logits, self.target);
@@ -100,13 +110,20 @@ impl AttackRow for LabelFoolRow {
     }
 
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError> {
-        if logits.iter().any(|v| !v.is_finite()) {
-            return Err(AttackError::NonFinite);
-        }
-        let probs = softmax(logits);
-        let success = argmax(&probs) == self.target;
-        let gap = self.gap(logits).0;
+        let (probs, success, gap) = self.judge(logits)?;
         self.s.checked(rgb, probs, success, gap)
+    }
+
+    fn check_images(&self) -> Vec<&Tensor> {
+        self.s.check_images()
+    }
+
+    fn on_checks(&mut self, checks: Vec<(Vec<f32>, Vec<u8>)>) -> Result<(), AttackError> {
+        let judged = checks
+            .into_iter()
+            .map(|(logits, rgb)| self.judge(&logits).map(|(p, s, g)| (rgb, p, s, g)))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.s.checked_all(judged)
     }
 
     fn is_done(&self) -> bool {

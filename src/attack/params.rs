@@ -121,6 +121,8 @@ pub struct AttackParams {
     pub refine_rounds: u32,
     /// 8-bit checks spent after refinement to take back the grey levels the goal needs least.
     pub prune_rounds: u32,
+    /// Refinement's and pruning's candidates checked one tick each (see `attack::guard`).
+    pub batched_checks: crate::config::BatchedChecks,
 }
 
 impl AttackParams {
@@ -293,6 +295,7 @@ impl AttackRequest {
             float_reference: false,
             refine_rounds: if req.margin.is_some() { 0 } else { d.refine_rounds },
             prune_rounds: if req.margin.is_some() { 0 } else { d.prune_rounds },
+            batched_checks: d.batched_checks,
             target_params: target_params(req.delta1, req.delta2, d)?,
             margins: match req.margin {
                 Some(m) if m.is_finite() && (0.0..=1000.0).contains(&m) => vec![m],

@@ -19,6 +19,8 @@ use super::bracket::Bracket;
 const MAX_FRACTION: f64 = 0.5;
 /// Bisection stops when the known-good and known-bad fractions are this close.
 const RESOLUTION: f64 = 0.02;
+/// The bisection never runs more rounds than this (0.5 / 2⁵ < [`RESOLUTION`]).
+const MAX_BATCHED_ROUNDS: u32 = 5;
 
 pub struct Prune {
     x0: Tensor,
@@ -64,9 +66,28 @@ impl Prune {
     /// The next image to check (the original plus the pruned levels), or None when the
     /// bisection has converged.
     pub fn next(&self) -> Result<Option<Tensor>, AttackError> {
-        let Some(fraction) = self.fraction.next() else {
-            return Ok(None);
-        };
+        match self.fraction.next() {
+            Some(fraction) => self.at(fraction),
+            None => Ok(None),
+        }
+    }
+
+    /// Every image the bisection of `rounds` checks could reach, the most reverted first (the
+    /// batched checks try them at once; see `guard`).
+    pub fn all(&self, rounds: u32) -> Result<Vec<Tensor>, AttackError> {
+        let steps = 1u32 << rounds.min(MAX_BATCHED_ROUNDS);
+        let mut out = Vec::new();
+        for j in (1..steps).rev() {
+            if let Some(x) = self.at(MAX_FRACTION * f64::from(j) / f64::from(steps))? {
+                out.push(x);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The original plus the delivered levels, the lowest `fraction` of them reverted (None when
+    /// that reverts nothing).
+    fn at(&self, fraction: f64) -> Result<Option<Tensor>, AttackError> {
         let k = (fraction * self.sorted.len() as f64).floor() as usize;
         if k == 0 {
             return Ok(None);
@@ -142,6 +163,26 @@ mod tests {
             }
             assert_eq!(checks, 5, "all {outcome}");
         }
+    }
+
+    #[test]
+    fn batched_candidates_are_the_bisections_points_most_reverted_first() {
+        // 100 values changed by +1 level: 2 rounds reach the fractions 0.375, 0.25 and 0.125.
+        let x0 = Tensor::full([100], 0.5, (Kind::Float, tch::Device::Cpu));
+        let delivered = x0.f_add_scalar(1.0 / 255.0).unwrap();
+        let grad = Tensor::arange(100, (Kind::Float, tch::Device::Cpu));
+        let p = Prune::new(&x0, &delivered, &grad).unwrap().unwrap();
+        let reverted: Vec<i64> = p
+            .all(2)
+            .unwrap()
+            .iter()
+            .map(|x| {
+                x.f_sub(&x0).unwrap().f_abs().unwrap().f_lt(1e-6).unwrap().f_sum(Kind::Int64).unwrap().int64_value(&[])
+            })
+            .collect();
+        assert_eq!(reverted, vec![37, 25, 12]);
+        // Past five rounds the bisection would stop: 31 candidates at most.
+        assert_eq!(p.all(9).unwrap().len(), 31);
     }
 
     #[test]

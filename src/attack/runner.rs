@@ -85,30 +85,82 @@ fn check_rows(
     errors: &mut [Option<AttackError>],
 ) -> Result<(), tch::TchError> {
     let spec = model.info.input();
-    let mut rgbs = Vec::with_capacity(idx.len());
-    let mut inputs = Vec::with_capacity(idx.len());
+    // Every image each row checks (one, or a row's batched candidates), flattened in row order.
+    let mut counts = Vec::with_capacity(idx.len());
+    let mut images = Vec::with_capacity(idx.len());
     for &i in idx {
-        let x = rows[i].image();
-        let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
-        let rgb = tensor_to_rgb8(x)?;
-        if rows[i].checks_float() {
-            // The float reference: the float image itself, through the same differentiable ops.
-            inputs.push(tch::no_grad(|| resize_crop(&x.f_to_device(tch::Device::Cpu)?, spec))?);
-        } else {
-            inputs.push(prepare_rgb8(&rgb, w, h, spec)?);
-        }
-        rgbs.push(rgb);
+        let mine = rows[i].check_images();
+        counts.push(mine.len());
+        images.extend(mine.into_iter().map(|x| (x.shallow_clone(), rows[i].checks_float())));
     }
+    let (inputs, rgbs): (Vec<Tensor>, Vec<Vec<u8>>) = prepare_checks(images, spec)?.into_iter().unzip();
     let batch = Tensor::f_cat(&inputs, 0)?.f_to_device(model.device())?;
     let logits = tch::no_grad(|| model.forward(&batch))?;
-    let logits = tensor_rows(&logits)?;
-    for ((&i, l), rgb) in idx.iter().zip(logits).zip(rgbs) {
-        rows[i].record_mut().saw(&l);
-        if let Err(e) = rows[i].on_check(&l, rgb) {
+    let mut checks = tensor_rows(&logits)?.into_iter().zip(rgbs);
+    for (&i, n) in idx.iter().zip(counts) {
+        let mine: Vec<(Vec<f32>, Vec<u8>)> = checks.by_ref().take(n).collect();
+        for (l, _) in &mine {
+            rows[i].record_mut().saw(l);
+        }
+        if let Err(e) = rows[i].on_checks(mine) {
             errors[i] = Some(e);
         }
     }
     Ok(())
+}
+
+/// From this many images a tick's checks are prepared on several threads: a batched
+/// refinement and pruning check 38 candidates of one row at once.
+const PARALLEL_CHECKS: usize = 8;
+
+/// Each check image's 8-bit pixels and model input through the classify pipeline (a float
+/// reference's: the float image through the same ops), in order; many images on up to one
+/// thread per core, each running libtorch single-threaded.
+fn prepare_checks(
+    images: Vec<(Tensor, bool)>,
+    spec: &crate::model::InputSpec,
+) -> Result<Vec<(Tensor, Vec<u8>)>, tch::TchError> {
+    let one = |(x, float): (Tensor, bool)| -> Result<(Tensor, Vec<u8>), tch::TchError> {
+        let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
+        let rgb = tensor_to_rgb8(&x)?;
+        let input = if float {
+            tch::no_grad(|| resize_crop(&x.f_to_device(tch::Device::Cpu)?, spec))?
+        } else {
+            prepare_rgb8(&rgb, w, h, spec)?
+        };
+        Ok((input, rgb))
+    };
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(images.len());
+    if images.len() < PARALLEL_CHECKS || threads < 2 {
+        return images.into_iter().map(one).collect();
+    }
+    let per = images.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<(Tensor, bool)>> = Vec::with_capacity(threads);
+    let mut rest = images.into_iter();
+    loop {
+        let chunk: Vec<_> = rest.by_ref().take(per).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                scope.spawn(move || {
+                    crate::model::single_threaded_torch_here();
+                    chunk.into_iter().map(one).collect::<Result<Vec<_>, _>>()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for h in handles {
+            let part = h.join().map_err(|_| tch::TchError::Torch("a check-preparing thread panicked".into()))??;
+            out.extend(part);
+        }
+        Ok(out)
+    })
 }
 
 fn step_rows(

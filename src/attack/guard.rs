@@ -24,11 +24,12 @@
 //!   perceptibility only falls.
 //! * **Pruning on the lattice.** Then up to `prune_rounds` checks take back the grey levels the
 //!   last step's gradient says the goal needs least (see [`super::prune`]).
-//! * **Batched checks** (`attack.batched_checks`, on CUDA by default). The two bisections cost
-//!   one tick per check. Batched, each is one tick that checks every candidate its bisection could
-//!   reach (7 scales, then 31 fractions): the smallest passing scale, then the largest passing
-//!   fraction, is delivered. That is at least as far down as the bisection would go whenever
-//!   success is monotone in the scale or fraction, for the price of 38 images in two passes.
+//! * **Batched checks** (`attack.batched_checks`, off by default). The two bisections cost one
+//!   tick per check. Batched, each is one tick that checks every candidate its bisection could
+//!   reach (with the default rounds 7 scales, then up to 31 distinct fractions): the smallest
+//!   passing scale, then the largest passing fraction, is delivered. That is at least as far down
+//!   as the bisection would go whenever success is monotone in the scale or fraction, for the
+//!   price of up to 38 images in two ticks instead of 8 in eight.
 
 use tch::{Kind, Tensor};
 
@@ -187,12 +188,36 @@ pub struct Stepper {
     /// Refinement and pruning check all their candidates in one tick each.
     batched: bool,
     /// This tick's candidates, in order of preference (batched checks only).
-    candidates: Vec<Tensor>,
+    candidates: Candidates,
+}
+
+/// A check as a row judged it: its 8-bit pixels, probabilities, whether it reached the goal, and
+/// the goal's gap on it.
+pub type Judged = (Vec<u8>, Vec<f32>, bool, f64);
+
+/// A batched tick's candidates, as the parameters they are built from when the runner asks for
+/// them (one at a time: 31 full-size float images never live on the device together).
+#[derive(Debug, Default)]
+enum Candidates {
+    #[default]
+    None,
+    /// Scales of the successful float perturbation, smallest first.
+    Scales(Vec<f64>),
+    /// Pruning fractions, the most reverted first.
+    Fractions(Vec<f64>),
+}
+
+impl Candidates {
+    fn len(&self) -> usize {
+        match self {
+            Self::None => 0,
+            Self::Scales(v) | Self::Fractions(v) => v.len(),
+        }
+    }
 }
 
 impl Stepper {
     pub fn new(x0: Tensor, params: &super::AttackParams) -> Self {
-        let batched = params.batched_checks.on(x0.device().is_cuda());
         Self {
             x: x0.shallow_clone(),
             x0,
@@ -206,8 +231,8 @@ impl Stepper {
             prune: None,
             x_float: Tensor::new(),
             scale: Bracket::new(1.0, REFINE_FLOOR, 0.02),
-            batched,
-            candidates: Vec::new(),
+            batched: params.batched_checks,
+            candidates: Candidates::None,
         }
     }
 
@@ -254,10 +279,9 @@ impl Stepper {
         }
         if self.batched {
             let rounds = std::mem::take(&mut self.prune_left);
-            if let Some(p) = &self.prune {
-                self.candidates = p.all(rounds)?;
-            }
-            if !self.candidates.is_empty() {
+            let fractions = self.prune.as_ref().map(|p| p.fractions(rounds)).unwrap_or_default();
+            if !fractions.is_empty() {
+                self.candidates = Candidates::Fractions(fractions);
                 self.phase = Phase::Pruning;
             }
             return Ok(());
@@ -301,25 +325,40 @@ impl Stepper {
         Ok(())
     }
 
-    /// The images to check this tick: the current one, or a batch of candidates.
-    pub fn check_images(&self) -> Vec<&Tensor> {
-        if self.candidates.is_empty() { vec![&self.x] } else { self.candidates.iter().collect() }
+    /// How many images this tick checks: the current one, or a batch of candidates.
+    pub fn check_count(&self) -> usize {
+        self.candidates.len().max(1)
     }
 
-    /// The checks of [`Self::check_images`], judged by the row: (pixels, probabilities, success,
-    /// the goal's gap) each.
-    pub fn checked_all(&mut self, mut checks: Vec<(Vec<u8>, Vec<f32>, bool, f64)>) -> Result<(), AttackError> {
-        if self.candidates.is_empty() {
-            return match checks.pop() {
+    /// Check image `k` of [`Self::check_count`].
+    pub fn check_image(&self, k: usize) -> Result<Tensor, AttackError> {
+        let candidate = match &self.candidates {
+            Candidates::None => return Ok(self.x.shallow_clone()),
+            Candidates::Scales(a) => a.get(k).map(|&alpha| self.scaled(alpha)).transpose()?,
+            Candidates::Fractions(f) => match (f.get(k), &self.prune) {
+                (Some(&fraction), Some(p)) => p.at(fraction)?,
+                _ => None,
+            },
+        };
+        candidate.ok_or_else(|| AttackError::Torch(format!("no check candidate {k}")))
+    }
+
+    /// The checks of [`Self::check_count`]'s images, judged by the row: (pixels, probabilities,
+    /// success, the goal's gap) each. A batch's candidate whose logits were not finite comes as
+    /// None: it counts as a failed check, not as the attack's failure.
+    pub fn checked_all(&mut self, mut checks: Vec<Option<Judged>>) -> Result<(), AttackError> {
+        if let Candidates::None = self.candidates {
+            return match checks.pop().flatten() {
                 Some((rgb, probs, success, gap)) => self.checked(rgb, probs, success, gap),
-                None => Ok(()),
+                None => Err(AttackError::NonFinite),
             };
         }
         // Candidates come in order of preference: the first that succeeds is delivered, and when
         // none does the delivered image stays the last success.
-        self.candidates.clear();
+        self.candidates = Candidates::None;
         self.record.refinements += checks.len() as u32;
-        if let Some((rgb, probs, ..)) = checks.into_iter().find(|c| c.2) {
+        if let Some((rgb, probs, ..)) = checks.into_iter().flatten().find(|c| c.2) {
+            self.record.current = Some(super::scored(&probs, super::target::argmax(&probs)));
             self.record.last = Some((rgb, probs));
         }
         match self.phase {
@@ -337,15 +376,13 @@ impl Stepper {
         if self.refine_left > 0 && self.batched {
             // Every scale the bisection could reach, smallest first.
             let steps = 1u32 << std::mem::take(&mut self.refine_left).min(REFINE_MAX_ROUNDS);
-            for k in 1..steps {
-                let alpha = REFINE_FLOOR + (1.0 - REFINE_FLOOR) * f64::from(k) / f64::from(steps);
-                self.candidates.push(self.scaled(alpha)?);
-            }
-            if self.x_float.defined() && !self.candidates.is_empty() {
+            let scales: Vec<f64> =
+                (1..steps).map(|k| REFINE_FLOOR + (1.0 - REFINE_FLOOR) * f64::from(k) / f64::from(steps)).collect();
+            if self.x_float.defined() && !scales.is_empty() {
+                self.candidates = Candidates::Scales(scales);
                 self.phase = Phase::Refining;
                 return Ok(());
             }
-            self.candidates.clear();
         }
         if self.refine_left > 0 {
             self.refine_left -= 1;

@@ -108,12 +108,16 @@ pub trait AttackRow: Send {
     fn on_gradients(&mut self, grads: Vec<Tensor>) -> Result<(), AttackError>;
     /// Logits of the 8-bit image `rgb` (the quantised [`Self::image`]).
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError>;
-    /// The images to check this tick: [`Self::image`], or several candidates at once (batched
-    /// checks after success, see [`guard`]).
-    fn check_images(&self) -> Vec<&Tensor> {
-        vec![self.image()]
+    /// How many images this tick checks: [`Self::image`], or several candidates at once
+    /// (batched checks after success, see [`guard`]).
+    fn check_count(&self) -> usize {
+        1
     }
-    /// Logits and 8-bit pixels of each of [`Self::check_images`], in order.
+    /// Check image `k` of [`Self::check_count`], built when the runner asks for it.
+    fn check_image(&self, _k: usize) -> Result<Tensor, AttackError> {
+        Ok(self.image().shallow_clone())
+    }
+    /// Logits and 8-bit pixels of each of the check images, in order.
     fn on_checks(&mut self, checks: Vec<(Vec<f32>, Vec<u8>)>) -> Result<(), AttackError> {
         for (logits, rgb) in checks {
             self.on_check(&logits, rgb)?;

@@ -122,7 +122,7 @@ pub struct AttackParams {
     /// 8-bit checks spent after refinement to take back the grey levels the goal needs least.
     pub prune_rounds: u32,
     /// Refinement's and pruning's candidates checked one tick each (see `attack::guard`).
-    pub batched_checks: crate::config::BatchedChecks,
+    pub batched_checks: bool,
 }
 
 impl AttackParams {

@@ -72,23 +72,32 @@ impl Prune {
         }
     }
 
-    /// Every image the bisection of `rounds` checks could reach, the most reverted first (the
-    /// batched checks try them at once; see `guard`).
-    pub fn all(&self, rounds: u32) -> Result<Vec<Tensor>, AttackError> {
+    /// Every fraction the bisection of `rounds` checks could reach that reverts something new,
+    /// the most reverted first (the batched checks try them at once; see `guard`).
+    pub fn fractions(&self, rounds: u32) -> Vec<f64> {
         let steps = 1u32 << rounds.min(MAX_BATCHED_ROUNDS);
-        let mut out = Vec::new();
+        let mut out: Vec<f64> = Vec::new();
+        let mut last = usize::MAX;
         for j in (1..steps).rev() {
-            if let Some(x) = self.at(MAX_FRACTION * f64::from(j) / f64::from(steps))? {
-                out.push(x);
+            let fraction = MAX_FRACTION * f64::from(j) / f64::from(steps);
+            let k = self.reverted(fraction);
+            if k > 0 && k != last {
+                out.push(fraction);
+                last = k;
             }
         }
-        Ok(out)
+        out
+    }
+
+    /// How many changed values `fraction` reverts.
+    fn reverted(&self, fraction: f64) -> usize {
+        (fraction * self.sorted.len() as f64).floor() as usize
     }
 
     /// The original plus the delivered levels, the lowest `fraction` of them reverted (None when
     /// that reverts nothing).
-    fn at(&self, fraction: f64) -> Result<Option<Tensor>, AttackError> {
-        let k = (fraction * self.sorted.len() as f64).floor() as usize;
+    pub fn at(&self, fraction: f64) -> Result<Option<Tensor>, AttackError> {
+        let k = self.reverted(fraction);
         if k == 0 {
             return Ok(None);
         }
@@ -173,16 +182,23 @@ mod tests {
         let grad = Tensor::arange(100, (Kind::Float, tch::Device::Cpu));
         let p = Prune::new(&x0, &delivered, &grad).unwrap().unwrap();
         let reverted: Vec<i64> = p
-            .all(2)
-            .unwrap()
-            .iter()
-            .map(|x| {
+            .fractions(2)
+            .into_iter()
+            .map(|f| {
+                let x = p.at(f).unwrap().unwrap();
                 x.f_sub(&x0).unwrap().f_abs().unwrap().f_lt(1e-6).unwrap().f_sum(Kind::Int64).unwrap().int64_value(&[])
             })
             .collect();
         assert_eq!(reverted, vec![37, 25, 12]);
         // Past five rounds the bisection would stop: 31 candidates at most.
-        assert_eq!(p.all(9).unwrap().len(), 31);
+        assert_eq!(p.fractions(9).len(), 31);
+        // Ten changed values: of the 31 fractions (all under 0.5) only those reverting 4, 3, 2 and 1
+        // differ.
+        let x0 = Tensor::full([10], 0.5, (Kind::Float, tch::Device::Cpu));
+        let delivered = x0.f_add_scalar(1.0 / 255.0).unwrap();
+        let p = Prune::new(&x0, &delivered, &Tensor::arange(10, (Kind::Float, tch::Device::Cpu))).unwrap().unwrap();
+        let ks: Vec<usize> = p.fractions(5).into_iter().map(|f| p.reverted(f)).collect();
+        assert_eq!(ks, vec![4, 3, 2, 1]);
     }
 
     #[test]

@@ -85,22 +85,46 @@ fn check_rows(
     errors: &mut [Option<AttackError>],
 ) -> Result<(), tch::TchError> {
     let spec = model.info.input();
-    // Every image each row checks (one, or a row's batched candidates), flattened in row order.
-    let mut counts = Vec::with_capacity(idx.len());
-    let mut images = Vec::with_capacity(idx.len());
+    // Every image each row checks (one, or a row's batched candidates), in row order, as 8-bit
+    // pixels: a candidate is built on the device and brought down one at a time.
+    let mut counts: Vec<(usize, usize)> = Vec::with_capacity(idx.len());
+    let mut jobs: Vec<CheckJob> = Vec::with_capacity(idx.len());
     for &i in idx {
-        let mine = rows[i].check_images();
-        counts.push(mine.len());
-        images.extend(mine.into_iter().map(|x| (x.shallow_clone(), rows[i].checks_float())));
+        let float = rows[i].checks_float();
+        let mine = (0..rows[i].check_count())
+            .map(|k| -> Result<CheckJob, AttackError> {
+                let x = rows[i].check_image(k)?;
+                let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
+                let rgb = tensor_to_rgb8(&x)?;
+                Ok(if float {
+                    // The float reference: the float image itself, through the same differentiable ops.
+                    CheckJob::Ready(tch::no_grad(|| resize_crop(&x.f_to_device(tch::Device::Cpu)?, spec))?, rgb)
+                } else {
+                    CheckJob::Pixels(rgb, w, h)
+                })
+            })
+            .collect::<Result<Vec<_>, _>>();
+        match mine {
+            Ok(mine) => {
+                counts.push((i, mine.len()));
+                jobs.extend(mine);
+            }
+            Err(e) => errors[i] = Some(e),
+        }
     }
-    let (inputs, rgbs): (Vec<Tensor>, Vec<Vec<u8>>) = prepare_checks(images, spec)?.into_iter().unzip();
-    let batch = Tensor::f_cat(&inputs, 0)?.f_to_device(model.device())?;
-    let logits = tch::no_grad(|| model.forward(&batch))?;
-    let mut checks = tensor_rows(&logits)?.into_iter().zip(rgbs);
-    for (&i, n) in idx.iter().zip(counts) {
+    let (inputs, rgbs): (Vec<Tensor>, Vec<Vec<u8>>) = prepare_checks(jobs, spec)?.into_iter().unzip();
+    // A tick's checks go through the model in passes of at most as many images as the tick has
+    // rows: the batch sizes the worker already runs (and warms), however many candidates.
+    let mut logits = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(idx.len().max(1)) {
+        let batch = Tensor::f_cat(chunk, 0)?.f_to_device(model.device())?;
+        logits.extend(tensor_rows(&tch::no_grad(|| model.forward(&batch))?)?);
+    }
+    let mut checks = logits.into_iter().zip(rgbs);
+    for (i, n) in counts {
         let mine: Vec<(Vec<f32>, Vec<u8>)> = checks.by_ref().take(n).collect();
-        for (l, _) in &mine {
-            rows[i].record_mut().saw(l);
+        if let [(logits, _)] = mine.as_slice() {
+            rows[i].record_mut().saw(logits);
         }
         if let Err(e) = rows[i].on_checks(mine) {
             errors[i] = Some(e);
@@ -109,34 +133,35 @@ fn check_rows(
     Ok(())
 }
 
+/// One check image on its way to the model: its model input and pixels, or only its pixels.
+enum CheckJob {
+    Ready(Tensor, Vec<u8>),
+    Pixels(Vec<u8>, u32, u32),
+}
+
 /// From this many images a tick's checks are prepared on several threads: a batched
-/// refinement and pruning check 38 candidates of one row at once.
+/// refinement and pruning check up to 38 candidates of one row at once.
 const PARALLEL_CHECKS: usize = 8;
 
-/// Each check image's 8-bit pixels and model input through the classify pipeline (a float
-/// reference's: the float image through the same ops), in order; many images on up to one
-/// thread per core, each running libtorch single-threaded.
+/// Each check's model input through the classify pipeline, with its pixels, in order; many on
+/// up to one thread per core, each running libtorch single-threaded.
 fn prepare_checks(
-    images: Vec<(Tensor, bool)>,
+    jobs: Vec<CheckJob>,
     spec: &crate::model::InputSpec,
 ) -> Result<Vec<(Tensor, Vec<u8>)>, tch::TchError> {
-    let one = |(x, float): (Tensor, bool)| -> Result<(Tensor, Vec<u8>), tch::TchError> {
-        let (h, w) = (x.size()[2] as u32, x.size()[3] as u32);
-        let rgb = tensor_to_rgb8(&x)?;
-        let input = if float {
-            tch::no_grad(|| resize_crop(&x.f_to_device(tch::Device::Cpu)?, spec))?
-        } else {
-            prepare_rgb8(&rgb, w, h, spec)?
-        };
-        Ok((input, rgb))
+    let one = |job: CheckJob| -> Result<(Tensor, Vec<u8>), tch::TchError> {
+        match job {
+            CheckJob::Ready(input, rgb) => Ok((input, rgb)),
+            CheckJob::Pixels(rgb, w, h) => Ok((prepare_rgb8(&rgb, w, h, spec)?, rgb)),
+        }
     };
-    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(images.len());
-    if images.len() < PARALLEL_CHECKS || threads < 2 {
-        return images.into_iter().map(one).collect();
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(jobs.len());
+    if jobs.len() < PARALLEL_CHECKS || threads < 2 {
+        return jobs.into_iter().map(one).collect();
     }
-    let per = images.len().div_ceil(threads);
-    let mut chunks: Vec<Vec<(Tensor, bool)>> = Vec::with_capacity(threads);
-    let mut rest = images.into_iter();
+    let per = jobs.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<CheckJob>> = Vec::with_capacity(threads);
+    let mut rest = jobs.into_iter();
     loop {
         let chunk: Vec<_> = rest.by_ref().take(per).collect();
         if chunk.is_empty() {

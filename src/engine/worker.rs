@@ -568,8 +568,16 @@ fn prepare(
 ) -> Result<LoadedModel, ModelError> {
     m.set_batch_resize(settings.batch_resize.path_on(device.is_cuda()));
     if settings.batch_resize == crate::config::BatchResize::Auto && device.is_cuda() {
-        let (per_row, matrix) = m.choose_batch_resize()?;
-        tracing::info!(model = %m.info.name, per_row_s = per_row, matrix_s = matrix, chose = ?m.batch_resize(), "attack resize path timed");
+        // An optimisation: a probe that fails leaves the op, and the model loads.
+        match m.choose_batch_resize() {
+            Ok((per_row, matrix)) => {
+                tracing::info!(model = %m.info.name, per_row_s = per_row, matrix_s = matrix, chose = ?m.batch_resize(), "attack resize path timed")
+            }
+            Err(e) => {
+                m.set_batch_resize(crate::model::resize::ResizePath::PerRow);
+                tracing::warn!(model = %m.info.name, error = %e, "attack resize probe failed; resizing row by row");
+            }
+        }
     }
     if !settings.batch_padding.pads_on(device.is_cuda()) {
         return Ok(m);

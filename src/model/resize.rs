@@ -33,7 +33,7 @@ pub enum ResizePath {
 /// Sizes whose matrices are kept; a tick of a new size past this clears the cache.
 const CACHED_SIZES: usize = 64;
 /// Rows with a longer side go through the op: building a matrix starts from an identity of
-/// that side (64 MiB at 4096).
+/// that side, expanded two wide and resized (about 320 MiB at the peak at 4096).
 const MATRIX_MAX_SIDE: i64 = 4096;
 /// A group of rows is padded to its largest height and width only while the padded pixels stay
 /// within this factor of the real ones (a 4000×3000 upload never pads 15 small ones).

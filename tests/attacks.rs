@@ -452,9 +452,9 @@ fn padded_batches_give_the_rows_and_gradients_of_unpadded_ones() {
 }
 
 /// The attack tick's batched preprocessing (`engine.batch_resize = "matrix"`): `Rh · X · Rwᵀ`
-/// over zero-padded rows gives what the resize op gives each row — downscaled, upscaled, one
-/// axis kept, not resized at all, portrait and landscape, padded into one group or alone — and
-/// so does its backward pass (max abs difference ≤ 1e-5).
+/// over zero-padded rows gives what the resize op gives each row — downscaled, upscaled, not
+/// resized at all, portrait and landscape, padded into one group or alone — and so does its
+/// backward pass (max abs difference ≤ 1e-5).
 #[test]
 fn matrix_resize_gives_the_ops_inputs_and_gradients_for_mixed_sizes() {
     use labelfool::model::resize::{ResizePath, RowResizer, per_row};

@@ -70,9 +70,8 @@ fn main() -> anyhow::Result<()> {
     if let Some(r) = arg("--resize") {
         config.engine.batch_resize = serde_json::from_value(serde_json::Value::String(r))?;
     }
-    model.set_batch_resize(config.engine.batch_resize.path_on(device.is_cuda()));
-    if config.engine.batch_resize == labelfool::config::BatchResize::Auto && device.is_cuda() {
-        eprintln!("auto on CUDA: per row and matrix timed {:?} s", model.choose_batch_resize()?);
+    if let Some(timed) = model.apply_batch_resize(config.engine.batch_resize)? {
+        eprintln!("auto on CUDA: per row and matrix timed {timed:?} s");
     }
     let limits = AttackLimits::from_config(&config.limits);
     let params = AttackRequest::default().validate(&model.info, &config.attack, &limits)?;

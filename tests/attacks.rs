@@ -72,6 +72,11 @@ fn logits_and_gradients(model: &LoadedModel, x: &Tensor, l: usize) -> (Vec<f32>,
 }
 
 fn run_to_end(model: &LoadedModel, row: Box<dyn AttackRow>) -> attack::AttackOutcome {
+    run_counting_ticks(model, row).1
+}
+
+/// [`run_to_end`], with the ticks it took.
+fn run_counting_ticks(model: &LoadedModel, row: Box<dyn AttackRow>) -> (usize, attack::AttackOutcome) {
     let mut rows = vec![row];
     let mut ticks = 0;
     while !rows[0].is_done() {
@@ -80,7 +85,7 @@ fn run_to_end(model: &LoadedModel, row: Box<dyn AttackRow>) -> attack::AttackOut
         ticks += 1;
         assert!(ticks < 5000, "the attack never finished");
     }
-    rows.pop().unwrap().outcome().unwrap()
+    (ticks, rows.pop().unwrap().outcome().unwrap())
 }
 
 /// The outcome's delivered 8-bit pixels (`w`×`h`) re-classified by the model itself through the
@@ -528,13 +533,22 @@ fn a_tick_of_mixed_sizes_steps_alike_on_both_resize_paths() {
     }
 }
 
-/// `batch_resize = "auto"` on CUDA times both paths when the model loads and keeps the faster;
-/// here on the CPU the same probe runs, picks the one its timings say, and leaves no passes
-/// counted.
+/// `batch_resize`: `auto` keeps the op on the CPU without timing anything, the two named paths
+/// are taken as named, and the probe `auto` runs on CUDA (run here on the CPU) times both paths,
+/// keeps the one its timings favour and leaves no passes counted against the model.
 #[test]
-fn the_resize_probe_keeps_the_faster_path() {
+fn batch_resize_settings_and_the_probe() {
+    use labelfool::config::BatchResize;
     use labelfool::model::resize::ResizePath;
     let (_, mut model) = tiny();
+    for (setting, path) in [
+        (BatchResize::Matrix, ResizePath::Matrix),
+        (BatchResize::Auto, ResizePath::PerRow),
+        (BatchResize::PerRow, ResizePath::PerRow),
+    ] {
+        assert_eq!(model.apply_batch_resize(setting).unwrap(), None, "{setting:?}: no probe on the CPU");
+        assert_eq!(model.batch_resize(), path, "{setting:?}");
+    }
     let (per_row, matrix) = model.choose_batch_resize().unwrap();
     assert!(per_row > 0.0 && matrix > 0.0);
     let want = if matrix < per_row { ResizePath::Matrix } else { ResizePath::PerRow };
@@ -566,18 +580,8 @@ fn batched_checks_refine_and_prune_in_two_ticks() {
             margins: vec![0.0, 0.5, 1.0],
             ..params(method)
         };
-        // Ticks, and the row's outcome.
-        let run = |p: AttackParams| {
-            let mut rows = vec![attack::new_row(info.clone(), x0.shallow_clone(), p).unwrap()];
-            let mut ticks = 0;
-            while !rows[0].is_done() {
-                let (errors, _) = runner::tick(&model, &mut rows);
-                assert!(errors[0].is_none(), "{:?}", errors[0]);
-                ticks += 1;
-                assert!(ticks < 5000);
-            }
-            (ticks, rows.pop().unwrap().outcome().unwrap())
-        };
+        let run =
+            |p: AttackParams| run_counting_ticks(&model, attack::new_row(info.clone(), x0.shallow_clone(), p).unwrap());
         let (plain_ticks, plain) = run(p(0, 0, false));
         let (bisected_ticks, bisected) = run(p(3, 5, false));
         let (batched_ticks, batched) = run(p(3, 5, true));

@@ -6,7 +6,7 @@
 
 use tch::Tensor;
 
-use super::guard::{Phase, Stepper, mask_saturated};
+use super::guard::{Judged, Phase, Stepper, mask_saturated};
 use super::record::{Extras, Record};
 use super::target::{argmax, softmax};
 use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, best_other};
@@ -71,7 +71,7 @@ impl DeepFoolRow {
     }
 
     /// A check's probabilities, whether the label changed, and the gap.
-    fn judge(&self, logits: &[f32]) -> Result<(Vec<f32>, bool, f64), AttackError> {
+    fn judge(&self, logits: &[f32]) -> Judged {
         if logits.iter().any(|v| !v.is_finite()) {
             return Err(AttackError::NonFinite);
         }
@@ -121,8 +121,8 @@ impl AttackRow for DeepFoolRow {
     }
 
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError> {
-        let (probs, success, gap) = self.judge(logits)?;
-        self.s.checked(rgb, probs, success, gap)
+        let judged = self.judge(logits);
+        self.s.checked(rgb, judged)
     }
 
     fn check_count(&self) -> usize {
@@ -131,12 +131,6 @@ impl AttackRow for DeepFoolRow {
 
     fn check_image(&self, k: usize) -> Result<Tensor, AttackError> {
         self.s.check_image(k)
-    }
-
-    fn on_checks(&mut self, checks: Vec<(Vec<f32>, Vec<u8>)>) -> Result<(), AttackError> {
-        let judged =
-            checks.into_iter().map(|(logits, rgb)| self.judge(&logits).ok().map(|(p, s, g)| (rgb, p, s, g))).collect();
-        self.s.checked_all(judged)
     }
 
     fn is_done(&self) -> bool {

@@ -189,11 +189,16 @@ pub struct Stepper {
     batched: bool,
     /// This tick's candidates, in order of preference (batched checks only).
     candidates: Candidates,
+    /// Their checks so far.
+    candidate_checks: Vec<CandidateCheck>,
 }
 
-/// A check as a row judged it: its 8-bit pixels, probabilities, whether it reached the goal, and
-/// the goal's gap on it.
-pub type Judged = (Vec<u8>, Vec<f32>, bool, f64);
+/// A candidate's check: its pixels, probabilities and success (None: not finite, a failure).
+type CandidateCheck = Option<(Vec<u8>, Vec<f32>, bool)>;
+
+/// A check as a row judged it: its probabilities, whether it reached the goal, and the goal's
+/// gap on it; or why it could not be judged.
+pub type Judged = Result<(Vec<f32>, bool, f64), AttackError>;
 
 /// A batched tick's candidates, as the parameters they are built from when the runner asks for
 /// them (one at a time: 31 full-size float images never live on the device together).
@@ -233,6 +238,7 @@ impl Stepper {
             scale: Bracket::new(1.0, REFINE_FLOOR, 0.02),
             batched: params.batched_checks,
             candidates: Candidates::None,
+            candidate_checks: Vec::new(),
         }
     }
 
@@ -294,8 +300,18 @@ impl Stepper {
         Ok(())
     }
 
-    /// Records an 8-bit check: whether it reached the goal, and the goal's gap on it.
-    pub fn checked(&mut self, rgb: Vec<u8>, probs: Vec<f32>, success: bool, gap: f64) -> Result<(), AttackError> {
+    /// Records an 8-bit check of [`Self::check_image`] as the row judged it. A batch's candidate
+    /// that could not be judged (non-finite logits) counts as a failed check, not as the attack's
+    /// failure; the batch is decided once all its checks are in.
+    pub fn checked(&mut self, rgb: Vec<u8>, judged: Judged) -> Result<(), AttackError> {
+        if self.candidates.len() > 0 {
+            self.candidate_checks.push(judged.ok().map(|(probs, success, _)| (rgb, probs, success)));
+            if self.candidate_checks.len() == self.candidates.len() {
+                return self.batch_checked();
+            }
+            return Ok(());
+        }
+        let (probs, success, gap) = judged?;
         if let phase @ (Phase::Refining | Phase::Pruning) = self.phase {
             // The best image stays the delivered one unless this one succeeds too.
             self.record.refinements += 1;
@@ -343,21 +359,13 @@ impl Stepper {
         candidate.ok_or_else(|| AttackError::Torch(format!("no check candidate {k}")))
     }
 
-    /// The checks of [`Self::check_count`]'s images, judged by the row: (pixels, probabilities,
-    /// success, the goal's gap) each. A batch's candidate whose logits were not finite comes as
-    /// None: it counts as a failed check, not as the attack's failure.
-    pub fn checked_all(&mut self, mut checks: Vec<Option<Judged>>) -> Result<(), AttackError> {
-        if let Candidates::None = self.candidates {
-            return match checks.pop().flatten() {
-                Some((rgb, probs, success, gap)) => self.checked(rgb, probs, success, gap),
-                None => Err(AttackError::NonFinite),
-            };
-        }
-        // Candidates come in order of preference: the first that succeeds is delivered, and when
-        // none does the delivered image stays the last success.
+    /// A batch's checks are all in: candidates come in order of preference, the first that
+    /// succeeds is delivered, and when none does the delivered image stays the last success.
+    fn batch_checked(&mut self) -> Result<(), AttackError> {
         self.candidates = Candidates::None;
+        let checks = std::mem::take(&mut self.candidate_checks);
         self.record.refinements += checks.len() as u32;
-        if let Some((rgb, probs, ..)) = checks.into_iter().flatten().find(|c| c.2) {
+        if let Some((rgb, probs, _)) = checks.into_iter().flatten().find(|c| c.2) {
             self.record.current = Some(super::scored(&probs, super::target::argmax(&probs)));
             self.record.last = Some((rgb, probs));
         }

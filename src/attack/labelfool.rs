@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use super::guard::{Phase, Stepper, mask_saturated};
+use super::guard::{Judged, Phase, Stepper, mask_saturated};
 use super::record::{Extras, Record};
 use super::target::{self, argmax, softmax};
 use super::{AttackError, AttackOutcome, AttackParams, AttackRow, Method, Need, best_other};
@@ -62,7 +62,7 @@ impl LabelFoolRow {
     }
 
     /// A check's probabilities, whether it reached the target, and the target's gap.
-    fn judge(&self, logits: &[f32]) -> Result<(Vec<f32>, bool, f64), AttackError> {
+    fn judge(&self, logits: &[f32]) -> Judged {
         if logits.iter().any(|v| !v.is_finite()) {
             return Err(AttackError::NonFinite);
         }
@@ -110,8 +110,8 @@ impl AttackRow for LabelFoolRow {
     }
 
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError> {
-        let (probs, success, gap) = self.judge(logits)?;
-        self.s.checked(rgb, probs, success, gap)
+        let judged = self.judge(logits);
+        self.s.checked(rgb, judged)
     }
 
     fn check_count(&self) -> usize {
@@ -120,12 +120,6 @@ impl AttackRow for LabelFoolRow {
 
     fn check_image(&self, k: usize) -> Result<Tensor, AttackError> {
         self.s.check_image(k)
-    }
-
-    fn on_checks(&mut self, checks: Vec<(Vec<f32>, Vec<u8>)>) -> Result<(), AttackError> {
-        let judged =
-            checks.into_iter().map(|(logits, rgb)| self.judge(&logits).ok().map(|(p, s, g)| (rgb, p, s, g))).collect();
-        self.s.checked_all(judged)
     }
 
     fn is_done(&self) -> bool {

@@ -106,7 +106,7 @@ pub trait AttackRow: Send {
     fn on_logits(&mut self, logits: &[f32]) -> Result<Vec<Vec<f32>>, AttackError>;
     /// The gradients asked for by the last `on_logits`, in order, each shaped like the image.
     fn on_gradients(&mut self, grads: Vec<Tensor>) -> Result<(), AttackError>;
-    /// Logits of the 8-bit image `rgb` (the quantised [`Self::image`]).
+    /// Logits of the 8-bit image `rgb`: the quantised [`Self::check_image`], each in turn.
     fn on_check(&mut self, logits: &[f32], rgb: Vec<u8>) -> Result<(), AttackError>;
     /// How many images this tick checks: [`Self::image`], or several candidates at once
     /// (batched checks after success, see [`guard`]).
@@ -116,13 +116,6 @@ pub trait AttackRow: Send {
     /// Check image `k` of [`Self::check_count`], built when the runner asks for it.
     fn check_image(&self, _k: usize) -> Result<Tensor, AttackError> {
         Ok(self.image().shallow_clone())
-    }
-    /// Logits and 8-bit pixels of each of the check images, in order.
-    fn on_checks(&mut self, checks: Vec<(Vec<f32>, Vec<u8>)>) -> Result<(), AttackError> {
-        for (logits, rgb) in checks {
-            self.on_check(&logits, rgb)?;
-        }
-        Ok(())
     }
     /// True for a float reference attack: its checks classify the float image itself.
     fn checks_float(&self) -> bool {

@@ -126,8 +126,11 @@ fn check_rows(
         if let [(logits, _)] = mine.as_slice() {
             rows[i].record_mut().saw(logits);
         }
-        if let Err(e) = rows[i].on_checks(mine) {
-            errors[i] = Some(e);
+        for (logits, rgb) in mine {
+            if let Err(e) = rows[i].on_check(&logits, rgb) {
+                errors[i] = Some(e);
+                break;
+            }
         }
     }
     Ok(())

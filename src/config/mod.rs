@@ -308,18 +308,6 @@ pub enum BatchResize {
     Matrix,
 }
 
-impl BatchResize {
-    /// The path a model starts with (`auto` on CUDA then times both).
-    pub fn path_on(self, cuda: bool) -> crate::model::resize::ResizePath {
-        use crate::model::resize::ResizePath;
-        match self {
-            Self::Auto if cuda => ResizePath::Matrix,
-            Self::Auto | Self::PerRow => ResizePath::PerRow,
-            Self::Matrix => ResizePath::Matrix,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {

@@ -566,18 +566,13 @@ fn prepare(
     i: usize,
     device: Device,
 ) -> Result<LoadedModel, ModelError> {
-    m.set_batch_resize(settings.batch_resize.path_on(device.is_cuda()));
-    if settings.batch_resize == crate::config::BatchResize::Auto && device.is_cuda() {
-        // An optimisation: a probe that fails leaves the op, and the model loads.
-        match m.choose_batch_resize() {
-            Ok((per_row, matrix)) => {
-                tracing::info!(model = %m.info.name, per_row_s = per_row, matrix_s = matrix, chose = ?m.batch_resize(), "attack resize path timed")
-            }
-            Err(e) => {
-                m.set_batch_resize(crate::model::resize::ResizePath::PerRow);
-                tracing::warn!(model = %m.info.name, error = %e, "attack resize probe failed; resizing row by row");
-            }
+    // An optimisation: a probe that fails leaves the op, and the model loads.
+    match m.apply_batch_resize(settings.batch_resize) {
+        Ok(Some((per_row, matrix))) => {
+            tracing::info!(model = %m.info.name, per_row_s = per_row, matrix_s = matrix, chose = ?m.batch_resize(), "attack resize path timed")
         }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(model = %m.info.name, error = %e, "attack resize probe failed; resizing row by row"),
     }
     if !settings.batch_padding.pads_on(device.is_cuda()) {
         return Ok(m);

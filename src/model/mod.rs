@@ -301,6 +301,25 @@ impl LoadedModel {
         self.resizer.path()
     }
 
+    /// Sets the attack resize path `setting` asks for on this model's device. `auto` on CUDA
+    /// times both paths ([`Self::choose_batch_resize`]) and returns their timings; when that
+    /// probe fails the op stays and the error is returned, for the caller to report.
+    pub fn apply_batch_resize(
+        &mut self,
+        setting: crate::config::BatchResize,
+    ) -> Result<Option<(f64, f64)>, tch::TchError> {
+        use crate::config::BatchResize;
+        use resize::ResizePath::{Matrix, PerRow};
+        match setting {
+            BatchResize::Auto if self.device.is_cuda() => {
+                return self.choose_batch_resize().map(Some).inspect_err(|_| self.set_batch_resize(PerRow));
+            }
+            BatchResize::Auto | BatchResize::PerRow => self.set_batch_resize(PerRow),
+            BatchResize::Matrix => self.set_batch_resize(Matrix),
+        }
+        Ok(None)
+    }
+
     /// Times one attack tick's passes (forward and backward) for 8 rows of 8 sizes on each
     /// resize path, after one untimed tick each, and keeps the faster: what `batch_resize =
     /// "auto"` does on CUDA, where which one wins depends on the card. Returns the median

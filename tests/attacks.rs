@@ -396,16 +396,19 @@ fn refinement_keeps_the_goal_and_only_lowers_perceptibility() {
     }
 }
 
+/// Photos and the guarded method run on each by the tests of the checks after success.
+const GUARDED_CASES: [(&str, Method); 3] = [
+    ("n02391049_zebra.JPEG", Method::Deepfool),
+    ("n02219486_ant.JPEG", Method::Labelfool),
+    ("n01440764_tench.JPEG", Method::Deepfool),
+];
+
 #[test]
 fn pruning_keeps_the_goal_and_only_lowers_perceptibility() {
     // After refinement, up to `prune_rounds` checks take back grey levels (no more gradients);
     // the delivered image is the last that still succeeds.
     let (info, model) = tiny();
-    for (name, method) in [
-        ("n02391049_zebra.JPEG", Method::Deepfool),
-        ("n02219486_ant.JPEG", Method::Labelfool),
-        ("n01440764_tench.JPEG", Method::Deepfool),
-    ] {
+    for (name, method) in GUARDED_CASES {
         let x0 = photo(name);
         let orig = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
         let (h, w) = (x0.size()[2] as u32, x0.size()[3] as u32);
@@ -565,11 +568,7 @@ fn batch_resize_settings_and_the_probe() {
 #[test]
 fn batched_checks_refine_and_prune_in_two_ticks() {
     let (info, model) = tiny();
-    for (name, method) in [
-        ("n02391049_zebra.JPEG", Method::Deepfool),
-        ("n02219486_ant.JPEG", Method::Labelfool),
-        ("n01440764_tench.JPEG", Method::Deepfool),
-    ] {
+    for (name, method) in GUARDED_CASES {
         let x0 = photo(name);
         let orig = labelfool::model::preprocess::tensor_to_rgb8(&x0).unwrap();
         let (h, w) = (x0.size()[2] as u32, x0.size()[3] as u32);

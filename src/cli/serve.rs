@@ -11,7 +11,7 @@ use anyhow::Context;
 
 use super::Cli;
 use crate::engine::Engine;
-use crate::http::server::serve;
+use crate::http::server::{listen, serve};
 use crate::http::{AppState, router};
 use crate::model::Catalog;
 
@@ -37,8 +37,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let remotes = Arc::new(crate::remote::Remotes::from_configs(&config.remotes).map_err(anyhow::Error::msg)?);
     let catalog = Catalog::from_config(&config)?;
     let (engine, startup) = Engine::start(&config, catalog)?;
-    let listener = tokio::net::TcpListener::bind(config.server.bind)
-        .await
+    let listener = listen(config.server.bind, config.server.max_connections)
         .with_context(|| format!("cannot listen on {}", config.server.bind))?;
     let addr = listener.local_addr()?;
     let mut state = AppState::new(engine.clone(), config.clone(), metrics, remotes);
@@ -51,8 +50,7 @@ pub async fn run(cli: &Cli, args: &ServeArgs) -> anyhow::Result<ExitCode> {
         state.jobs = Some(jobs);
     }
     if let Some(probe_bind) = config.server.probe_bind {
-        let probes = tokio::net::TcpListener::bind(probe_bind)
-            .await
+        let probes = listen(probe_bind, PROBE_CONNECTIONS)
             .with_context(|| format!("cannot listen on {probe_bind} (server.probe_bind)"))?;
         // On stderr: stdout's first line is the main address, which scripts wait for.
         eprintln!("labelfool probes listening on http://{}", probes.local_addr()?);

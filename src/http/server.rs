@@ -8,6 +8,7 @@
 //! [`super::limits`]), so every ordinary violation gets the JSON error shape.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::Semaphore;
 
 use crate::config::ServerConfig;
@@ -24,6 +25,18 @@ use crate::config::ServerConfig;
 const HYPER_MAX_BUF: usize = 1024 * 1024;
 /// Hyper's own ceiling on header fields (it answers a bare 431 past it).
 const HYPER_MAX_HEADERS: usize = 1000;
+
+/// Binds `addr` with an accept queue as deep as the connections the server will hold (the
+/// kernel caps it at `net.core.somaxconn`). Tokio's default of 1024 overflows under a burst of a
+/// few thousand connects, and a dropped SYN costs the client a 1 s retransmit — health checks
+/// included.
+pub fn listen(addr: SocketAddr, max_connections: usize) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // As `TcpListener::bind` does: a restarted server may bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(u32::try_from(max_connections).unwrap_or(u32::MAX).max(128))
+}
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for open connections to
 /// finish their in-flight requests (the caller bounds that wait).

@@ -17,11 +17,16 @@ use crate::jobs::{JobInfo, JobSpec, JobState};
 /// `pg_advisory_lock`'s key for migrations ("labelfoo" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6c61_6265_6c66_6f6f;
 
+/// How long a readiness ping's answer stands: a flood of `/ready` costs the pool one
+/// connection a second, not one per probe.
+const PING_STANDS: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Postgres {
     pool: Pool,
     /// For the start-up lock's connection of its own.
     config: std::sync::Arc<tokio_postgres::Config>,
+    last_ping: std::sync::Arc<Recent>,
 }
 
 impl From<tokio_postgres::Error> for StoreError {
@@ -65,7 +70,7 @@ impl Postgres {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| StoreError::Postgres(e.to_string()))?;
-        let store = Self { pool, config: config.into() };
+        let store = Self { pool, config: config.into(), last_ping: Default::default() };
         store.migrate().await?;
         Ok(store)
     }
@@ -85,10 +90,15 @@ impl Postgres {
         Ok(client)
     }
 
-    /// Whether the database answers now (readiness).
+    /// Whether the database answered a ping within the last second (readiness); callers at
+    /// the same moment share one ping.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.client().await?.simple_query("SELECT 1").await?;
-        Ok(())
+        self.last_ping
+            .get_or(PING_STANDS, async {
+                self.client().await?.simple_query("SELECT 1").await?;
+                Ok(())
+            })
+            .await
     }
 
     /// Applies the missing schema versions, each in its own transaction with its history row,
@@ -396,7 +406,7 @@ impl Postgres {
     pub async fn release(&self, it: &Claimed, owner: &str) -> Result<(), StoreError> {
         let c = self.client().await?;
         c.execute(
-            "UPDATE work_items SET state = 'pending', owner = NULL, lease_until = NULL \
+            "UPDATE work_items SET state = 'pending', owner = NULL, lease_until = NULL, attempts = attempts - 1 \
              WHERE id = $1 AND owner = $2 AND lease_token = $3 AND state = 'leased'",
             &[&it.id, &owner, &it.token],
         )
@@ -605,4 +615,63 @@ fn job_info(r: &Row) -> Result<JobInfo, StoreError> {
         successes: r.get(10),
     }
     .into_info()
+}
+
+/// The last ping's answer and when it came. The lock is held across the ping, so that callers
+/// arriving meanwhile wait for its answer instead of pinging too; a caller that gives up (its
+/// timeout) drops the ping and the next one pings afresh.
+#[derive(Default)]
+struct Recent(tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>);
+
+impl Recent {
+    async fn get_or(
+        &self,
+        stands: Duration,
+        ping: impl std::future::Future<Output = Result<(), StoreError>>,
+    ) -> Result<(), StoreError> {
+        let mut last = self.0.lock().await;
+        let answer = match &*last {
+            Some((at, answer)) if at.elapsed() < stands => answer.clone(),
+            _ => {
+                let answer = ping.await.map_err(|e| e.to_string());
+                *last = Some((std::time::Instant::now(), answer.clone()));
+                answer
+            }
+        };
+        answer.map_err(StoreError::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// Fifty probes at once cost one ping; a second later the next probe pings again, and a
+    /// failed ping's answer stands as long as a good one's.
+    #[tokio::test]
+    async fn readiness_pings_are_shared_and_stand_for_their_time() {
+        let recent = Recent::default();
+        let pings = AtomicUsize::new(0);
+        let ping = |ok: bool| {
+            let pings = &pings;
+            async move {
+                pings.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if ok { Ok(()) } else { Err(StoreError::Unavailable("refused".into())) }
+            }
+        };
+        let stands = Duration::from_millis(300);
+        let answers = futures::future::join_all((0..50).map(|_| recent.get_or(stands, ping(true)))).await;
+        assert!(answers.iter().all(Result::is_ok));
+        assert_eq!(pings.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(stands).await;
+        assert!(recent.get_or(stands, ping(false)).await.is_err());
+        assert!(recent.get_or(stands, ping(true)).await.is_err(), "the failed answer stands");
+        assert_eq!(pings.load(Ordering::SeqCst), 2);
+        tokio::time::sleep(stands).await;
+        assert!(recent.get_or(stands, ping(true)).await.is_ok());
+        assert_eq!(pings.load(Ordering::SeqCst), 3);
+    }
 }

@@ -171,11 +171,16 @@ async fn a_cancelled_job_stops_and_keeps_what_it_finished() {
 
 /// `labelfool_job_items_pending` from `/metrics`.
 async fn pending_items(s: &Server) -> f64 {
+    gauge(s, "labelfool_job_items_pending").await
+}
+
+/// A gauge `name` from `/metrics`.
+async fn gauge(s: &Server, name: &str) -> f64 {
     let text = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("labelfool_job_items_pending "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no labelfool_job_items_pending in {text}"))
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
 }
 
 /// SIGKILL in the middle of a job: after a restart every finished image's result is still there,
@@ -260,6 +265,54 @@ async fn a_job_survives_a_killed_server() {
     assert_eq!(keys.len(), 24, "every image under every method, once");
     // The interrupted job stays as it was.
     assert_eq!(get(&s, &a).await["state"], "interrupted");
+}
+
+/// An image whose attack kills its server (SIGKILL while it is under way, as an out-of-memory
+/// kill would) `jobs.max_attempts` times is not tried again: a third server stores an error
+/// record in its place, attacks the job's other item and finishes the job.
+#[tokio::test]
+async fn an_item_that_kills_its_server_each_time_is_given_up_and_the_job_goes_on() {
+    let root = tempfile::tempdir().unwrap();
+    let images = root.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    // A photo of 6.75 MP: an attack at its size takes seconds, so a kill lands in the middle.
+    let zebra = image::load_from_memory(&read_fixture("images/n02391049_zebra.JPEG")).unwrap();
+    zebra
+        .resize_exact(3000, 2250, image::imageops::FilterType::Triangle)
+        .to_rgb8()
+        .save(images.join("zebra.jpg"))
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let (db, dir) = (state.path().join("jobs.sqlite3"), state.path().join("jobs"));
+    let env = [("LABELFOOL_JOBS__DATABASE", db.to_str().unwrap()), ("LABELFOOL_JOBS__DIR", dir.to_str().unwrap())];
+    let config = default_model_config(&format!("{}concurrency = 1\nmax_attempts = 2\n", jobs_config(root.path())));
+    let start = || Server::start_with_env(&config, &env);
+
+    let mut s = start();
+    let (status, job) = create(&s, json!({"images": images, "methods": ["labelfool", "fgsm"]})).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    for attempt in 1..=2 {
+        // Killed once its first item (LabelFool on the photo) is claimed and under way.
+        let started = Instant::now();
+        while gauge(&s, "labelfool_job_items_held").await < 1.0 {
+            assert!(started.elapsed() < Duration::from_secs(60), "attempt {attempt}: nothing claimed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.kill();
+        s = start();
+    }
+    let (_, job) = wait_until(&s, &id, |_, j| j["state"] != "running" && j["state"] != "queued").await;
+    assert_eq!((job["state"].as_str(), job["done"].as_u64()), (Some("done"), Some(2)), "{job}");
+    let lines = client().get(s.url(&format!("/jobs/{id}/results"))).send().await.unwrap().text().await.unwrap();
+    let results: Vec<Value> = lines.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let by = |m: &str| results.iter().find(|r| r["method"] == m).unwrap_or_else(|| panic!("no {m} in {results:?}"));
+    let error = by("labelfool")["record"]["error"].as_str().unwrap_or_default().to_string();
+    // (A LabelFool result here would mean an attack ended before its kill.)
+    assert!(error.contains("not tried again") && error.contains("2 earlier attempts"), "{results:?}");
+    assert!(by("labelfool")["png"].is_null());
+    assert!(by("fgsm")["record"]["error"].is_null() && by("fgsm")["png"].is_string(), "{:?}", by("fgsm"));
 }
 
 /// A zip of `files` (name, bytes), stored uncompressed.

@@ -152,6 +152,11 @@ pub struct JobsConfig {
     /// of this): a server that hangs loses its items to the others after this. A server that
     /// dies loses them at once (its lock file is free).
     pub lease_secs: f64,
+    /// Claims of one work item that may end without an answer — its server killed, out of
+    /// memory or hung mid-item — before it is given up: its image then gets an error record
+    /// and the job goes on, so one image that kills its server cannot stop every replica.
+    /// Items handed back on a graceful stop do not count.
+    pub max_attempts: u32,
     /// How often an idle runner looks for work another server queued, and how often a
     /// progress stream (`/jobs/{id}/events`) reads the job's counts.
     pub poll_ms: u64,
@@ -173,6 +178,7 @@ impl Default for JobsConfig {
             max_total_bytes: 10 << 30,
             retention_days: 30.0,
             lease_secs: 30.0,
+            max_attempts: 3,
             poll_ms: 500,
         }
     }

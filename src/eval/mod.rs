@@ -72,6 +72,27 @@ pub struct Record {
     pub path: PathBuf,
 }
 
+impl Record {
+    /// A sample's record under `method`: its result, or the `error` that says why it has none.
+    pub fn of(
+        info: &ModelInfo,
+        sample: &Sample,
+        method: Method,
+        error: Option<String>,
+        result: Option<ResultFields>,
+    ) -> Self {
+        Self {
+            file: sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            method: method.name().into(),
+            true_class: sample.label.map(|l| ClassBrief::new(info, l)),
+            error,
+            result,
+            adversarial: None,
+            path: sample.path.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResultFields {
     pub width: u32,
@@ -307,17 +328,7 @@ pub async fn attack_one(
     keep_pixels: bool,
     verify: &[String],
 ) -> Attacked {
-    let file = sample.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-    let true_class = sample.label.map(|l| ClassBrief::new(info, l));
-    let record = |error: Option<String>, result: Option<ResultFields>| Record {
-        file: file.clone(),
-        method: method.name().into(),
-        true_class: true_class.clone(),
-        error,
-        result,
-        adversarial: None,
-        path: sample.path.clone(),
-    };
+    let record = |error: Option<String>, result: Option<ResultFields>| Record::of(info, sample, method, error, result);
     let done = |record: Record| Attacked { record, png: None, transient: false };
     let bytes = match tokio::fs::read(&sample.path).await {
         Ok(b) => b,

@@ -229,6 +229,9 @@ impl Jobs {
         if !(config.lease_secs.is_finite() && config.lease_secs >= 0.3) {
             anyhow::bail!("jobs.lease_secs must be a number of seconds ≥ 0.3");
         }
+        if config.max_attempts == 0 {
+            anyhow::bail!("jobs.max_attempts must be ≥ 1");
+        }
         let dir = crate::config::expand_path(&config.dir)?;
         std::fs::create_dir_all(&dir)?;
         // Claims, completions, renewals and reads in flight at once, and one to spare.

@@ -122,6 +122,13 @@ async fn context(
 }
 
 impl JobContext {
+    /// An attack item's method, model and image.
+    fn item(&self, jobs: &Jobs, it: &Claimed) -> Result<(Method, Arc<ModelInfo>, Sample), JobError> {
+        let method = Method::parse(&it.method).ok_or_else(|| JobError::invalid("methods", it.method.clone()))?;
+        let (info, sample) = self.sample(jobs, &it.job, &it.model, &it.file)?;
+        Ok((method, info, sample))
+    }
+
     /// The model and the image an attack item names (an image gone since the job was made is
     /// attacked all the same: its record says it cannot be read).
     fn sample(&self, jobs: &Jobs, job: &str, model: &str, file: &str) -> Result<(Arc<ModelInfo>, Sample), JobError> {
@@ -151,9 +158,13 @@ impl JobContext {
 async fn work(jobs: Jobs, ctx: Arc<JobContext>, service: AttackService, it: Claimed, token: CancellationToken) {
     // Off the held list however the task ends (a panic too), unless a later claim replaced it.
     let held = Unhold { jobs: jobs.clone(), id: it.id, lease: it.token };
-    let outcome = match it.kind {
-        Kind::Attack => attack(&jobs, &ctx, &service, &it, &token).await,
-        Kind::Report => report(&jobs, &it).await,
+    let outcome = if it.attempts > i64::from(jobs.config().max_attempts) {
+        give_up(&jobs, &ctx, &it).await
+    } else {
+        match it.kind {
+            Kind::Attack => attack(&jobs, &ctx, &service, &it, &token).await,
+            Kind::Report => report(&jobs, &it).await,
+        }
     };
     drop(held);
     match outcome {
@@ -205,8 +216,7 @@ async fn attack(
     it: &Claimed,
     token: &CancellationToken,
 ) -> Result<Option<FinishedAttack>, JobError> {
-    let method = Method::parse(&it.method).ok_or_else(|| JobError::invalid("methods", it.method.clone()))?;
-    let (info, sample) = ctx.sample(jobs, &it.job, &it.model, &it.file)?;
+    let (method, info, sample) = ctx.item(jobs, it)?;
     let req = AttackRequest { method: Some(method.name().into()), max_iter: ctx.spec.max_iter, ..Default::default() };
     let attacked = tokio::select! {
         a = eval::attack_one(service, &info, Some(&it.model), &sample, req, method, false, &[]) => a,
@@ -221,6 +231,30 @@ async fn attack(
         return Ok(None);
     }
     store_one(jobs, it, method.name(), attacked).await
+}
+
+/// An item claimed past `jobs.max_attempts`, each earlier claim having ended without an answer
+/// (its server died, ran out of memory or hung on it), is not tried again: an attack stores an
+/// error record in its image's place and the job goes on; a report fails its job.
+async fn give_up(jobs: &Jobs, ctx: &JobContext, it: &Claimed) -> Result<Option<FinishedAttack>, JobError> {
+    let why = format!(
+        "not tried again: its {} earlier attempts ended without an answer (the server died, ran out of \
+         memory or hung on it; jobs.max_attempts = {})",
+        it.attempts - 1,
+        jobs.config().max_attempts
+    );
+    tracing::warn!(kind = ?it.kind, file = %it.file, method = %it.method, "{why}");
+    match it.kind {
+        Kind::Attack => {
+            let (method, info, sample) = ctx.item(jobs, it)?;
+            let record = Record::of(&info, &sample, method, Some(why), None);
+            store_one(jobs, it, method.name(), eval::Attacked { record, png: None, transient: false }).await
+        }
+        Kind::Report => {
+            jobs.fail(&it.job, &format!("the report was {why}")).await;
+            Ok(None)
+        }
+    }
 }
 
 /// The item goes back to pending (only while this server still holds it).

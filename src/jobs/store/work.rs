@@ -258,10 +258,11 @@ fn unblock_report(tx: &Transaction<'_>, job: &str) -> Result<(), StoreError> {
 }
 
 /// Gives an item back unfinished (the server is stopping, or its job ended): pending again, for
-/// whichever server claims it next. Only the lease holder can.
+/// whichever server claims it next, and the claim not counted among its attempts — those count
+/// only the claims that ended without an answer. Only the lease holder can.
 pub fn release(c: &Connection, it: &Claimed, owner: &str) -> Result<(), StoreError> {
     c.execute(
-        "UPDATE work_items SET state = 'pending', owner = NULL, lease_until = NULL \
+        "UPDATE work_items SET state = 'pending', owner = NULL, lease_until = NULL, attempts = attempts - 1 \
          WHERE id = ?1 AND owner = ?2 AND lease_token = ?3 AND state = 'leased'",
         params![it.id, owner, it.token],
     )?;
@@ -397,11 +398,12 @@ fn interrupt_or_resume(tx: &Transaction<'_>, job: &str, resume: bool) -> Result<
     Ok(())
 }
 
-/// After the sweep removed a result whose PNG was lost: its item is to be done again, and the
-/// job's report waits for it.
+/// After the sweep removed a result whose PNG was lost: its item is to be done again (afresh:
+/// none of its attempts failed), and the job's report waits for it.
 pub fn redo(tx: &Transaction<'_>, job: &str, model: &str, method: &str, file: &str) -> Result<(), StoreError> {
     let n = tx.execute(
-        "UPDATE work_items SET state = 'pending', owner = NULL, lease_until = NULL, done_by = NULL, done_ms = NULL \
+        "UPDATE work_items SET state = 'pending', owner = NULL, lease_until = NULL, done_by = NULL, done_ms = NULL, \
+         attempts = 0 \
          WHERE job_id = ?1 AND kind = 'attack' AND model = ?2 AND method = ?3 AND file = ?4",
         params![job, model, method, file],
     )?;
@@ -485,6 +487,24 @@ mod tests {
         assert_eq!(count(&c, "SELECT COUNT(*) FROM work_items WHERE state = 'done' AND attempts = 1"), 301);
         assert!(count(&c, "SELECT COUNT(DISTINCT done_by) FROM work_items") > 1, "one claimer did everything");
         assert_eq!(Store::job(&c, "job").unwrap().unwrap().state, JobState::Done);
+    }
+
+    /// A claim handed back (a graceful stop) is not an attempt; one whose lease ran out is.
+    #[test]
+    fn only_claims_that_ended_without_an_answer_count_as_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("jobs.sqlite3")).unwrap();
+        let mut c = store.lock();
+        Store::insert_job(&mut c, "job", &spec(), 1, &items(1)).unwrap();
+        let first = claim(&mut c, "a", &["m".into()], 1, 60_000).unwrap().remove(0);
+        assert_eq!(first.attempts, 1);
+        release(&c, &first, "a").unwrap();
+        let again = claim(&mut c, "b", &["m".into()], 1, 1).unwrap().remove(0);
+        assert_eq!((again.id, again.attempts), (first.id, 1), "handed back: not an attempt");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert_eq!(rescue_expired(&c).unwrap(), 1);
+        let third = claim(&mut c, "a", &["m".into()], 1, 60_000).unwrap().remove(0);
+        assert_eq!((third.id, third.attempts), (first.id, 2), "ran out: an attempt");
     }
 
     /// A lease that runs out is claimed again; the first holder's completion then writes
